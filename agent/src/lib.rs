@@ -1,0 +1,1 @@
+//! In-process control agent for hotpatch.

@@ -1,0 +1,1 @@
+//! Checked plugin loading for hotpatch.

@@ -1,0 +1,1 @@
+//! Patch sites for hotpatch.

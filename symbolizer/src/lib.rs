@@ -1,0 +1,1 @@
+//! Module registry and address resolution for hotpatch.

@@ -1,0 +1,64 @@
+//! Build plugin cdylibs of this workspace on demand.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where fixture builds go: a target directory of their own, so a build from
+/// inside a running `cargo test` never waits on the outer cargo's lock.
+pub fn fixture_target_dir() -> PathBuf {
+    workspace_root().join("target").join("fixtures")
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+/// Builds the workspace package `package` (a `cdylib`) with the `fixture`
+/// profile and returns the path of its shared object.
+///
+/// Serialized within the process by a mutex and across processes by an
+/// `flock` on the fixture target directory. Cargo's own freshness check makes
+/// repeated calls cheap.
+///
+/// # Panics
+/// When cargo fails or the `.so` is not where cargo puts it: a test cannot
+/// run without its fixture, and the panic carries cargo's output.
+pub fn plugin(package: &str) -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fixture_target_dir();
+    std::fs::create_dir_all(&dir).expect("create fixture target dir");
+    let lock = File::create(dir.join(".build-lock")).expect("create build lock");
+    // SAFETY: `lock` is an open file descriptor owned by this frame; flock
+    // has no memory-safety preconditions. The lock is released when `lock`
+    // is closed at the end of this function.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "--profile", "fixture", "-p", package])
+        .arg("--target-dir")
+        .arg(&dir)
+        .output()
+        .expect("spawn cargo");
+    assert!(
+        out.status.success(),
+        "building fixture {package} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let so = dir
+        .join("fixture")
+        .join(format!("lib{}.so", package.replace('-', "_")));
+    assert!(so.is_file(), "cargo built {package} but {} is missing", so.display());
+    so
+}

@@ -1,0 +1,7 @@
+//! Shared helpers for hotpatch's cross-crate integration tests.
+//!
+//! [`fixtures::plugin`] builds a plugin crate of this workspace from source
+//! (a real `cdylib`) and returns the path of the `.so`, so tests `dlopen` what
+//! the repository builds rather than checked-in binaries.
+
+pub mod fixtures;
