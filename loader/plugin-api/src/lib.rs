@@ -1,0 +1,1 @@
+//! The plugin side of hotpatch's loader ABI: `declare_plugin!` and the descriptor.
