@@ -1,0 +1,243 @@
+//! ELF files: mapping, classification of bad input, layout, build-id,
+//! debuglink and symbol tables.
+//!
+//! Parsing goes through `object`, whose reads are all bounds-checked: a
+//! truncated or corrupted file yields an [`Error`], never a panic.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use object::elf;
+use object::read::elf::{ElfFile64, ProgramHeader as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+
+use crate::addr::{FileOffset, FileVirtAddr};
+use crate::error::{Error, Result};
+use crate::registry::{BuildId, Segment, TlsInfo};
+
+/// A file mapped read-only. Its bytes never move while it lives.
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    pub path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl Mapped {
+    /// Maps `path` read-only.
+    pub fn open(path: &Path) -> Result<Arc<Mapped>> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len == 0 {
+            return Ok(Arc::new(Mapped {
+                path: path.to_path_buf(),
+                map: None,
+            }));
+        }
+        // SAFETY: the map is read-only and private to this process. Another
+        // process truncating the file while it is mapped would make reads
+        // fault (SIGBUS); that is the documented limit of every mmap-based
+        // symbolizer (SAFETY.md, symbolizer), not a Rust aliasing issue: the
+        // bytes are only ever read through shared slices.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Ok(Arc::new(Mapped {
+            path: path.to_path_buf(),
+            map: Some(map),
+        }))
+    }
+
+    /// The file's bytes.
+    pub fn data(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// The parsed ELF type used throughout.
+pub(crate) type Elf<'d> = ElfFile64<'d, object::Endianness>;
+
+/// Parses `data` as ELF64, classifying failures.
+pub(crate) fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<Elf<'d>> {
+    if data.len() < 4 || data[..4] != elf::ELFMAG[..] {
+        return Err(Error::NotElf {
+            path: path.to_path_buf(),
+            reason: "bad magic".into(),
+        });
+    }
+    if data.len() < 5 || data[4] != elf::ELFCLASS64 {
+        return Err(Error::NotElf {
+            path: path.to_path_buf(),
+            reason: "not a 64-bit ELF file".into(),
+        });
+    }
+    Elf::parse(data).map_err(|e| Error::Truncated {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Program-header facts about a file.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub segments: Vec<Segment>,
+    pub tls: Option<TlsInfo>,
+    pub build_id: Option<BuildId>,
+}
+
+/// Reads the `PT_LOAD`/`PT_TLS` headers and the build-id of a file.
+pub(crate) fn file_layout(path: &Path) -> Result<Layout> {
+    let mapped = Mapped::open(path)?;
+    let file = parse(path, mapped.data())?;
+    let endian = file.endian();
+    let mut segments = Vec::new();
+    let mut tls = None;
+    for ph in file.elf_program_headers() {
+        match ph.p_type(endian) {
+            elf::PT_LOAD => segments.push(Segment {
+                vaddr: FileVirtAddr(ph.p_vaddr(endian)),
+                memsz: ph.p_memsz(endian),
+                offset: FileOffset(ph.p_offset(endian)),
+                filesz: ph.p_filesz(endian),
+                flags: ph.p_flags(endian),
+            }),
+            elf::PT_TLS => {
+                tls = Some(TlsInfo {
+                    modid: 0,
+                    image: FileVirtAddr(ph.p_vaddr(endian)),
+                    filesz: ph.p_filesz(endian),
+                    memsz: ph.p_memsz(endian),
+                    align: ph.p_align(endian),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(Layout {
+        segments,
+        tls,
+        build_id: build_id(&file),
+    })
+}
+
+/// The file's `NT_GNU_BUILD_ID`, if any (a malformed note counts as none).
+pub(crate) fn build_id(file: &Elf<'_>) -> Option<BuildId> {
+    file.build_id().ok().flatten().map(|b| BuildId(b.to_vec()))
+}
+
+/// The file's `.gnu_debuglink`: file name and CRC32.
+pub(crate) fn debuglink(file: &Elf<'_>) -> Option<(String, u32)> {
+    let (name, crc) = file.gnu_debuglink().ok().flatten()?;
+    Some((String::from_utf8_lossy(name).into_owned(), crc))
+}
+
+/// Whether the file carries DWARF line or unit information.
+pub(crate) fn has_dwarf(file: &Elf<'_>) -> bool {
+    [".debug_info", ".debug_line", ".zdebug_info"]
+        .iter()
+        .any(|n| {
+            file.section_by_name(n)
+                .is_some_and(|s| s.kind() != object::SectionKind::UninitializedData && s.size() > 0)
+        })
+}
+
+/// A section's (decompressed) bytes, or empty when absent or unreadable.
+pub(crate) fn section<'d>(file: &Elf<'d>, name: &str) -> Cow<'d, [u8]> {
+    file.section_by_name(name)
+        .filter(|s| s.kind() != object::SectionKind::UninitializedData)
+        .and_then(|s| s.uncompressed_data().ok())
+        .unwrap_or(Cow::Borrowed(&[]))
+}
+
+/// A symbol from `.symtab` or `.dynsym`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Symbol {
+    /// The raw (mangled) name.
+    pub name: String,
+    /// Its file virtual address.
+    pub addr: FileVirtAddr,
+    /// `st_size` (0 when unknown).
+    pub size: u64,
+    /// Whether it is a local (`STB_LOCAL`) symbol.
+    pub local: bool,
+    /// Whether it is a function (`STT_FUNC`/`STT_GNU_IFUNC`).
+    pub func: bool,
+}
+
+/// The defined symbols of one or more files, sorted by address.
+#[derive(Debug, Default)]
+pub(crate) struct SymbolTable {
+    syms: Vec<Symbol>,
+}
+
+impl SymbolTable {
+    /// Adds `.symtab` and `.dynsym` of `file`.
+    pub fn add(&mut self, file: &Elf<'_>) {
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if !sym.is_definition() || sym.address() == 0 {
+                continue;
+            }
+            let func = sym.kind() == SymbolKind::Text;
+            if !func && sym.kind() != SymbolKind::Unknown {
+                // Data, sections, files, TLS: never a code symbol.
+                continue;
+            }
+            let Ok(name) = sym.name() else { continue };
+            if name.is_empty() || name.starts_with("$") {
+                continue;
+            }
+            self.syms.push(Symbol {
+                name: name.to_owned(),
+                addr: FileVirtAddr(sym.address()),
+                size: sym.size(),
+                local: sym.is_local(),
+                func,
+            });
+        }
+    }
+
+    /// Sorts and de-duplicates (a symbol in both tables appears once).
+    pub fn finish(&mut self) {
+        self.syms
+            .sort_by(|a, b| (a.addr, &a.name).cmp(&(b.addr, &b.name)));
+        self.syms
+            .dedup_by(|a, b| a.addr == b.addr && a.name == b.name);
+    }
+
+    /// The symbol whose `[addr, addr+size)` contains `addr`; among several,
+    /// the one starting nearest (then a global over a local one).
+    pub fn containing(&self, addr: FileVirtAddr) -> Option<&Symbol> {
+        let idx = self.syms.partition_point(|s| s.addr <= addr);
+        // Symbols sizes rarely exceed a few hundred KiB; scanning back over
+        // 64 candidates covers nested/aliased symbols without a quadratic
+        // worst case on hostile tables.
+        self.syms[..idx]
+            .iter()
+            .rev()
+            .take(64)
+            .filter(|s| s.size > 0 && addr.0 - s.addr.0 < s.size)
+            .min_by_key(|s| (addr.0 - s.addr.0, s.local, !s.func))
+    }
+
+    /// Symbols named `name`: the raw name, or the demangled name without
+    /// the Rust hash (`crate::module::function`).
+    pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
+        let exact: Vec<&Symbol> = self.syms.iter().filter(|s| s.name == name).collect();
+        if !exact.is_empty() {
+            return exact;
+        }
+        self.syms
+            .iter()
+            .filter(|s| crate::demangle::demangle(&s.name) == name)
+            .collect()
+    }
+
+    /// Number of symbols.
+    pub fn len(&self) -> usize {
+        self.syms.len()
+    }
+}

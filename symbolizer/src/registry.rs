@@ -1,0 +1,1146 @@
+//! The module registry: which code was mapped where, and when.
+//!
+//! # API summary
+//!
+//! ```text
+//! Registry::global() -> &'static Registry        process-wide instance (const, no init)
+//! Registry::new() -> Registry                    a private instance (tests, tools)
+//!
+//! // sources
+//! refresh() -> Result<bool>                      sync with dl_iterate_phdr (cheap when
+//!                                                dlpi_adds/dlpi_subs did not move)
+//! register_elf(ElfModuleSpec) -> Result<ModuleId> loader: after dlopen
+//! register_anon(name, RuntimeAddr, len) -> Result<ModuleId>   patcher: relays, trampolines
+//! unregister(ModuleId) -> Result<()>             loader: before dlclose; patcher: on retire.
+//!                                                Subscribers run first; refused with
+//!                                                Error::ModulePinned (E_SYM_MODULE_PINNED)
+//!                                                while pinned.
+//! pin(ModuleId) / unpin(ModuleId) -> Result<()>  patcher: a live site jumps into the module
+//! subscribe(Fn(&Event)) -> SubscriptionId; unsubscribe(SubscriptionId)
+//!
+//! // queries
+//! current_seq() -> Seq                           async-signal-safe (one atomic load)
+//! lookup(RuntimeAddr, Seq) -> Option<Hit>        async-signal-safe, lock- and allocation-free
+//! lookup_nearest(RuntimeAddr, Seq) -> Option<Hit> same, tolerates capture/registration races
+//! module(ModuleId) -> Option<Module>; modules() -> Vec<Module>; find_by_path(&Path)
+//! ```
+//!
+//! # History
+//!
+//! Every mutation bumps the registry's sequence number ([`Seq`]). A module is
+//! mapped during `loaded_seq .. unloaded_seq`: it is visible to lookups at
+//! every `S` with `loaded_seq <= S < unloaded_seq`. A sampler records
+//! [`Registry::current_seq`] with each captured PC; resolving `(pc, seq)`
+//! later finds the module that held `pc` *then*, even if the range has since
+//! been reused by another module. Unregistered modules are kept forever (they
+//! are small; the profile may still refer to them).
+//!
+//! # Lock-free lookup
+//!
+//! Writers (serialized by a mutex) build an immutable, sorted [`Table`] of all
+//! segments ever registered and publish it with one atomic pointer swap.
+//! Readers announce themselves in a counter, load the pointer, binary-search,
+//! and leave. A retired table is freed by a later writer only when it
+//! observes no reader in flight after the swap; otherwise it stays on a
+//! retired list until then (never waiting on a reader, which could be a
+//! thread stopped inside a signal handler). Readers therefore neither lock,
+//! allocate, nor wait: [`Registry::lookup`] is async-signal-safe.
+//!
+//! # Sources and their order
+//!
+//! The loader registers exactly: `register_elf` after `dlopen`, `unregister`
+//! before `dlclose` (the subscribers, e.g. the profiler's checkpoint, run
+//! before the module's state changes). [`Registry::refresh`] picks up objects
+//! that came and went without telling us (libraries `dlopen`ed by someone
+//! else); for those, the `Unloading` notification necessarily comes after the
+//! fact. An explicit `register_elf` of an object the snapshot already holds
+//! adopts it (same id). An object explicitly unregistered but still mapped
+//! (a NODELETE cdylib) is not resurrected by later refreshes.
+
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
+use crate::error::{Error, Result};
+use crate::phdr;
+
+/// Identifies a module within one [`Registry`]; never reused.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize)]
+pub struct ModuleId(pub u64);
+
+/// A registry sequence number: the count of mutations so far.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, serde::Serialize)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// "Whatever is mapped now": later than any real sequence number.
+    pub const LATEST: Seq = Seq(u64::MAX - 1);
+}
+
+/// Identifies a subscription made with [`Registry::subscribe`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct SubscriptionId(u64);
+
+/// A GNU build-id (`NT_GNU_BUILD_ID` note contents).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BuildId(pub Vec<u8>);
+
+impl BuildId {
+    /// Lower-case hex, as `readelf -n` and `/usr/lib/debug/.build-id` spell it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BuildId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// One `PT_LOAD` segment of an ELF module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// `p_vaddr`.
+    pub vaddr: FileVirtAddr,
+    /// `p_memsz`.
+    pub memsz: u64,
+    /// `p_offset`.
+    pub offset: FileOffset,
+    /// `p_filesz`.
+    pub filesz: u64,
+    /// `p_flags` (`PF_X`, `PF_W`, `PF_R`).
+    pub flags: u32,
+}
+
+impl Segment {
+    /// Whether the segment is executable.
+    pub fn is_exec(&self) -> bool {
+        self.flags & libc::PF_X != 0
+    }
+
+    /// The file offset of `addr`, if it lies in this segment's file-backed
+    /// part.
+    pub fn file_offset(&self, addr: FileVirtAddr) -> Option<FileOffset> {
+        let delta = addr.0.checked_sub(self.vaddr.0)?;
+        (delta < self.filesz).then(|| FileOffset(self.offset.0 + delta))
+    }
+}
+
+/// A module's `PT_TLS` segment and its TLS module id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `dlpi_tls_modid` (0 when unknown, e.g. registered from the file).
+    pub modid: u64,
+    /// `p_vaddr` of the TLS initialization image.
+    pub image: FileVirtAddr,
+    /// Initialized bytes of the image.
+    pub filesz: u64,
+    /// Total TLS block size.
+    pub memsz: u64,
+    /// Required alignment.
+    pub align: u64,
+}
+
+/// A file-backed ELF module.
+#[derive(Clone, Debug)]
+pub struct ElfModule {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Its build-id, if it has one.
+    pub build_id: Option<BuildId>,
+    /// Its load bias.
+    pub bias: Bias,
+    /// Its `PT_LOAD` segments.
+    pub segments: Vec<Segment>,
+    /// Its TLS segment, if any.
+    pub tls: Option<TlsInfo>,
+}
+
+impl ElfModule {
+    /// The runtime ranges of its executable segments.
+    pub fn exec_ranges(&self) -> impl Iterator<Item = (RuntimeAddr, RuntimeAddr)> + '_ {
+        self.segments.iter().filter(|s| s.is_exec()).map(|s| {
+            let start = self.bias.to_runtime(s.vaddr);
+            (start, RuntimeAddr(start.0.wrapping_add(s.memsz)))
+        })
+    }
+}
+
+/// A named range of anonymous code (trampoline, relay, JIT code).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnonRange {
+    /// The name frames in it resolve to, e.g. `hotpatch::trampoline<price>`.
+    pub name: String,
+    /// First byte.
+    pub start: RuntimeAddr,
+    /// Length in bytes (> 0).
+    pub len: u64,
+}
+
+/// What a module is.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ModuleKind {
+    /// A file-backed ELF object.
+    Elf(Arc<ElfModule>),
+    /// Anonymous code with a name.
+    Anon(Arc<AnonRange>),
+}
+
+/// How the registry learned of a module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// From a `dl_iterate_phdr` snapshot.
+    Snapshot,
+    /// From an explicit [`Registry::register_elf`].
+    Explicit,
+    /// From [`Registry::register_anon`].
+    Anonymous,
+}
+
+/// A module and its history.
+#[derive(Clone, Debug)]
+pub struct Module {
+    /// Its id.
+    pub id: ModuleId,
+    /// ELF file or anonymous range.
+    pub kind: ModuleKind,
+    /// How the registry learned of it.
+    pub origin: Origin,
+    /// The sequence number at which it became mapped.
+    pub loaded_seq: Seq,
+    /// The sequence number at which it was unmapped; `None` while mapped.
+    pub unloaded_seq: Option<Seq>,
+    /// Live pins (patch sites jumping into it).
+    pub pins: u64,
+}
+
+impl Module {
+    /// A short display name: the file name or the anonymous range's name.
+    pub fn name(&self) -> String {
+        match &self.kind {
+            ModuleKind::Elf(e) => e
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| e.path.display().to_string()),
+            ModuleKind::Anon(a) => a.name.clone(),
+        }
+    }
+
+    /// Whether it was mapped at `seq`.
+    pub fn mapped_at(&self, seq: Seq) -> bool {
+        self.loaded_seq <= seq && self.unloaded_seq.is_none_or(|u| seq < u)
+    }
+
+    /// The ELF part, if it is a file-backed module.
+    pub fn elf(&self) -> Option<&Arc<ElfModule>> {
+        match &self.kind {
+            ModuleKind::Elf(e) => Some(e),
+            ModuleKind::Anon(_) => None,
+        }
+    }
+}
+
+/// What a subscriber is told.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// The module was registered (sent after the fact).
+    Loaded(&'a Module),
+    /// The module is about to be unregistered: lookups still see it mapped.
+    /// The profiler checkpoints here.
+    Unloading(&'a Module),
+}
+
+type Callback = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// How [`Registry::register_elf`] finds the module's load address.
+#[derive(Clone, Debug)]
+pub struct ElfModuleSpec {
+    path: Option<PathBuf>,
+    locate: Locate,
+}
+
+#[derive(Clone, Debug)]
+enum Locate {
+    Mapped,
+    Containing(RuntimeAddr),
+    File(Bias),
+}
+
+impl ElfModuleSpec {
+    /// A mapped object found by its path in the loader's list (compared after
+    /// canonicalization). The loader uses this after `dlopen(path)`.
+    pub fn mapped(path: impl Into<PathBuf>) -> Self {
+        ElfModuleSpec {
+            path: Some(path.into()),
+            locate: Locate::Mapped,
+        }
+    }
+
+    /// The mapped object one of whose segments contains `addr` (e.g. a
+    /// `dlsym` result).
+    pub fn containing(addr: RuntimeAddr) -> Self {
+        ElfModuleSpec {
+            path: None,
+            locate: Locate::Containing(addr),
+        }
+    }
+
+    /// An ELF file assumed loaded at `bias`, its layout read from the file
+    /// (no `PT_TLS` module id). For objects mapped by other means.
+    pub fn file(path: impl Into<PathBuf>, bias: Bias) -> Self {
+        ElfModuleSpec {
+            path: Some(path.into()),
+            locate: Locate::File(bias),
+        }
+    }
+}
+
+/// The result of a lookup: a copy of the matching segment's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// The module.
+    pub id: ModuleId,
+    /// Start of the matching segment or range.
+    pub start: RuntimeAddr,
+    /// End (exclusive).
+    pub end: RuntimeAddr,
+    /// The module's bias (0 for anonymous ranges).
+    pub bias: Bias,
+    /// When it was mapped.
+    pub loaded_seq: Seq,
+    /// When it was unmapped, if it was.
+    pub unloaded_seq: Option<Seq>,
+    /// Whether this is an anonymous range.
+    pub anon: bool,
+    /// Whether the segment is executable.
+    pub exec: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    start: u64,
+    end: u64,
+    loaded: u64,
+    unloaded: u64,
+    id: ModuleId,
+    bias: Bias,
+    anon: bool,
+    exec: bool,
+}
+
+impl Entry {
+    fn hit(&self) -> Hit {
+        Hit {
+            id: self.id,
+            start: RuntimeAddr(self.start),
+            end: RuntimeAddr(self.end),
+            bias: self.bias,
+            loaded_seq: Seq(self.loaded),
+            unloaded_seq: (self.unloaded != u64::MAX).then_some(Seq(self.unloaded)),
+            anon: self.anon,
+            exec: self.exec,
+        }
+    }
+
+    fn distance(&self, seq: u64) -> u64 {
+        if seq < self.loaded {
+            self.loaded - seq
+        } else if seq >= self.unloaded {
+            seq - self.unloaded + 1
+        } else {
+            0
+        }
+    }
+}
+
+/// The immutable lookup table readers see.
+#[derive(Debug)]
+struct Table {
+    /// Sorted by `start`.
+    entries: Box<[Entry]>,
+    /// `max_end[i]` = max of `entries[..=i].end`: lets the backward scan stop.
+    max_end: Box<[u64]>,
+}
+
+impl Table {
+    fn build(modules: &[Module]) -> Table {
+        let mut entries = Vec::new();
+        for m in modules {
+            let loaded = m.loaded_seq.0;
+            let unloaded = m.unloaded_seq.map_or(u64::MAX, |s| s.0);
+            match &m.kind {
+                ModuleKind::Elf(e) => {
+                    for s in &e.segments {
+                        let start = e.bias.to_runtime(s.vaddr).0;
+                        let Some(end) = start.checked_add(s.memsz) else {
+                            continue;
+                        };
+                        if end > start {
+                            entries.push(Entry {
+                                start,
+                                end,
+                                loaded,
+                                unloaded,
+                                id: m.id,
+                                bias: e.bias,
+                                anon: false,
+                                exec: s.is_exec(),
+                            });
+                        }
+                    }
+                }
+                ModuleKind::Anon(a) => entries.push(Entry {
+                    start: a.start.0,
+                    end: a.start.0 + a.len,
+                    loaded,
+                    unloaded,
+                    id: m.id,
+                    bias: Bias(0),
+                    anon: true,
+                    exec: true,
+                }),
+            }
+        }
+        entries.sort_by_key(|e| (e.start, e.loaded));
+        let mut max = 0;
+        let max_end = entries
+            .iter()
+            .map(|e| {
+                max = max.max(e.end);
+                max
+            })
+            .collect();
+        Table {
+            entries: entries.into_boxed_slice(),
+            max_end,
+        }
+    }
+
+    /// Entries containing `pc`, scanning backward from the last one starting
+    /// at or before it. Allocation-free.
+    fn covering(&self, pc: u64) -> impl Iterator<Item = &Entry> {
+        let idx = self.entries.partition_point(|e| e.start <= pc);
+        (0..idx)
+            .rev()
+            .take_while(move |&i| self.max_end[i] > pc)
+            .map(move |i| &self.entries[i])
+            .filter(move |e| pc < e.end)
+    }
+}
+
+struct ModuleRecord {
+    module: Module,
+    /// (bias, canonical path, build-id) for ELF modules.
+    key: Option<ObjKey>,
+}
+
+type ObjKey = (u64, PathBuf, Option<BuildId>);
+
+#[derive(Default)]
+struct State {
+    modules: Vec<ModuleRecord>,
+    seq: u64,
+    subscribers: Vec<(SubscriptionId, Callback)>,
+    next_subscription: u64,
+    counters: Option<(u64, u64)>,
+    /// Keys of objects explicitly unregistered while still in the loader's
+    /// list: refresh must not resurrect them.
+    suppressed: BTreeSet<ObjKey>,
+    retired: Vec<*mut Table>,
+}
+
+thread_local! {
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The module registry. See the [module docs](self).
+pub struct Registry {
+    /// Serializes mutations, including the subscriber notifications that
+    /// precede an unregister. Held while callbacks run; `state` is not.
+    writer: Mutex<()>,
+    state: Mutex<State>,
+    table: AtomicPtr<Table>,
+    readers: AtomicUsize,
+    seq: AtomicU64,
+}
+
+// SAFETY: the raw table pointers (current and retired) are owned by the
+// registry; tables are immutable after publication and only freed under the
+// `state` lock when no reader can hold them (see `reclaim`). All other fields
+// are Send + Sync.
+unsafe impl Send for Registry {}
+// SAFETY: as above; shared access goes through atomics and mutexes.
+unsafe impl Sync for Registry {}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("seq", &self.current_seq())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+static GLOBAL: Registry = Registry::new();
+
+/// Marks a reader in flight for the duration of a lookup.
+struct ReadGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ReadGuard<'a> {
+    fn enter(readers: &'a AtomicUsize) -> Self {
+        readers.fetch_add(1, Ordering::SeqCst);
+        ReadGuard(readers)
+    }
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Registry {
+    /// An empty registry. `const`: the global one needs no initialization, so
+    /// [`Registry::global`] is itself async-signal-safe.
+    pub const fn new() -> Registry {
+        Registry {
+            writer: Mutex::new(()),
+            state: Mutex::new(State {
+                modules: Vec::new(),
+                seq: 0,
+                subscribers: Vec::new(),
+                next_subscription: 0,
+                counters: None,
+                suppressed: BTreeSet::new(),
+                retired: Vec::new(),
+            }),
+            table: AtomicPtr::new(std::ptr::null_mut()),
+            readers: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The process-wide registry. Empty until the first [`refresh`](Self::refresh)
+    /// or registration.
+    pub fn global() -> &'static Registry {
+        &GLOBAL
+    }
+
+    /// The current sequence number. Async-signal-safe (one atomic load).
+    pub fn current_seq(&self) -> Seq {
+        Seq(self.seq.load(Ordering::Acquire))
+    }
+
+    /// The module whose segment contained `pc` at sequence `seq`.
+    ///
+    /// Async-signal-safe: takes no lock, allocates nothing, never waits; a
+    /// binary search over an immutable table plus a short backward scan over
+    /// the entries that ever covered `pc`.
+    pub fn lookup(&self, pc: RuntimeAddr, seq: Seq) -> Option<Hit> {
+        self.with_table(|t| {
+            t.covering(pc.0)
+                .find(|e| e.distance(seq.0) == 0)
+                .map(Entry::hit)
+        })
+    }
+
+    /// Like [`lookup`](Self::lookup), but when no module held `pc` at `seq`,
+    /// the module that held it closest in time. This absorbs the window
+    /// between `dlopen` and `register_elf` (and between `unregister` and
+    /// `dlclose`), when code runs in a module the registry does not list at
+    /// that sequence. Async-signal-safe like `lookup`.
+    pub fn lookup_nearest(&self, pc: RuntimeAddr, seq: Seq) -> Option<Hit> {
+        self.with_table(|t| {
+            let mut best: Option<&Entry> = None;
+            for e in t.covering(pc.0) {
+                if best.is_none_or(|b| e.distance(seq.0) < b.distance(seq.0)) {
+                    best = Some(e);
+                }
+            }
+            best.map(Entry::hit)
+        })
+    }
+
+    fn with_table<R>(&self, f: impl FnOnce(&Table) -> Option<R>) -> Option<R> {
+        let _guard = ReadGuard::enter(&self.readers);
+        let ptr = self.table.load(Ordering::SeqCst);
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: `ptr` came from `Box::into_raw` in `publish` and is freed
+        // only by `reclaim`, which first observes `readers == 0` after the
+        // pointer was swapped out. This reader incremented `readers` (SeqCst)
+        // before loading `ptr` (SeqCst), so either `reclaim` sees it and keeps
+        // the table, or the load is ordered after the swap and returns the
+        // newer table. Tables are never mutated after publication.
+        let table = unsafe { &*ptr };
+        f(table)
+    }
+
+    /// A copy of one module's record.
+    pub fn module(&self, id: ModuleId) -> Option<Module> {
+        let st = self.lock_state();
+        st.modules
+            .iter()
+            .find(|r| r.module.id == id)
+            .map(|r| r.module.clone())
+    }
+
+    /// Every module ever registered, in registration order.
+    pub fn modules(&self) -> Vec<Module> {
+        self.lock_state()
+            .modules
+            .iter()
+            .map(|r| r.module.clone())
+            .collect()
+    }
+
+    /// The live ELF module loaded from `path` (compared canonicalized).
+    pub fn find_by_path(&self, path: &Path) -> Option<Module> {
+        let want = canonical(path);
+        let st = self.lock_state();
+        st.modules
+            .iter()
+            .rev()
+            .filter(|r| r.module.unloaded_seq.is_none())
+            .find(|r| r.key.as_ref().is_some_and(|k| k.1 == want))
+            .map(|r| r.module.clone())
+    }
+
+    /// Registers an ELF module (see [`ElfModuleSpec`] for how it is found).
+    /// If a live module with the same path, bias and build-id is already
+    /// registered (e.g. by a [`refresh`](Self::refresh)), it is adopted and its
+    /// id returned.
+    ///
+    /// # Errors
+    /// [`Error::NotMapped`] when the object is not in the loader's list;
+    /// file errors for [`ElfModuleSpec::file`]; [`Error::Reentrant`] from a
+    /// subscriber callback.
+    pub fn register_elf(&self, spec: ElfModuleSpec) -> Result<ModuleId> {
+        let _w = self.lock_writer()?;
+        let elf = match spec.locate {
+            Locate::File(bias) => {
+                let path = spec.path.clone().unwrap_or_default();
+                let layout = crate::elf::file_layout(&path)?;
+                ElfModule {
+                    path,
+                    build_id: layout.build_id,
+                    bias,
+                    segments: layout.segments,
+                    tls: layout.tls,
+                }
+            }
+            Locate::Mapped | Locate::Containing(_) => {
+                let snap = phdr::snapshot();
+                let found = match (&spec.locate, &spec.path) {
+                    (Locate::Containing(addr), _) => snap.objects.into_iter().find(|o| {
+                        o.segments.iter().any(|s| {
+                            let start = o.bias.to_runtime(s.vaddr).0;
+                            addr.0 >= start && addr.0 - start < s.memsz
+                        })
+                    }),
+                    (_, Some(path)) => {
+                        let want = canonical(path);
+                        snap.objects
+                            .into_iter()
+                            .find(|o| canonical(&o.path()) == want)
+                    }
+                    _ => None,
+                };
+                let o = found.ok_or_else(|| {
+                    Error::NotMapped(match (&spec.locate, &spec.path) {
+                        (Locate::Containing(a), _) => format!("address {:#x}", a.0),
+                        (_, Some(p)) => p.display().to_string(),
+                        _ => String::from("?"),
+                    })
+                })?;
+                let path = match (&spec.locate, spec.path) {
+                    (Locate::Mapped, Some(p)) => p,
+                    _ => o.path(),
+                };
+                ElfModule {
+                    path,
+                    build_id: o.build_id,
+                    bias: o.bias,
+                    segments: o.segments,
+                    tls: o.tls,
+                }
+            }
+        };
+        let key = obj_key(&elf);
+        let (module, adopted) = {
+            let mut st = self.lock_state();
+            if let Some(r) = st
+                .modules
+                .iter_mut()
+                .find(|r| r.module.unloaded_seq.is_none() && r.key.as_ref() == Some(&key))
+            {
+                r.module.origin = Origin::Explicit;
+                (r.module.clone(), true)
+            } else {
+                st.suppressed.remove(&key);
+                let m = self.insert(
+                    &mut st,
+                    ModuleKind::Elf(Arc::new(elf)),
+                    Origin::Explicit,
+                    Some(key),
+                );
+                (m, false)
+            }
+        };
+        if !adopted {
+            self.notify(&Event::Loaded(&module));
+        }
+        Ok(module.id)
+    }
+
+    /// Registers a named anonymous code range.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] for an empty or wrapping range;
+    /// [`Error::Reentrant`] from a subscriber callback.
+    pub fn register_anon(
+        &self,
+        name: impl Into<String>,
+        start: RuntimeAddr,
+        len: u64,
+    ) -> Result<ModuleId> {
+        if len == 0 || start.0.checked_add(len).is_none() {
+            return Err(Error::InvalidRange {
+                start: start.0,
+                len,
+            });
+        }
+        let _w = self.lock_writer()?;
+        let range = AnonRange {
+            name: name.into(),
+            start,
+            len,
+        };
+        let module = {
+            let mut st = self.lock_state();
+            self.insert(
+                &mut st,
+                ModuleKind::Anon(Arc::new(range)),
+                Origin::Anonymous,
+                None,
+            )
+        };
+        self.notify(&Event::Loaded(&module));
+        Ok(module.id)
+    }
+
+    /// Unregisters a module: subscribers get [`Event::Unloading`] first (the
+    /// module still resolves as mapped while they run), then the module is
+    /// marked unmapped as of a new sequence number. It stays resolvable at
+    /// earlier sequence numbers.
+    ///
+    /// # Errors
+    /// [`Error::ModulePinned`] (`E_SYM_MODULE_PINNED`) while a patch site pins
+    /// it; [`Error::UnknownModule`], [`Error::AlreadyUnloaded`];
+    /// [`Error::Reentrant`] from a subscriber callback.
+    pub fn unregister(&self, id: ModuleId) -> Result<()> {
+        let _w = self.lock_writer()?;
+        let module = {
+            let st = self.lock_state();
+            let r = Self::record(&st, id)?;
+            if r.module.unloaded_seq.is_some() {
+                return Err(Error::AlreadyUnloaded(id));
+            }
+            if r.module.pins > 0 {
+                return Err(Error::ModulePinned {
+                    id,
+                    pins: r.module.pins,
+                });
+            }
+            r.module.clone()
+        };
+        self.notify(&Event::Unloading(&module));
+        let mut st = self.lock_state();
+        let pins = Self::record(&st, id)?.module.pins;
+        if pins > 0 {
+            // Pinned while the subscribers ran: the pin wins.
+            return Err(Error::ModulePinned { id, pins });
+        }
+        let still_mapped_key = {
+            let r = Self::record(&st, id)?;
+            r.key.clone()
+        };
+        if let Some(key) = still_mapped_key {
+            st.suppressed.insert(key);
+        }
+        self.mark_unloaded(&mut st, &[id]);
+        Ok(())
+    }
+
+    /// Pins a module: while pinned, [`unregister`](Self::unregister) refuses.
+    /// The patcher pins the module a live patch site jumps into.
+    ///
+    /// # Errors
+    /// [`Error::UnknownModule`]; [`Error::AlreadyUnloaded`].
+    pub fn pin(&self, id: ModuleId) -> Result<()> {
+        let mut st = self.lock_state();
+        let r = Self::record_mut(&mut st, id)?;
+        if r.module.unloaded_seq.is_some() {
+            return Err(Error::AlreadyUnloaded(id));
+        }
+        r.module.pins += 1;
+        Ok(())
+    }
+
+    /// Releases one pin taken with [`pin`](Self::pin).
+    ///
+    /// # Errors
+    /// [`Error::UnknownModule`]; [`Error::NotPinned`].
+    pub fn unpin(&self, id: ModuleId) -> Result<()> {
+        let mut st = self.lock_state();
+        let r = Self::record_mut(&mut st, id)?;
+        if r.module.pins == 0 {
+            return Err(Error::NotPinned(id));
+        }
+        r.module.pins -= 1;
+        Ok(())
+    }
+
+    /// Calls `callback` on every registry event until unsubscribed. Callbacks
+    /// run on the mutating thread, with no registry lock but the writer lock
+    /// held: they may query and resolve, but a mutation from inside one
+    /// returns [`Error::Reentrant`].
+    pub fn subscribe(
+        &self,
+        callback: impl Fn(&Event<'_>) + Send + Sync + 'static,
+    ) -> SubscriptionId {
+        let mut st = self.lock_state();
+        st.next_subscription += 1;
+        let id = SubscriptionId(st.next_subscription);
+        st.subscribers.push((id, Arc::new(callback)));
+        id
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
+        let mut st = self.lock_state();
+        let before = st.subscribers.len();
+        st.subscribers.retain(|(s, _)| *s != id);
+        st.subscribers.len() != before
+    }
+
+    /// Synchronizes with the dynamic loader's list. Returns `Ok(false)` at the
+    /// cost of one `dl_iterate_phdr` callback when `dlpi_adds`/`dlpi_subs` did
+    /// not change since the last refresh.
+    ///
+    /// New objects are registered ([`Origin::Snapshot`]); ELF modules no longer
+    /// listed are marked unloaded (their `Unloading` notification comes after
+    /// the fact, since nobody told us before).
+    ///
+    /// # Errors
+    /// [`Error::Reentrant`] from a subscriber callback.
+    pub fn refresh(&self) -> Result<bool> {
+        let _w = self.lock_writer()?;
+        let counters = phdr::counters();
+        if self.lock_state().counters == Some(counters) {
+            return Ok(false);
+        }
+        let snap = phdr::snapshot();
+        let listed: Vec<(ObjKey, phdr::LoadedObject)> = snap
+            .objects
+            .into_iter()
+            .filter(|o| !o.segments.is_empty())
+            .map(|o| ((o.bias.0, canonical(&o.path()), o.build_id.clone()), o))
+            .collect();
+        let keys: HashSet<&ObjKey> = listed.iter().map(|(k, _)| k).collect();
+        let (gone, added) = {
+            let mut st = self.lock_state();
+            st.counters = Some((snap.adds, snap.subs));
+            st.suppressed.retain(|k| keys.contains(k));
+            let gone: Vec<Module> = st
+                .modules
+                .iter()
+                .filter(|r| r.module.unloaded_seq.is_none())
+                .filter(|r| r.key.as_ref().is_some_and(|k| !keys.contains(k)))
+                .map(|r| r.module.clone())
+                .collect();
+            let mut added = Vec::new();
+            for (key, o) in &listed {
+                let known = st
+                    .modules
+                    .iter()
+                    .any(|r| r.module.unloaded_seq.is_none() && r.key.as_ref() == Some(key));
+                if known || st.suppressed.contains(key) {
+                    continue;
+                }
+                let elf = ElfModule {
+                    path: o.path(),
+                    build_id: o.build_id.clone(),
+                    bias: o.bias,
+                    segments: o.segments.clone(),
+                    tls: o.tls,
+                };
+                added.push(self.insert(
+                    &mut st,
+                    ModuleKind::Elf(Arc::new(elf)),
+                    Origin::Snapshot,
+                    Some(key.clone()),
+                ));
+            }
+            (gone, added)
+        };
+        for m in &gone {
+            self.notify(&Event::Unloading(m));
+        }
+        if !gone.is_empty() {
+            let ids: Vec<ModuleId> = gone.iter().map(|m| m.id).collect();
+            let mut st = self.lock_state();
+            self.mark_unloaded(&mut st, &ids);
+        }
+        for m in &added {
+            self.notify(&Event::Loaded(m));
+        }
+        Ok(true)
+    }
+
+    fn insert(
+        &self,
+        st: &mut State,
+        kind: ModuleKind,
+        origin: Origin,
+        key: Option<ObjKey>,
+    ) -> Module {
+        st.seq += 1;
+        let module = Module {
+            id: ModuleId(st.modules.len() as u64 + 1),
+            kind,
+            origin,
+            loaded_seq: Seq(st.seq),
+            unloaded_seq: None,
+            pins: 0,
+        };
+        st.modules.push(ModuleRecord {
+            module: module.clone(),
+            key,
+        });
+        self.publish(st);
+        module
+    }
+
+    fn mark_unloaded(&self, st: &mut State, ids: &[ModuleId]) {
+        st.seq += 1;
+        let seq = Seq(st.seq);
+        for r in st.modules.iter_mut().filter(|r| ids.contains(&r.module.id)) {
+            r.module.unloaded_seq = Some(seq);
+        }
+        self.publish(st);
+    }
+
+    /// Builds and swaps in a new table, then frees retired tables if no reader
+    /// is in flight. Called with the state lock held.
+    fn publish(&self, st: &mut State) {
+        let modules: Vec<Module> = st.modules.iter().map(|r| r.module.clone()).collect();
+        let table = Box::into_raw(Box::new(Table::build(&modules)));
+        let old = self.table.swap(table, Ordering::SeqCst);
+        self.seq.store(st.seq, Ordering::Release);
+        if !old.is_null() {
+            st.retired.push(old);
+        }
+        // A few polls, never a wait: a reader may be a thread stopped inside
+        // a signal handler. What cannot be freed now is freed next time.
+        for _ in 0..64 {
+            if self.readers.load(Ordering::SeqCst) == 0 {
+                for t in st.retired.drain(..) {
+                    // SAFETY: `t` was swapped out of `self.table` before this
+                    // load observed no reader in flight; any reader that
+                    // starts later loads a newer pointer (see `with_table`).
+                    // Each retired pointer is on the list exactly once.
+                    drop(unsafe { Box::from_raw(t) });
+                }
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn notify(&self, event: &Event<'_>) {
+        let subscribers: Vec<Callback> = self
+            .lock_state()
+            .subscribers
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
+        IN_CALLBACK.with(|f| f.set(true));
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                IN_CALLBACK.with(|f| f.set(false));
+            }
+        }
+        let _reset = Reset;
+        for s in subscribers {
+            s(event);
+        }
+    }
+
+    fn lock_writer(&self) -> Result<MutexGuard<'_, ()>> {
+        if IN_CALLBACK.with(Cell::get) {
+            return Err(Error::Reentrant);
+        }
+        Ok(self.writer.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(st: &State, id: ModuleId) -> Result<&ModuleRecord> {
+        st.modules
+            .iter()
+            .find(|r| r.module.id == id)
+            .ok_or(Error::UnknownModule(id))
+    }
+
+    fn record_mut(st: &mut State, id: ModuleId) -> Result<&mut ModuleRecord> {
+        st.modules
+            .iter_mut()
+            .find(|r| r.module.id == id)
+            .ok_or(Error::UnknownModule(id))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let current = *self.table.get_mut();
+        for t in st
+            .retired
+            .drain(..)
+            .chain((!current.is_null()).then_some(current))
+        {
+            // SAFETY: `&mut self` means no reader can be in flight; every
+            // pointer here came from `Box::into_raw` and appears once.
+            drop(unsafe { Box::from_raw(t) });
+        }
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn obj_key(elf: &ElfModule) -> ObjKey {
+    (elf.bias.0, canonical(&elf.path), elf.build_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn history_survives_reuse_of_a_range() {
+        let r = Registry::new();
+        let a = r.register_anon("a", RuntimeAddr(0x1000), 0x100).unwrap();
+        let s_a = r.current_seq();
+        r.unregister(a).unwrap();
+        let b = r.register_anon("b", RuntimeAddr(0x1080), 0x100).unwrap();
+        let s_b = r.current_seq();
+        assert_eq!(r.lookup(RuntimeAddr(0x1090), s_a).unwrap().id, a);
+        assert_eq!(r.lookup(RuntimeAddr(0x1090), s_b).unwrap().id, b);
+        assert_eq!(r.lookup(RuntimeAddr(0x1010), s_b), None);
+        assert_eq!(r.lookup(RuntimeAddr(0x1010), s_a).unwrap().id, a);
+        assert_eq!(r.lookup_nearest(RuntimeAddr(0x1010), s_b).unwrap().id, a);
+        assert_eq!(r.lookup(RuntimeAddr(0x1180), s_b), None);
+        assert_eq!(r.lookup(RuntimeAddr(0x1000), Seq(0)), None);
+    }
+
+    #[test]
+    fn pins_refuse_unregister_and_subscribers_run_first() {
+        let r = Arc::new(Registry::new());
+        let a = r.register_anon("a", RuntimeAddr(0x1000), 0x10).unwrap();
+        r.pin(a).unwrap();
+        let e = r.unregister(a).unwrap_err();
+        assert_eq!(e.code(), "E_SYM_MODULE_PINNED");
+        r.unpin(a).unwrap();
+        assert_eq!(r.unpin(a).unwrap_err().code(), "E_SYM_NOT_PINNED");
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r2, seen2) = (r.clone(), seen.clone());
+        r.subscribe(move |ev| {
+            if let Event::Unloading(m) = ev {
+                // Still mapped as seen from a lookup at the current seq.
+                let hit = r2.lookup(RuntimeAddr(0x1004), r2.current_seq());
+                seen2.lock().unwrap().push((m.id, hit.map(|h| h.id)));
+                // Mutating from a callback is refused, not a deadlock.
+                assert_eq!(
+                    r2.register_anon("x", RuntimeAddr(1), 1).unwrap_err().code(),
+                    "E_SYM_REENTRANT"
+                );
+            }
+        });
+        r.unregister(a).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(a, Some(a))]);
+        assert_eq!(r.lookup(RuntimeAddr(0x1004), r.current_seq()), None);
+        assert_eq!(
+            r.unregister(a).unwrap_err().code(),
+            "E_SYM_ALREADY_UNLOADED"
+        );
+    }
+
+    #[test]
+    fn refresh_finds_this_program_and_is_cheap_when_nothing_changed() {
+        let r = Registry::new();
+        assert!(r.refresh().unwrap());
+        let pc = RuntimeAddr(
+            refresh_finds_this_program_and_is_cheap_when_nothing_changed as *const () as u64,
+        );
+        let hit = r.lookup(pc, r.current_seq()).expect("own code is mapped");
+        assert!(hit.exec && !hit.anon);
+        let m = r.module(hit.id).unwrap();
+        assert_eq!(m.origin, Origin::Snapshot);
+        assert_eq!(m.elf().unwrap().path, std::env::current_exe().unwrap());
+        let seq = r.current_seq();
+        assert!(!r.refresh().unwrap() || r.current_seq() >= seq);
+        // Explicit registration of a listed object adopts it.
+        let id = r.register_elf(ElfModuleSpec::containing(pc)).unwrap();
+        assert_eq!(id, hit.id);
+        assert_eq!(r.module(id).unwrap().origin, Origin::Explicit);
+    }
+
+    #[test]
+    fn invalid_ranges_are_refused() {
+        let r = Registry::new();
+        assert_eq!(
+            r.register_anon("z", RuntimeAddr(5), 0).unwrap_err().code(),
+            "E_SYM_INVALID_RANGE"
+        );
+        assert_eq!(
+            r.register_anon("z", RuntimeAddr(u64::MAX), 2)
+                .unwrap_err()
+                .code(),
+            "E_SYM_INVALID_RANGE"
+        );
+        assert_eq!(
+            r.register_elf(ElfModuleSpec::mapped("/nonexistent/x.so"))
+                .unwrap_err()
+                .code(),
+            "E_SYM_NOT_MAPPED"
+        );
+    }
+}
