@@ -1,1 +1,37 @@
-//! Patch sites for hotpatch.
+//! Patch sites for x86-64 Linux: replace a running function's entry with a
+//! jump to a new version, retarget it atomically, disable it, and remove it
+//! restoring every byte — while other threads keep calling it.
+//!
+//! ```text
+//! T:      [endbr64]  jmp rel32 -> relay          (5 bytes; endbr64 kept)
+//! relay:  jmp qword ptr [rip+slot]               (within ±2 GiB of T)
+//! slot:   .quad <current destination>            (atomic 8-byte store = swap)
+//! tramp:  [endbr64] <relocated prologue> jmp T+k (the callable original)
+//! ```
+//!
+//! - [`Hook`]: the typed, safe API over function pointers.
+//! - [`Site`]: the raw API over addresses (`unsafe`), e.g. for a symbol
+//!   found by name.
+//! - [`preflight`]: the analysis install runs, as a report.
+//! - [`world`]: stop-the-world used by install and remove; [`ranges`]: the
+//!   named code ranges handed to the symbolizer.
+//!
+//! Every refusal is an [`Error`] with a stable code ([`Error::code`]).
+//! The safety argument is in the repository's `SAFETY.md`.
+
+mod code;
+mod error;
+mod hook;
+pub mod maps;
+mod near;
+mod preflight;
+pub mod ranges;
+mod site;
+pub mod world;
+pub mod x86_64;
+
+pub use error::{Code, Error, Refusal, Result};
+pub use hook::{Function, Hook};
+pub use preflight::{Overwritten, PreflightReport, preflight};
+pub use site::{InstallOptions, Site, is_patched};
+pub use x86_64::decode::ScanExtent;

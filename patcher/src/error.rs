@@ -1,0 +1,187 @@
+//! The patcher's error type: one variant per refusal, each with a stable code.
+
+use std::fmt;
+
+/// A stable, machine-readable error code (`E_…`) that scripts match on.
+pub type Code = &'static str;
+
+/// Everything the patcher can refuse or fail at.
+///
+/// Each variant has a stable code ([`Error::code`]) that will not change
+/// between releases; the `Display` text says what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The target address is not inside a readable, executable mapping.
+    #[error(
+        "E_NOT_EXECUTABLE: {addr:#x} is not in an executable mapping ({detail}); pass the address of a function's first instruction"
+    )]
+    NotExecutable {
+        /// The address that was asked for.
+        addr: usize,
+        /// What the mapping (if any) looks like.
+        detail: String,
+    },
+    /// The function is shorter than the 5-byte entry jump.
+    #[error(
+        "E_TOO_SHORT: the function at {addr:#x} has {available} patchable byte(s) before it ends; a patch needs 5"
+    )]
+    TooShort {
+        /// The target address.
+        addr: usize,
+        /// Bytes from the patch point to the function's end.
+        available: usize,
+    },
+    /// A branch elsewhere in the function lands inside the bytes the patch overwrites.
+    #[error(
+        "E_BACK_JUMP: the branch at {from:#x} targets {to:#x}, inside the bytes the patch would overwrite; patching would make it land mid-jump"
+    )]
+    BackJump {
+        /// Address of the branch instruction.
+        from: usize,
+        /// Its target, strictly inside the overwritten bytes.
+        to: usize,
+    },
+    /// A `call`/`syscall`-like instruction sits inside the overwritten bytes.
+    #[error(
+        "E_CALL_IN_PATCH: `{instruction}` at {at:#x} is inside the overwritten bytes; a return address would point into the patch"
+    )]
+    CallInPatch {
+        /// Where it is.
+        at: usize,
+        /// The instruction, formatted.
+        instruction: String,
+    },
+    /// An overwritten instruction cannot be moved to the trampoline.
+    #[error("E_UNRELOCATABLE: `{instruction}` at {at:#x} cannot be relocated: {reason}")]
+    Unrelocatable {
+        /// Where it is.
+        at: usize,
+        /// The instruction, formatted (or the raw bytes when undecodable).
+        instruction: String,
+        /// Why.
+        reason: String,
+    },
+    /// No free address range within ±2 GiB of the target for the relay and trampoline.
+    #[error(
+        "E_NO_NEAR_MEMORY: no free memory within ±2 GiB of {addr:#x} for the relay and trampoline"
+    )]
+    NoNearMemory {
+        /// The target address.
+        addr: usize,
+    },
+    /// `mprotect` refused to make the code writable (SELinux execmod, MemoryDenyWriteExecute, a sealed mapping, …).
+    #[error(
+        "E_PROTECT_DENIED: mprotect({addr:#x}, {len}) was refused: {source}; the host's security policy forbids writing code"
+    )]
+    ProtectDenied {
+        /// Page address.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The target already has a live patch site.
+    #[error("E_ALREADY_PATCHED: {addr:#x} already has a patch site; swap or remove it instead")]
+    AlreadyPatched {
+        /// The target address.
+        addr: usize,
+    },
+    /// A thread could not be stopped and might be executing the bytes to be rewritten.
+    #[error(
+        "E_THREAD_UNSTOPPABLE: thread {tid} did not stop ({detail}) and may be inside the bytes to rewrite; retry when it is idle or unblock the patch signal in it"
+    )]
+    ThreadUnstoppable {
+        /// The thread id.
+        tid: i32,
+        /// What was learned about it.
+        detail: String,
+    },
+    /// The target's bytes changed under the patcher (another hooker, or the site was modified).
+    #[error(
+        "E_CODE_CHANGED: the bytes at {addr:#x} are not what the patcher wrote or expected; refusing to overwrite them"
+    )]
+    CodeChanged {
+        /// The address whose bytes differ.
+        addr: usize,
+    },
+    /// The site was removed; it can no longer be swapped, enabled or disabled.
+    #[error("E_NOT_INSTALLED: the site at {addr:#x} was removed; install a new one")]
+    NotInstalled {
+        /// The site's target.
+        addr: usize,
+    },
+    /// A null target or replacement address.
+    #[error("E_NULL_ADDRESS: a null {what} address was passed")]
+    NullAddress {
+        /// Which argument.
+        what: &'static str,
+    },
+    /// An operating-system call failed in a way not covered above.
+    #[error("E_OS: {what} failed: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The stable machine-readable code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotExecutable { .. } => "E_NOT_EXECUTABLE",
+            Error::TooShort { .. } => "E_TOO_SHORT",
+            Error::BackJump { .. } => "E_BACK_JUMP",
+            Error::CallInPatch { .. } => "E_CALL_IN_PATCH",
+            Error::Unrelocatable { .. } => "E_UNRELOCATABLE",
+            Error::NoNearMemory { .. } => "E_NO_NEAR_MEMORY",
+            Error::ProtectDenied { .. } => "E_PROTECT_DENIED",
+            Error::AlreadyPatched { .. } => "E_ALREADY_PATCHED",
+            Error::ThreadUnstoppable { .. } => "E_THREAD_UNSTOPPABLE",
+            Error::CodeChanged { .. } => "E_CODE_CHANGED",
+            Error::NotInstalled { .. } => "E_NOT_INSTALLED",
+            Error::NullAddress { .. } => "E_NULL_ADDRESS",
+            Error::Os { .. } => "E_OS",
+        }
+    }
+
+    pub(crate) fn os(what: &'static str) -> Error {
+        Error::Os {
+            what,
+            source: std::io::Error::last_os_error(),
+        }
+    }
+}
+
+/// `Result` with the patcher's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A refusal found by [`crate::preflight`], kept as data so a report can be
+/// printed even when the verdict is negative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The stable code (same as the [`Error`] install would return).
+    pub code: Code,
+    /// The human-readable message.
+    pub message: String,
+}
+
+impl From<&Error> for Refusal {
+    fn from(e: &Error) -> Self {
+        Refusal {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}

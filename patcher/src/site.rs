@@ -1,0 +1,575 @@
+//! Patch sites: install, swap, disable, enable, remove.
+//!
+//! ```text
+//! T:      [endbr64]  jmp rel32 -> relay          (5 bytes; endbr64 kept)
+//! relay:  jmp qword ptr [rip+slot]               (near T, r-x page)
+//! slot:   .quad <current destination>            (rw- page, atomic)
+//! tramp:  [endbr64] <relocated prologue> jmp T+k (the callable original)
+//! ```
+//!
+//! Install and remove write code with every other thread parked
+//! (`world.rs`); swap, disable and enable are one atomic store to the slot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::code::{self, Pages};
+use crate::error::{Error, Result};
+use crate::maps;
+use crate::near::{CELL_SIZE, Cell, Pool, TRAMPOLINE_OFFSET};
+use crate::ranges::{self, CodeRange, RangeKind};
+use crate::world::{self, Whereabouts};
+use crate::x86_64::decode::{self, Analysis};
+use crate::x86_64::encode;
+use crate::x86_64::relocate::{self, Trampoline};
+
+/// Options for [`Site::install`].
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// The function's size in bytes, when known (symbol table): bounds the
+    /// back-jump scan exactly and catches functions shorter than the patch.
+    pub known_size: Option<usize>,
+    /// A name for the site, used for the symbolizer's anonymous ranges
+    /// (`hotpatch::trampoline<NAME>`). Defaults to the target address.
+    pub name: Option<String>,
+    /// How long to wait for other threads to park.
+    pub stop_timeout: Duration,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        InstallOptions {
+            known_size: None,
+            name: None,
+            stop_timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A site's trampoline memory, kept per target after removal so that a
+/// re-install of the same target reuses it (and `original()` pointers handed
+/// out earlier keep pointing at valid code of the same function).
+#[derive(Debug, Clone)]
+struct CachedCell {
+    cell: Cell,
+    original: Vec<u8>,
+    tramp: Trampoline,
+    written: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Global {
+    pool: Pool,
+    /// Live sites by patch address: (patch end, entry).
+    live: BTreeMap<usize, (usize, usize)>,
+    cells: HashMap<usize, CachedCell>,
+}
+
+static GLOBAL: Mutex<Option<Global>> = Mutex::new(None);
+
+/// The patcher lock: one install/remove (and so one stop-the-world) at a time.
+pub(crate) fn lock_global() -> MutexGuard<'static, Option<Global>> {
+    GLOBAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `addr` lies in the bytes of a live site.
+pub fn is_patched(addr: usize) -> bool {
+    let g = lock_global();
+    g.as_ref()
+        .is_some_and(|g| overlapping(g, addr, 1).is_some())
+}
+
+fn overlapping(g: &Global, start: usize, len: usize) -> Option<usize> {
+    // A live site [p, end) overlaps [start, start+len) if p < start+len && end > start.
+    g.live
+        .range(..start + len)
+        .next_back()
+        .filter(|(_, (end, _))| *end > start)
+        .map(|(&p, _)| p)
+}
+
+/// Reads the code at `target` for analysis: checks the mapping is readable
+/// and executable and returns up to `want` bytes of it.
+pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, Vec<maps::Mapping>)> {
+    if target == 0 {
+        return Err(Error::NullAddress { what: "target" });
+    }
+    let all = maps::read()?;
+    let m = maps::find(&all, target).ok_or_else(|| Error::NotExecutable {
+        addr: target,
+        detail: "no mapping contains it".into(),
+    })?;
+    if !m.executable() || !m.readable() {
+        return Err(Error::NotExecutable {
+            addr: target,
+            detail: format!(
+                "mapping {:#x}-{:#x} is {} {}",
+                m.start,
+                m.end,
+                m.perms(),
+                m.name
+            ),
+        });
+    }
+    // Continue into directly following executable mappings (a function may
+    // straddle a split VMA, e.g. after an earlier mprotect).
+    let mut end = m.end;
+    while let Some(next) = maps::find(&all, end).filter(|n| n.executable() && n.readable()) {
+        end = next.end;
+    }
+    let n = want.min(end - target);
+    let mut bytes = vec![0u8; n];
+    // SAFETY: [target, target+n) lies in readable mappings per
+    // /proc/self/maps just read. A concurrent munmap of the target's module
+    // would be a use-after-unload by the caller, which the safe API cannot
+    // produce (it takes function pointers of loaded code).
+    unsafe { std::ptr::copy_nonoverlapping(target as *const u8, bytes.as_mut_ptr(), n) };
+    Ok((bytes, all))
+}
+
+/// Analyses `target` as install would, without changing anything.
+pub(crate) fn analyse_target(
+    target: usize,
+    known_size: Option<usize>,
+) -> Result<(Analysis, Option<Error>, Vec<u8>)> {
+    let (bytes, _maps) = read_code(target, known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN))?;
+    let (a, refusal) = decode::analyse(target, &bytes, known_size);
+    Ok((a, refusal, bytes))
+}
+
+/// A live patch site (the untyped core of [`crate::Hook`]).
+///
+/// Dropping a site removes it; when removal fails (a thread could not be
+/// stopped), the site is disabled instead — calls run the original — and its
+/// memory is kept.
+#[derive(Debug)]
+pub struct Site {
+    entry: usize,
+    patch_at: usize,
+    original: Vec<u8>,
+    written: [u8; 5],
+    cell: Cell,
+    tramp: Trampoline,
+    replacement: usize,
+    enabled: bool,
+    installed: bool,
+    name: String,
+    stop_timeout: Duration,
+}
+
+impl Site {
+    /// Installs a patch: calls to `target` go to `replacement`.
+    ///
+    /// # Safety
+    /// - `target` must be the first instruction of a function in code that
+    ///   stays mapped while the site is installed (unload its module only
+    ///   after removing the site);
+    /// - `replacement` must be a function with the same ABI and signature
+    ///   as `target`, valid for as long as the slot points to it;
+    /// - the bytes of `target`'s function must not be read as data by the
+    ///   program (they change).
+    ///
+    /// # Errors
+    /// The refusals of [`crate::preflight`], plus `E_ALREADY_PATCHED`,
+    /// `E_NO_NEAR_MEMORY`, `E_PROTECT_DENIED`, `E_THREAD_UNSTOPPABLE`.
+    pub unsafe fn install(
+        target: *const u8,
+        replacement: *const u8,
+        opts: &InstallOptions,
+    ) -> Result<Site> {
+        let target = target as usize;
+        let replacement = replacement as usize;
+        if replacement == 0 {
+            return Err(Error::NullAddress {
+                what: "replacement",
+            });
+        }
+        let mut guard = lock_global();
+        let g = guard.get_or_insert_with(Global::default);
+
+        let (bytes, maps) = read_code(
+            target,
+            opts.known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN),
+        )?;
+        if overlapping(g, target, 5 + 4).is_some() {
+            return Err(Error::AlreadyPatched { addr: target });
+        }
+        let (a, refusal) = decode::analyse(target, &bytes, opts.known_size);
+        // Our own jump at the entry (a site of an earlier process image, or
+        // one leaked by a failed remove) is also "already patched".
+        let off = a.patch_at - target;
+        if let Some(to) = encode::decode_jmp_rel32(a.patch_at, &bytes[off..]) {
+            if g.pool
+                .code_pages()
+                .any(|p| to >= p && to < p + crate::near::PAGE)
+            {
+                return Err(Error::AlreadyPatched { addr: target });
+            }
+        }
+        if let Some(e) = refusal {
+            return Err(e);
+        }
+        let original = bytes[off..off + a.patch_len].to_vec();
+
+        // Memory and code, all built before anything is stopped.
+        let mut cached = match g.cells.get(&target) {
+            Some(c) if c.original == original => c.clone(),
+            _ => {
+                let cell = g.pool.cell_near(target)?;
+                let tramp = relocate::relocate(&a, cell.trampoline)?;
+                if tramp.bytes.len() > CELL_SIZE - TRAMPOLINE_OFFSET {
+                    return Err(Error::Unrelocatable {
+                        at: a.patch_at,
+                        instruction: decode::format(&a.overwritten[0]),
+                        reason: format!("trampoline needs {} bytes", tramp.bytes.len()),
+                    });
+                }
+                CachedCell {
+                    cell,
+                    original: original.clone(),
+                    tramp,
+                    written: false,
+                }
+            }
+        };
+        let cell = cached.cell;
+        let relay = encode::jmp_indirect_rip(cell.relay, cell.slot)
+            .ok_or(Error::NoNearMemory { addr: target })?;
+        let jump = encode::jmp_rel32(a.patch_at, cell.relay)
+            .ok_or(Error::NoNearMemory { addr: target })?;
+        let mut cell_code = Vec::with_capacity(TRAMPOLINE_OFFSET + cached.tramp.bytes.len());
+        cell_code.extend_from_slice(&relay);
+        cell_code.resize(TRAMPOLINE_OFFSET, 0xCC);
+        cell_code.extend_from_slice(&cached.tramp.bytes);
+
+        let maps_now = if cached.written { maps } else { maps::read()? };
+        let entry_pages = Pages::covering(&maps_now, a.patch_at, 5)?;
+        let cell_pages = Pages::covering(&maps_now, cell.relay, cell_code.len())?;
+        cell.slot().store(replacement, Ordering::Release);
+
+        let patch_at = a.patch_at;
+        let patch_end = a.patch_end();
+        let tramp = cached.tramp.clone();
+        let write_cell = !cached.written;
+        let mut stuck = None;
+        with_world_stopped(
+            opts.stop_timeout,
+            patch_at,
+            patch_end,
+            |parked, stragglers| {
+                if write_cell {
+                    code::write(&cell_pages, cell.relay, &cell_code, false, 0)?;
+                }
+                // Threads parked strictly inside the bytes move to the same
+                // point of the trampoline.
+                parked.for_each_parked(|rip| {
+                    if rip > patch_at && rip < patch_end {
+                        match tramp.forward(rip) {
+                            Some(to) => to,
+                            None => {
+                                stuck = Some(rip);
+                                rip
+                            }
+                        }
+                    } else {
+                        rip
+                    }
+                });
+                if stuck.is_some() {
+                    // Leave the entry alone; the error is built after release
+                    // (formatting allocates).
+                    return Ok(());
+                }
+                code::write(&entry_pages, patch_at, &jump, stragglers, tramp.at)
+            },
+        )?;
+        if let Some(rip) = stuck {
+            return Err(Error::ThreadUnstoppable {
+                tid: 0,
+                detail: format!("parked at {rip:#x}, not an instruction boundary"),
+            });
+        }
+
+        cached.written = true;
+        g.cells.insert(target, cached.clone());
+        g.live.insert(patch_at, (patch_end, target));
+        let name = opts.name.clone().unwrap_or_else(|| format!("{target:#x}"));
+        ranges::add(CodeRange {
+            kind: RangeKind::Relay,
+            name: format!("hotpatch::relay<{name}>"),
+            start: cell.relay,
+            len: encode::RELAY_LEN,
+        });
+        ranges::add(CodeRange {
+            kind: RangeKind::Trampoline,
+            name: format!("hotpatch::trampoline<{name}>"),
+            start: cell.trampoline,
+            len: cached.tramp.bytes.len(),
+        });
+        Ok(Site {
+            entry: target,
+            patch_at,
+            original,
+            written: jump,
+            cell,
+            tramp: cached.tramp,
+            replacement,
+            enabled: true,
+            installed: true,
+            name,
+            stop_timeout: opts.stop_timeout,
+        })
+    }
+
+    /// Points the site at a new replacement: one atomic store, no thread
+    /// stopped, no code written. Returns the previous replacement.
+    ///
+    /// # Safety
+    /// `replacement` must satisfy the conditions of [`Site::install`].
+    ///
+    /// # Errors
+    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    pub unsafe fn swap(&mut self, replacement: *const u8) -> Result<usize> {
+        self.check_installed()?;
+        if replacement.is_null() {
+            return Err(Error::NullAddress {
+                what: "replacement",
+            });
+        }
+        let prev = std::mem::replace(&mut self.replacement, replacement as usize);
+        if self.enabled {
+            self.cell.slot().store(self.replacement, Ordering::Release);
+        }
+        Ok(prev)
+    }
+
+    /// Calls go to the original again (slot = trampoline); the entry jump stays.
+    ///
+    /// # Errors
+    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    pub fn disable(&mut self) -> Result<()> {
+        self.check_installed()?;
+        self.enabled = false;
+        self.cell.slot().store(self.tramp.at, Ordering::Release);
+        Ok(())
+    }
+
+    /// Calls go to the replacement again.
+    ///
+    /// # Errors
+    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    pub fn enable(&mut self) -> Result<()> {
+        self.check_installed()?;
+        self.enabled = true;
+        self.cell.slot().store(self.replacement, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether calls currently go to the replacement.
+    pub fn is_enabled(&self) -> bool {
+        self.installed && self.enabled
+    }
+
+    /// Whether the entry jump is in place.
+    pub fn is_installed(&self) -> bool {
+        self.installed
+    }
+
+    /// Restores the original bytes exactly (and the pages' protections),
+    /// with every other thread parked; a thread parked in the trampoline's
+    /// relocated prologue is moved back to the original instruction.
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// `E_CODE_CHANGED` when the entry no longer holds our jump (nothing is
+    /// written); `E_THREAD_UNSTOPPABLE`; `E_PROTECT_DENIED`.
+    pub fn remove(&mut self) -> Result<()> {
+        if !self.installed {
+            return Ok(());
+        }
+        let mut guard = lock_global();
+        let g = guard.get_or_insert_with(Global::default);
+        let (now, maps) = read_code(self.patch_at, self.original.len())?;
+        if now[..5] != self.written {
+            return Err(Error::CodeChanged {
+                addr: self.patch_at,
+            });
+        }
+        let pages = Pages::covering(&maps, self.patch_at, self.original.len())?;
+        let patch_at = self.patch_at;
+        let patch_end = patch_at + self.original.len();
+        let tramp = &self.tramp;
+        let original = &self.original;
+        let body_end = tramp.jmp_back_at;
+        with_world_stopped(
+            self.stop_timeout,
+            patch_at,
+            patch_end,
+            |parked, stragglers| {
+                parked.for_each_parked(|rip| {
+                    if rip >= tramp.at && rip < body_end {
+                        tramp.backward(rip).unwrap_or(rip)
+                    } else {
+                        rip
+                    }
+                });
+                // A thread inside the trampoline between endbr and the first
+                // relocated instruction is at an address the map lacks only for
+                // the endbr itself, which stays valid code; leaving it is fine.
+                code::write(&pages, patch_at, original, stragglers, tramp.at)
+            },
+        )?;
+        self.installed = false;
+        g.live.remove(&self.patch_at);
+        ranges::retire(self.cell.relay);
+        ranges::retire(self.cell.trampoline);
+        Ok(())
+    }
+
+    /// The trampoline: calling it runs the original function.
+    pub fn original(&self) -> usize {
+        self.tramp.at
+    }
+
+    /// The target's entry address.
+    pub fn target(&self) -> usize {
+        self.entry
+    }
+
+    /// Where the jump is written (after `endbr64` if any).
+    pub fn patch_address(&self) -> usize {
+        self.patch_at
+    }
+
+    /// The bytes the jump overwrote (restored by `remove`).
+    pub fn original_bytes(&self) -> &[u8] {
+        &self.original
+    }
+
+    /// The relay address.
+    pub fn relay(&self) -> usize {
+        self.cell.relay
+    }
+
+    /// The current replacement.
+    pub fn replacement(&self) -> usize {
+        self.replacement
+    }
+
+    /// The site's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check_installed(&self) -> Result<()> {
+        if self.installed {
+            Ok(())
+        } else {
+            Err(Error::NotInstalled { addr: self.entry })
+        }
+    }
+
+    /// Leaves the site installed for the rest of the process, dropping the
+    /// handle without removing it.
+    pub fn leak(mut self) {
+        self.installed = false;
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if self.installed && self.remove().is_err() {
+            // Could not restore the bytes (e.g. a thread would not stop):
+            // route calls to the original and keep the memory forever.
+            let _ = self.disable();
+        }
+    }
+}
+
+/// Stops the world, vets threads that would not park, runs `f` with the
+/// world stopped, releases. `f` gets whether the int3 protocol is needed.
+fn with_world_stopped(
+    timeout: Duration,
+    patch_at: usize,
+    patch_end: usize,
+    mut f: impl FnMut(&world::Stopped, bool) -> Result<()>,
+) -> Result<()> {
+    code::membarrier_register();
+    let mut vetted: Vec<i32> = Vec::new();
+    for attempt in 0..2 {
+        let stopped = world::stop(timeout)?;
+        let n = stopped.straggler_count;
+        if n == 0 {
+            let r = f(&stopped, false);
+            stopped.release();
+            return r;
+        }
+        // Stragglers: each must be blocked in a system call somewhere other
+        // than the bytes, and must not block SIGTRAP (the int3 protocol
+        // sends it there if it wakes up and reaches the entry).
+        let listed = n.min(stopped.stragglers.len());
+        let mut unknown = None;
+        for s in &stopped.stragglers[..listed] {
+            match world::whereabouts(s.tid) {
+                Whereabouts::InSyscall { pc } if !(pc > patch_at && pc < patch_end) => {
+                    if attempt == 1 && !vetted.contains(&s.tid) {
+                        unknown = Some((s.tid, "appeared after vetting"));
+                    }
+                }
+                Whereabouts::InSyscall { .. } => {
+                    unknown = Some((s.tid, "blocked in a system call inside the bytes"))
+                }
+                Whereabouts::Running => {
+                    unknown = Some((
+                        s.tid,
+                        "running with the stop signal blocked; position unknown",
+                    ))
+                }
+                Whereabouts::Unknown => {}
+            }
+        }
+        if n > listed {
+            unknown = Some((0, "too many threads did not stop"));
+        }
+        if unknown.is_none() && attempt == 1 && membarrier_ok() {
+            let r = f(&stopped, true);
+            stopped.release();
+            return r;
+        }
+        let stragglers: Vec<i32> = stopped.stragglers[..listed].iter().map(|s| s.tid).collect();
+        stopped.release();
+        if let Some((tid, why)) = unknown {
+            return Err(Error::ThreadUnstoppable {
+                tid,
+                detail: why.to_string(),
+            });
+        }
+        if !membarrier_ok() {
+            return Err(Error::ThreadUnstoppable {
+                tid: stragglers[0],
+                detail: "membarrier SYNC_CORE unavailable, cannot use the int3 protocol".into(),
+            });
+        }
+        // World running again: vet signal masks (reads /proc, allocates).
+        for tid in stragglers {
+            if world::blocks_signal(tid, libc::SIGTRAP) == Some(true) {
+                return Err(Error::ThreadUnstoppable {
+                    tid,
+                    detail: "blocks the stop signal and SIGTRAP".into(),
+                });
+            }
+            vetted.push(tid);
+        }
+        code::install_trap_handler()?;
+    }
+    Err(Error::ThreadUnstoppable {
+        tid: 0,
+        detail: "threads kept changing while stopping".into(),
+    })
+}
+
+fn membarrier_ok() -> bool {
+    code::membarrier_register()
+}
