@@ -1,0 +1,257 @@
+//! Everything checked before any plugin code runs: the file, its digest, its
+//! ELF header and its ABI descriptor, and the entry points in its dynamic
+//! symbol table.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use hotpatch_plugin_api as api;
+use hotpatch_plugin_api::AbiDescriptor;
+
+use crate::elf::{self, ElfError, ElfInfo};
+use crate::error::{Error, Result};
+use crate::policy::{AllowCheck, Policy, Sha256Digest};
+
+/// Identity of a file: `(st_dev, st_ino)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A file that passed every static check.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub file: FileId,
+    pub info: ElfInfo,
+    pub descriptor: AbiDescriptor,
+    pub digest: Option<Sha256Digest>,
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Runs the checks in DESIGN.md's order: file, integrity, ELF, descriptor,
+/// entry points.
+pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
+    let p = || path.to_path_buf();
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        ErrorKind::NotFound | ErrorKind::NotADirectory => Error::NotFound {
+            path: p(),
+            reason: "no such file".into(),
+            source: Some(e),
+        },
+        ErrorKind::PermissionDenied => Error::Unreadable {
+            path: p(),
+            uid: euid(),
+            source: e,
+        },
+        _ => Error::Io {
+            path: p(),
+            source: e,
+        },
+    })?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::NotFound {
+            path: p(),
+            reason: format!("the path is {what}"),
+            source: None,
+        });
+    }
+    let mut file = File::open(path).map_err(|e| match e.kind() {
+        ErrorKind::PermissionDenied => Error::Unreadable {
+            path: p(),
+            uid: euid(),
+            source: e,
+        },
+        ErrorKind::NotFound => Error::NotFound {
+            path: p(),
+            reason: "removed while loading".into(),
+            source: Some(e),
+        },
+        _ => Error::Io {
+            path: p(),
+            source: e,
+        },
+    })?;
+    // From here on, everything is read through the open descriptor: the
+    // checks below all see the same inode.
+    let meta = file.metadata().map_err(|e| Error::Io {
+        path: p(),
+        source: e,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(Error::WritableByOthers { path: p(), mode });
+    }
+    let id = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(|e| Error::Io {
+        path: p(),
+        source: e,
+    })?;
+
+    let digest = match &policy.allowlist {
+        None => None,
+        Some(list) => {
+            let actual = Sha256Digest::of(&bytes);
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match list.check(&name, actual) {
+                AllowCheck::Allowed => Some(actual),
+                AllowCheck::Tampered(expected) => {
+                    return Err(Error::Integrity {
+                        path: p(),
+                        expected,
+                        actual,
+                    });
+                }
+                AllowCheck::Unknown => return Err(Error::NotAllowed { path: p(), actual }),
+            }
+        }
+    };
+
+    let info = elf::parse(&bytes, api::SECTION).map_err(|e| match e {
+        ElfError::NotElf(reason) => Error::NotElf { path: p(), reason },
+        ElfError::WrongArch(found) => Error::WrongArch { path: p(), found },
+    })?;
+    let descriptor = read_descriptor(path, &bytes, &info)?;
+    compare_descriptor(path, &descriptor)?;
+    for symbol in [
+        api::ENTRY_ON_LOAD,
+        api::ENTRY_ON_INIT,
+        api::ENTRY_ON_SHUTDOWN,
+    ] {
+        if !info.defines(symbol) {
+            return Err(Error::SymbolMissing {
+                path: p(),
+                symbol: symbol.into(),
+            });
+        }
+    }
+    Ok(Checked {
+        file: id,
+        info,
+        descriptor,
+        digest,
+    })
+}
+
+fn read_descriptor(path: &Path, bytes: &[u8], info: &ElfInfo) -> Result<AbiDescriptor> {
+    let no_abi = |reason: Option<String>| Error::NoAbi {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (start, len) = info.section.ok_or_else(|| no_abi(None))?;
+    let section = &bytes[start..start + len];
+    let d = AbiDescriptor::from_bytes(section).ok_or_else(|| {
+        no_abi(Some(format!(
+            "the section is {len} bytes, a descriptor is {}",
+            api::DESCRIPTOR_SIZE
+        )))
+    })?;
+    if d.magic != api::ABI_MAGIC {
+        return Err(no_abi(Some(
+            "the section does not start with the descriptor magic".into(),
+        )));
+    }
+    Ok(d)
+}
+
+fn compare_descriptor(path: &Path, d: &AbiDescriptor) -> Result<()> {
+    let mismatch = |field: &'static str, expected: String, found: String| Error::AbiMismatch {
+        path: PathBuf::from(path),
+        field,
+        expected,
+        found,
+    };
+    if d.abi_major != api::ABI_MAJOR {
+        return Err(mismatch(
+            "abi_major",
+            api::ABI_MAJOR.to_string(),
+            d.abi_major.to_string(),
+        ));
+    }
+    if d.descriptor_size as usize != api::DESCRIPTOR_SIZE {
+        return Err(mismatch(
+            "descriptor_size",
+            api::DESCRIPTOR_SIZE.to_string(),
+            d.descriptor_size.to_string(),
+        ));
+    }
+    if d.abi_minor > api::ABI_MINOR {
+        return Err(mismatch(
+            "abi_minor",
+            format!("<= {}", api::ABI_MINOR),
+            d.abi_minor.to_string(),
+        ));
+    }
+    if d.rustc_version_str() != api::RUSTC_VERSION {
+        return Err(mismatch(
+            "rustc_version",
+            api::RUSTC_VERSION.into(),
+            d.rustc_version_str().into(),
+        ));
+    }
+    if d.layout_size != api::LAYOUT_SIZE {
+        return Err(mismatch(
+            "layout_size",
+            api::LAYOUT_SIZE.to_string(),
+            d.layout_size.to_string(),
+        ));
+    }
+    if d.layout_hash != api::LAYOUT_HASH {
+        return Err(mismatch(
+            "layout_hash",
+            format!("{:#018x}", api::LAYOUT_HASH),
+            format!("{:#018x}", d.layout_hash),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_fields_are_compared() {
+        let p = Path::new("x.so");
+        assert!(compare_descriptor(p, &AbiDescriptor::current("x", "1")).is_ok());
+        let mut d = AbiDescriptor::current("x", "1");
+        d.rustc_version = [0; 128];
+        d.rustc_version[..17].copy_from_slice(b"rustc 0.0.1 (old)");
+        let e = compare_descriptor(p, &d).expect_err("rustc differs");
+        assert!(
+            matches!(
+                e,
+                Error::AbiMismatch {
+                    field: "rustc_version",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut d = AbiDescriptor::current("x", "1");
+        d.layout_hash ^= 1;
+        let e = compare_descriptor(p, &d).expect_err("layout differs");
+        assert_eq!(e.code(), "E_ABI_MISMATCH");
+        let mut d = AbiDescriptor::current("x", "1");
+        d.abi_minor += 1;
+        assert!(compare_descriptor(p, &d).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! What the host accepts: an optional SHA-256 allowlist.
+
+use std::fmt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+/// A SHA-256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256Digest(pub [u8; 32]);
+
+impl Sha256Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        let out = Sha256::digest(bytes);
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&out);
+        Self(d)
+    }
+
+    /// The digest of the file at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be read.
+    pub fn of_file(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        Ok(Self::of(&std::fs::read(path)?))
+    }
+
+    /// Parses 64 hex digits (either case).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.trim().as_bytes();
+        if s.len() != 64 {
+            return None;
+        }
+        let nib = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
+        let mut d = [0u8; 32];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            d[i] = nib(pair[0])? << 4 | nib(pair[1])?;
+        }
+        Some(Self(d))
+    }
+}
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256Digest({self})")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    file_name: Option<String>,
+    digest: Sha256Digest,
+}
+
+/// Which plugin files may be loaded, by content.
+///
+/// A file whose digest is on the list is allowed. A file that is not on the
+/// list fails with `E_PLG_INTEGRITY` when the list has an entry for its file
+/// name (the file was modified), and with `E_PLG_NOT_ALLOWED` otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    entries: Vec<Entry>,
+}
+
+impl Allowlist {
+    /// An empty allowlist: nothing may be loaded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Allows any file with this digest.
+    pub fn allow(mut self, digest: Sha256Digest) -> Self {
+        self.entries.push(Entry {
+            file_name: None,
+            digest,
+        });
+        self
+    }
+
+    /// Allows the file named `file_name` (the last path component) with this
+    /// digest; a file of that name with another digest is an integrity
+    /// failure.
+    pub fn allow_file(mut self, file_name: impl Into<String>, digest: Sha256Digest) -> Self {
+        self.entries.push(Entry {
+            file_name: Some(file_name.into()),
+            digest,
+        });
+        self
+    }
+
+    pub(crate) fn check(&self, file_name: &str, actual: Sha256Digest) -> AllowCheck {
+        if self.entries.iter().any(|e| e.digest == actual) {
+            return AllowCheck::Allowed;
+        }
+        match self
+            .entries
+            .iter()
+            .find(|e| e.file_name.as_deref() == Some(file_name))
+        {
+            Some(e) => AllowCheck::Tampered(e.digest),
+            None => AllowCheck::Unknown,
+        }
+    }
+}
+
+pub(crate) enum AllowCheck {
+    Allowed,
+    Tampered(Sha256Digest),
+    Unknown,
+}
+
+/// How the loader decides whether to load a plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub(crate) allowlist: Option<Allowlist>,
+}
+
+impl Policy {
+    /// File, ELF and ABI checks only; any digest is accepted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also require the file's SHA-256 to be on `allowlist`.
+    pub fn with_allowlist(mut self, allowlist: Allowlist) -> Self {
+        self.allowlist = Some(allowlist);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_known_input() {
+        // FIPS 180-2 test vector.
+        assert_eq!(
+            Sha256Digest::of(b"abc").to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let d = Sha256Digest::of(b"x");
+        assert_eq!(Sha256Digest::from_hex(&d.to_string()), Some(d));
+        assert_eq!(Sha256Digest::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn allowlist_distinguishes_tampered_from_unknown() {
+        let good = Sha256Digest::of(b"good");
+        let bad = Sha256Digest::of(b"bad");
+        let list = Allowlist::new().allow_file("libp.so", good);
+        assert!(matches!(list.check("libp.so", good), AllowCheck::Allowed));
+        assert!(matches!(list.check("libp.so", bad), AllowCheck::Tampered(d) if d == good));
+        assert!(matches!(list.check("other.so", bad), AllowCheck::Unknown));
+    }
+}
