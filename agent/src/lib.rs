@@ -1,1 +1,4 @@
-//! In-process control agent for hotpatch.
+//! In-process control agent for hotpatch, and the `hotpatch` CLI's
+//! subcommands (in [`cli`]).
+
+pub mod cli;

@@ -23,6 +23,7 @@ use crate::registry::{BuildId, Segment, TlsInfo};
 pub(crate) struct Mapped {
     pub path: PathBuf,
     map: Option<Mmap>,
+    owned: Option<Box<[u8]>>,
 }
 
 impl Mapped {
@@ -38,6 +39,7 @@ impl Mapped {
             return Ok(Arc::new(Mapped {
                 path: path.to_path_buf(),
                 map: None,
+                owned: None,
             }));
         }
         // SAFETY: the map is read-only and private to this process. Another
@@ -49,12 +51,27 @@ impl Mapped {
         Ok(Arc::new(Mapped {
             path: path.to_path_buf(),
             map: Some(map),
+            owned: None,
         }))
+    }
+
+    /// Wraps bytes already in memory (tests, fuzzing, files read by other
+    /// means). A boxed slice's bytes never move either.
+    pub fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Arc<Mapped> {
+        Arc::new(Mapped {
+            path,
+            map: None,
+            owned: Some(bytes.into_boxed_slice()),
+        })
     }
 
     /// The file's bytes.
     pub fn data(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match (&self.map, &self.owned) {
+            (Some(m), _) => m,
+            (None, Some(b)) => b,
+            (None, None) => &[],
+        }
     }
 }
 
@@ -166,61 +183,84 @@ pub struct Symbol {
     pub local: bool,
     /// Whether it is a function (`STT_FUNC`/`STT_GNU_IFUNC`).
     pub func: bool,
+    /// The `STT_FILE` symbol it belongs to (the source or codegen-unit
+    /// name), by the rule binutils applies: the last `STT_FILE` before it,
+    /// except for a global symbol after a later file symbol.
+    pub file: Option<Arc<str>>,
 }
 
 /// The defined symbols of one or more files, sorted by address.
 #[derive(Debug, Default)]
 pub(crate) struct SymbolTable {
     syms: Vec<Symbol>,
+    seen: std::collections::HashSet<(u64, String)>,
 }
 
 impl SymbolTable {
-    /// Adds `.symtab` and `.dynsym` of `file`.
+    /// Adds `.symtab` and `.dynsym` of `file` (a symbol already present is
+    /// skipped).
     pub fn add(&mut self, file: &Elf<'_>) {
-        for sym in file.symbols().chain(file.dynamic_symbols()) {
-            if !sym.is_definition() || sym.address() == 0 {
-                continue;
+        for table in [file.symbols(), file.dynamic_symbols()] {
+            // binutils' elf_find_function state machine for STT_FILE.
+            let mut current: Option<Arc<str>> = None;
+            let mut symbol_seen = false;
+            let mut file_after_symbol = false;
+            for sym in table {
+                if sym.kind() == SymbolKind::File {
+                    current = sym.name().ok().map(Arc::from);
+                    file_after_symbol |= symbol_seen;
+                    continue;
+                }
+                if !sym.is_definition() || sym.address() == 0 {
+                    continue;
+                }
+                let func = sym.kind() == SymbolKind::Text;
+                if !func && sym.kind() != SymbolKind::Unknown {
+                    // Data, sections, TLS: never a code symbol.
+                    continue;
+                }
+                symbol_seen = true;
+                let Ok(name) = sym.name() else { continue };
+                if name.is_empty() || name.starts_with('$') {
+                    continue;
+                }
+                if !self.seen.insert((sym.address(), name.to_owned())) {
+                    continue;
+                }
+                let file = if !sym.is_local() && file_after_symbol {
+                    None
+                } else {
+                    current.clone()
+                };
+                self.syms.push(Symbol {
+                    name: name.to_owned(),
+                    addr: FileVirtAddr(sym.address()),
+                    size: sym.size(),
+                    local: sym.is_local(),
+                    func,
+                    file,
+                });
             }
-            let func = sym.kind() == SymbolKind::Text;
-            if !func && sym.kind() != SymbolKind::Unknown {
-                // Data, sections, files, TLS: never a code symbol.
-                continue;
-            }
-            let Ok(name) = sym.name() else { continue };
-            if name.is_empty() || name.starts_with("$") {
-                continue;
-            }
-            self.syms.push(Symbol {
-                name: name.to_owned(),
-                addr: FileVirtAddr(sym.address()),
-                size: sym.size(),
-                local: sym.is_local(),
-                func,
-            });
         }
     }
 
-    /// Sorts and de-duplicates (a symbol in both tables appears once).
+    /// Sorts by address, keeping table order among equal addresses.
     pub fn finish(&mut self) {
-        self.syms
-            .sort_by(|a, b| (a.addr, &a.name).cmp(&(b.addr, &b.name)));
-        self.syms
-            .dedup_by(|a, b| a.addr == b.addr && a.name == b.name);
+        self.syms.sort_by_key(|s| s.addr);
+        self.seen = Default::default();
     }
 
     /// The symbol whose `[addr, addr+size)` contains `addr`; among several,
-    /// the one starting nearest (then a global over a local one).
+    /// the one starting nearest, then the first in table order (as binutils
+    /// picks among aliases, e.g. identical-code-folded functions).
     pub fn containing(&self, addr: FileVirtAddr) -> Option<&Symbol> {
         let idx = self.syms.partition_point(|s| s.addr <= addr);
-        // Symbols sizes rarely exceed a few hundred KiB; scanning back over
-        // 64 candidates covers nested/aliased symbols without a quadratic
-        // worst case on hostile tables.
-        self.syms[..idx]
+        // Scanning back over at most 64 candidates covers nested and aliased
+        // symbols without a quadratic worst case on hostile tables.
+        self.syms[idx.saturating_sub(64)..idx]
             .iter()
-            .rev()
-            .take(64)
             .filter(|s| s.size > 0 && addr.0 - s.addr.0 < s.size)
-            .min_by_key(|s| (addr.0 - s.addr.0, s.local, !s.func))
+            .min_by_key(|s| addr.0 - s.addr.0)
     }
 
     /// Symbols named `name`: the raw name, or the demangled name without
@@ -234,10 +274,5 @@ impl SymbolTable {
             .iter()
             .filter(|s| crate::demangle::demangle(&s.name) == name)
             .collect()
-    }
-
-    /// Number of symbols.
-    pub fn len(&self) -> usize {
-        self.syms.len()
     }
 }

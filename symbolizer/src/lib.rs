@@ -15,13 +15,18 @@
 
 pub mod addr;
 mod demangle;
-#[allow(dead_code, reason = "the resolver using these lands next")]
+mod dwarf;
 pub mod elf;
 pub mod error;
+pub mod perf_map;
 mod phdr;
 pub mod registry;
+pub mod resolve;
 
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;
 pub use error::{Error, Result};
-pub use registry::{ElfModuleSpec, Event, Hit, ModuleId, Registry, Seq};
+pub use registry::{ElfModuleSpec, Event, Hit, Module, ModuleId, Registry, Seq};
+pub use resolve::{
+    DebugInfo, DebugSearch, ElfSymbolizer, Frame, Resolved, Source, SymbolAddr, Symbolizer,
+};

@@ -165,6 +165,9 @@ pub struct ElfModule {
     pub segments: Vec<Segment>,
     /// Its TLS segment, if any.
     pub tls: Option<TlsInfo>,
+    /// The file mapped when the module was registered, so a plugin rebuilt
+    /// in place later still resolves against the bytes that were loaded.
+    pub(crate) file: Option<Arc<crate::elf::Mapped>>,
 }
 
 impl ElfModule {
@@ -641,12 +644,14 @@ impl Registry {
             Locate::File(bias) => {
                 let path = spec.path.clone().unwrap_or_default();
                 let layout = crate::elf::file_layout(&path)?;
+                let file = crate::elf::Mapped::open(&path).ok();
                 ElfModule {
                     path,
                     build_id: layout.build_id,
                     bias,
                     segments: layout.segments,
                     tls: layout.tls,
+                    file,
                 }
             }
             Locate::Mapped | Locate::Containing(_) => {
@@ -677,12 +682,14 @@ impl Registry {
                     (Locate::Mapped, Some(p)) => p,
                     _ => o.path(),
                 };
+                let file = crate::elf::Mapped::open(&path).ok();
                 ElfModule {
                     path,
                     build_id: o.build_id,
                     bias: o.bias,
                     segments: o.segments,
                     tls: o.tls,
+                    file,
                 }
             }
         };
@@ -894,6 +901,7 @@ impl Registry {
                     bias: o.bias,
                     segments: o.segments.clone(),
                     tls: o.tls,
+                    file: crate::elf::Mapped::open(&o.path()).ok(),
                 };
                 added.push(self.insert(
                     &mut st,

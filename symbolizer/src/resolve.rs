@@ -1,0 +1,647 @@
+//! Resolution: addresses to frames.
+//!
+//! [`ElfSymbolizer`] resolves file virtual addresses of one ELF file (the
+//! offline path, used by `hotpatch symbolize`). [`Symbolizer`] resolves
+//! `(runtime address, sequence)` pairs through a [`Registry`], caching one
+//! `ElfSymbolizer` per module file and build-id.
+//!
+//! Debug info is taken from, in order: the file itself; `<root>/.build-id/
+//! xx/yyyy.debug` for each configured root (its build-id must match);
+//! `.gnu_debuglink` next to the file, in its `.debug/` directory, or under
+//! `<root>/<dir of the file>/` (CRC32 must match, and the build-id when both
+//! files have one). A candidate that fails a check is rejected and reported
+//! by [`ElfSymbolizer::rejected`], never used.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::addr::{FileVirtAddr, RuntimeAddr};
+use crate::demangle::demangle;
+use crate::dwarf::{Dwarf, RawFrame};
+use crate::elf::{self, Mapped, Symbol, SymbolTable};
+use crate::error::{Error, Result};
+use crate::registry::{BuildId, Hit, ModuleId, ModuleKind, Registry, Seq};
+
+/// Where to look for separate debug files.
+#[derive(Debug, Clone)]
+pub struct DebugSearch {
+    /// Roots holding `.build-id/xx/yyyy.debug` trees and debuglink
+    /// mirrors; `/usr/lib/debug` by default.
+    pub debug_roots: Vec<PathBuf>,
+}
+
+impl Default for DebugSearch {
+    fn default() -> Self {
+        DebugSearch {
+            debug_roots: vec![PathBuf::from("/usr/lib/debug")],
+        }
+    }
+}
+
+impl DebugSearch {
+    /// Search only `roots` (tests use temporary directories).
+    pub fn with_roots(roots: impl IntoIterator<Item = PathBuf>) -> Self {
+        DebugSearch {
+            debug_roots: roots.into_iter().collect(),
+        }
+    }
+}
+
+/// One frame of a resolved address.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    /// Demangled function name.
+    pub function: Option<String>,
+    /// Source file.
+    pub file: Option<String>,
+    /// Line (1-based).
+    pub line: Option<u32>,
+    /// Column.
+    pub column: Option<u32>,
+    /// Whether this frame was inlined into the next one.
+    pub inlined: bool,
+}
+
+/// Where a resolution came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum Source {
+    /// DWARF (function, file, line, inline frames).
+    Dwarf,
+    /// `.symtab`/`.dynsym`: function name only.
+    Symtab,
+    /// Only the module is known: `module+0xOFFSET`.
+    ModuleOffset,
+    /// A named anonymous range.
+    Anonymous,
+    /// No module held the address.
+    Unknown,
+}
+
+/// Where a file's DWARF came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum DebugInfo {
+    /// The file itself.
+    InFile,
+    /// A separate file found by build-id.
+    BuildId(PathBuf),
+    /// A separate file found through `.gnu_debuglink`.
+    DebugLink(PathBuf),
+    /// None found: symbol tables only.
+    None,
+}
+
+/// Resolves file virtual addresses of one ELF file.
+#[derive(Debug)]
+pub struct ElfSymbolizer {
+    path: PathBuf,
+    build_id: Option<BuildId>,
+    symbols: SymbolTable,
+    dwarf: Option<Dwarf>,
+    debug: DebugInfo,
+    rejected: Vec<Error>,
+}
+
+impl ElfSymbolizer {
+    /// Opens `path` and finds its debug info.
+    ///
+    /// # Errors
+    /// `E_SYM_IO`, `E_SYM_NOT_ELF`, `E_SYM_TRUNCATED` for the file itself.
+    /// Problems with debug info are not errors: the file is still
+    /// symbolized from its symbol tables ([`debug_info`](Self::debug_info)
+    /// says which, [`rejected`](Self::rejected) why).
+    pub fn open(path: &Path, search: &DebugSearch) -> Result<ElfSymbolizer> {
+        Self::from_mapped(Mapped::open(path)?, search)
+    }
+
+    /// Like [`open`](Self::open), over an in-memory image; `name` is used
+    /// in errors and to find a debuglink's directory.
+    ///
+    /// # Errors
+    /// `E_SYM_NOT_ELF`, `E_SYM_TRUNCATED`.
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>, search: &DebugSearch) -> Result<ElfSymbolizer> {
+        Self::from_mapped(Mapped::from_bytes(name.to_path_buf(), bytes), search)
+    }
+
+    pub(crate) fn from_mapped(file: Arc<Mapped>, search: &DebugSearch) -> Result<ElfSymbolizer> {
+        let path = file.path.clone();
+        let obj = elf::parse(&path, file.data())?;
+        let build_id = elf::build_id(&obj);
+        let mut symbols = SymbolTable::default();
+        symbols.add(&obj);
+        let mut rejected = Vec::new();
+        let mut debug = DebugInfo::None;
+        let mut dwarf = None;
+        if elf::has_dwarf(&obj) {
+            match Dwarf::load(file.clone()) {
+                Ok(d) => {
+                    dwarf = Some(d);
+                    debug = DebugInfo::InFile;
+                }
+                Err(e) => rejected.push(e),
+            }
+        }
+        if dwarf.is_none() {
+            for (candidate, how) in candidates(&path, &obj, build_id.as_ref(), search) {
+                match check_candidate(&path, &candidate, &how, build_id.as_ref()) {
+                    Ok(mapped) => {
+                        let parsed = elf::parse(&candidate, mapped.data())?;
+                        symbols.add(&parsed);
+                        match Dwarf::load(mapped.clone()) {
+                            Ok(d) => {
+                                dwarf = Some(d);
+                                debug = match how {
+                                    How::BuildId => DebugInfo::BuildId(candidate),
+                                    How::DebugLink(_) => DebugInfo::DebugLink(candidate),
+                                };
+                                break;
+                            }
+                            Err(e) => rejected.push(e),
+                        }
+                    }
+                    Err(Error::Io { .. }) => {} // not there: keep looking
+                    Err(e) => rejected.push(e),
+                }
+            }
+        }
+        symbols.finish();
+        Ok(ElfSymbolizer {
+            path,
+            build_id,
+            symbols,
+            dwarf,
+            debug,
+            rejected,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's build-id.
+    pub fn build_id(&self) -> Option<&BuildId> {
+        self.build_id.as_ref()
+    }
+
+    /// Where the DWARF came from.
+    pub fn debug_info(&self) -> &DebugInfo {
+        &self.debug
+    }
+
+    /// Debug files found but rejected (build-id or CRC mismatch, bad DWARF).
+    pub fn rejected(&self) -> &[Error] {
+        &self.rejected
+    }
+
+    /// Frames at `addr`, innermost first (only the innermost unless
+    /// `inlines`), and where they came from. Empty frames with
+    /// [`Source::Unknown`] when neither DWARF nor a symbol covers `addr`.
+    pub fn resolve(&self, addr: FileVirtAddr, inlines: bool) -> (Vec<Frame>, Source) {
+        let mut raw = Vec::new();
+        if let Some(d) = &self.dwarf {
+            // Bad DWARF for one address is not fatal: fall back to symbols.
+            if d.frames(addr, &mut raw).is_err() {
+                raw.clear();
+            }
+        }
+        if !raw.is_empty() {
+            let n = raw.len();
+            let mut frames: Vec<Frame> = raw
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| to_frame(f, i + 1 < n))
+                .collect();
+            // Like binutils: a location without a DWARF function takes the
+            // name of the enclosing symbol.
+            if frames.last().is_some_and(|f| f.function.is_none()) {
+                let name = self.symbols.containing(addr).map(|s| demangle(&s.name));
+                if let Some(last) = frames.last_mut() {
+                    last.function = name;
+                }
+            }
+            if !inlines {
+                frames.truncate(1);
+            }
+            return (frames, Source::Dwarf);
+        }
+        match self.symbols.containing(addr) {
+            Some(s) => (
+                vec![Frame {
+                    function: Some(demangle(&s.name)),
+                    file: s.file.as_deref().map(str::to_owned),
+                    line: None,
+                    column: None,
+                    inlined: false,
+                }],
+                Source::Symtab,
+            ),
+            None => (Vec::new(), Source::Unknown),
+        }
+    }
+
+    /// Symbols named `name` (raw, or demangled without hash), local symbols
+    /// included.
+    pub fn find_symbol(&self, name: &str) -> Vec<Symbol> {
+        self.symbols.by_name(name).into_iter().cloned().collect()
+    }
+
+    /// The symbol covering `addr`.
+    pub fn symbol_containing(&self, addr: FileVirtAddr) -> Option<Symbol> {
+        self.symbols.containing(addr).cloned()
+    }
+}
+
+fn to_frame(f: RawFrame, inlined: bool) -> Frame {
+    Frame {
+        function: f.function.map(|n| demangle(&n)),
+        file: f.file,
+        line: f.line.filter(|&l| l != 0),
+        column: f.column,
+        inlined,
+    }
+}
+
+enum How {
+    BuildId,
+    DebugLink(u32),
+}
+
+fn candidates(
+    path: &Path,
+    obj: &elf::Elf<'_>,
+    build_id: Option<&BuildId>,
+    search: &DebugSearch,
+) -> Vec<(PathBuf, How)> {
+    let mut out = Vec::new();
+    if let Some(id) = build_id.filter(|id| id.0.len() >= 2) {
+        let hex = id.to_hex();
+        for root in &search.debug_roots {
+            let p = root
+                .join(".build-id")
+                .join(&hex[..2])
+                .join(format!("{}.debug", &hex[2..]));
+            out.push((p, How::BuildId));
+        }
+    }
+    if let Some((name, crc)) = elf::debuglink(obj) {
+        // A debuglink is a bare file name; anything else is not trusted.
+        if !name.is_empty() && !name.contains('/') {
+            let dir = std::fs::canonicalize(path)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .or_else(|| path.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            out.push((dir.join(&name), How::DebugLink(crc)));
+            out.push((dir.join(".debug").join(&name), How::DebugLink(crc)));
+            for root in &search.debug_roots {
+                let rel = dir.strip_prefix("/").unwrap_or(&dir);
+                out.push((root.join(rel).join(&name), How::DebugLink(crc)));
+            }
+        }
+    }
+    out
+}
+
+fn check_candidate(
+    module: &Path,
+    candidate: &Path,
+    how: &How,
+    build_id: Option<&BuildId>,
+) -> Result<Arc<Mapped>> {
+    if let (Ok(a), Ok(b)) = (
+        std::fs::canonicalize(module),
+        std::fs::canonicalize(candidate),
+    ) {
+        if a == b {
+            return Err(Error::Io {
+                path: candidate.to_path_buf(),
+                source: std::io::Error::other("debug file is the module itself"),
+            });
+        }
+    }
+    let mapped = Mapped::open(candidate)?;
+    let obj = elf::parse(candidate, mapped.data())?;
+    let mismatch = |reason: String| Error::BuildIdMismatch {
+        path: module.to_path_buf(),
+        debug_file: candidate.to_path_buf(),
+        reason,
+    };
+    let theirs = elf::build_id(&obj);
+    match (build_id, &theirs, how) {
+        (Some(ours), Some(t), _) if ours != t => {
+            return Err(mismatch(format!("build-id {t} != {ours}")));
+        }
+        (Some(ours), None, How::BuildId) => {
+            return Err(mismatch(format!("no build-id, expected {ours}")));
+        }
+        _ => {}
+    }
+    if let How::DebugLink(crc) = how {
+        let actual = crc32fast::hash(mapped.data());
+        if actual != *crc {
+            return Err(mismatch(format!(
+                "CRC32 {actual:08x} != debuglink {crc:08x}"
+            )));
+        }
+    }
+    if !elf::has_dwarf(&obj) {
+        return Err(Error::NoDebugInfo {
+            path: candidate.to_path_buf(),
+        });
+    }
+    Ok(mapped)
+}
+
+/// Information about the module an address resolved in.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModuleRef {
+    /// The module's registry id.
+    pub id: ModuleId,
+    /// File name or anonymous range name.
+    pub name: String,
+    /// The file, for ELF modules.
+    pub path: Option<PathBuf>,
+    /// The file's build-id, hex.
+    pub build_id: Option<String>,
+    /// The address as a file virtual address (ELF modules).
+    pub file_vaddr: Option<FileVirtAddr>,
+    /// Offset from the module's start: the file virtual address for ELF
+    /// modules, the offset into the range for anonymous ones.
+    pub offset: u64,
+    /// Whether the module was unloaded when this resolution was made.
+    pub unloaded: bool,
+}
+
+/// A resolved runtime address.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resolved {
+    /// The address.
+    pub addr: RuntimeAddr,
+    /// The sequence it was resolved at.
+    pub seq: Seq,
+    /// The module that held it, if any.
+    pub module: Option<ModuleRef>,
+    /// Frames, innermost first.
+    pub frames: Vec<Frame>,
+    /// Where the frames came from.
+    pub source: Source,
+}
+
+impl Resolved {
+    /// One name for the innermost frame: the function, else
+    /// `module+0xOFFSET`, else `??`.
+    pub fn symbol(&self) -> String {
+        if let Some(f) = self.frames.first().and_then(|f| f.function.clone()) {
+            return f;
+        }
+        match &self.module {
+            Some(m) => format!("{}+{:#x}", m.name, m.offset),
+            None => String::from("??"),
+        }
+    }
+}
+
+/// A symbol located in a registered module.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SymbolAddr {
+    /// The symbol as found in the file.
+    pub symbol: Symbol,
+    /// Its runtime address (file address plus the module's bias).
+    pub addr: RuntimeAddr,
+    /// Its size in bytes (0 when the symbol table does not say).
+    pub size: u64,
+}
+
+type CacheKey = (PathBuf, Option<BuildId>);
+type Done = (Option<ModuleRef>, Vec<Frame>, Source);
+type Cached = Arc<Mutex<Result<ElfSymbolizer, Error>>>;
+
+/// Resolves runtime addresses through a [`Registry`]. Not async-signal-safe
+/// (parses files, allocates, locks): resolve outside signal handlers.
+#[derive(Debug, Default)]
+pub struct Symbolizer {
+    search: DebugSearch,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
+}
+
+impl Symbolizer {
+    /// A symbolizer searching debug files as `search` says.
+    pub fn new(search: DebugSearch) -> Self {
+        Symbolizer {
+            search,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The module that held `pc` at `seq`: exact if possible, else the
+    /// nearest in time, else after a [`Registry::refresh`].
+    fn hit(&self, reg: &Registry, pc: RuntimeAddr, seq: Seq) -> Option<Hit> {
+        reg.lookup(pc, seq)
+            .or_else(|| reg.lookup_nearest(pc, seq))
+            .or_else(|| match reg.refresh() {
+                Ok(true) => reg.lookup_nearest(pc, seq),
+                _ => None,
+            })
+    }
+
+    /// Resolves one address captured at `seq`.
+    pub fn resolve(&self, reg: &Registry, pc: RuntimeAddr, seq: Seq, inlines: bool) -> Resolved {
+        self.resolve_batch(reg, &[(pc, seq)], inlines)
+            .pop()
+            .unwrap_or(Resolved {
+                addr: pc,
+                seq,
+                module: None,
+                frames: Vec::new(),
+                source: Source::Unknown,
+            })
+    }
+
+    /// Resolves many addresses: grouped by module, each distinct
+    /// `(module, address)` resolved once, results in input order.
+    pub fn resolve_batch(
+        &self,
+        reg: &Registry,
+        addrs: &[(RuntimeAddr, Seq)],
+        inlines: bool,
+    ) -> Vec<Resolved> {
+        let hits: Vec<Option<Hit>> = addrs
+            .iter()
+            .map(|&(pc, seq)| self.hit(reg, pc, seq))
+            .collect();
+        // Group distinct addresses per module.
+        let mut by_module: HashMap<ModuleId, Vec<RuntimeAddr>> = HashMap::new();
+        for (&(pc, _), hit) in addrs.iter().zip(&hits) {
+            if let Some(h) = hit {
+                by_module.entry(h.id).or_default().push(pc);
+            }
+        }
+        let mut done: HashMap<(ModuleId, RuntimeAddr), Done> = HashMap::new();
+        for (id, mut pcs) in by_module {
+            pcs.sort_unstable();
+            pcs.dedup();
+            let Some(module) = reg.module(id) else {
+                continue;
+            };
+            let unloaded = module.unloaded_seq.is_some();
+            match &module.kind {
+                ModuleKind::Anon(a) => {
+                    for pc in pcs {
+                        let r = ModuleRef {
+                            id,
+                            name: a.name.clone(),
+                            path: None,
+                            build_id: None,
+                            file_vaddr: None,
+                            offset: pc.0 - a.start.0,
+                            unloaded,
+                        };
+                        let frame = Frame {
+                            function: Some(a.name.clone()),
+                            file: None,
+                            line: None,
+                            column: None,
+                            inlined: false,
+                        };
+                        done.insert((id, pc), (Some(r), vec![frame], Source::Anonymous));
+                    }
+                }
+                ModuleKind::Elf(e) => {
+                    let name = module.name();
+                    let cached = self.cached(&e.path, e.build_id.as_ref(), e.file.clone());
+                    let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
+                    for pc in pcs {
+                        let fva = e.bias.to_file(pc);
+                        let r = ModuleRef {
+                            id,
+                            name: name.clone(),
+                            path: Some(e.path.clone()),
+                            build_id: e.build_id.as_ref().map(BuildId::to_hex),
+                            file_vaddr: Some(fva),
+                            offset: fva.0,
+                            unloaded,
+                        };
+                        let (frames, source) = match &*guard {
+                            Ok(s) => match s.resolve(fva, inlines) {
+                                (f, Source::Unknown) => (f, Source::ModuleOffset),
+                                other => other,
+                            },
+                            Err(_) => (Vec::new(), Source::ModuleOffset),
+                        };
+                        done.insert((id, pc), (Some(r), frames, source));
+                    }
+                }
+            }
+        }
+        addrs
+            .iter()
+            .zip(hits)
+            .map(|(&(pc, seq), hit)| {
+                let (module, frames, source) = hit
+                    .and_then(|h| done.get(&(h.id, pc)).cloned())
+                    .unwrap_or((None, Vec::new(), Source::Unknown));
+                Resolved {
+                    addr: pc,
+                    seq,
+                    module,
+                    frames,
+                    source,
+                }
+            })
+            .collect()
+    }
+
+    /// The cached [`ElfSymbolizer`] for a module's file. A file whose
+    /// build-id no longer matches the module (rebuilt in place since it was
+    /// loaded) is refused with `E_SYM_BUILD_ID_MISMATCH` rather than used.
+    fn cached(&self, path: &Path, build_id: Option<&BuildId>, file: Option<Arc<Mapped>>) -> Cached {
+        let key = (path.to_path_buf(), build_id.cloned());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                let opened = match file {
+                    Some(m) => ElfSymbolizer::from_mapped(m, &self.search),
+                    None => ElfSymbolizer::open(path, &self.search),
+                };
+                let checked = opened.and_then(|s| match (build_id, s.build_id()) {
+                    (Some(want), Some(have)) if want != have => Err(Error::BuildIdMismatch {
+                        path: path.to_path_buf(),
+                        debug_file: path.to_path_buf(),
+                        reason: format!("file now has build-id {have}, module had {want}"),
+                    }),
+                    _ => Ok(s),
+                });
+                Arc::new(Mutex::new(checked))
+            })
+            .clone()
+    }
+
+    /// Finds a symbol by name in a registered ELF module (local symbols
+    /// included) and returns its runtime address and size. For the
+    /// patcher's raw API. When several symbols match, a function symbol
+    /// with a size is preferred.
+    ///
+    /// # Errors
+    /// `E_SYM_UNKNOWN_MODULE`, `E_SYM_NOT_A_FILE` for anonymous ranges, the
+    /// file's own errors, `E_SYM_SYMBOL_NOT_FOUND`.
+    pub fn find_symbol(&self, reg: &Registry, module: ModuleId, name: &str) -> Result<SymbolAddr> {
+        let m = reg.module(module).ok_or(Error::UnknownModule(module))?;
+        let e = m.elf().ok_or(Error::NotAFile(module))?.clone();
+        let cached = self.cached(&e.path, e.build_id.as_ref(), e.file.clone());
+        let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
+        let s = match &*guard {
+            Ok(s) => s,
+            Err(err) => return Err(clone_error(err)),
+        };
+        let mut found = s.find_symbol(name);
+        found.sort_by_key(|s| (!s.func, s.size == 0, s.local));
+        let symbol = found
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::SymbolNotFound {
+                path: e.path.clone(),
+                name: name.to_owned(),
+            })?;
+        Ok(SymbolAddr {
+            addr: e.bias.to_runtime(symbol.addr),
+            size: symbol.size,
+            symbol,
+        })
+    }
+}
+
+/// Errors are not `Clone` (they hold `io::Error`); re-create a cached one.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Io { path, source } => Error::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::NotElf { path, reason } => Error::NotElf {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        Error::Truncated { path, reason } => Error::Truncated {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        Error::BuildIdMismatch {
+            path,
+            debug_file,
+            reason,
+        } => Error::BuildIdMismatch {
+            path: path.clone(),
+            debug_file: debug_file.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::BadDwarf {
+            path: PathBuf::new(),
+            reason: other.to_string(),
+        },
+    }
+}
