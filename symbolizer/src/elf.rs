@@ -141,6 +141,19 @@ pub(crate) fn file_layout(path: &Path) -> Result<Layout> {
     })
 }
 
+/// `[start, end)` file virtual ranges of the executable `PT_LOAD` segments.
+pub(crate) fn exec_ranges(file: &Elf<'_>) -> Vec<(u64, u64)> {
+    let endian = file.endian();
+    file.elf_program_headers()
+        .iter()
+        .filter(|ph| ph.p_type(endian) == elf::PT_LOAD && ph.p_flags(endian) & elf::PF_X != 0)
+        .map(|ph| {
+            let start = ph.p_vaddr(endian);
+            (start, start.saturating_add(ph.p_memsz(endian)))
+        })
+        .collect()
+}
+
 /// The file's `NT_GNU_BUILD_ID`, if any (a malformed note counts as none).
 pub(crate) fn build_id(file: &Elf<'_>) -> Option<BuildId> {
     file.build_id().ok().flatten().map(|b| BuildId(b.to_vec()))

@@ -102,6 +102,9 @@ pub struct ElfSymbolizer {
     dwarf: Option<Dwarf>,
     debug: DebugInfo,
     rejected: Vec<Error>,
+    /// `[start, end)` of the executable `PT_LOAD` segments; DWARF of
+    /// discarded functions (address 0 tombstones) lies outside them.
+    exec: Vec<(u64, u64)>,
 }
 
 impl ElfSymbolizer {
@@ -129,6 +132,7 @@ impl ElfSymbolizer {
         let path = file.path.clone();
         let obj = elf::parse(&path, file.data())?;
         let build_id = elf::build_id(&obj);
+        let exec = elf::exec_ranges(&obj);
         let mut symbols = SymbolTable::default();
         symbols.add(&obj);
         let mut rejected = Vec::new();
@@ -174,6 +178,7 @@ impl ElfSymbolizer {
             dwarf,
             debug,
             rejected,
+            exec,
         })
     }
 
@@ -201,6 +206,9 @@ impl ElfSymbolizer {
     /// `inlines`), and where they came from. Empty frames with
     /// [`Source::Unknown`] when neither DWARF nor a symbol covers `addr`.
     pub fn resolve(&self, addr: FileVirtAddr, inlines: bool) -> (Vec<Frame>, Source) {
+        if !self.exec.is_empty() && !self.exec.iter().any(|&(s, e)| (s..e).contains(&addr.0)) {
+            return (Vec::new(), Source::Unknown);
+        }
         let mut raw = Vec::new();
         if let Some(d) = &self.dwarf {
             // Bad DWARF for one address is not fatal: fall back to symbols.

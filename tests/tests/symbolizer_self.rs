@@ -9,9 +9,9 @@ use hotpatch_symbolizer::{DebugInfo, Registry, RuntimeAddr, Source, Symbolizer};
 #[inline(never)]
 fn known_function() -> (usize, u32) {
     let pc: usize;
+    let line = line!() + 2; // the line of the `lea`
     // SAFETY: `lea` of the instruction pointer reads no memory.
     unsafe { asm!("lea {}, [rip]", out(reg) pc) };
-    let line = line!();
     (pc, line)
 }
 
@@ -19,16 +19,16 @@ fn known_function() -> (usize, u32) {
 #[inline(always)]
 fn inlined_helper() -> (usize, u32) {
     let pc: usize;
+    let line = line!() + 2; // the line of the `lea`
     // SAFETY: `lea` of the instruction pointer reads no memory.
     unsafe { asm!("lea {}, [rip]", out(reg) pc) };
-    let line = line!();
     (pc, line)
 }
 
 #[inline(never)]
 fn outer() -> (usize, u32, u32) {
+    let call_line = line!() + 1;
     let (pc, line) = inlined_helper();
-    let call_line = line!();
     (pc, line, call_line)
 }
 
