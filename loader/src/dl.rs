@@ -188,9 +188,11 @@ pub(crate) fn is_loaded(base: usize, name: &Path) -> bool {
         .any(|o| o.base == base && o.name == name)
 }
 
-/// Whether any mapping in `/proc/self/maps` is backed by the inode
-/// `(dev, ino)`.
-pub(crate) fn maps_has_inode(dev: u64, ino: u64) -> bool {
+/// Whether a mapping in `/proc/self/maps` backed by the inode `(dev, ino)`
+/// overlaps `[start, end)`. Only the object's own address range counts:
+/// other mappings of the same file (the symbolizer maps files read-only to
+/// resolve them) are not the object.
+pub(crate) fn maps_inode_in_range(dev: u64, ino: u64, start: usize, end: usize) -> bool {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return false;
     };
@@ -198,8 +200,17 @@ pub(crate) fn maps_has_inode(dev: u64, ino: u64) -> bool {
     let want_dev = format!("{maj:02x}:{min:02x}");
     maps.lines().any(|l| {
         let mut f = l.split_ascii_whitespace();
-        let (_, _, _, d, i) = (f.next(), f.next(), f.next(), f.next(), f.next());
-        d == Some(want_dev.as_str()) && i.and_then(|i| i.parse::<u64>().ok()) == Some(ino)
+        let (r, _, _, d, i) = (f.next(), f.next(), f.next(), f.next(), f.next());
+        let Some((a, b)) = r.and_then(|r| r.split_once('-')) else {
+            return false;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            return false;
+        };
+        a < end
+            && start < b
+            && d == Some(want_dev.as_str())
+            && i.and_then(|i| i.parse::<u64>().ok()) == Some(ino)
     })
 }
 
@@ -222,6 +233,7 @@ mod tests {
     fn own_executable_is_in_maps() {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata("/proc/self/exe").expect("stat own exe");
-        assert!(maps_has_inode(m.dev(), m.ino()));
+        assert!(maps_inode_in_range(m.dev(), m.ino(), 0, usize::MAX));
+        assert!(!maps_inode_in_range(m.dev(), m.ino(), 0, 4096));
     }
 }

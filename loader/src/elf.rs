@@ -62,6 +62,8 @@ pub(crate) struct ElfInfo {
     pub imported: Vec<String>,
     /// File range of the section named by the caller, if present.
     pub section: Option<(usize, usize)>,
+    /// `[lowest p_vaddr, highest p_vaddr + p_memsz)` over the `PT_LOAD`s.
+    pub load_range: Option<(u64, u64)>,
 }
 
 impl fmt::Debug for ElfInfo {
@@ -185,6 +187,13 @@ pub(crate) fn parse(data: &[u8], section: &str) -> Result<ElfInfo, ElfError> {
 
     let mut info = ElfInfo::default();
     let phdrs = program_headers(&r)?;
+    for p in phdrs.iter().filter(|p| p.p_type == PT_LOAD) {
+        let end = p.vaddr.saturating_add(p.memsz);
+        info.load_range = Some(match info.load_range {
+            None => (p.vaddr, end),
+            Some((lo, hi)) => (lo.min(p.vaddr), hi.max(end)),
+        });
+    }
     for p in &phdrs {
         if p.p_type == PT_TLS {
             info.tls = Some(TlsSegment {

@@ -18,6 +18,12 @@ pub(crate) struct HostCtx {
     api: Box<HostApi>,
 }
 
+// SAFETY: the raw pointer inside `api` points into `ctx`, which `HostCtx`
+// owns and never mutates after construction; `host_log` only reads it.
+unsafe impl Send for HostCtx {}
+// SAFETY: as above; shared access only ever reads the boxed `Ctx`.
+unsafe impl Sync for HostCtx {}
+
 impl HostCtx {
     pub(crate) fn new(name: &str) -> Self {
         let ctx = Box::new(Ctx {

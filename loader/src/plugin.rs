@@ -88,10 +88,11 @@ pub struct TlsInfo {
 pub enum RetainReason {
     /// The object is linked with `-z nodelete` (`DF_1_NODELETE`).
     LinkedNodelete,
-    /// A thread-local destructor was registered from the object (it imports
-    /// `__cxa_thread_atexit_impl`; glibc then marks it NODELETE, so it stays
-    /// until the process exits). Every Rust cdylib imports it through `std`,
-    /// so this is the likely cause, not a proof.
+    /// A thread-local destructor registered from the object is still pending
+    /// in a live thread (the object imports `__cxa_thread_atexit_impl`; glibc
+    /// 2.36 refuses to unmap an object while its `l_tls_dtor_count` is
+    /// non-zero, i.e. until those threads exit). Every Rust cdylib imports it
+    /// through `std`, so this is the likely cause, not a proof.
     ThreadLocalDestructors,
     /// Something else holds a reference (another `dlopen` of the same file,
     /// or a library that depends on it).
@@ -103,7 +104,7 @@ impl fmt::Display for RetainReason {
         f.write_str(match self {
             Self::LinkedNodelete => "linked with -z nodelete (DF_1_NODELETE)",
             Self::ThreadLocalDestructors => {
-                "a thread-local destructor was registered from it (glibc marks such objects NODELETE via __cxa_thread_atexit_impl); it stays mapped until exit"
+                "a thread-local destructor registered from it is pending in a live thread (__cxa_thread_atexit_impl); glibc keeps it mapped until those threads exit"
             }
             Self::OtherReference => "another reference (a second dlopen or a dependent library) keeps it loaded",
         })
@@ -162,6 +163,8 @@ pub struct Plugin {
     path: PathBuf,
     mapped_name: PathBuf,
     base: usize,
+    /// Runtime `[start, end)` of the object's `PT_LOAD` segments.
+    range: (usize, usize),
     file: FileId,
     descriptor: AbiDescriptor,
     digest: Option<Sha256Digest>,
@@ -178,6 +181,12 @@ pub struct Plugin {
     )]
     host: HostCtx,
 }
+
+// A plugin is shared and moved between threads by design.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Plugin>();
+};
 
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -257,8 +266,14 @@ fn load_inner(path: &Path, policy: &Policy) -> Result<Plugin> {
         };
         return Err(fail(handle, None, e));
     };
-    // The checks read one inode; make sure that is the inode now mapped.
-    if !dl::maps_has_inode(checked.file.dev, checked.file.ino) {
+    // The checks read one inode; make sure that is the inode now mapped at
+    // the object's addresses.
+    let (lo, hi) = checked.info.load_range.unwrap_or((0, 1));
+    let range = (
+        base.wrapping_add(lo as usize),
+        base.wrapping_add(hi as usize),
+    );
+    if !dl::maps_inode_in_range(checked.file.dev, checked.file.ino, range.0, range.1) {
         let e = Error::DlopenFailed {
             path: path.to_path_buf(),
             detail: "the mapped file is not the file that was checked (replaced during load?)"
@@ -329,6 +344,7 @@ fn load_inner(path: &Path, policy: &Policy) -> Result<Plugin> {
         path: path.to_path_buf(),
         mapped_name,
         base,
+        range,
         file: checked.file,
         descriptor: checked.descriptor,
         digest: checked.digest,
@@ -480,7 +496,7 @@ impl Plugin {
             None => None,
         };
         let still_mapped = dl::is_loaded(self.base, &self.mapped_name)
-            || dl::maps_has_inode(self.file.dev, self.file.ino);
+            || dl::maps_inode_in_range(self.file.dev, self.file.ino, self.range.0, self.range.1);
         let outcome = if !still_mapped {
             UnloadOutcome::Unmapped
         } else if self.linked_nodelete {

@@ -5,3 +5,4 @@
 //! the repository builds rather than checked-in binaries.
 
 pub mod fixtures;
+pub mod loader_fixtures;
