@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hotpatch_loader::{Policy, RetainReason, UnloadOutcome, load};
-use hotpatch_symbolizer::{Registry, RuntimeAddr};
+use hotpatch_symbolizer::{DebugSearch, Registry, RuntimeAddr, Symbolizer};
 use hotpatch_tests::fixtures;
 use hotpatch_tests::loader_fixtures::{assert_host_works, good_plugin, serial};
 
@@ -80,6 +80,12 @@ fn tls_plugin_used_by_four_threads_then_unloaded_still_resolves() {
     assert!(
         reg.lookup(pc, reg.current_seq()).is_none(),
         "unregistered module still live"
+    );
+    // And the symbolizer names the function, from the unloaded module.
+    let resolved = Symbolizer::new(DebugSearch::default()).resolve(reg, pc, seq, true);
+    assert!(
+        resolved.symbol().contains("plg_tls_work"),
+        "{pc:?}@{seq:?} -> {resolved:?}"
     );
     assert_host_works();
 }
