@@ -59,6 +59,10 @@ pub fn plugin(package: &str) -> PathBuf {
     let so = dir
         .join("fixture")
         .join(format!("lib{}.so", package.replace('-', "_")));
-    assert!(so.is_file(), "cargo built {package} but {} is missing", so.display());
+    assert!(
+        so.is_file(),
+        "cargo built {package} but {} is missing",
+        so.display()
+    );
     so
 }

@@ -2,7 +2,9 @@
 //!
 //! [`fixtures::plugin`] builds a plugin crate of this workspace from source
 //! (a real `cdylib`) and returns the path of the `.so`, so tests `dlopen` what
-//! the repository builds rather than checked-in binaries.
+//! the repository builds rather than checked-in binaries. [`exec`] holds
+//! assembled test functions in executable memory.
 
+pub mod exec;
 pub mod fixtures;
 pub mod loader_fixtures;

@@ -1,0 +1,409 @@
+#![allow(
+    clippy::unwrap_used,
+    reason = "assembler calls on constant operands cannot fail; a test panics on failure anyway"
+)]
+
+//! The prologue corpus: functions assembled with iced-x86's code assembler
+//! into executable memory, each with its expected verdict; the patchable
+//! ones are installed, called through, called via `original()`, and removed
+//! with bytes and protections compared exactly.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+
+use hotpatch_patcher::{Hook, InstallOptions, Site, preflight};
+use hotpatch_tests::exec::{ExecMem, as_fn, assert_no_wx, maps_lines};
+use iced_x86::code_asm::*;
+
+/// Patch sites are process-wide: one test at a time in this binary.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+extern "C" fn replacement(x: u64) -> u64 {
+    x ^ 0xdead_0000
+}
+
+thread_local! {
+    static TLS_VALUE: Cell<u64> = const { Cell::new(0x7777) };
+}
+
+unsafe extern "C" {
+    fn __tls_get_addr(index: *const u64) -> *mut u8;
+}
+
+struct Case {
+    name: &'static str,
+    /// Builds the function into `mem` at `offset`, returns (address, known size).
+    build: fn(&mut ExecMem, usize) -> (usize, Option<usize>),
+    /// `None` when patchable, else the refusal code.
+    expect: Option<&'static str>,
+    /// What the original returns for an input.
+    model: fn(u64) -> u64,
+}
+
+fn asm() -> CodeAssembler {
+    CodeAssembler::new(64).expect("assembler")
+}
+
+fn plain(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // push rbp; mov rbp,rsp; lea rax,[rdi+rdi*2+1]; pop rbp; ret
+    let mut a = asm();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn endbr(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // endbr64; push rbp; mov rbp,rsp; lea rax,[rdi+5]; pop rbp; ret
+    let mut a = asm();
+    a.endbr64().unwrap();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.lea(rax, ptr(rdi + 5)).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn rip_relative(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // mov rax,[rip+data]; add rax,rdi; ret; data: dq 1000
+    let mut a = asm();
+    let mut data = a.create_label();
+    a.mov(rax, qword_ptr(data)).unwrap();
+    a.add(rax, rdi).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut data).unwrap();
+    a.dq(&[1000]).unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn short_jcc(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // test rdi,rdi; je short zero; lea rax,[rdi+1]; ret; zero: mov eax,42; ret
+    let mut a = asm();
+    let mut zero = a.create_label();
+    a.test(rdi, rdi).unwrap();
+    a.je(zero).unwrap();
+    a.lea(rax, ptr(rdi + 1)).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut zero).unwrap();
+    a.mov(eax, 42).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn back_into_byte_2(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // xor eax,eax; L: add rax,2; sub rdi,1; ja L; ret    (L is byte 2)
+    let mut a = asm();
+    let mut l = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.set_label(&mut l).unwrap();
+    a.add(rax, 2).unwrap();
+    a.sub(rdi, 1).unwrap();
+    a.ja(l).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn three_bytes(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // mov eax,edi; ret
+    let mut a = asm();
+    a.mov(eax, edi).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), Some(3))
+}
+
+extern "C" fn helper(x: u64) -> u64 {
+    x + 100
+}
+
+fn call_first(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // call [rip+ptr]; ret; ptr: dq helper
+    let mut a = asm();
+    let mut p = a.create_label();
+    a.call(qword_ptr(p)).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut p).unwrap();
+    a.dq(&[helper as extern "C" fn(u64) -> u64 as usize as u64])
+        .unwrap();
+    (m.put(off, &mut a), None)
+}
+
+/// (module id, offset) of `TLS_VALUE` in the executable's TLS block: a real
+/// `tls_index` for `__tls_get_addr`.
+fn tls_index() -> [u64; 2] {
+    let var = TLS_VALUE.with(|c| c as *const Cell<u64> as usize);
+    let probe = [1u64, 0];
+    // SAFETY: module 1 is the executable, which has a TLS segment (this
+    // thread_local); offset 0 is its block start.
+    let block = unsafe { __tls_get_addr(probe.as_ptr()) } as usize;
+    [1, (var - block) as u64]
+}
+
+fn tls_general_dynamic(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // data16 lea rdi,[rip+idx]; sub rsp,8; call [rip+gta]; add rsp,8;
+    // mov rax,[rax]; ret; idx: dq modid, offset; gta: dq __tls_get_addr
+    let idx = tls_index();
+    let mut a = asm();
+    let mut ti = a.create_label();
+    let mut gta = a.create_label();
+    a.db(&[0x66]).unwrap();
+    a.lea(rdi, ptr(ti)).unwrap();
+    a.sub(rsp, 8).unwrap();
+    a.call(qword_ptr(gta)).unwrap();
+    a.add(rsp, 8).unwrap();
+    a.mov(rax, qword_ptr(rax)).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut ti).unwrap();
+    a.dq(&idx).unwrap();
+    a.set_label(&mut gta).unwrap();
+    a.dq(&[__tls_get_addr as unsafe extern "C" fn(*const u64) -> *mut u8 as usize as u64])
+        .unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn tls_initial_exec(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // mov rax,[rip+got]; mov rax,fs:[rax]; ret; got: dq tpoff
+    let var = TLS_VALUE.with(|c| c as *const Cell<u64> as usize);
+    let mut fs_base: u64 = 0;
+    // SAFETY: ARCH_GET_FS writes the thread pointer into `fs_base`.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1003, &mut fs_base as *mut u64) };
+    assert_eq!(rc, 0);
+    let tpoff = (var as i64 - fs_base as i64) as u64;
+    let mut a = asm();
+    let mut got = a.create_label();
+    a.mov(rax, qword_ptr(got)).unwrap();
+    a.mov(rax, qword_ptr(rax).fs()).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut got).unwrap();
+    a.dq(&[tpoff]).unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn straddles_pages(m: &mut ExecMem, _off: usize) -> (usize, Option<usize>) {
+    // The plain prologue placed 3 bytes before a page boundary.
+    plain(m, 4096 - 3)
+}
+
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    Case { name: "push rbp; mov rbp,rsp",         build: plain,               expect: None,                    model: |x| x * 3 + 1 },
+    Case { name: "endbr64 first",                 build: endbr,               expect: None,                    model: |x| x + 5 },
+    Case { name: "rip-relative load",             build: rip_relative,        expect: None,                    model: |x| x + 1000 },
+    Case { name: "short jcc in prologue",         build: short_jcc,           expect: None,                    model: |x| if x == 0 { 42 } else { x + 1 } },
+    Case { name: "loop back into byte 2",         build: back_into_byte_2,    expect: Some("E_BACK_JUMP"),     model: |x| x.max(1) * 2 },
+    Case { name: "3-byte function",               build: three_bytes,         expect: Some("E_TOO_SHORT"),     model: |x| x & 0xffff_ffff },
+    Case { name: "call in first 5 bytes",         build: call_first,          expect: Some("E_CALL_IN_PATCH"), model: |x| x + 100 },
+    Case { name: "TLS general-dynamic sequence",  build: tls_general_dynamic, expect: None,                    model: |_| 0x7777 },
+    Case { name: "TLS initial-exec sequence",     build: tls_initial_exec,    expect: None,                    model: |_| 0x7777 },
+    Case { name: "patch spans two pages",         build: straddles_pages,     expect: None,                    model: |x| x * 3 + 1 },
+];
+
+#[test]
+fn corpus_verdicts_and_behaviour() {
+    let _s = serial();
+    for case in CASES {
+        let mut mem = ExecMem::new(2);
+        let (f, size) = (case.build)(&mut mem, 64);
+        mem.seal();
+        // SAFETY: `f` was assembled as extern "C" fn(u64) -> u64.
+        let target = unsafe { as_fn(f) };
+        let inputs = [0u64, 1, 7, 1000];
+        for x in inputs {
+            assert_eq!(target(x), (case.model)(x), "{}: unpatched model", case.name);
+        }
+
+        let report = preflight(f as *const u8, size).expect("preflight runs");
+        let got = report.verdict.as_ref().err().map(|r| r.code);
+        assert_eq!(got, case.expect, "{}: verdict\n{report}", case.name);
+        assert!(
+            !report.overwritten.is_empty(),
+            "{}: report lists instructions",
+            case.name
+        );
+
+        let before = mem.bytes(f, 24);
+        let prot_before = maps_lines(f, 24);
+        let result = Hook::install_with(
+            target,
+            replacement as extern "C" fn(u64) -> u64,
+            &InstallOptions {
+                known_size: size,
+                name: Some(case.name.into()),
+                ..Default::default()
+            },
+        );
+        match case.expect {
+            Some(code) => {
+                let err = result.expect_err(case.name);
+                assert_eq!(
+                    err.code(),
+                    code,
+                    "{}: install refuses like preflight",
+                    case.name
+                );
+                assert_eq!(
+                    mem.bytes(f, 24),
+                    before,
+                    "{}: refused install wrote nothing",
+                    case.name
+                );
+            }
+            None => {
+                let mut hook = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+                assert_no_wx("install");
+                for x in inputs {
+                    assert_eq!(target(x), replacement(x), "{}: patched", case.name);
+                    assert_eq!(
+                        (hook.original())(x),
+                        (case.model)(x),
+                        "{}: original()",
+                        case.name
+                    );
+                }
+                hook.disable().expect("disable");
+                assert_eq!(target(3), (case.model)(3), "{}: disabled", case.name);
+                hook.enable().expect("enable");
+                assert_eq!(target(3), replacement(3), "{}: enabled", case.name);
+                let other: extern "C" fn(u64) -> u64 = helper;
+                let prev = hook.swap(other).expect("swap");
+                assert_eq!(
+                    prev as usize,
+                    replacement as extern "C" fn(u64) -> u64 as usize
+                );
+                assert_eq!(target(3), 103, "{}: swapped", case.name);
+                hook.remove().expect("remove");
+                assert_no_wx("remove");
+                assert_eq!(
+                    mem.bytes(f, 24),
+                    before,
+                    "{}: bytes restored exactly",
+                    case.name
+                );
+                assert_eq!(
+                    maps_lines(f, 24),
+                    prot_before,
+                    "{}: protections restored",
+                    case.name
+                );
+                for x in inputs {
+                    assert_eq!(target(x), (case.model)(x), "{}: removed", case.name);
+                }
+                assert_eq!(hook.disable().map_err(|e| e.code()), Err("E_NOT_INSTALLED"));
+            }
+        }
+    }
+}
+
+#[test]
+fn reinstall_reuses_the_trampoline_and_stale_original_stays_valid() {
+    let _s = serial();
+    let mut mem = ExecMem::new(2);
+    let (f, _) = plain(&mut mem, 128);
+    mem.seal();
+    // SAFETY: assembled with this signature.
+    let target = unsafe { as_fn(f) };
+    let r: extern "C" fn(u64) -> u64 = replacement;
+    let mut first = Hook::install(target, r).expect("install");
+    let stale = first.original();
+    first.remove().expect("remove");
+    for _ in 0..50 {
+        let mut h = Hook::install(target, r).expect("re-install");
+        assert_eq!(
+            h.original() as usize,
+            stale as usize,
+            "same trampoline reused"
+        );
+        assert_eq!(target(2), replacement(2));
+        h.remove().expect("remove");
+    }
+    assert_eq!(stale(2), 7, "a stale original() still runs the original");
+}
+
+#[test]
+fn refusals_with_codes() {
+    let _s = serial();
+    static DATA: [u8; 64] = [0x90; 64];
+    let e = Hook::install(
+        // SAFETY: never called: install refuses the non-executable address.
+        unsafe { as_fn(DATA.as_ptr() as usize) },
+        replacement as extern "C" fn(u64) -> u64,
+    )
+    .expect_err("data is not code");
+    assert_eq!(e.code(), "E_NOT_EXECUTABLE");
+    let e = preflight(std::ptr::null(), None).expect_err("null");
+    assert_eq!(e.code(), "E_NULL_ADDRESS");
+
+    let mut mem = ExecMem::new(1);
+    let (f, _) = plain(&mut mem, 0);
+    mem.seal();
+    // SAFETY: assembled with this signature.
+    let target = unsafe { as_fn(f) };
+    let r: extern "C" fn(u64) -> u64 = replacement;
+    let mut h = Hook::install(target, r).expect("install");
+    let e = Hook::install(target, r).expect_err("twice");
+    assert_eq!(e.code(), "E_ALREADY_PATCHED");
+    let report = preflight(f as *const u8, None).expect("preflight");
+    assert_eq!(report.verdict.map_err(|r| r.code), Err("E_ALREADY_PATCHED"));
+    h.remove().expect("remove");
+}
+
+#[test]
+fn protect_denied_on_a_read_only_shared_mapping() {
+    let _s = serial();
+    // Code in a file mapped MAP_SHARED from a read-only descriptor: the
+    // kernel refuses PROT_WRITE on it (EACCES), a real mprotect denial.
+    let dir = std::env::temp_dir().join(format!("hotpatch-ro-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("code.bin");
+    let mut a = asm();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    let code = a.assemble(0).expect("assemble");
+    let mut page = vec![0xCCu8; 4096];
+    page[..code.len()].copy_from_slice(&code);
+    std::fs::write(&path, &page).expect("write");
+    let file = std::fs::File::open(&path).expect("open");
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping a 4 KiB file we just wrote, read+exec, shared.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: the mapping holds the function assembled above.
+    let target = unsafe { as_fn(p as usize) };
+    assert_eq!(target(2), 7);
+    let before = maps_lines(p as usize, 8);
+    // SAFETY: target is a valid function of this signature in a mapping that
+    // stays until munmap below.
+    let e = unsafe {
+        Site::install(
+            p as *const u8,
+            replacement as *const u8,
+            &InstallOptions::default(),
+        )
+    }
+    .expect_err("mprotect must be refused");
+    assert_eq!(e.code(), "E_PROTECT_DENIED", "{e}");
+    assert_eq!(maps_lines(p as usize, 8), before, "protection unchanged");
+    assert_eq!(target(2), 7, "still the original");
+    assert_no_wx("refused install");
+    // SAFETY: our mapping, no site on it.
+    unsafe { libc::munmap(p, 4096) };
+    let _ = std::fs::remove_dir_all(&dir);
+}
