@@ -18,10 +18,38 @@ use crate::addr::{FileOffset, FileVirtAddr};
 use crate::error::{Error, Result};
 use crate::registry::{BuildId, Segment, TlsInfo};
 
+/// What distinguishes one version of a file's bytes from another without
+/// reading them: the inode and what a rewrite changes (size, mtime). A file
+/// replaced by a rebuild gets a new inode; one rewritten in place keeps the
+/// inode but not its mtime.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub(crate) struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The identity `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt as _;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+}
+
 /// A file mapped read-only. Its bytes never move while it lives.
 #[derive(Debug)]
 pub(crate) struct Mapped {
     pub path: PathBuf,
+    /// The identity of the file when it was opened (`None` for bytes that
+    /// did not come from a file).
+    pub identity: Option<FileIdentity>,
     map: Option<Mmap>,
     owned: Option<Box<[u8]>>,
 }
@@ -34,10 +62,12 @@ impl Mapped {
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len == 0 {
+        let meta = file.metadata().map_err(io)?;
+        let identity = Some(FileIdentity::of(&meta));
+        if meta.len() == 0 {
             return Ok(Arc::new(Mapped {
                 path: path.to_path_buf(),
+                identity,
                 map: None,
                 owned: None,
             }));
@@ -50,6 +80,7 @@ impl Mapped {
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         Ok(Arc::new(Mapped {
             path: path.to_path_buf(),
+            identity,
             map: Some(map),
             owned: None,
         }))
@@ -60,6 +91,7 @@ impl Mapped {
     pub fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Arc<Mapped> {
         Arc::new(Mapped {
             path,
+            identity: None,
             map: None,
             owned: Some(bytes.into_boxed_slice()),
         })
@@ -106,9 +138,9 @@ pub(crate) struct Layout {
     pub build_id: Option<BuildId>,
 }
 
-/// Reads the `PT_LOAD`/`PT_TLS` headers and the build-id of a file.
-pub(crate) fn file_layout(path: &Path) -> Result<Layout> {
-    let mapped = Mapped::open(path)?;
+/// Reads the `PT_LOAD`/`PT_TLS` headers and the build-id of a mapped file.
+pub(crate) fn file_layout(mapped: &Mapped) -> Result<Layout> {
+    let path = &mapped.path;
     let file = parse(path, mapped.data())?;
     let endian = file.endian();
     let mut segments = Vec::new();

@@ -104,6 +104,11 @@ pub enum Error {
         /// The name searched for.
         name: String,
     },
+    /// The module is being unregistered (an
+    /// [`UnregisterTicket`](crate::UnregisterTicket) is out): it cannot be
+    /// pinned, nor unregistered a second time.
+    #[error("module {0:?} is being unregistered")]
+    Unregistering(ModuleId),
     /// The module is an anonymous range, which has no file to read.
     #[error("module {0:?} is an anonymous range, not an ELF file")]
     NotAFile(ModuleId),
@@ -128,6 +133,7 @@ impl Error {
             Error::Reentrant => "E_SYM_REENTRANT",
             Error::SymbolNotFound { .. } => "E_SYM_SYMBOL_NOT_FOUND",
             Error::NotAFile(_) => "E_SYM_NOT_A_FILE",
+            Error::Unregistering(_) => "E_SYM_UNREGISTERING",
         }
     }
 }

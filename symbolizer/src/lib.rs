@@ -18,6 +18,7 @@ mod demangle;
 mod dwarf;
 pub mod elf;
 pub mod error;
+mod files;
 pub mod perf_map;
 mod phdr;
 pub mod registry;
@@ -26,7 +27,7 @@ pub mod resolve;
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;
 pub use error::{Error, Result};
-pub use registry::{ElfModuleSpec, Event, Hit, Module, ModuleId, Registry, Seq};
+pub use registry::{ElfModuleSpec, Event, Hit, Module, ModuleId, Registry, Seq, UnregisterTicket};
 pub use resolve::{
     DebugInfo, DebugSearch, ElfSymbolizer, Frame, Resolved, Source, SymbolAddr, Symbolizer,
 };

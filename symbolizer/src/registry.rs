@@ -14,8 +14,13 @@
 //! unregister(ModuleId) -> Result<()>             loader: before dlclose; patcher: on retire.
 //!                                                Subscribers run first; refused with
 //!                                                Error::ModulePinned (E_SYM_MODULE_PINNED)
-//!                                                while pinned.
+//!                                                while pinned. = begin_unregister + commit.
+//! begin_unregister(ModuleId) -> Result<UnregisterTicket>
+//!                                                pin check + fence: pins refused
+//!                                                (E_SYM_UNREGISTERING) until the ticket is
+//!                                                committed (unregistered) or dropped
 //! pin(ModuleId) / unpin(ModuleId) -> Result<()>  patcher: a live site jumps into the module
+//! is_pinned(ModuleId) -> bool
 //! subscribe(Fn(&Event)) -> SubscriptionId; unsubscribe(SubscriptionId)
 //!
 //! // queries
@@ -35,10 +40,22 @@
 //! been reused by another module. Unregistered modules are kept forever (they
 //! are small; the profile may still refer to them).
 //!
+//! # Files
+//!
+//! An ELF module keeps the bytes of the file version it was loaded from, so
+//! it resolves correctly even after the file is rebuilt. Modules loaded from
+//! the same version (device, inode, size, mtime, build-id) share one mapping,
+//! so load/unload cycles of one plugin hold one mapping, not one per cycle;
+//! versions whose modules are all unloaded keep theirs only while among the
+//! most recently released few (see `files.rs`), after which resolution opens
+//! the path again and refuses a file whose build-id changed.
+//!
 //! # Lock-free lookup
 //!
-//! Writers (serialized by a mutex) build an immutable, sorted [`Table`] of all
-//! segments ever registered and publish it with one atomic pointer swap.
+//! Writers (serialized by a mutex) keep a sorted list of all segments ever
+//! registered, updated in place (one sorted insertion per registered segment,
+//! a binary search per unloaded one), copy it into an immutable `Table`,
+//! and publish that with one atomic pointer swap.
 //! Readers announce themselves in a counter, load the pointer, binary-search,
 //! and leave. A retired table is freed by a later writer only when it
 //! observes no reader in flight after the swap; otherwise it stays on a
@@ -65,7 +82,9 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
+use crate::elf::Mapped;
 use crate::error::{Error, Result};
+use crate::files::{FileKey, FileSlot, FileTable};
 use crate::phdr;
 
 /// Identifies a module within one [`Registry`]; never reused.
@@ -165,12 +184,19 @@ pub struct ElfModule {
     pub segments: Vec<Segment>,
     /// Its TLS segment, if any.
     pub tls: Option<TlsInfo>,
-    /// The file mapped when the module was registered, so a plugin rebuilt
-    /// in place later still resolves against the bytes that were loaded.
-    pub(crate) file: Option<Arc<crate::elf::Mapped>>,
+    /// The file version mapped when the module was registered, so a plugin
+    /// rebuilt later still resolves against the bytes that were loaded.
+    /// Shared by every module loaded from the same version (see
+    /// [`crate::files`]).
+    pub(crate) file: Option<Arc<FileSlot>>,
 }
 
 impl ElfModule {
+    /// The bytes the module was loaded from, if still held.
+    pub(crate) fn mapped(&self) -> Option<Arc<Mapped>> {
+        self.file.as_ref().and_then(|f| f.mapped())
+    }
+
     /// The runtime ranges of its executable segments.
     pub fn exec_ranges(&self) -> impl Iterator<Item = (RuntimeAddr, RuntimeAddr)> + '_ {
         self.segments.iter().filter(|s| s.is_exec()).map(|s| {
@@ -379,48 +405,79 @@ struct Table {
     max_end: Box<[u64]>,
 }
 
-impl Table {
-    fn build(modules: &[Module]) -> Table {
-        let mut entries = Vec::new();
-        for m in modules {
-            let loaded = m.loaded_seq.0;
-            let unloaded = m.unloaded_seq.map_or(u64::MAX, |s| s.0);
-            match &m.kind {
-                ModuleKind::Elf(e) => {
-                    for s in &e.segments {
-                        let start = e.bias.to_runtime(s.vaddr).0;
-                        let Some(end) = start.checked_add(s.memsz) else {
-                            continue;
-                        };
-                        if end > start {
-                            entries.push(Entry {
-                                start,
-                                end,
-                                loaded,
-                                unloaded,
-                                id: m.id,
-                                bias: e.bias,
-                                anon: false,
-                                exec: s.is_exec(),
-                            });
-                        }
-                    }
-                }
-                ModuleKind::Anon(a) => entries.push(Entry {
-                    start: a.start.0,
-                    end: a.start.0 + a.len,
-                    loaded,
-                    unloaded,
-                    id: m.id,
-                    bias: Bias(0),
-                    anon: true,
-                    exec: true,
-                }),
+/// The lookup entries of one module: one per non-empty segment or range.
+fn entries_of(m: &Module) -> Vec<Entry> {
+    let loaded = m.loaded_seq.0;
+    let unloaded = m.unloaded_seq.map_or(u64::MAX, |s| s.0);
+    let entry = |start: u64, end: u64, bias: Bias, anon: bool, exec: bool| Entry {
+        start,
+        end,
+        loaded,
+        unloaded,
+        id: m.id,
+        bias,
+        anon,
+        exec,
+    };
+    match &m.kind {
+        ModuleKind::Elf(e) => e
+            .segments
+            .iter()
+            .filter_map(|s| {
+                let start = e.bias.to_runtime(s.vaddr).0;
+                let end = start.checked_add(s.memsz)?;
+                (end > start).then(|| entry(start, end, e.bias, false, s.is_exec()))
+            })
+            .collect(),
+        ModuleKind::Anon(a) => vec![entry(a.start.0, a.start.0 + a.len, Bias(0), true, true)],
+    }
+}
+
+/// The writers' copy of the lookup entries, kept sorted by `(start,
+/// loaded)` and updated in place, so a mutation costs one insertion or a
+/// few binary searches plus the copy into the published [`Table`], instead
+/// of a rebuild and sort of the whole history.
+#[derive(Debug, Default)]
+struct Entries(Vec<Entry>);
+
+impl Entries {
+    const fn new() -> Entries {
+        Entries(Vec::new())
+    }
+
+    /// Adds the entries of a newly registered module (the newest `loaded`,
+    /// so each goes after every entry with the same start).
+    fn insert(&mut self, m: &Module) {
+        for e in entries_of(m) {
+            let at = self
+                .0
+                .partition_point(|x| (x.start, x.loaded) <= (e.start, e.loaded));
+            self.0.insert(at, e);
+        }
+    }
+
+    /// Marks the entries of `m` (registered at `m.loaded_seq`) unloaded at
+    /// `seq`.
+    fn unload(&mut self, m: &Module, seq: Seq) {
+        for e in entries_of(m) {
+            let key = (e.start, e.loaded);
+            let at = self.0.partition_point(|x| (x.start, x.loaded) < key);
+            for x in self.0[at..]
+                .iter_mut()
+                .take_while(|x| (x.start, x.loaded) == key)
+                .filter(|x| x.id == m.id)
+            {
+                x.unloaded = seq.0;
             }
         }
-        entries.sort_by_key(|e| (e.start, e.loaded));
+    }
+}
+
+impl Table {
+    fn from_entries(entries: &Entries) -> Table {
         let mut max = 0;
         let max_end = entries
+            .0
             .iter()
             .map(|e| {
                 max = max.max(e.end);
@@ -428,7 +485,7 @@ impl Table {
             })
             .collect();
         Table {
-            entries: entries.into_boxed_slice(),
+            entries: entries.0.clone().into_boxed_slice(),
             max_end,
         }
     }
@@ -449,13 +506,20 @@ struct ModuleRecord {
     module: Module,
     /// (bias, canonical path, build-id) for ELF modules.
     key: Option<ObjKey>,
+    /// An [`UnregisterTicket`] is out for it: pins and other unregisters
+    /// are refused until it is committed or dropped.
+    unregistering: bool,
 }
 
 type ObjKey = (u64, PathBuf, Option<BuildId>);
 
-#[derive(Default)]
 struct State {
+    /// Indexed by `ModuleId - 1` (ids are dense and never reused).
     modules: Vec<ModuleRecord>,
+    /// The sorted lookup entries the published table copies.
+    entries: Entries,
+    /// The file versions modules were loaded from.
+    files: FileTable,
     seq: u64,
     subscribers: Vec<(SubscriptionId, Callback)>,
     next_subscription: u64,
@@ -468,6 +532,49 @@ struct State {
 
 thread_local! {
     static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// An unregistration checked and fenced by [`Registry::begin_unregister`]:
+/// the module is not pinned and cannot be pinned until the ticket is
+/// committed (the module is unregistered) or dropped (it stays registered,
+/// pins are allowed again).
+#[must_use = "dropping the ticket cancels the unregistration"]
+#[derive(Debug)]
+pub struct UnregisterTicket<'r> {
+    registry: &'r Registry,
+    id: ModuleId,
+    armed: bool,
+}
+
+impl UnregisterTicket<'_> {
+    /// The module being unregistered.
+    pub fn id(&self) -> ModuleId {
+        self.id
+    }
+
+    /// Unregisters the module: subscribers get [`Event::Unloading`] (the
+    /// module still resolves as mapped while they run), then it is marked
+    /// unmapped as of a new sequence number. Cannot be refused for a pin.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyUnloaded`] if a [`Registry::refresh`] saw the object
+    /// leave meanwhile; [`Error::Reentrant`] from a subscriber callback (the
+    /// fence is lifted then, as on drop).
+    pub fn commit(mut self) -> Result<()> {
+        let r = self.registry.commit_unregister(self.id);
+        if r.is_ok() {
+            self.armed = false;
+        }
+        r
+    }
+}
+
+impl Drop for UnregisterTicket<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.cancel_unregister(self.id);
+        }
+    }
 }
 
 /// The module registry. See the [module docs](self).
@@ -529,6 +636,8 @@ impl Registry {
             writer: Mutex::new(()),
             state: Mutex::new(State {
                 modules: Vec::new(),
+                entries: Entries::new(),
+                files: FileTable::new(),
                 seq: 0,
                 subscribers: Vec::new(),
                 next_subscription: 0,
@@ -602,10 +711,17 @@ impl Registry {
     /// A copy of one module's record.
     pub fn module(&self, id: ModuleId) -> Option<Module> {
         let st = self.lock_state();
-        st.modules
-            .iter()
-            .find(|r| r.module.id == id)
-            .map(|r| r.module.clone())
+        Self::record(&st, id).ok().map(|r| r.module.clone())
+    }
+
+    /// Whether a patch site pins the module (see [`pin`](Self::pin)).
+    /// `false` for unknown and unloaded modules. While it is `false` an
+    /// [`unregister`](Self::unregister) may still race with a new pin; use
+    /// [`begin_unregister`](Self::begin_unregister) to check and fence in one
+    /// step.
+    pub fn is_pinned(&self, id: ModuleId) -> bool {
+        let st = self.lock_state();
+        Self::record(&st, id).is_ok_and(|r| r.module.pins > 0)
     }
 
     /// Every module ever registered, in registration order.
@@ -640,19 +756,20 @@ impl Registry {
     /// subscriber callback.
     pub fn register_elf(&self, spec: ElfModuleSpec) -> Result<ModuleId> {
         let _w = self.lock_writer()?;
-        let elf = match spec.locate {
+        let (mut elf, opened) = match spec.locate {
             Locate::File(bias) => {
                 let path = spec.path.clone().unwrap_or_default();
-                let layout = crate::elf::file_layout(&path)?;
-                let file = crate::elf::Mapped::open(&path).ok();
-                ElfModule {
+                let mapped = Mapped::open(&path)?;
+                let layout = crate::elf::file_layout(&mapped)?;
+                let elf = ElfModule {
                     path,
                     build_id: layout.build_id,
                     bias,
                     segments: layout.segments,
                     tls: layout.tls,
-                    file,
-                }
+                    file: None,
+                };
+                (elf, Some(mapped))
             }
             Locate::Mapped | Locate::Containing(_) => {
                 let snap = phdr::snapshot();
@@ -682,19 +799,19 @@ impl Registry {
                     (Locate::Mapped, Some(p)) => p,
                     _ => o.path(),
                 };
-                let file = crate::elf::Mapped::open(&path).ok();
-                ElfModule {
+                let elf = ElfModule {
                     path,
                     build_id: o.build_id,
                     bias: o.bias,
                     segments: o.segments,
                     tls: o.tls,
-                    file,
-                }
+                    file: None,
+                };
+                (elf, None)
             }
         };
         let key = obj_key(&elf);
-        let (module, adopted) = {
+        {
             let mut st = self.lock_state();
             if let Some(r) = st
                 .modules
@@ -702,21 +819,23 @@ impl Registry {
                 .find(|r| r.module.unloaded_seq.is_none() && r.key.as_ref() == Some(&key))
             {
                 r.module.origin = Origin::Explicit;
-                (r.module.clone(), true)
-            } else {
-                st.suppressed.remove(&key);
-                let m = self.insert(
-                    &mut st,
-                    ModuleKind::Elf(Arc::new(elf)),
-                    Origin::Explicit,
-                    Some(key),
-                );
-                (m, false)
+                return Ok(r.module.id);
             }
-        };
-        if !adopted {
-            self.notify(&Event::Loaded(&module));
         }
+        // New: share the mapping of this file version (the writer lock
+        // keeps the module list as it was just checked).
+        elf.file = self.file_slot(&elf.path, elf.build_id.as_ref(), opened);
+        let module = {
+            let mut st = self.lock_state();
+            st.suppressed.remove(&key);
+            self.insert(
+                &mut st,
+                ModuleKind::Elf(Arc::new(elf)),
+                Origin::Explicit,
+                Some(key),
+            )
+        };
+        self.notify(&Event::Loaded(&module));
         Ok(module.id)
     }
 
@@ -761,37 +880,77 @@ impl Registry {
     /// marked unmapped as of a new sequence number. It stays resolvable at
     /// earlier sequence numbers.
     ///
+    /// The pin check and the unregistration are one step: pins are refused
+    /// from the check on (see [`begin_unregister`](Self::begin_unregister),
+    /// which this is followed by [`UnregisterTicket::commit`]), so a refused
+    /// unregister never sends `Unloading`, and one that sent it completes.
+    ///
     /// # Errors
     /// [`Error::ModulePinned`] (`E_SYM_MODULE_PINNED`) while a patch site pins
-    /// it; [`Error::UnknownModule`], [`Error::AlreadyUnloaded`];
+    /// it; [`Error::Unregistering`] while a ticket for it is out;
+    /// [`Error::UnknownModule`], [`Error::AlreadyUnloaded`];
     /// [`Error::Reentrant`] from a subscriber callback.
     pub fn unregister(&self, id: ModuleId) -> Result<()> {
+        self.begin_unregister(id)?.commit()
+    }
+
+    /// Checks that `id` may be unregistered and fences it: until the
+    /// returned ticket is committed or dropped, [`pin`](Self::pin) refuses
+    /// the module with [`Error::Unregistering`] (`E_SYM_UNREGISTERING`), so
+    /// the check cannot go stale. Nothing is sent to subscribers yet.
+    ///
+    /// For the loader's unload: `begin_unregister` (refused while pinned:
+    /// `E_PLG_IN_USE`, and the plugin's `on_shutdown` has not run), then
+    /// `on_shutdown`, then [`UnregisterTicket::commit`] (subscribers are
+    /// told `Unloading`), then `dlclose`. Dropping the ticket instead (the
+    /// shutdown failed and the plugin stays) lifts the fence.
+    ///
+    /// # Errors
+    /// [`Error::ModulePinned`]; [`Error::Unregistering`] if another ticket
+    /// is out; [`Error::UnknownModule`]; [`Error::AlreadyUnloaded`];
+    /// [`Error::Reentrant`] from a subscriber callback.
+    pub fn begin_unregister(&self, id: ModuleId) -> Result<UnregisterTicket<'_>> {
+        if IN_CALLBACK.with(Cell::get) {
+            return Err(Error::Reentrant);
+        }
+        let mut st = self.lock_state();
+        let r = Self::record_mut(&mut st, id)?;
+        if r.module.unloaded_seq.is_some() {
+            return Err(Error::AlreadyUnloaded(id));
+        }
+        if r.unregistering {
+            return Err(Error::Unregistering(id));
+        }
+        if r.module.pins > 0 {
+            return Err(Error::ModulePinned {
+                id,
+                pins: r.module.pins,
+            });
+        }
+        r.unregistering = true;
+        Ok(UnregisterTicket {
+            registry: self,
+            id,
+            armed: true,
+        })
+    }
+
+    /// Completes a ticket: notify, then mark unloaded.
+    fn commit_unregister(&self, id: ModuleId) -> Result<()> {
         let _w = self.lock_writer()?;
         let module = {
             let st = self.lock_state();
             let r = Self::record(&st, id)?;
             if r.module.unloaded_seq.is_some() {
+                // A refresh saw it leave meanwhile (and told subscribers).
                 return Err(Error::AlreadyUnloaded(id));
             }
-            if r.module.pins > 0 {
-                return Err(Error::ModulePinned {
-                    id,
-                    pins: r.module.pins,
-                });
-            }
+            debug_assert!(r.unregistering && r.module.pins == 0);
             r.module.clone()
         };
         self.notify(&Event::Unloading(&module));
         let mut st = self.lock_state();
-        let pins = Self::record(&st, id)?.module.pins;
-        if pins > 0 {
-            // Pinned while the subscribers ran: the pin wins.
-            return Err(Error::ModulePinned { id, pins });
-        }
-        let still_mapped_key = {
-            let r = Self::record(&st, id)?;
-            r.key.clone()
-        };
+        let still_mapped_key = Self::record(&st, id)?.key.clone();
         if let Some(key) = still_mapped_key {
             st.suppressed.insert(key);
         }
@@ -799,16 +958,28 @@ impl Registry {
         Ok(())
     }
 
+    fn cancel_unregister(&self, id: ModuleId) {
+        let mut st = self.lock_state();
+        if let Ok(r) = Self::record_mut(&mut st, id) {
+            r.unregistering = false;
+        }
+    }
+
     /// Pins a module: while pinned, [`unregister`](Self::unregister) refuses.
     /// The patcher pins the module a live patch site jumps into.
     ///
     /// # Errors
-    /// [`Error::UnknownModule`]; [`Error::AlreadyUnloaded`].
+    /// [`Error::UnknownModule`]; [`Error::AlreadyUnloaded`];
+    /// [`Error::Unregistering`] (`E_SYM_UNREGISTERING`) while the module is
+    /// being unregistered (an [`UnregisterTicket`] is out): it is about to go.
     pub fn pin(&self, id: ModuleId) -> Result<()> {
         let mut st = self.lock_state();
         let r = Self::record_mut(&mut st, id)?;
         if r.module.unloaded_seq.is_some() {
             return Err(Error::AlreadyUnloaded(id));
+        }
+        if r.unregistering {
+            return Err(Error::Unregistering(id));
         }
         r.module.pins += 1;
         Ok(())
@@ -875,7 +1046,7 @@ impl Registry {
             .map(|o| ((o.bias.0, canonical(&o.path()), o.build_id.clone()), o))
             .collect();
         let keys: HashSet<&ObjKey> = listed.iter().map(|(k, _)| k).collect();
-        let (gone, added) = {
+        let (gone, new) = {
             let mut st = self.lock_state();
             st.counters = Some((snap.adds, snap.subs));
             st.suppressed.retain(|k| keys.contains(k));
@@ -886,31 +1057,50 @@ impl Registry {
                 .filter(|r| r.key.as_ref().is_some_and(|k| !keys.contains(k)))
                 .map(|r| r.module.clone())
                 .collect();
-            let mut added = Vec::new();
-            for (key, o) in &listed {
-                let known = st
-                    .modules
-                    .iter()
-                    .any(|r| r.module.unloaded_seq.is_none() && r.key.as_ref() == Some(key));
-                if known || st.suppressed.contains(key) {
-                    continue;
-                }
+            let live: HashSet<&ObjKey> = st
+                .modules
+                .iter()
+                .filter(|r| r.module.unloaded_seq.is_none())
+                .filter_map(|r| r.key.as_ref())
+                .collect();
+            let mut seen = HashSet::new();
+            let new: Vec<&(ObjKey, phdr::LoadedObject)> = listed
+                .iter()
+                .filter(|(key, _)| !live.contains(key) && !st.suppressed.contains(key))
+                .filter(|(key, _)| seen.insert(key))
+                .collect();
+            (gone, new)
+        };
+        // Map the new objects' files outside the state lock (the writer
+        // lock keeps the module list as just computed).
+        let new: Vec<(ObjKey, ElfModule)> = new
+            .into_iter()
+            .map(|(key, o)| {
+                let path = o.path();
+                let file = self.file_slot(&path, o.build_id.as_ref(), None);
                 let elf = ElfModule {
-                    path: o.path(),
+                    path,
                     build_id: o.build_id.clone(),
                     bias: o.bias,
                     segments: o.segments.clone(),
                     tls: o.tls,
-                    file: crate::elf::Mapped::open(&o.path()).ok(),
+                    file,
                 };
-                added.push(self.insert(
-                    &mut st,
-                    ModuleKind::Elf(Arc::new(elf)),
-                    Origin::Snapshot,
-                    Some(key.clone()),
-                ));
-            }
-            (gone, added)
+                (key.clone(), elf)
+            })
+            .collect();
+        let added: Vec<Module> = {
+            let mut st = self.lock_state();
+            new.into_iter()
+                .map(|(key, elf)| {
+                    self.insert(
+                        &mut st,
+                        ModuleKind::Elf(Arc::new(elf)),
+                        Origin::Snapshot,
+                        Some(key),
+                    )
+                })
+                .collect()
         };
         for m in &gone {
             self.notify(&Event::Unloading(m));
@@ -942,9 +1132,14 @@ impl Registry {
             unloaded_seq: None,
             pins: 0,
         };
+        if let Some(slot) = module.elf().and_then(|e| e.file.as_ref()) {
+            st.files.acquire(slot);
+        }
+        st.entries.insert(&module);
         st.modules.push(ModuleRecord {
             module: module.clone(),
             key,
+            unregistering: false,
         });
         self.publish(st);
         module
@@ -953,17 +1148,54 @@ impl Registry {
     fn mark_unloaded(&self, st: &mut State, ids: &[ModuleId]) {
         st.seq += 1;
         let seq = Seq(st.seq);
-        for r in st.modules.iter_mut().filter(|r| ids.contains(&r.module.id)) {
+        for &id in ids {
+            let Ok(r) = Self::record_mut(st, id) else {
+                continue;
+            };
+            if r.module.unloaded_seq.is_some() {
+                continue;
+            }
             r.module.unloaded_seq = Some(seq);
+            r.unregistering = false;
+            let module = r.module.clone();
+            st.entries.unload(&module, seq);
+            if let Some(slot) = module.elf().and_then(|e| e.file.as_ref()) {
+                st.files.release(slot);
+            }
         }
         self.publish(st);
     }
 
-    /// Builds and swaps in a new table, then frees retired tables if no reader
-    /// is in flight. Called with the state lock held.
+    /// The shared file slot for a module loaded from `path` with `build_id`,
+    /// mapping the file if no live or recently unloaded module holds this
+    /// version. Called with the writer lock held and the state lock not
+    /// (the mapping is I/O). `opened` is the file if the caller mapped it
+    /// already.
+    fn file_slot(
+        &self,
+        path: &Path,
+        build_id: Option<&BuildId>,
+        opened: Option<Arc<Mapped>>,
+    ) -> Option<Arc<FileSlot>> {
+        let key = match &opened {
+            Some(m) => FileKey::of_mapped(m, build_id)?,
+            None => FileKey::of_path(path, build_id)?,
+        };
+        if let Some(slot) = self.lock_state().files.shared(&key) {
+            return Some(slot);
+        }
+        let mapped = match opened {
+            Some(m) => m,
+            None => FileTable::map(&key, path)?,
+        };
+        Some(self.lock_state().files.attach(key, mapped))
+    }
+
+    /// Copies the writers' entries into a new table and swaps it in, then
+    /// frees retired tables if no reader is in flight. Called with the state
+    /// lock held.
     fn publish(&self, st: &mut State) {
-        let modules: Vec<Module> = st.modules.iter().map(|r| r.module.clone()).collect();
-        let table = Box::into_raw(Box::new(Table::build(&modules)));
+        let table = Box::into_raw(Box::new(Table::from_entries(&st.entries)));
         let old = self.table.swap(table, Ordering::SeqCst);
         self.seq.store(st.seq, Ordering::Release);
         if !old.is_null() {
@@ -1017,17 +1249,21 @@ impl Registry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn index(id: ModuleId) -> usize {
+        usize::try_from(id.0.wrapping_sub(1)).unwrap_or(usize::MAX)
+    }
+
     fn record(st: &State, id: ModuleId) -> Result<&ModuleRecord> {
         st.modules
-            .iter()
-            .find(|r| r.module.id == id)
+            .get(Self::index(id))
+            .filter(|r| r.module.id == id)
             .ok_or(Error::UnknownModule(id))
     }
 
     fn record_mut(st: &mut State, id: ModuleId) -> Result<&mut ModuleRecord> {
         st.modules
-            .iter_mut()
-            .find(|r| r.module.id == id)
+            .get_mut(Self::index(id))
+            .filter(|r| r.module.id == id)
             .ok_or(Error::UnknownModule(id))
     }
 }
@@ -1129,6 +1365,134 @@ mod tests {
         let id = r.register_elf(ElfModuleSpec::containing(pc)).unwrap();
         assert_eq!(id, hit.id);
         assert_eq!(r.module(id).unwrap().origin, Origin::Explicit);
+    }
+
+    #[test]
+    fn an_unregister_ticket_fences_pins_until_committed_or_dropped() {
+        let r = Arc::new(Registry::new());
+        let a = r.register_anon("a", RuntimeAddr(0x1000), 0x10).unwrap();
+        assert!(!r.is_pinned(a));
+        r.pin(a).unwrap();
+        assert!(r.is_pinned(a));
+        assert_eq!(
+            r.begin_unregister(a).unwrap_err().code(),
+            "E_SYM_MODULE_PINNED"
+        );
+        r.unpin(a).unwrap();
+
+        // Dropped: nothing sent, pins allowed again.
+        let unloading = Arc::new(AtomicUsize::new(0));
+        let u = unloading.clone();
+        let r2 = r.clone();
+        r.subscribe(move |ev| {
+            if let Event::Unloading(m) = ev {
+                u.fetch_add(1, Ordering::SeqCst);
+                // A pin attempted while subscribers run is refused, so the
+                // unregister that sent `Unloading` completes.
+                assert_eq!(r2.pin(m.id).unwrap_err().code(), "E_SYM_UNREGISTERING");
+            }
+        });
+        let t = r.begin_unregister(a).unwrap();
+        assert_eq!(t.id(), a);
+        assert_eq!(r.pin(a).unwrap_err().code(), "E_SYM_UNREGISTERING");
+        assert_eq!(r.unregister(a).unwrap_err().code(), "E_SYM_UNREGISTERING");
+        drop(t);
+        assert_eq!(unloading.load(Ordering::SeqCst), 0);
+        r.pin(a).unwrap();
+        r.unpin(a).unwrap();
+
+        // Committed: told once, unloaded.
+        let t = r.begin_unregister(a).unwrap();
+        t.commit().unwrap();
+        assert_eq!(unloading.load(Ordering::SeqCst), 1);
+        assert!(r.module(a).unwrap().unloaded_seq.is_some());
+        assert!(!r.is_pinned(a));
+        assert_eq!(
+            r.begin_unregister(a).unwrap_err().code(),
+            "E_SYM_ALREADY_UNLOADED"
+        );
+        assert!(!r.is_pinned(ModuleId(99)));
+    }
+
+    #[test]
+    fn modules_loaded_from_one_file_version_share_one_mapping() {
+        let r = Registry::new();
+        let exe = std::env::current_exe().unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50u64 {
+            // Distinct biases: distinct modules, one file version.
+            let id = r
+                .register_elf(ElfModuleSpec::file(
+                    &exe,
+                    Bias(0x1000_0000_0000 + i * 0x1_0000_0000),
+                ))
+                .unwrap();
+            ids.push(id);
+            r.unregister(id).unwrap();
+        }
+        let maps: Vec<_> = ids
+            .iter()
+            .map(|&id| r.module(id).unwrap().elf().unwrap().mapped().unwrap())
+            .collect();
+        assert!(maps.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+        assert_eq!(r.lock_state().files.mapped_count(), 1);
+    }
+
+    #[test]
+    fn unloaded_file_versions_beyond_the_retained_few_give_up_their_mapping() {
+        let dir = std::env::temp_dir().join(format!("hp-sym-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = Registry::new();
+        let n = crate::files::RETAINED_UNLOADED + 4;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            // Distinct files: distinct versions.
+            let p = dir.join(format!("true{i}"));
+            std::fs::copy("/bin/true", &p).unwrap();
+            let id = r.register_elf(ElfModuleSpec::file(&p, Bias(0))).unwrap();
+            assert!(r.module(id).unwrap().elf().unwrap().mapped().is_some());
+            r.unregister(id).unwrap();
+            ids.push(id);
+        }
+        assert_eq!(
+            r.lock_state().files.mapped_count(),
+            crate::files::RETAINED_UNLOADED
+        );
+        let held = |id| r.module(id).unwrap().elf().unwrap().mapped().is_some();
+        assert!(!held(ids[0]) && !held(ids[3]));
+        assert!(held(ids[4]) && held(ids[n - 1]));
+        // Loading an old version again maps it again.
+        let again = r
+            .register_elf(ElfModuleSpec::file(dir.join("true0"), Bias(0)))
+            .unwrap();
+        assert!(held(again) && held(ids[0]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn entries_stay_sorted_and_unloads_hit_the_right_entry() {
+        let r = Registry::new();
+        // Same start registered again and again: each its own interval.
+        let mut spans = Vec::new();
+        for i in 0..20u64 {
+            let id = r
+                .register_anon(format!("x{i}"), RuntimeAddr(0x9000 + (i % 3) * 8), 0x40)
+                .unwrap();
+            let s = r.current_seq();
+            r.unregister(id).unwrap();
+            spans.push((id, s, RuntimeAddr(0x9000 + (i % 3) * 8)));
+        }
+        for (id, s, pc) in spans {
+            assert_eq!(r.lookup(pc, s).map(|h| h.id), Some(id));
+        }
+        assert_eq!(r.lookup(RuntimeAddr(0x9004), r.current_seq()), None);
+        let st = r.lock_state();
+        assert!(
+            st.entries
+                .0
+                .windows(2)
+                .all(|w| (w[0].start, w[0].loaded) <= (w[1].start, w[1].loaded))
+        );
     }
 
     #[test]

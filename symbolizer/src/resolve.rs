@@ -520,7 +520,7 @@ impl Symbolizer {
                 }
                 ModuleKind::Elf(e) => {
                     let name = module.name();
-                    let cached = self.cached(&e.path, e.build_id.as_ref(), e.file.clone());
+                    let cached = self.cached(&e.path, e.build_id.as_ref(), e.mapped());
                     let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
                     for pc in pcs {
                         let fva = e.bias.to_file(pc);
@@ -600,7 +600,7 @@ impl Symbolizer {
     pub fn find_symbol(&self, reg: &Registry, module: ModuleId, name: &str) -> Result<SymbolAddr> {
         let m = reg.module(module).ok_or(Error::UnknownModule(module))?;
         let e = m.elf().ok_or(Error::NotAFile(module))?.clone();
-        let cached = self.cached(&e.path, e.build_id.as_ref(), e.file.clone());
+        let cached = self.cached(&e.path, e.build_id.as_ref(), e.mapped());
         let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
         let s = match &*guard {
             Ok(s) => s,

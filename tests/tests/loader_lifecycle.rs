@@ -241,7 +241,6 @@ fn thousand_load_unload_cycles_leak_no_mappings_or_fds() {
 }
 
 #[test]
-#[ignore = "fails today: the symbolizer registry keeps a read-only mmap of the file per register_elf, forever (one per cycle); see the loader report"]
 fn thousand_cycles_leave_no_mapping_of_the_plugin_file_at_all() {
     let _g = serial();
     let (before, after) = run_cycles(1000);

@@ -222,3 +222,40 @@ fn refresh_picks_up_and_drops_plugins_nobody_registered() {
     let r = Symbolizer::default().resolve(&reg, entry, seq, false);
     assert_eq!(r.symbol(), "sym_b_entry");
 }
+
+#[test]
+fn a_plugin_replaced_on_disk_after_loading_resolves_against_the_loaded_bytes() {
+    let _g = DL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("hp-sym-replaced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let so = dir.join("libreplaced.so");
+    std::fs::copy(hotpatch_tests::fixtures::plugin("sym-a"), &so).expect("copy sym-a");
+    let reg = Registry::new();
+    let lib = Lib::open(&so);
+    let entry = lib.sym("sym_a_entry");
+    let id = reg
+        .register_elf(ElfModuleSpec::mapped(&so))
+        .expect("register");
+    let seq = reg.current_seq();
+    let pc = RuntimeAddr(entry as *const () as u64);
+    // A rebuild replaces the file (new inode) before anyone resolved.
+    let tmp = dir.join("libreplaced.so.new");
+    std::fs::copy(hotpatch_tests::fixtures::plugin("sym-b"), &tmp).expect("copy sym-b");
+    std::fs::rename(&tmp, &so).expect("replace");
+    reg.unregister(id).expect("unregister");
+    lib.close();
+    let r = Symbolizer::default().resolve(&reg, pc, seq, false);
+    assert_eq!(r.symbol(), "sym_a_entry", "{r:?}");
+    assert_eq!(r.source, Source::Dwarf);
+    // A second load of the new file is a new version: its own mapping.
+    let lib = Lib::open(&so);
+    let b = RuntimeAddr(lib.sym("sym_b_entry") as *const () as u64);
+    let id_b = reg
+        .register_elf(ElfModuleSpec::mapped(&so))
+        .expect("register B");
+    let r = Symbolizer::default().resolve(&reg, b, reg.current_seq(), false);
+    assert_eq!(r.symbol(), "sym_b_entry", "{r:?}");
+    reg.unregister(id_b).expect("unregister B");
+    lib.close();
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
