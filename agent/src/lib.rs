@@ -1,4 +1,47 @@
-//! In-process control agent for hotpatch, and the `hotpatch` CLI's
-//! subcommands (in [`cli`]).
+//! In-process control agent for hotpatch, and the `hotpatch` CLI.
+//!
+//! A dev process calls [`start`] once; the returned [`Agent`] listens on a
+//! Unix socket, `$XDG_RUNTIME_DIR/hotpatch/<pid>.sock` (or
+//! `/tmp/hotpatch-<uid>/<pid>.sock`), in a directory of mode 0700, the
+//! socket itself 0600, and serves only peers of the same uid
+//! (`SO_PEERCRED`). From another terminal, the `hotpatch` CLI ([`cli`])
+//! loads plugins into it, patches its functions, profiles it, and reverts.
+//!
+//! ```no_run
+//! // In the dev process:
+//! let _agent = hotpatch_agent::Builder::new()
+//!     .status(|| serde_json::json!({ "requests": 42 }))
+//!     .start()?;
+//! // ... run as usual; dropping `_agent` reverts patches, unloads plugins
+//! // and removes the socket.
+//! # Ok::<(), hotpatch_agent::Error>(())
+//! ```
+//!
+//! The wire format is in [`protocol`]: one JSON object per line; errors
+//! carry stable codes. Bad input (garbage, truncated JSON, lines over
+//! [`protocol::MAX_LINE`], unknown commands, bad arguments) gets an error
+//! reply and the host keeps serving; each connection has its own thread and
+//! a read timeout.
 
 pub mod cli;
+pub mod client;
+mod control;
+mod error;
+pub mod paths;
+mod profile;
+pub mod protocol;
+mod server;
+pub mod sys;
+
+pub use control::split_spec;
+pub use error::{Error, Result};
+pub use server::{Agent, Builder, StatusFn};
+pub use sys::TerminationSignals;
+
+/// Starts an agent with the defaults of [`Builder::new`].
+///
+/// # Errors
+/// `E_AGENT_SOCKET` when the socket cannot be set up.
+pub fn start() -> Result<Agent> {
+    Builder::new().start()
+}

@@ -1,0 +1,205 @@
+//! The client side: find an agent and talk to it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::paths;
+use crate::protocol::{PayloadHeader, Reply, Request};
+
+/// The socket of the agent to talk to: `socket` if given, else the socket of
+/// `pid`, else the only live agent.
+///
+/// # Errors
+/// `E_AGENT_NOT_RUNNING`, `E_AGENT_AMBIGUOUS`.
+pub fn locate(pid: Option<u32>, socket: Option<&Path>) -> Result<PathBuf> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
+    }
+    let found = paths::scan();
+    if let Some(pid) = pid {
+        return found
+            .into_iter()
+            .find(|f| f.pid == pid)
+            .map(|f| f.socket)
+            .ok_or_else(|| Error::NotRunning {
+                detail: format!("no agent socket for pid {pid} in {}", dirs_text()),
+            });
+    }
+    let live: Vec<_> = found.into_iter().filter(|f| f.alive).collect();
+    match live.len() {
+        0 => Err(Error::NotRunning {
+            detail: format!(
+                "no running agent in {}; start one (e.g. `cargo run --release -p demo-target -- serve`)",
+                dirs_text()
+            ),
+        }),
+        1 => Ok(live
+            .into_iter()
+            .next()
+            .map(|f| f.socket)
+            .unwrap_or_default()),
+        _ => Err(Error::Ambiguous {
+            pids: live.iter().map(|f| f.pid).collect(),
+        }),
+    }
+}
+
+fn dirs_text() -> String {
+    paths::search_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
+/// A connection to an agent.
+#[derive(Debug)]
+pub struct Client {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the agent listening on `socket`.
+    ///
+    /// # Errors
+    /// `E_AGENT_CONNECT`.
+    pub fn connect(socket: &Path) -> Result<Client> {
+        let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        let reader = stream.try_clone().map_err(|source| Error::Io {
+            what: "clone the socket",
+            source,
+        })?;
+        Ok(Client {
+            writer: stream,
+            reader: BufReader::new(reader),
+        })
+    }
+
+    /// Sets how long a read may block (`None`: forever).
+    ///
+    /// # Errors
+    /// `E_AGENT_IO`.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(t)
+            .map_err(|source| Error::Io {
+                what: "set the read timeout",
+                source,
+            })
+    }
+
+    /// Sends `req` and reads the reply. An error reply is `Ok` here (see
+    /// [`Client::call`] for turning it into an error).
+    ///
+    /// # Errors
+    /// `E_AGENT_IO`, `E_AGENT_PROTOCOL`.
+    pub fn request(&mut self, req: &Request) -> Result<Reply> {
+        let mut line = serde_json::to_vec(req).map_err(|e| Error::Protocol {
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        line.push(b'\n');
+        self.send_raw(&line)?;
+        self.read_reply()
+    }
+
+    /// Sends `req` and returns the result of a successful reply.
+    ///
+    /// # Errors
+    /// The agent's error reply as [`Error::Remote`]; `E_AGENT_IO`,
+    /// `E_AGENT_PROTOCOL`.
+    pub fn call(&mut self, req: &Request) -> Result<serde_json::Value> {
+        let reply = self.request(req)?;
+        into_result(reply)
+    }
+
+    /// Writes raw bytes (for tests of bad input).
+    ///
+    /// # Errors
+    /// `E_AGENT_IO`.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer
+            .write_all(bytes)
+            .and_then(|()| self.writer.flush())
+            .map_err(|source| Error::Io {
+                what: "send the request",
+                source,
+            })
+    }
+
+    /// Reads one reply line.
+    ///
+    /// # Errors
+    /// `E_AGENT_IO`; `E_AGENT_PROTOCOL` when the connection closes first or
+    /// the line is not a reply.
+    pub fn read_reply(&mut self) -> Result<Reply> {
+        let mut line = Vec::new();
+        self.reader
+            .read_until(b'\n', &mut line)
+            .map_err(|source| Error::Io {
+                what: "read the reply",
+                source,
+            })?;
+        if line.is_empty() {
+            return Err(Error::Protocol {
+                detail: "the agent closed the connection without a reply".into(),
+            });
+        }
+        serde_json::from_slice(&line).map_err(|e| Error::Protocol {
+            detail: format!("not a reply: {e}"),
+        })
+    }
+
+    /// Reads the payloads a result announced, in order.
+    ///
+    /// # Errors
+    /// `E_AGENT_IO` (including a connection closed early).
+    pub fn read_payloads(&mut self, headers: &[PayloadHeader]) -> Result<Vec<Vec<u8>>> {
+        headers
+            .iter()
+            .map(|h| {
+                let mut buf = Vec::new();
+                (&mut self.reader)
+                    .take(h.len)
+                    .read_to_end(&mut buf)
+                    .map_err(|source| Error::Io {
+                        what: "read a payload",
+                        source,
+                    })?;
+                if buf.len() as u64 != h.len {
+                    return Err(Error::Protocol {
+                        detail: format!(
+                            "payload {} ended after {} of {} bytes",
+                            h.name,
+                            buf.len(),
+                            h.len
+                        ),
+                    });
+                }
+                Ok(buf)
+            })
+            .collect()
+    }
+}
+
+/// The result of a successful reply, or its error as [`Error::Remote`].
+///
+/// # Errors
+/// [`Error::Remote`]; `E_AGENT_PROTOCOL` for a reply with neither.
+pub fn into_result(reply: Reply) -> Result<serde_json::Value> {
+    match (reply.ok, reply.result, reply.error) {
+        (true, Some(r), _) => Ok(r),
+        (true, None, _) => Ok(serde_json::Value::Null),
+        (false, _, Some(e)) => Err(Error::Remote(e)),
+        (false, _, None) => Err(Error::Protocol {
+            detail: "an error reply without an error".into(),
+        }),
+    }
+}

@@ -1,0 +1,294 @@
+//! The wire protocol: one JSON object per line, request and reply.
+//!
+//! A request names its command in `"cmd"`; its arguments are the other
+//! fields:
+//!
+//! ```text
+//! {"cmd":"load","path":"/abs/libpricing_v2.so"}
+//! {"cmd":"patch","target":"demo_price","with":"pricing-v2:pricing_v2_quote"}
+//! ```
+//!
+//! A reply is `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":{"code":"E_…","message":"…"}}`. A reply may announce
+//! binary payloads (`"payloads":[{"name":…,"len":N},…]` in the result); their
+//! bytes follow the reply's newline, back to back, exactly `len` bytes each.
+//!
+//! Codes are stable: the agent's own (`E_AGENT_*`, below) and those of the
+//! crates it drives (`E_PLG_*`/`E_ABI_MISMATCH` from the loader, the
+//! patcher's `E_*`, the symbolizer's `E_SYM_*`).
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted, newline excluded.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The line is not JSON (garbage bytes, truncated JSON, not UTF-8).
+pub const E_AGENT_BAD_JSON: &str = "E_AGENT_BAD_JSON";
+/// The line is JSON but not a request object with a string `"cmd"`.
+pub const E_AGENT_BAD_REQUEST: &str = "E_AGENT_BAD_REQUEST";
+/// `"cmd"` names no command this agent knows.
+pub const E_AGENT_UNKNOWN_COMMAND: &str = "E_AGENT_UNKNOWN_COMMAND";
+/// A known command with missing, extra or mistyped arguments.
+pub const E_AGENT_BAD_ARGS: &str = "E_AGENT_BAD_ARGS";
+/// The request line is longer than [`MAX_LINE`].
+pub const E_AGENT_TOO_LARGE: &str = "E_AGENT_TOO_LARGE";
+/// The peer runs under another uid.
+pub const E_AGENT_PEER_REFUSED: &str = "E_AGENT_PEER_REFUSED";
+/// Too many connections are open.
+pub const E_AGENT_BUSY: &str = "E_AGENT_BUSY";
+/// No patch site has that name or id.
+pub const E_AGENT_NO_SUCH_SITE: &str = "E_AGENT_NO_SUCH_SITE";
+/// No plugin loaded through the agent has that name.
+pub const E_AGENT_NO_SUCH_PLUGIN: &str = "E_AGENT_NO_SUCH_PLUGIN";
+/// No module matches the module part of a `MODULE:SYMBOL` spec.
+pub const E_AGENT_NO_SUCH_MODULE: &str = "E_AGENT_NO_SUCH_MODULE";
+/// A symbol was found but has no usable address (not a function, size 0…).
+pub const E_AGENT_BAD_SYMBOL: &str = "E_AGENT_BAD_SYMBOL";
+/// A profile is already being taken.
+pub const E_AGENT_PROFILE_BUSY: &str = "E_AGENT_PROFILE_BUSY";
+/// Profiling failed or is not available in this build.
+pub const E_AGENT_PROFILE: &str = "E_AGENT_PROFILE";
+/// An internal failure (a bug): the message says what.
+pub const E_AGENT_INTERNAL: &str = "E_AGENT_INTERNAL";
+
+/// Every command name, for telling "unknown command" from "bad arguments".
+pub const COMMANDS: &[&str] = &[
+    "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
+    "inspect", "profile",
+];
+
+/// A request. Serialized with the command name in `"cmd"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Request {
+    /// Liveness and identity: pid, executable, agent version.
+    Ping,
+    /// The host's own status (what the host passed to
+    /// [`crate::Builder::status`]) plus counts of plugins and sites.
+    Status,
+    /// Load a plugin with the loader's checks.
+    Load {
+        /// Path of the `.so` (absolute, or relative to the host's cwd).
+        path: String,
+    },
+    /// Unload a plugin loaded through the agent.
+    Unload {
+        /// Its descriptor name.
+        name: String,
+    },
+    /// Patch `target` to jump to `with`.
+    Patch {
+        /// `SYMBOL` (host first, then plugins, then other modules) or
+        /// `MODULE:SYMBOL`.
+        target: String,
+        /// `PLUGIN:SYMBOL`: the replacement.
+        with: String,
+    },
+    /// Point a live site at another replacement (atomic, no code written).
+    Swap {
+        /// Site name or id.
+        site: String,
+        /// `PLUGIN:SYMBOL`: the new replacement.
+        with: String,
+    },
+    /// Calls run the original again; the entry jump stays.
+    Disable {
+        /// Site name or id.
+        site: String,
+    },
+    /// Calls run the replacement again.
+    Enable {
+        /// Site name or id.
+        site: String,
+    },
+    /// Remove the site, restoring the original bytes.
+    Revert {
+        /// Site name or id.
+        site: String,
+    },
+    /// Plugins and sites, with their states.
+    List,
+    /// Preflight report of a target in the running process.
+    Inspect {
+        /// `SYMBOL` or `MODULE:SYMBOL`, as for `patch`.
+        target: String,
+    },
+    /// Sample the process and send the profile back as payloads.
+    Profile {
+        /// Duration in seconds (0 < s <= 600).
+        seconds: f64,
+        /// Sampling frequency (default 99).
+        #[serde(default)]
+        hz: Option<u32>,
+        /// Lines of the text top-N in the result (default 20).
+        #[serde(default)]
+        top: Option<usize>,
+        /// Also send a flamegraph SVG.
+        #[serde(default)]
+        flamegraph: bool,
+    },
+}
+
+/// An error reply's body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The stable code.
+    pub code: String,
+    /// What happened, for humans.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error with `code` and `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Most messages of the other crates already start with their code.
+        if self.message.starts_with(&self.code) {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.code, self.message)
+        }
+    }
+}
+
+/// A reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The command's result when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The error when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Reply {
+    /// A success.
+    pub fn ok(result: serde_json::Value) -> Self {
+        Reply {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn err(e: ErrorBody) -> Self {
+        Reply {
+            ok: false,
+            result: None,
+            error: Some(e),
+        }
+    }
+}
+
+/// A binary payload announced in a result (`"payloads"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PayloadHeader {
+    /// What it is, e.g. `profile.pb.gz`.
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+/// Parses one request line, telling apart the ways it can be wrong.
+///
+/// # Errors
+/// `E_AGENT_BAD_JSON`, `E_AGENT_BAD_REQUEST`, `E_AGENT_UNKNOWN_COMMAND`,
+/// `E_AGENT_BAD_ARGS`.
+pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| ErrorBody::new(E_AGENT_BAD_JSON, format!("not a JSON request: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(ErrorBody::new(
+            E_AGENT_BAD_REQUEST,
+            "a request is a JSON object with a \"cmd\" field",
+        ));
+    };
+    let Some(cmd) = obj.get("cmd").and_then(|c| c.as_str()) else {
+        return Err(ErrorBody::new(
+            E_AGENT_BAD_REQUEST,
+            "the request has no string \"cmd\" field",
+        ));
+    };
+    if !COMMANDS.contains(&cmd) {
+        return Err(ErrorBody::new(
+            E_AGENT_UNKNOWN_COMMAND,
+            format!("unknown command {cmd:?}; known: {}", COMMANDS.join(", ")),
+        ));
+    }
+    let cmd = cmd.to_owned();
+    let req: Request = serde_json::from_value(value.clone()).map_err(|e| {
+        ErrorBody::new(E_AGENT_BAD_ARGS, format!("bad arguments for {cmd:?}: {e}"))
+    })?;
+    // serde's `deny_unknown_fields` does not cover unit variants of an
+    // internally tagged enum: compare with the fields the request has.
+    let known = serde_json::to_value(&req).unwrap_or_default();
+    if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+        if let Some(extra) = given.keys().find(|k| !known.contains_key(*k)) {
+            return Err(ErrorBody::new(
+                E_AGENT_BAD_ARGS,
+                format!("bad arguments for {cmd:?}: unknown field {extra:?}"),
+            ));
+        }
+    }
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_are_told_apart() {
+        let code = |l: &[u8]| parse_request(l).map_err(|e| e.code).err();
+        assert_eq!(code(b"\x00\xff garbage").as_deref(), Some(E_AGENT_BAD_JSON));
+        assert_eq!(code(b"{\"cmd\":\"lo").as_deref(), Some(E_AGENT_BAD_JSON));
+        assert_eq!(code(b"[1,2]").as_deref(), Some(E_AGENT_BAD_REQUEST));
+        assert_eq!(code(b"{\"cmd\":3}").as_deref(), Some(E_AGENT_BAD_REQUEST));
+        assert_eq!(
+            code(b"{\"cmd\":\"explode\"}").as_deref(),
+            Some(E_AGENT_UNKNOWN_COMMAND)
+        );
+        assert_eq!(
+            code(b"{\"cmd\":\"load\"}").as_deref(),
+            Some(E_AGENT_BAD_ARGS)
+        );
+        assert_eq!(
+            code(b"{\"cmd\":\"load\",\"path\":1}").as_deref(),
+            Some(E_AGENT_BAD_ARGS)
+        );
+        assert_eq!(
+            code(b"{\"cmd\":\"ping\",\"extra\":1}").as_deref(),
+            Some(E_AGENT_BAD_ARGS)
+        );
+        assert_eq!(
+            parse_request(b"{\"cmd\":\"unload\",\"name\":\"x\"}"),
+            Ok(Request::Unload { name: "x".into() })
+        );
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Profile {
+            seconds: 2.0,
+            hz: Some(200),
+            top: None,
+            flamegraph: true,
+        };
+        let s = serde_json::to_string(&r).expect("serialize");
+        assert!(s.starts_with("{\"cmd\":\"profile\""), "{s}");
+        assert_eq!(parse_request(s.as_bytes()), Ok(r));
+    }
+}

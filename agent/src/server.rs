@@ -1,0 +1,425 @@
+//! The listening side: socket setup, the accept loop, one thread per
+//! connection, line framing with a length cap, the peer check.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::control::Control;
+use crate::error::{Error, Result};
+use crate::paths;
+use crate::protocol::{
+    self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody, Reply,
+};
+use crate::sys;
+
+/// The host's status callback: whatever the host wants `hotpatch status` to
+/// show (a request counter, the workers' last results, …).
+pub type StatusFn = dyn Fn() -> serde_json::Value + Send + Sync;
+
+/// Configures and starts an agent. [`crate::start`] is
+/// `Builder::new().start()`.
+pub struct Builder {
+    status: Option<Arc<StatusFn>>,
+    dir: Option<PathBuf>,
+    read_timeout: Duration,
+    max_connections: usize,
+    policy: hotpatch_loader::Policy,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("status", &self.status.is_some())
+            .field("dir", &self.dir)
+            .field("read_timeout", &self.read_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl Builder {
+    /// Defaults: the standard socket directory ([`paths::socket_dir`]), a
+    /// 10 s read timeout for a request line, 32 connections at a time, the
+    /// loader's default policy.
+    pub fn new() -> Builder {
+        Builder {
+            status: None,
+            dir: None,
+            read_timeout: Duration::from_secs(10),
+            max_connections: 32,
+            policy: hotpatch_loader::Policy::new(),
+        }
+    }
+
+    /// What the `status` command reports for the host.
+    pub fn status(mut self, f: impl Fn() -> serde_json::Value + Send + Sync + 'static) -> Self {
+        self.status = Some(Arc::new(f));
+        self
+    }
+
+    /// Puts the socket in `dir` instead of the standard directory (created
+    /// 0700 like the standard one). Clients then need `--socket`.
+    pub fn socket_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// How long a connection may take to send the rest of a line (or sit
+    /// idle between requests) before it is closed.
+    pub fn read_timeout(mut self, t: Duration) -> Self {
+        self.read_timeout = t;
+        self
+    }
+
+    /// Connections served at once; more are told `E_AGENT_BUSY`.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// The loader policy for `load` (e.g. an allowlist of plugin digests).
+    pub fn policy(mut self, policy: hotpatch_loader::Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Creates the socket and starts serving on a background thread.
+    ///
+    /// # Errors
+    /// `E_AGENT_SOCKET` when the directory or the socket cannot be set up
+    /// (e.g. the directory belongs to another user).
+    pub fn start(self) -> Result<Agent> {
+        let dir = self.dir.clone().unwrap_or_else(paths::socket_dir);
+        paths::ensure_private_dir(&dir).map_err(|source| Error::Socket {
+            what: "prepare the socket directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let path = paths::socket_in(&dir, std::process::id());
+        // A socket left by an earlier process with our pid (pid reuse, or a
+        // crash of this very process image before exec) is stale.
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Socket {
+                    what: "remove a stale socket",
+                    path,
+                    source,
+                });
+            }
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| Error::Socket {
+            what: "bind",
+            path: path.clone(),
+            source,
+        })?;
+        // The directory is 0700 already; 0600 on the socket as well, so a
+        // looser directory mode later does not open it up.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            let _ = fs::remove_file(&path);
+            Error::Socket {
+                what: "chmod 0600",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            control: Mutex::new(Control::new(self.policy, self.status)),
+            profile: Mutex::new(()),
+            uid: sys::uid(),
+            read_timeout: self.read_timeout,
+            max_connections: self.max_connections,
+            started: Instant::now(),
+        });
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name("hotpatch-agent".into())
+            .spawn(move || accept_loop(&listener, &s))
+            .map_err(|source| {
+                let _ = fs::remove_file(&path);
+                Error::Socket {
+                    what: "spawn the agent thread for",
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        Ok(Agent {
+            path,
+            shared,
+            accept: Some(accept),
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    stop: AtomicBool,
+    connections: AtomicUsize,
+    control: Mutex<Control>,
+    /// Held while a profile is taken (one at a time; not under `control`,
+    /// so other commands keep working meanwhile).
+    pub(crate) profile: Mutex<()>,
+    uid: u32,
+    read_timeout: Duration,
+    max_connections: usize,
+    pub(crate) started: Instant,
+}
+
+impl Shared {
+    pub(crate) fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running agent. Dropping it stops serving, reverts every patch site
+/// the agent installed, unloads the plugins it loaded, and removes the
+/// socket file.
+pub struct Agent {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("socket", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// The socket it listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop: it sees `stop` after this connection.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let _ = fs::remove_file(&self.path);
+        self.shared.control().shutdown();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(conn) = conn else {
+            // EMFILE and friends: back off instead of spinning.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let n = shared.connections.fetch_add(1, Ordering::SeqCst);
+        if n >= shared.max_connections {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            let _ = reply_once(
+                &conn,
+                ErrorBody::new(
+                    E_AGENT_BUSY,
+                    format!("{n} connections are open; try again later"),
+                ),
+            );
+            continue;
+        }
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("hotpatch-agent-conn".into())
+            .spawn(move || {
+                serve(conn, &s);
+                s.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn reply_once(mut conn: &UnixStream, e: ErrorBody) -> io::Result<()> {
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    write_reply(&mut conn, &Reply::err(e))
+}
+
+pub(crate) fn write_reply(w: &mut impl Write, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    w.flush()
+}
+
+/// How reading one request line ended.
+enum Line {
+    /// A complete line (newline stripped).
+    Complete(Vec<u8>),
+    /// Longer than the cap; its bytes were discarded up to and including the
+    /// newline, so the connection can go on.
+    TooLong(usize),
+    /// The peer closed the connection; the bytes of an unfinished line.
+    Eof(Vec<u8>),
+}
+
+/// Reads one line of at most `cap` bytes without ever buffering more than
+/// `cap` (plus the reader's buffer).
+fn read_line(r: &mut impl BufRead, cap: usize) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut discarded = 0usize;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(if discarded > 0 {
+                Line::TooLong(discarded)
+            } else {
+                Line::Eof(line)
+            });
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if discarded > 0 || line.len() + chunk.len() > cap {
+            discarded += line.len() + chunk.len();
+            line = Vec::new();
+        } else {
+            line.extend_from_slice(chunk);
+        }
+        let used = found.unwrap_or(buf.len());
+        r.consume(used);
+        if found.is_some() {
+            return Ok(if discarded > 0 {
+                Line::TooLong(discarded)
+            } else {
+                Line::Complete(line)
+            });
+        }
+    }
+}
+
+fn serve(conn: UnixStream, shared: &Arc<Shared>) {
+    match sys::peer_cred(&conn) {
+        Ok(c) if c.uid == shared.uid => {}
+        Ok(c) => {
+            let _ = reply_once(
+                &conn,
+                ErrorBody::new(
+                    E_AGENT_PEER_REFUSED,
+                    format!(
+                        "peer pid {} runs as uid {}; this agent serves uid {} only",
+                        c.pid, c.uid, shared.uid
+                    ),
+                ),
+            );
+            return;
+        }
+        Err(e) => {
+            let _ = reply_once(
+                &conn,
+                ErrorBody::new(E_AGENT_PEER_REFUSED, format!("SO_PEERCRED failed: {e}")),
+            );
+            return;
+        }
+    }
+    let _ = conn.set_read_timeout(Some(shared.read_timeout));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    let mut writer = conn;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let line = match read_line(&mut reader, protocol::MAX_LINE) {
+            Ok(l) => l,
+            // Timeout (a half-sent or idle connection) or a reset: close.
+            Err(_) => return,
+        };
+        let reply = match line {
+            Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Complete(l) => match protocol::parse_request(&l) {
+                Ok(req) => {
+                    // A reply that cannot be written: the client went away.
+                    if crate::control::dispatch(shared, req, &mut writer).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => Reply::err(e),
+            },
+            Line::TooLong(n) => Reply::err(ErrorBody::new(
+                E_AGENT_TOO_LARGE,
+                format!(
+                    "request line of {n} bytes; the limit is {} bytes",
+                    protocol::MAX_LINE
+                ),
+            )),
+            Line::Eof(rest) if rest.iter().all(u8::is_ascii_whitespace) => return,
+            Line::Eof(rest) => {
+                let _ = write_reply(
+                    &mut writer,
+                    &Reply::err(ErrorBody::new(
+                        E_AGENT_BAD_JSON,
+                        format!(
+                            "truncated request: {} byte(s) without a newline before the end of input",
+                            rest.len()
+                        ),
+                    )),
+                );
+                return;
+            }
+        };
+        if write_reply(&mut writer, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], cap: usize) -> Vec<String> {
+        let mut r = BufReader::with_capacity(7, input);
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut r, cap).expect("read") {
+                Line::Complete(l) => out.push(format!("ok:{}", String::from_utf8_lossy(&l))),
+                Line::TooLong(n) => out.push(format!("long:{n}")),
+                Line::Eof(rest) => {
+                    out.push(format!("eof:{}", String::from_utf8_lossy(&rest)));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_capped_and_resynchronized() {
+        assert_eq!(
+            lines(b"abc\n0123456789abcdef\nxy\npart", 10),
+            ["ok:abc", "long:16", "ok:xy", "eof:part"]
+        );
+        assert_eq!(lines(b"0123456789\n", 10), ["ok:0123456789", "eof:"]);
+        assert_eq!(lines(b"0123456789a", 10), ["long:11", "eof:"]);
+    }
+}

@@ -1,0 +1,262 @@
+//! The guided tour: everything the `hotpatch` CLI does, driven through the
+//! agent's socket from inside the process, printing the equivalent command
+//! for each step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hotpatch_agent::client::Client;
+use hotpatch_agent::protocol::{PayloadHeader, Request};
+use serde_json::Value;
+
+use crate::plugins;
+use crate::workers::{Seen, Workers};
+
+type Step<T> = Result<T, String>;
+
+fn show(seen: &[Seen]) -> String {
+    seen.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "worker {i}: price {} ({}), tax {}%",
+                s.price,
+                crate::pricing::engine_of(s.price),
+                s.tax_pct()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Tour {
+    client: Client,
+    step: usize,
+}
+
+const STEPS: usize = 9;
+
+impl Tour {
+    fn step(&mut self, what: &str) {
+        self.step += 1;
+        println!("\n[{}/{STEPS}] {what}", self.step);
+    }
+
+    fn call(&mut self, cli: &str, req: &Request) -> Step<Value> {
+        println!("  $ hotpatch {cli}");
+        self.client.call(req).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the tour; returns the exit code.
+pub fn run(out: Option<PathBuf>, n: usize) -> i32 {
+    match tour(out, n) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("\ndemo-target: the tour failed: {e}");
+            1
+        }
+    }
+}
+
+fn wait(workers: &Workers, engine: &str) -> Step<Vec<Seen>> {
+    workers
+        .wait_for(engine, Duration::from_secs(10))
+        .ok_or_else(|| {
+            format!(
+                "the workers did not switch to {engine} within 10 s: {}",
+                show(&workers.seen())
+            )
+        })
+}
+
+fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
+    let out = out.unwrap_or_else(|| plugins::target_dir().join("demo-tour"));
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!(
+        "hotpatch tour (pid {}): patch and profile this process while it serves requests",
+        std::process::id()
+    );
+
+    println!(
+        "\n[0/{STEPS}] building the plugins (cargo build --release -p pricing-v1 -p pricing-v2 -p pricing-fix)"
+    );
+    let dir = plugins::build()?;
+    println!("  plugins in {}", dir.display());
+
+    let workers = Workers::start(n);
+    let agent = hotpatch_agent::Builder::new()
+        .status(workers.status_fn())
+        .start()
+        .map_err(|e| e.to_string())?;
+    let client = Client::connect(agent.socket_path()).map_err(|e| e.to_string())?;
+    let mut t = Tour { client, step: 0 };
+
+    t.step("workers running on the built-in code; the agent is listening");
+    println!("  socket {}", agent.socket_path().display());
+    println!("  {}", show(&wait(&workers, "builtin")?));
+
+    t.step("load the plugins (checked: file, ELF, ABI descriptor; then dlopen)");
+    for p in plugins::PACKAGES {
+        let so = plugins::so_in(&dir, p);
+        let v = t.call(
+            &format!("load {}", so.display()),
+            &Request::Load {
+                path: so.display().to_string(),
+            },
+        )?;
+        println!(
+            "    loaded {} {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["version"].as_str().unwrap_or("?")
+        );
+    }
+
+    t.step("hot-patch demo_price to price list v1 while the workers run");
+    let v = t.call(
+        "patch demo_price --with pricing-v1:pricing_v1_quote",
+        &Request::Patch {
+            target: "demo_price".into(),
+            with: "pricing-v1:pricing_v1_quote".into(),
+        },
+    )?;
+    println!(
+        "    site #{} {} -> {} ({})",
+        v["id"],
+        v["target"].as_str().unwrap_or("?"),
+        v["with"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?")
+    );
+    println!("  {}", show(&wait(&workers, "v1")?));
+
+    t.step("profile 2 s while v1 runs (streamed back over the socket)");
+    let profile = out.join("profile.pb.gz");
+    let svg = out.join("flamegraph.svg");
+    let top = profile_to(&mut t, &profile, &svg)?;
+
+    t.step("swap to v2: one atomic store, the workers never stop");
+    t.call(
+        "swap demo_price --with pricing-v2:pricing_v2_quote",
+        &Request::Swap {
+            site: "demo_price".into(),
+            with: "pricing-v2:pricing_v2_quote".into(),
+        },
+    )?;
+    println!("  {}", show(&wait(&workers, "v2")?));
+    t.call(
+        "disable demo_price",
+        &Request::Disable {
+            site: "demo_price".into(),
+        },
+    )?;
+    println!("  {}", show(&wait(&workers, "builtin")?));
+    t.call(
+        "enable demo_price",
+        &Request::Enable {
+            site: "demo_price".into(),
+        },
+    )?;
+    println!("  {}", show(&wait(&workers, "v2")?));
+
+    t.step("fix a local (non-exported) function of the binary: apply_tax");
+    let before = workers.seen();
+    println!("  before: {}", show(&before));
+    t.call(
+        "patch demo_target::pricing::apply_tax --with pricing-fix:pricing_fix_apply_tax",
+        &Request::Patch {
+            target: "demo_target::pricing::apply_tax".into(),
+            with: "pricing-fix:pricing_fix_apply_tax".into(),
+        },
+    )?;
+    let fixed = workers
+        .wait_for_tax(19, Duration::from_secs(10))
+        .ok_or("the tax fix did not take effect within 10 s")?;
+    println!("  after:  {}", show(&fixed));
+
+    t.step("revert both sites: the original bytes are restored");
+    t.call(
+        "revert demo_price",
+        &Request::Revert {
+            site: "demo_price".into(),
+        },
+    )?;
+    t.call(
+        "revert demo_target::pricing::apply_tax",
+        &Request::Revert {
+            site: "demo_target::pricing::apply_tax".into(),
+        },
+    )?;
+    println!("  {}", show(&wait(&workers, "builtin")?));
+
+    t.step("unload the plugins");
+    for p in plugins::PACKAGES {
+        let v = t.call(&format!("unload {p}"), &Request::Unload { name: p.into() })?;
+        println!("    {p}: {}", v["outcome"].as_str().unwrap_or("?"));
+    }
+    let status = t.call("status", &Request::Status)?;
+    println!(
+        "    requests served: {} (the counter was never reset)",
+        status["host"]["requests"]
+    );
+
+    t.step("the profile, taken while v1 was loaded, still names the plugin's frames");
+    match top {
+        Some(top) => {
+            for line in top.lines() {
+                println!("  {line}");
+            }
+            println!("\n  wrote {}", profile.display());
+            println!("  wrote {}", svg.display());
+            println!("  (go tool pprof -top {})", profile.display());
+        }
+        None => println!("  (no profile: see step 4)"),
+    }
+    drop(t);
+    drop(agent);
+    workers.stop();
+    println!("\ntour done; output in {}", out.display());
+    Ok(())
+}
+
+/// Takes a 2 s profile; writes the files; returns the text top-N, or
+/// `None` when this build cannot profile.
+fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> {
+    println!(
+        "  $ hotpatch profile --seconds 2 -o {} --flamegraph {} --top 15",
+        profile.display(),
+        svg.display()
+    );
+    let reply = t
+        .client
+        .request(&Request::Profile {
+            seconds: 2.0,
+            hz: Some(997),
+            top: Some(15),
+            flamegraph: true,
+        })
+        .map_err(|e| e.to_string())?;
+    let v = match hotpatch_agent::client::into_result(reply) {
+        Ok(v) => v,
+        Err(e) if e.code() == hotpatch_agent::protocol::E_AGENT_PROFILE => {
+            println!("  profiling unavailable: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
+        .map_err(|e| format!("bad payload list: {e}"))?;
+    let bodies = t
+        .client
+        .read_payloads(&headers)
+        .map_err(|e| e.to_string())?;
+    for (h, b) in headers.iter().zip(&bodies) {
+        let path = if h.name.ends_with(".svg") {
+            svg
+        } else {
+            profile
+        };
+        std::fs::write(path, b).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!("    {} samples", v["samples"]);
+    Ok(Some(v["top"].as_str().unwrap_or_default().to_owned()))
+}
