@@ -1,0 +1,42 @@
+//! The profiler's error type: one variant per failure, each with a stable code.
+
+/// A specialized `Result` for the profiler.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why starting, checkpointing or writing a profile failed.
+///
+/// Match on [`Error::code`] in scripts: the codes are stable, the messages
+/// are not.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another [`Session`](crate::Session) is running: the SIGPROF sampler is
+    /// process-wide, so there can be one at a time.
+    #[error("a profiling session is already running in this process; stop it first")]
+    AlreadyRunning,
+    /// The frequency is outside `1..=10_000` Hz.
+    #[error("sampling frequency {0} Hz is out of range (1..=10000)")]
+    BadFrequency(i32),
+    /// The `pprof` sampler refused to start or report.
+    #[error("pprof sampler: {0}")]
+    Sampler(#[from] pprof::Error),
+    /// Writing an output failed.
+    #[error("writing profile output: {0}")]
+    Io(#[from] std::io::Error),
+    /// The flamegraph renderer failed.
+    #[error("flamegraph: {0}")]
+    Flamegraph(String),
+}
+
+impl Error {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::AlreadyRunning => "E_PROF_ALREADY_RUNNING",
+            Error::BadFrequency(_) => "E_PROF_BAD_FREQUENCY",
+            Error::Sampler(_) => "E_PROF_SAMPLER",
+            Error::Io(_) => "E_PROF_IO",
+            Error::Flamegraph(_) => "E_PROF_FLAMEGRAPH",
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Text "top N" for terminals.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
+
+use crate::report::Report;
+
+/// One function's share of the samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopEntry {
+    /// Function name (or `module+0xOFFSET`).
+    pub function: String,
+    /// Samples with this function innermost.
+    pub flat: u64,
+    /// Samples with this function anywhere on the stack.
+    pub cum: u64,
+}
+
+impl Report {
+    /// Every function, by flat samples then cumulative, descending.
+    pub fn top_entries(&self) -> Vec<TopEntry> {
+        let mut flat: HashMap<String, u64> = HashMap::new();
+        let mut cum: HashMap<String, u64> = HashMap::new();
+        for s in &self.samples {
+            if let Some(&leaf) = s.stack.first() {
+                *flat.entry(self.locations[leaf].name()).or_default() += s.count;
+            }
+            let mut seen = HashSet::new();
+            for &l in &s.stack {
+                for n in self.locations[l].function_names() {
+                    if seen.insert(n.clone()) {
+                        *cum.entry(n).or_default() += s.count;
+                    }
+                }
+            }
+        }
+        let mut out: Vec<TopEntry> = cum
+            .into_iter()
+            .map(|(function, cum)| TopEntry {
+                flat: flat.get(&function).copied().unwrap_or(0),
+                function,
+                cum,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (b.flat, b.cum, &a.function)
+                .partial_cmp(&(a.flat, a.cum, &b.function))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        out
+    }
+
+    /// A `go tool pprof -top`-like table of the `n` functions with the most
+    /// flat samples.
+    pub fn top(&self, n: usize) -> String {
+        let total = self.stats.samples.max(1) as f64;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} samples, {} Hz, {:.2}s, {} checkpoint epoch(s)",
+            self.stats.samples,
+            self.frequency,
+            self.duration.as_secs_f64(),
+            self.stats.epochs
+        );
+        let _ = writeln!(
+            s,
+            "{:>8} {:>7} {:>8} {:>7}  function",
+            "flat", "flat%", "cum", "cum%"
+        );
+        for e in self.top_entries().into_iter().take(n) {
+            let _ = writeln!(
+                s,
+                "{:>8} {:>6.2}% {:>8} {:>6.2}%  {}",
+                e.flat,
+                e.flat as f64 * 100.0 / total,
+                e.cum,
+                e.cum as f64 * 100.0 / total,
+                e.function
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,311 @@
+//! A resolved profile: samples over [`Location`]s, every location resolved by
+//! the symbolizer against the module that was mapped when it was captured.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use hotpatch_symbolizer::registry::ModuleKind;
+use hotpatch_symbolizer::resolve::ModuleRef;
+use hotpatch_symbolizer::{
+    DebugSearch, Frame, ModuleId, Registry, RuntimeAddr, Seq, Source, Symbolizer,
+};
+
+use crate::session::{Epoch, RawSample};
+
+/// One resolved address.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The runtime address resolved: the interrupted instruction for a leaf,
+    /// `return address - 1` (inside the call instruction) for callers.
+    pub address: RuntimeAddr,
+    /// The registry sequence number it was resolved at.
+    pub seq: Seq,
+    /// The module that held it then.
+    pub module: Option<ModuleRef>,
+    /// Frames, innermost first (inlined calls first, then the function).
+    pub frames: Vec<Frame>,
+    /// Where the frames came from.
+    pub source: Source,
+}
+
+impl Location {
+    /// Whether it has a function name.
+    pub fn is_named(&self) -> bool {
+        self.frames.iter().any(|f| f.function.is_some())
+    }
+
+    /// The innermost function name, or `module+0xOFFSET`, or `??`.
+    pub fn name(&self) -> String {
+        if let Some(n) = self.frames.first().and_then(|f| f.function.clone()) {
+            return n;
+        }
+        match &self.module {
+            Some(m) => format!("{}+{:#x}", m.name, m.offset),
+            None => format!("?? {:#x}", self.address.0),
+        }
+    }
+
+    /// Function names, innermost first (unnamed frames as [`name`](Self::name)).
+    pub fn function_names(&self) -> Vec<String> {
+        if self.frames.is_empty() {
+            return vec![self.name()];
+        }
+        self.frames
+            .iter()
+            .map(|f| f.function.clone().unwrap_or_else(|| self.name()))
+            .collect()
+    }
+}
+
+/// One stack and how many times it was sampled.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Indices into [`Report::locations`], leaf first.
+    pub stack: Vec<usize>,
+    /// Number of samples.
+    pub count: u64,
+    /// The sampled thread's name (or id).
+    pub thread: String,
+}
+
+/// Counters describing a report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Total samples.
+    pub samples: u64,
+    /// Distinct stacks.
+    pub stacks: usize,
+    /// Distinct locations.
+    pub locations: usize,
+    /// Locations with no function name (counting each location once).
+    pub unnamed_locations: usize,
+    /// Locations no module held.
+    pub unknown_module_locations: usize,
+    /// Epochs (checkpoints + the final one).
+    pub epochs: usize,
+    /// Samples whose signal frame was not found (leaf may be imprecise).
+    pub unanchored_samples: u64,
+    /// Wall time spent resolving.
+    pub resolve_time: Duration,
+}
+
+/// A resolved profile. Write it with [`write_pprof`](Self::write_pprof),
+/// [`write_flamegraph`](Self::write_flamegraph), [`top`](Self::top).
+#[derive(Debug)]
+pub struct Report {
+    /// Stacks and counts.
+    pub samples: Vec<Sample>,
+    /// Every distinct location.
+    pub locations: Vec<Location>,
+    /// Sampling frequency (Hz).
+    pub frequency: i32,
+    /// When sampling started.
+    pub start_time: SystemTime,
+    /// How long it ran.
+    pub duration: Duration,
+    /// Whether inline frames were expanded.
+    pub inline_frames: bool,
+    /// Counters.
+    pub stats: Stats,
+    /// Problems met while checkpointing (a failed restart, ...).
+    pub errors: Vec<String>,
+    baseline: Vec<crate::session::BaselineReport>,
+}
+
+/// `(registry module, address)` identifies a location; addresses no module
+/// held are told apart by the sequence they were captured at.
+type LocKey = (Option<ModuleId>, u64, Option<Seq>);
+
+impl Report {
+    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
+    pub(crate) fn resolve(
+        epochs: Vec<Epoch>,
+        errors: Vec<String>,
+        search: &DebugSearch,
+        inlines: bool,
+        frequency: i32,
+        start_time: SystemTime,
+        duration: Duration,
+    ) -> Report {
+        let started = std::time::Instant::now();
+        let sym = Symbolizer::new(search.clone());
+        Self::resolve_with(
+            &sym, epochs, errors, inlines, frequency, start_time, duration, started,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
+    fn resolve_with(
+        sym: &Symbolizer,
+        epochs: Vec<Epoch>,
+        errors: Vec<String>,
+        inlines: bool,
+        frequency: i32,
+        start_time: SystemTime,
+        duration: Duration,
+        started: std::time::Instant,
+    ) -> Report {
+        let reg = Registry::global();
+        let n_epochs = epochs.len();
+        // Every distinct (lookup address, seq), resolved in one batch.
+        let mut pair_index: HashMap<(u64, Seq), usize> = HashMap::new();
+        let mut pairs: Vec<(RuntimeAddr, Seq)> = Vec::new();
+        let lookup_addr = |i: usize, ip: u64| if i == 0 { ip } else { ip.saturating_sub(1) };
+        for e in &epochs {
+            for s in &e.samples {
+                for (i, &ip) in s.stack.iter().enumerate() {
+                    let key = (lookup_addr(i, ip), e.seq);
+                    pair_index.entry(key).or_insert_with(|| {
+                        pairs.push((RuntimeAddr(key.0), key.1));
+                        pairs.len() - 1
+                    });
+                }
+            }
+        }
+        let resolved = sym.resolve_batch(reg, &pairs, inlines);
+        let mut locations: Vec<Location> = Vec::new();
+        let mut by_key: HashMap<LocKey, usize> = HashMap::new();
+        let mut pair_to_loc: Vec<usize> = Vec::with_capacity(resolved.len());
+        for r in resolved {
+            let key: LocKey = match &r.module {
+                Some(m) => (Some(m.id), r.addr.0, None),
+                None => (None, r.addr.0, Some(r.seq)),
+            };
+            let idx = *by_key.entry(key).or_insert_with(|| {
+                locations.push(Location {
+                    address: r.addr,
+                    seq: r.seq,
+                    module: r.module.clone(),
+                    frames: r.frames.clone(),
+                    source: r.source,
+                });
+                locations.len() - 1
+            });
+            pair_to_loc.push(idx);
+        }
+        let mut merged: HashMap<(Vec<usize>, String), u64> = HashMap::new();
+        let mut unanchored = 0;
+        let mut baseline = Vec::new();
+        for e in epochs {
+            for RawSample {
+                stack,
+                count,
+                thread,
+                anchored,
+            } in e.samples
+            {
+                if !anchored {
+                    unanchored += count;
+                }
+                let locs: Vec<usize> = stack
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &ip)| pair_to_loc[pair_index[&(lookup_addr(i, ip), e.seq)]])
+                    .collect();
+                *merged.entry((locs, thread)).or_default() += count;
+            }
+            baseline.extend(e.baseline);
+        }
+        let samples: Vec<Sample> = merged
+            .into_iter()
+            .map(|((stack, thread), count)| Sample {
+                stack,
+                count,
+                thread,
+            })
+            .collect();
+        let stats = Stats {
+            samples: samples.iter().map(|s| s.count).sum(),
+            stacks: samples.len(),
+            locations: locations.len(),
+            unnamed_locations: locations.iter().filter(|l| !l.is_named()).count(),
+            unknown_module_locations: locations.iter().filter(|l| l.module.is_none()).count(),
+            epochs: n_epochs,
+            unanchored_samples: unanchored,
+            resolve_time: started.elapsed(),
+        };
+        Report {
+            samples,
+            locations,
+            frequency,
+            start_time,
+            duration,
+            inline_frames: inlines,
+            stats,
+            errors,
+            baseline,
+        }
+    }
+
+    /// Whether a location's module is an anonymous range.
+    pub fn is_anonymous(&self, loc: &Location) -> bool {
+        loc.module.as_ref().is_some_and(|m| {
+            Registry::global()
+                .module(m.id)
+                .is_some_and(|m| matches!(m.kind, ModuleKind::Anon(_)))
+        })
+    }
+
+    /// Samples whose stack contains a frame named `function` (any frame,
+    /// inlined ones included).
+    pub fn samples_in(&self, function: &str) -> u64 {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.stack.iter().any(|&l| {
+                    self.locations[l]
+                        .function_names()
+                        .iter()
+                        .any(|n| n == function)
+                })
+            })
+            .map(|s| s.count)
+            .sum()
+    }
+
+    /// What pprof-rs's own resolution (`report().build()`, backtrace-rs at
+    /// report time) makes of the same samples, when the session was built
+    /// with [`pprof_baseline`](crate::ProfilerBuilder::pprof_baseline).
+    /// Resolves now, so modules unloaded since are gone for it — as they
+    /// would be for pprof-rs.
+    pub fn pprof_rs_baseline(&self) -> Vec<(pprof::Frames, isize)> {
+        self.baseline
+            .iter()
+            .flat_map(|r| r.0.data.iter())
+            .map(|(f, c)| (pprof::Frames::from(f.clone()), *c))
+            .collect()
+    }
+
+    /// Builds a report from raw stacks (leaf first; leaf exact, callers return
+    /// addresses) captured at `seq`. For benchmarks and tools that capture
+    /// stacks by other means.
+    pub fn from_raw_stacks(
+        stacks: impl IntoIterator<Item = (Vec<u64>, u64)>,
+        seq: Seq,
+        search: &DebugSearch,
+    ) -> Report {
+        let samples = stacks
+            .into_iter()
+            .map(|(stack, count)| RawSample {
+                stack,
+                count,
+                thread: String::from("raw"),
+                anchored: true,
+            })
+            .collect();
+        let epoch = Epoch {
+            seq,
+            samples,
+            baseline: None,
+        };
+        Report::resolve(
+            vec![epoch],
+            Vec::new(),
+            search,
+            true,
+            1,
+            SystemTime::now(),
+            Duration::ZERO,
+        )
+    }
+}

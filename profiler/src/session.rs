@@ -1,0 +1,395 @@
+//! Builder -> running [`Session`] -> [`Report`]: the sampler's lifecycle and
+//! its checkpoints.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use hotpatch_symbolizer::registry::{ModuleKind, SubscriptionId};
+use hotpatch_symbolizer::{DebugSearch, Event, Registry, Seq};
+use pprof::{ProfilerGuard, ProfilerGuardBuilder, UnresolvedReport};
+
+use crate::error::{Error, Result};
+use crate::report::Report;
+use crate::unwind;
+
+/// One session at a time: SIGPROF and pprof's collector are process-wide.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Configures and starts a [`Session`].
+#[derive(Debug, Clone)]
+pub struct ProfilerBuilder {
+    frequency: i32,
+    inline_frames: bool,
+    anon_unwind_info: bool,
+    pprof_baseline: bool,
+    debug_search: DebugSearch,
+}
+
+impl Default for ProfilerBuilder {
+    fn default() -> Self {
+        ProfilerBuilder {
+            frequency: 99,
+            inline_frames: true,
+            anon_unwind_info: true,
+            pprof_baseline: false,
+            debug_search: DebugSearch::default(),
+        }
+    }
+}
+
+impl ProfilerBuilder {
+    /// Defaults: 99 Hz, inline frames, unwind info for anonymous ranges.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Samples per second of CPU time (per process, `ITIMER_PROF`).
+    pub fn frequency(mut self, hz: i32) -> Self {
+        self.frequency = hz;
+        self
+    }
+
+    /// Expand inlined calls into their own frames (default on).
+    pub fn inline_frames(mut self, on: bool) -> Self {
+        self.inline_frames = on;
+        self
+    }
+
+    /// Register synthesized unwind info for anonymous ranges (trampolines,
+    /// relays) so samples in different ranges are not merged and stacks
+    /// continue into their callers (default on). See SAFETY.md, "profiler",
+    /// for the libgcc lock this implies.
+    pub fn anon_unwind_info(mut self, on: bool) -> Self {
+        self.anon_unwind_info = on;
+        self
+    }
+
+    /// Keep pprof-rs's raw stacks so [`Report::pprof_rs_baseline`] can show
+    /// what pprof-rs's own resolution makes of the same samples (tests and
+    /// benchmarks; costs memory).
+    pub fn pprof_baseline(mut self, on: bool) -> Self {
+        self.pprof_baseline = on;
+        self
+    }
+
+    /// Where to look for separate debug files.
+    pub fn debug_search(mut self, search: DebugSearch) -> Self {
+        self.debug_search = search;
+        self
+    }
+
+    /// Starts sampling.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyRunning`] while another session runs;
+    /// [`Error::BadFrequency`]; [`Error::Sampler`] when pprof fails to start.
+    pub fn start(self) -> Result<Session> {
+        if !(1..=10_000).contains(&self.frequency) {
+            return Err(Error::BadFrequency(self.frequency));
+        }
+        if RUNNING
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Error::AlreadyRunning);
+        }
+        let reg = Registry::global();
+        // Know the main binary and the libraries before the first sample;
+        // later arrivals are registered by the loader (or found by a refresh
+        // at resolution time).
+        let _ = reg.refresh();
+        if self.anon_unwind_info {
+            for m in reg.modules() {
+                if let (ModuleKind::Anon(a), None) = (&m.kind, m.unloaded_seq) {
+                    unwind::register(a.start.0, a.len);
+                }
+            }
+        }
+        let guard = match start_guard(self.frequency) {
+            Ok(g) => g,
+            Err(e) => {
+                RUNNING.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        RESTORER.store(signal_restorer(), Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            config: self,
+            inner: Mutex::new(Inner {
+                guard: Some(guard),
+                epochs: Vec::new(),
+                errors: Vec::new(),
+            }),
+            checkpoints: AtomicU64::new(0),
+        });
+        let weak: Weak<Shared> = Arc::downgrade(&shared);
+        let subscription = reg.subscribe(move |ev| {
+            if let Some(s) = weak.upgrade() {
+                s.on_event(ev);
+            }
+        });
+        Ok(Session {
+            shared,
+            subscription: Some(subscription),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+        })
+    }
+}
+
+/// The address of the signal return trampoline (`__restore_rt`) glibc
+/// installed with SIGPROF's handler: the frame after it in a sampled stack is
+/// the interrupted instruction (the leaf).
+fn signal_restorer() -> u64 {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `old` is a valid out-pointer.
+    let rc = unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut old) };
+    if rc == 0 && old.sa_flags & SA_RESTORER != 0 {
+        old.sa_restorer.map_or(0, |f| f as usize as u64)
+    } else {
+        0
+    }
+}
+
+/// `SA_RESTORER` (x86-64 Linux); not exported by the libc crate.
+const SA_RESTORER: libc::c_int = 0x0400_0000;
+
+pub(crate) static RESTORER: AtomicU64 = AtomicU64::new(0);
+
+/// pprof's guard, made sendable.
+struct Guard(ProfilerGuard<'static>);
+
+// SAFETY: the guard holds a `&'static` to pprof's global, spin-locked
+// profiler and an `ITIMER_PROF` timer (process-wide); neither is tied to the
+// thread that created it, and we only touch it under `Shared::inner`.
+unsafe impl Send for Guard {}
+
+fn start_guard(hz: i32) -> Result<Guard> {
+    Ok(Guard(
+        ProfilerGuardBuilder::default().frequency(hz).build()?,
+    ))
+}
+
+/// Samples taken between two checkpoints, with the registry sequence number
+/// at which they are to be resolved.
+#[derive(Debug, Default)]
+pub(crate) struct Epoch {
+    pub(crate) seq: Seq,
+    pub(crate) samples: Vec<RawSample>,
+    /// pprof-rs's unresolved report, only with `pprof_baseline`.
+    pub(crate) baseline: Option<BaselineReport>,
+}
+
+/// pprof's unresolved report, made sendable.
+pub(crate) struct BaselineReport(pub(crate) UnresolvedReport);
+
+impl std::fmt::Debug for BaselineReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BaselineReport")
+    }
+}
+
+// SAFETY: frames stored by pprof's collector are clones (`Frame::Cloned`:
+// ip, sp and symbol address as plain numbers); nothing points into a
+// thread's stack or unwinder context.
+unsafe impl Send for BaselineReport {}
+
+/// One captured stack: leaf first. The leaf is the interrupted instruction;
+/// the others are return addresses.
+#[derive(Debug, Clone)]
+pub(crate) struct RawSample {
+    pub(crate) stack: Vec<u64>,
+    pub(crate) count: u64,
+    pub(crate) thread: String,
+    /// Whether the signal frame was found (the leaf is exact).
+    pub(crate) anchored: bool,
+}
+
+struct Inner {
+    guard: Option<Guard>,
+    epochs: Vec<Epoch>,
+    errors: Vec<String>,
+}
+
+struct Shared {
+    config: ProfilerBuilder,
+    inner: Mutex<Inner>,
+    checkpoints: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs on the thread mutating the registry (the loader's unload path),
+    /// with the registry's writer lock held. It takes only our own mutex
+    /// (never held while calling into the registry's mutators) and pprof's
+    /// spin lock (which the signal handler only `try_write`s).
+    fn on_event(&self, ev: &Event<'_>) {
+        match ev {
+            Event::Unloading(m) => {
+                self.checkpoint(true);
+                if let ModuleKind::Anon(a) = &m.kind {
+                    unwind::deregister(a.start.0);
+                }
+            }
+            Event::Loaded(m) => {
+                if let (ModuleKind::Anon(a), true) = (&m.kind, self.config.anon_unwind_info) {
+                    unwind::register(a.start.0, a.len);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves the samples so far into a new epoch, pinned to the current
+    /// registry sequence number, and restarts sampling when `restart`.
+    fn checkpoint(&self, restart: bool) {
+        let mut inner = self.lock();
+        let Some(guard) = inner.guard.take() else {
+            return;
+        };
+        let seq = Registry::global().current_seq();
+        let report = guard.0.report().build_unresolved();
+        drop(guard);
+        match report {
+            Ok(r) => {
+                let epoch = extract(r, seq, self.config.pprof_baseline);
+                inner.epochs.push(epoch);
+            }
+            Err(e) => inner.errors.push(format!("build_unresolved: {e}")),
+        }
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        if restart {
+            match start_guard(self.config.frequency) {
+                Ok(g) => inner.guard = Some(g),
+                Err(e) => inner.errors.push(format!("restart: {e}")),
+            }
+        }
+    }
+}
+
+/// Turns pprof's unresolved report into our raw samples: the frames of the
+/// signal handler (everything up to and including `__restore_rt`) dropped,
+/// raw instruction pointers kept.
+fn extract(report: UnresolvedReport, seq: Seq, keep_baseline: bool) -> Epoch {
+    let restorer = RESTORER.load(Ordering::Relaxed);
+    let mut samples = Vec::with_capacity(report.data.len());
+    for (frames, &count) in &report.data {
+        if count <= 0 {
+            continue;
+        }
+        let ips: Vec<u64> = frames.frames.iter().map(|f| f.ip() as u64).collect();
+        let anchor = (restorer != 0)
+            .then(|| {
+                ips.iter()
+                    .position(|&ip| ip.wrapping_sub(restorer) < 16)
+                    .map(|i| i + 1)
+            })
+            .flatten();
+        let stack = ips[anchor.unwrap_or(0)..].to_vec();
+        let thread =
+            String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]).into_owned();
+        if !stack.is_empty() {
+            samples.push(RawSample {
+                stack,
+                count: count as u64,
+                thread,
+                anchored: anchor.is_some(),
+            });
+        }
+    }
+    Epoch {
+        seq,
+        samples,
+        baseline: keep_baseline.then_some(BaselineReport(report)),
+    }
+}
+
+/// A running profiling session. Sampling stops when it is [stopped](Self::stop)
+/// or dropped.
+///
+/// While it runs, it is subscribed to [`Registry::global`]: before a module
+/// is unregistered (e.g. by the loader, before `dlclose`), the samples so far
+/// are checkpointed against the registry as it is, and sampling restarts.
+pub struct Session {
+    shared: Arc<Shared>,
+    subscription: Option<SubscriptionId>,
+    started: Instant,
+    started_at: SystemTime,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("frequency", &self.shared.config.frequency)
+            .field("checkpoints", &self.checkpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A builder with the defaults.
+    pub fn builder() -> ProfilerBuilder {
+        ProfilerBuilder::new()
+    }
+
+    /// Checkpoints taken so far (one per module unregistered, plus manual
+    /// ones).
+    pub fn checkpoints(&self) -> u64 {
+        self.shared.checkpoints.load(Ordering::Relaxed)
+    }
+
+    /// Checkpoints now (normally done for you before every unload).
+    pub fn checkpoint(&self) {
+        self.shared.checkpoint(true);
+    }
+
+    /// Stops sampling and resolves every sample through the symbolizer.
+    ///
+    /// # Errors
+    /// None today; resolution problems show up as frames without names in
+    /// [`Report::stats`].
+    pub fn stop(mut self) -> Result<Report> {
+        let duration = self.started.elapsed();
+        let (epochs, errors) = self.finish();
+        Ok(Report::resolve(
+            epochs,
+            errors,
+            &self.shared.config.debug_search,
+            self.shared.config.inline_frames,
+            self.shared.config.frequency,
+            self.started_at,
+            duration,
+        ))
+    }
+
+    fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {
+        if let Some(s) = self.subscription.take() {
+            Registry::global().unsubscribe(s);
+        }
+        self.shared.checkpoint(false);
+        let mut inner = self.shared.lock();
+        let epochs = std::mem::take(&mut inner.epochs);
+        let errors = std::mem::take(&mut inner.errors);
+        drop(inner);
+        RUNNING.store(false, Ordering::Release);
+        (epochs, errors)
+    }
+
+    /// Time since start.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.subscription.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
