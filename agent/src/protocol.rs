@@ -229,9 +229,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
         ));
     }
     let cmd = cmd.to_owned();
-    let req: Request = serde_json::from_value(value.clone()).map_err(|e| {
-        ErrorBody::new(E_AGENT_BAD_ARGS, format!("bad arguments for {cmd:?}: {e}"))
-    })?;
+    let req: Request = serde_json::from_value(value.clone())
+        .map_err(|e| ErrorBody::new(E_AGENT_BAD_ARGS, format!("bad arguments for {cmd:?}: {e}")))?;
     // serde's `deny_unknown_fields` does not cover unit variants of an
     // internally tagged enum: compare with the fields the request has.
     let known = serde_json::to_value(&req).unwrap_or_default();

@@ -1,21 +1,76 @@
-//! The `hotpatch` command line: one module per subcommand.
+//! The `hotpatch` command line: one module per group of subcommands.
+//!
+//! Exit codes: 0 on success; 1 when the command failed, with the stable
+//! error code first on stderr (`hotpatch: E_…: message`) — and, with
+//! `--json`, the error object on stdout; 2 for usage errors and offline
+//! failures of `symbolize`.
 
+pub mod inspect;
+pub mod profile;
+pub mod ps;
+pub mod remote;
 pub mod symbolize;
+
+use std::io::Write;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 /// `hotpatch`: hot-patching and profiling for dev processes.
+///
+/// A process that called `hotpatch_agent::start()` (e.g. `demo-target
+/// serve`) is driven through its agent socket. `--pid` picks the process
+/// when several run.
 #[derive(Debug, Parser)]
-#[command(name = "hotpatch", version, about)]
+#[command(name = "hotpatch", version)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Selecting the process to talk to.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Conn {
+    /// The process to talk to (default: the only running agent).
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// The agent socket to talk to (overrides `--pid`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// List running agents (processes that can be patched).
+    Ps(ps::Args),
+    /// Show the process's own status (as the host reports it) and counts.
+    Status(remote::Plain),
+    /// Load a plugin `.so` into the process (checked before any code runs).
+    Load(remote::Load),
+    /// Unload a plugin loaded with `load` (refused while a site uses it).
+    Unload(remote::Unload),
+    /// Patch TARGET (a function of the host or of a loaded module, local
+    /// symbols included) to jump to PLUGIN:SYMBOL. The replacement must
+    /// have the target's exact signature: nothing can check it.
+    Patch(remote::Patch),
+    /// Point a live site at another replacement (atomic; no thread stops).
+    Swap(remote::Swap),
+    /// Calls run the original again; the site stays installed.
+    Disable(remote::SiteArg),
+    /// Calls run the replacement again.
+    Enable(remote::SiteArg),
+    /// Remove a site, restoring the original bytes exactly.
+    Revert(remote::SiteArg),
+    /// List plugins and patch sites, with their states.
+    List(remote::Plain),
+    /// Patchability report of a function: in the running process, or
+    /// offline in a file with `--exe`.
+    Inspect(inspect::Args),
+    /// Sample the process for N seconds; write a gzipped pprof profile (and
+    /// a flamegraph) and print the top functions.
+    Profile(profile::Args),
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
@@ -26,13 +81,80 @@ pub fn run(cli: Cli) -> i32 {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.command {
-        Command::Symbolize(args) => symbolize::run(&args, &mut out),
+        Command::Symbolize(args) => {
+            return match symbolize::run(&args, &mut out) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("hotpatch: {e}");
+                    2
+                }
+            };
+        }
+        Command::Ps(a) => ps::run(&a, &mut out),
+        Command::Status(a) => remote::status(&a, &mut out),
+        Command::Load(a) => remote::load(&a, &mut out),
+        Command::Unload(a) => remote::unload(&a, &mut out),
+        Command::Patch(a) => remote::patch(&a, &mut out),
+        Command::Swap(a) => remote::swap(&a, &mut out),
+        Command::Disable(a) => remote::site_cmd(&a, remote::SiteOp::Disable, &mut out),
+        Command::Enable(a) => remote::site_cmd(&a, remote::SiteOp::Enable, &mut out),
+        Command::Revert(a) => remote::site_cmd(&a, remote::SiteOp::Revert, &mut out),
+        Command::List(a) => remote::list(&a, &mut out),
+        Command::Inspect(a) => inspect::run(&a, &mut out),
+        Command::Profile(a) => profile::run(&a, &mut out),
     };
     match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("hotpatch: {e}");
-            2
+        Ok(()) => 0,
+        Err(f) => {
+            if f.json {
+                let body = serde_json::json!({
+                    "ok": false,
+                    "error": { "code": f.code, "message": f.message },
+                });
+                let _ = writeln!(out, "{body}");
+            }
+            let _ = out.flush();
+            if f.message.starts_with(&f.code) {
+                eprintln!("hotpatch: {}", f.message);
+            } else {
+                eprintln!("hotpatch: {}: {}", f.code, f.message);
+            }
+            1
         }
     }
 }
+
+/// A failed command: its stable code and message.
+#[derive(Debug)]
+pub struct Failure {
+    /// The stable code.
+    pub code: String,
+    /// For humans.
+    pub message: String,
+    /// Whether to print the error as JSON on stdout too.
+    pub json: bool,
+}
+
+impl Failure {
+    /// A failure with `code`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>, json: bool) -> Self {
+        Failure {
+            code: code.into(),
+            message: message.into(),
+            json,
+        }
+    }
+
+    /// From the agent crate's error.
+    pub fn from_error(e: &crate::Error, json: bool) -> Self {
+        Failure::new(e.code(), e.to_string(), json)
+    }
+
+    /// Writing to stdout failed.
+    pub fn io(e: &std::io::Error) -> Self {
+        Failure::new("E_AGENT_IO", format!("writing the output: {e}"), false)
+    }
+}
+
+/// A command's outcome.
+pub type Outcome = Result<(), Failure>;
