@@ -16,11 +16,13 @@ use crate::error::{Error, Result};
 
 type R = EndianSlice<'static, RunTimeEndian>;
 
-/// One frame as DWARF describes it (names still mangled).
+/// One frame as DWARF describes it (names still mangled), borrowing from
+/// the [`Dwarf`] it came from: no allocation per frame.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct RawFrame {
-    pub function: Option<String>,
-    pub file: Option<String>,
+pub(crate) struct RawFrame<'a> {
+    /// The linkage (or plain) name: bytes of `.debug_str`/`.debug_info`.
+    pub function: Option<&'a [u8]>,
+    pub file: Option<&'a str>,
     pub line: Option<u32>,
     pub column: Option<u32>,
 }
@@ -86,7 +88,7 @@ impl Dwarf {
     }
 
     /// Frames at `addr`, innermost first; empty when DWARF does not cover it.
-    pub fn frames(&self, addr: FileVirtAddr, out: &mut Vec<RawFrame>) -> Result<()> {
+    pub fn frames<'a>(&'a self, addr: FileVirtAddr, out: &mut Vec<RawFrame<'a>>) -> Result<()> {
         let path = &self._file.path;
         let mut iter = self
             .ctx
@@ -94,13 +96,11 @@ impl Dwarf {
             .skip_all_loads()
             .map_err(|e| bad(path, e))?;
         while let Some(frame) = iter.next().map_err(|e| bad(path, e))? {
-            let function = frame
-                .function
-                .as_ref()
-                .and_then(|f| f.raw_name().ok())
-                .map(|n| n.into_owned());
+            // The name's bytes live in the mapped sections, which `self`
+            // owns: shorten the reader's `'static` to `'a`.
+            let function: Option<&'a [u8]> = frame.function.as_ref().map(|f| f.name.slice());
             let (file, line, column) = match frame.location {
-                Some(l) => (l.file.map(str::to_owned), l.line, l.column),
+                Some(l) => (l.file, l.line, l.column),
                 None => (None, None, None),
             };
             out.push(RawFrame {
@@ -118,7 +118,7 @@ impl Dwarf {
             if let Ok(Some(l)) = self.ctx.find_location(addr.0) {
                 out.push(RawFrame {
                     function: None,
-                    file: l.file.map(str::to_owned),
+                    file: l.file,
                     line: l.line,
                     column: l.column,
                 });

@@ -396,13 +396,13 @@ impl Entry {
     }
 }
 
-/// The immutable lookup table readers see.
-#[derive(Debug)]
+/// The lookup table readers see: immutable while published.
+#[derive(Debug, Default)]
 struct Table {
     /// Sorted by `start`.
-    entries: Box<[Entry]>,
+    entries: Vec<Entry>,
     /// `max_end[i]` = max of `entries[..=i].end`: lets the backward scan stop.
-    max_end: Box<[u64]>,
+    max_end: Vec<u64>,
 }
 
 /// The lookup entries of one module: one per non-empty segment or range.
@@ -474,20 +474,18 @@ impl Entries {
 }
 
 impl Table {
-    fn from_entries(entries: &Entries) -> Table {
+    /// Overwrites an unpublished table (new, or a reclaimed spare whose
+    /// buffers are reused: no allocation or page faults when the history
+    /// only grew a little) with a copy of `entries`.
+    fn fill(&mut self, entries: &Entries) {
+        self.entries.clear();
+        self.entries.extend_from_slice(&entries.0);
+        self.max_end.clear();
         let mut max = 0;
-        let max_end = entries
-            .0
-            .iter()
-            .map(|e| {
-                max = max.max(e.end);
-                max
-            })
-            .collect();
-        Table {
-            entries: entries.0.clone().into_boxed_slice(),
-            max_end,
-        }
+        self.max_end.extend(entries.0.iter().map(|e| {
+            max = max.max(e.end);
+            max
+        }));
     }
 
     /// Entries containing `pc`, scanning backward from the last one starting
@@ -528,6 +526,8 @@ struct State {
     /// list: refresh must not resurrect them.
     suppressed: BTreeSet<ObjKey>,
     retired: Vec<*mut Table>,
+    /// Reclaimed tables kept for reuse by the next publications.
+    spare: Vec<Table>,
 }
 
 thread_local! {
@@ -644,6 +644,7 @@ impl Registry {
                 counters: None,
                 suppressed: BTreeSet::new(),
                 retired: Vec::new(),
+                spare: Vec::new(),
             }),
             table: AtomicPtr::new(std::ptr::null_mut()),
             readers: AtomicUsize::new(0),
@@ -1195,7 +1196,9 @@ impl Registry {
     /// frees retired tables if no reader is in flight. Called with the state
     /// lock held.
     fn publish(&self, st: &mut State) {
-        let table = Box::into_raw(Box::new(Table::from_entries(&st.entries)));
+        let mut table = st.spare.pop().unwrap_or_default();
+        table.fill(&st.entries);
+        let table = Box::into_raw(Box::new(table));
         let old = self.table.swap(table, Ordering::SeqCst);
         self.seq.store(st.seq, Ordering::Release);
         if !old.is_null() {
@@ -1205,12 +1208,18 @@ impl Registry {
         // a signal handler. What cannot be freed now is freed next time.
         for _ in 0..64 {
             if self.readers.load(Ordering::SeqCst) == 0 {
-                for t in st.retired.drain(..) {
+                let State { retired, spare, .. } = &mut *st;
+                for t in retired.drain(..) {
                     // SAFETY: `t` was swapped out of `self.table` before this
                     // load observed no reader in flight; any reader that
-                    // starts later loads a newer pointer (see `with_table`).
-                    // Each retired pointer is on the list exactly once.
-                    drop(unsafe { Box::from_raw(t) });
+                    // starts later loads a newer pointer (see `with_table`),
+                    // so this writer now owns it exclusively and may free or
+                    // rewrite it. Each retired pointer is on the list exactly
+                    // once.
+                    let t = unsafe { Box::from_raw(t) };
+                    if spare.len() < 2 {
+                        spare.push(*t);
+                    }
                 }
                 break;
             }

@@ -105,7 +105,38 @@ pub struct ElfSymbolizer {
     /// `[start, end)` of the executable `PT_LOAD` segments; DWARF of
     /// discarded functions (address 0 tombstones) lies outside them.
     exec: Vec<(u64, u64)>,
+    /// Demangled names by the address and length of the raw name's bytes
+    /// (which live in the mapped file or the symbol table, as long as
+    /// `self`): a hot function is demangled once, not once per sample.
+    demangled: Mutex<HashMap<(usize, usize), String, NameKeyHash>>,
 }
+
+/// A cheap hasher for [`ElfSymbolizer::demangled`]'s keys (an address and a
+/// length, not attacker-chosen strings): a multiply-xorshift per word.
+#[derive(Debug, Default, Clone, Copy)]
+struct NameKeyHasher(u64);
+
+impl std::hash::Hasher for NameKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type NameKeyHash = std::hash::BuildHasherDefault<NameKeyHasher>;
 
 impl ElfSymbolizer {
     /// Opens `path` and finds its debug info.
@@ -179,6 +210,7 @@ impl ElfSymbolizer {
             debug,
             rejected,
             exec,
+            demangled: Mutex::new(HashMap::default()),
         })
     }
 
@@ -206,27 +238,46 @@ impl ElfSymbolizer {
     /// `inlines`), and where they came from. Empty frames with
     /// [`Source::Unknown`] when neither DWARF nor a symbol covers `addr`.
     pub fn resolve(&self, addr: FileVirtAddr, inlines: bool) -> (Vec<Frame>, Source) {
+        self.resolve_with(addr, inlines, &mut Vec::new())
+    }
+
+    /// [`resolve`](Self::resolve) with a scratch buffer reused across calls.
+    fn resolve_with<'a>(
+        &'a self,
+        addr: FileVirtAddr,
+        inlines: bool,
+        raw: &mut Vec<RawFrame<'a>>,
+    ) -> (Vec<Frame>, Source) {
         if !self.exec.is_empty() && !self.exec.iter().any(|&(s, e)| (s..e).contains(&addr.0)) {
             return (Vec::new(), Source::Unknown);
         }
-        let mut raw = Vec::new();
+        raw.clear();
         if let Some(d) = &self.dwarf {
             // Bad DWARF for one address is not fatal: fall back to symbols.
-            if d.frames(addr, &mut raw).is_err() {
+            if d.frames(addr, raw).is_err() {
                 raw.clear();
             }
         }
         if !raw.is_empty() {
             let n = raw.len();
             let mut frames: Vec<Frame> = raw
-                .into_iter()
+                .drain(..)
                 .enumerate()
-                .map(|(i, f)| to_frame(f, i + 1 < n))
+                .map(|(i, f)| Frame {
+                    function: f.function.map(|n| self.demangle(n)),
+                    file: f.file.map(str::to_owned),
+                    line: f.line.filter(|&l| l != 0),
+                    column: f.column,
+                    inlined: i + 1 < n,
+                })
                 .collect();
             // Like binutils: a location without a DWARF function takes the
             // name of the enclosing symbol.
             if frames.last().is_some_and(|f| f.function.is_none()) {
-                let name = self.symbols.containing(addr).map(|s| demangle(&s.name));
+                let name = self
+                    .symbols
+                    .containing(addr)
+                    .map(|s| self.demangle(s.name.as_bytes()));
                 if let Some(last) = frames.last_mut() {
                     last.function = name;
                 }
@@ -239,7 +290,7 @@ impl ElfSymbolizer {
         match self.symbols.containing(addr) {
             Some(s) => (
                 vec![Frame {
-                    function: Some(demangle(&s.name)),
+                    function: Some(self.demangle(s.name.as_bytes())),
                     file: s.file.as_deref().map(str::to_owned),
                     line: None,
                     column: None,
@@ -263,13 +314,17 @@ impl ElfSymbolizer {
     }
 }
 
-fn to_frame(f: RawFrame, inlined: bool) -> Frame {
-    Frame {
-        function: f.function.map(|n| demangle(&n)),
-        file: f.file,
-        line: f.line.filter(|&l| l != 0),
-        column: f.column,
-        inlined,
+impl ElfSymbolizer {
+    /// `raw` demangled, from the cache when seen before. `raw` must borrow
+    /// from `self` (DWARF sections or the symbol table), so its address
+    /// identifies it for as long as the cache lives.
+    fn demangle(&self, raw: &[u8]) -> String {
+        let key = (raw.as_ptr() as usize, raw.len());
+        let mut cache = self.demangled.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| demangle(&String::from_utf8_lossy(raw)))
+            .clone()
     }
 }
 
@@ -425,7 +480,6 @@ pub struct SymbolAddr {
 }
 
 type CacheKey = (PathBuf, Option<BuildId>);
-type Done = (Option<ModuleRef>, Vec<Frame>, Source);
 type Cached = Arc<Mutex<Result<ElfSymbolizer, Error>>>;
 
 /// Resolves runtime addresses through a [`Registry`]. Not async-signal-safe
@@ -481,86 +535,94 @@ impl Symbolizer {
             .iter()
             .map(|&(pc, seq)| self.hit(reg, pc, seq))
             .collect();
-        // Group distinct addresses per module.
-        let mut by_module: HashMap<ModuleId, Vec<RuntimeAddr>> = HashMap::new();
-        for (&(pc, _), hit) in addrs.iter().zip(&hits) {
-            if let Some(h) = hit {
-                by_module.entry(h.id).or_default().push(pc);
-            }
-        }
-        let mut done: HashMap<(ModuleId, RuntimeAddr), Done> = HashMap::new();
-        for (id, mut pcs) in by_module {
-            pcs.sort_unstable();
-            pcs.dedup();
+        let mut out: Vec<Resolved> = addrs
+            .iter()
+            .map(|&(pc, seq)| Resolved {
+                addr: pc,
+                seq,
+                module: None,
+                frames: Vec::new(),
+                source: Source::Unknown,
+            })
+            .collect();
+        // Input positions with a module, sorted by (module, address): each
+        // module's file is looked up and locked once, and its addresses are
+        // resolved in address order (neighbouring units and line rows).
+        let mut order: Vec<(ModuleId, u64, usize)> = hits
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.map(|h| (h.id, addrs[i].0.0, i)))
+            .collect();
+        order.sort_unstable();
+        for group in order.chunk_by(|a, b| a.0 == b.0) {
+            let id = group[0].0;
             let Some(module) = reg.module(id) else {
                 continue;
             };
             let unloaded = module.unloaded_seq.is_some();
+            let name = module.name();
             match &module.kind {
                 ModuleKind::Anon(a) => {
-                    for pc in pcs {
-                        let r = ModuleRef {
+                    for &(_, pc, i) in group {
+                        out[i].module = Some(ModuleRef {
                             id,
-                            name: a.name.clone(),
+                            name: name.clone(),
                             path: None,
                             build_id: None,
                             file_vaddr: None,
-                            offset: pc.0 - a.start.0,
+                            offset: pc - a.start.0,
                             unloaded,
-                        };
-                        let frame = Frame {
+                        });
+                        out[i].frames = vec![Frame {
                             function: Some(a.name.clone()),
                             file: None,
                             line: None,
                             column: None,
                             inlined: false,
-                        };
-                        done.insert((id, pc), (Some(r), vec![frame], Source::Anonymous));
+                        }];
+                        out[i].source = Source::Anonymous;
                     }
                 }
                 ModuleKind::Elf(e) => {
-                    let name = module.name();
+                    let build_id = e.build_id.as_ref().map(BuildId::to_hex);
                     let cached = self.cached(&e.path, e.build_id.as_ref(), e.mapped());
                     let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
-                    for pc in pcs {
-                        let fva = e.bias.to_file(pc);
-                        let r = ModuleRef {
-                            id,
-                            name: name.clone(),
-                            path: Some(e.path.clone()),
-                            build_id: e.build_id.as_ref().map(BuildId::to_hex),
-                            file_vaddr: Some(fva),
-                            offset: fva.0,
-                            unloaded,
-                        };
+                    let mut scratch = Vec::new();
+                    for same in group.chunk_by(|a, b| a.1 == b.1) {
+                        let fva = e.bias.to_file(RuntimeAddr(same[0].1));
                         let (frames, source) = match &*guard {
-                            Ok(s) => match s.resolve(fva, inlines) {
+                            Ok(s) => match s.resolve_with(fva, inlines, &mut scratch) {
                                 (f, Source::Unknown) => (f, Source::ModuleOffset),
                                 other => other,
                             },
                             Err(_) => (Vec::new(), Source::ModuleOffset),
                         };
-                        done.insert((id, pc), (Some(r), frames, source));
+                        let module = ModuleRef {
+                            id,
+                            name: name.clone(),
+                            path: Some(e.path.clone()),
+                            build_id: build_id.clone(),
+                            file_vaddr: Some(fva),
+                            offset: fva.0,
+                            unloaded,
+                        };
+                        // The last occurrence takes the originals, the
+                        // others (repeated addresses) copies.
+                        let (last, rest) = same.split_last().unwrap_or((&same[0], &[]));
+                        for &(_, _, i) in rest {
+                            out[i].module = Some(module.clone());
+                            out[i].frames = frames.clone();
+                            out[i].source = source;
+                        }
+                        let i = last.2;
+                        out[i].module = Some(module);
+                        out[i].frames = frames;
+                        out[i].source = source;
                     }
                 }
             }
         }
-        addrs
-            .iter()
-            .zip(hits)
-            .map(|(&(pc, seq), hit)| {
-                let (module, frames, source) = hit
-                    .and_then(|h| done.get(&(h.id, pc)).cloned())
-                    .unwrap_or((None, Vec::new(), Source::Unknown));
-                Resolved {
-                    addr: pc,
-                    seq,
-                    module,
-                    frames,
-                    source,
-                }
-            })
-            .collect()
+        out
     }
 
     /// The cached [`ElfSymbolizer`] for a module's file. A file whose
