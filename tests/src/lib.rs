@@ -5,6 +5,7 @@
 //! the repository builds rather than checked-in binaries. [`exec`] holds
 //! assembled test functions in executable memory.
 
+pub mod agent_bins;
 pub mod exec;
 pub mod fixtures;
 pub mod loader_fixtures;
