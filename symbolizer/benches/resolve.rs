@@ -252,10 +252,52 @@ fn agreement(path: &Path, addrs: &[u64]) {
     );
 }
 
+/// Cold and warm, the three in turn, `ROUNDS` times; medians printed. On a
+/// shared machine the load moves between criterion's groups; interleaving
+/// exposes the three to the same load, so these ratios are the fairer ones.
+fn interleaved(path: &Path, addrs: &[u64]) {
+    const ROUNDS: usize = 5;
+    let time = |f: &mut dyn FnMut() -> usize| {
+        let t = std::time::Instant::now();
+        black_box(f());
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut cold, mut warm) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+    let src = blaze::source(path);
+    for _ in 0..ROUNDS {
+        let mut o = None;
+        cold[0].push(time(&mut || ours::run(o.insert(ours::new(path, addrs)))));
+        let o = o.expect("built");
+        warm[0].push(time(&mut || ours::run(&o)));
+        let mut l = None;
+        cold[1].push(time(&mut || a2l::run(l.insert(a2l::new(path)), addrs)));
+        let l = l.expect("built");
+        warm[1].push(time(&mut || a2l::run(&l, addrs)));
+        let mut b = None;
+        cold[2].push(time(&mut || {
+            blaze::run(b.insert(blaze::new()), &src, addrs)
+        }));
+        let b = b.expect("built");
+        warm[2].push(time(&mut || blaze::run(&b, &src, addrs)));
+    }
+    let [c0, c1, c2] = cold.map(median);
+    let [w0, w1, w2] = warm.map(median);
+    eprintln!(
+        "interleaved medians of {ROUNDS} (ms per {N} addresses, cold includes \
+         construction): cold ours {c0:.1} addr2line {c1:.1} blazesym {c2:.1} \
+         | warm ours {w0:.1} addr2line {w1:.1} blazesym {w2:.1}"
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let path = target();
     let addrs = addresses(&path);
     agreement(&path, &addrs);
+    interleaved(&path, &addrs);
 
     let mut cold = c.benchmark_group("cold");
     cold.throughput(Throughput::Elements(N as u64))
