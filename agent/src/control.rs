@@ -68,10 +68,15 @@ impl SiteEntry {
 pub(crate) struct Control {
     policy: Policy,
     status: Option<Arc<StatusFn>>,
-    plugins: BTreeMap<String, Plugin>,
+    // Sites before plugins: should `shutdown` not have run, sites are
+    // dropped (removed) before the plugins they jump into.
     sites: Vec<SiteEntry>,
+    plugins: BTreeMap<String, Plugin>,
     next_site: u32,
     symbolizer: Symbolizer,
+    /// Set by `shutdown`: later requests (from connections still open) are
+    /// refused.
+    closed: bool,
 }
 
 /// Any function of this crate: it is linked into the host executable, so
@@ -111,11 +116,13 @@ impl Control {
             sites: Vec::new(),
             next_site: 1,
             symbolizer: Symbolizer::new(DebugSearch::default()),
+            closed: false,
         }
     }
 
     /// Reverts every site and unloads every plugin (the agent is going away).
     pub(crate) fn shutdown(&mut self) {
+        self.closed = true;
         for mut s in std::mem::take(&mut self.sites) {
             match s.site.remove() {
                 Ok(()) => self.unpin(&s),
@@ -146,6 +153,12 @@ impl Control {
     }
 
     pub(crate) fn handle(&mut self, req: Request, shared: &Shared) -> Fallible<Value> {
+        if self.closed {
+            return Err(ErrorBody::new(
+                crate::protocol::E_AGENT_BUSY,
+                "the agent is shutting down",
+            ));
+        }
         match req {
             Request::Ping => Ok(json!({
                 "pid": std::process::id(),

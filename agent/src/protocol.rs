@@ -34,7 +34,7 @@ pub const E_AGENT_BAD_ARGS: &str = "E_AGENT_BAD_ARGS";
 pub const E_AGENT_TOO_LARGE: &str = "E_AGENT_TOO_LARGE";
 /// The peer runs under another uid.
 pub const E_AGENT_PEER_REFUSED: &str = "E_AGENT_PEER_REFUSED";
-/// Too many connections are open.
+/// Too many connections are open, or the agent is shutting down.
 pub const E_AGENT_BUSY: &str = "E_AGENT_BUSY";
 /// No patch site has that name or id.
 pub const E_AGENT_NO_SUCH_SITE: &str = "E_AGENT_NO_SUCH_SITE";
