@@ -122,6 +122,10 @@ fn serve_driven_by_the_cli() {
         "2",
         "--hz",
         "250",
+        // Functions with no self samples sort by name below the hot ones:
+        // ask for every line, so the plugin's are in.
+        "--top",
+        "1000",
         "-o",
         pb.to_str().expect("utf-8"),
         "--flamegraph",

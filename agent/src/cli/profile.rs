@@ -118,7 +118,9 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         writeln!(out, "{v}")
     } else {
         write!(out, "{}", v["top"].as_str().unwrap_or_default()).and_then(|()| {
-            writeln!(out, "{} samples", v["samples"])?;
+            if v["top"].as_str().is_none_or(str::is_empty) {
+                writeln!(out, "{} samples", v["samples"])?;
+            }
             for p in &written {
                 writeln!(out, "wrote {p}")?;
             }
