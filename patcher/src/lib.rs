@@ -20,6 +20,7 @@
 //! The safety argument is in the repository's `SAFETY.md`.
 
 mod code;
+mod counters;
 mod error;
 mod hook;
 pub mod maps;
@@ -27,9 +28,11 @@ mod near;
 mod preflight;
 pub mod ranges;
 mod site;
+pub mod verify;
 pub mod world;
 pub mod x86_64;
 
+pub use counters::{Stats, stats};
 pub use error::{Code, Error, Refusal, Result};
 pub use hook::{Function, Hook};
 pub use preflight::{Overwritten, PreflightReport, preflight};

@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::code::{self, Pages};
+use crate::counters as stats;
 use crate::error::{Error, Result};
 use crate::maps;
 use crate::near::{CELL_SIZE, Cell, Pool, TRAMPOLINE_OFFSET};
@@ -267,7 +268,10 @@ impl Site {
                 parked.for_each_parked(|rip| {
                     if rip > patch_at && rip < patch_end {
                         match tramp.forward(rip) {
-                            Some(to) => to,
+                            Some(to) => {
+                                stats::bump(&stats::FIXUPS_FORWARD);
+                                to
+                            }
                             None => {
                                 stuck = Some(rip);
                                 rip
@@ -410,7 +414,13 @@ impl Site {
             |parked, stragglers| {
                 parked.for_each_parked(|rip| {
                     if rip >= tramp.at && rip < body_end {
-                        tramp.backward(rip).unwrap_or(rip)
+                        match tramp.backward(rip) {
+                            Some(to) => {
+                                stats::bump(&stats::FIXUPS_BACKWARD);
+                                to
+                            }
+                            None => rip,
+                        }
                     } else {
                         rip
                     }
@@ -499,6 +509,7 @@ fn with_world_stopped(
     code::membarrier_register();
     let mut vetted: Vec<i32> = Vec::new();
     for attempt in 0..2 {
+        stats::bump(&stats::STOPS);
         let stopped = world::stop(timeout)?;
         let n = stopped.straggler_count;
         if n == 0 {
@@ -534,6 +545,7 @@ fn with_world_stopped(
             unknown = Some((0, "too many threads did not stop"));
         }
         if unknown.is_none() && attempt == 1 && membarrier_ok() {
+            stats::bump(&stats::INT3_WRITES);
             let r = f(&stopped, true);
             stopped.release();
             return r;
@@ -541,6 +553,7 @@ fn with_world_stopped(
         let stragglers: Vec<i32> = stopped.stragglers[..listed].iter().map(|s| s.tid).collect();
         stopped.release();
         if let Some((tid, why)) = unknown {
+            stats::bump(&stats::REFUSED_UNSTOPPABLE);
             return Err(Error::ThreadUnstoppable {
                 tid,
                 detail: why.to_string(),

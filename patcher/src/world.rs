@@ -23,11 +23,38 @@ const STOPPED: u32 = 2;
 const GAVE_UP: u32 = 3;
 const RESUMED: u32 = 4;
 
+/// One thread's slot. `word` packs `tid << 32 | state` so that a handler
+/// can only claim the slot of *its own* tid in state `SENT` with a single
+/// compare-and-swap: a late signal from an earlier stop can never park a
+/// thread in a slot the coordinator is reassigning to another thread.
 struct Entry {
-    tid: AtomicI32,
-    state: AtomicU32,
+    word: AtomicU64,
     rip: AtomicU64,
     new_rip: AtomicU64,
+}
+
+fn pack(tid: i32, state: u32) -> u64 {
+    (u64::from(tid as u32) << 32) | u64::from(state)
+}
+
+impl Entry {
+    fn tid(&self) -> i32 {
+        (self.word.load(Ordering::Acquire) >> 32) as u32 as i32
+    }
+    fn state(&self) -> u32 {
+        self.word.load(Ordering::Acquire) as u32
+    }
+    /// Moves the slot from `from` to `to` if it still belongs to `tid` in `from`.
+    fn transition(&self, tid: i32, from: u32, to: u32) -> bool {
+        self.word
+            .compare_exchange(
+                pack(tid, from),
+                pack(tid, to),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
 }
 
 #[allow(
@@ -35,8 +62,7 @@ struct Entry {
     reason = "used only as an array initializer"
 )]
 const ENTRY: Entry = Entry {
-    tid: AtomicI32::new(0),
-    state: AtomicU32::new(EMPTY),
+    word: AtomicU64::new(0),
     rip: AtomicU64::new(0),
     new_rip: AtomicU64::new(0),
 };
@@ -158,7 +184,7 @@ extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
     let n = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
     let Some(e) = TABLE[..n]
         .iter()
-        .find(|e| e.tid.load(Ordering::Acquire) == tid)
+        .find(|e| e.word.load(Ordering::Acquire) == pack(tid, SENT))
     else {
         // A late signal from an earlier stop: nothing to do.
         // SAFETY: as above.
@@ -172,10 +198,7 @@ extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
     let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
     e.rip.store(rip, Ordering::Relaxed);
     e.new_rip.store(rip, Ordering::Relaxed);
-    if e.state
-        .compare_exchange(SENT, STOPPED, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !e.transition(tid, SENT, STOPPED) {
         // The coordinator gave up on us (or this is a duplicate): go on.
         // SAFETY: as above.
         unsafe { *libc::__errno_location() = errno };
@@ -193,7 +216,7 @@ extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
         // is equivalent (relocated) to where the thread was.
         unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] = new_rip as i64 };
     }
-    e.state.store(RESUMED, Ordering::Release);
+    e.transition(tid, STOPPED, RESUMED);
     LEFT.fetch_add(1, Ordering::AcqRel);
     futex_wake(&LEFT, 1);
     // SAFETY: as above.
@@ -266,7 +289,7 @@ impl Stopped {
     pub fn for_each_parked(&self, mut f: impl FnMut(usize) -> usize) {
         let n = COUNT.load(Ordering::Acquire);
         for e in &TABLE[..n] {
-            if e.state.load(Ordering::Acquire) == STOPPED {
+            if e.state() == STOPPED {
                 let rip = e.new_rip.load(Ordering::Acquire) as usize;
                 let to = f(rip);
                 e.new_rip.store(to as u64, Ordering::Release);
@@ -361,10 +384,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
                 return;
             }
             let n = COUNT.load(Ordering::Acquire);
-            if TABLE[..n]
-                .iter()
-                .any(|e| e.tid.load(Ordering::Relaxed) == tid)
-            {
+            if TABLE[..n].iter().any(|e| e.tid() == tid) {
                 return;
             }
             if n == MAX_THREADS {
@@ -372,15 +392,14 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
                 return;
             }
             let e = &TABLE[n];
-            e.state.store(SENT, Ordering::Release);
-            e.tid.store(tid, Ordering::Release);
+            e.word.store(pack(tid, SENT), Ordering::Release);
             COUNT.store(n + 1, Ordering::Release);
             new += 1;
             // SAFETY: tgkill only sends a signal; the handler is installed.
             let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
             if rc != 0 {
                 // ESRCH: the thread exited. Nothing to wait for.
-                e.state.store(EMPTY, Ordering::Release);
+                e.word.store(pack(tid, EMPTY), Ordering::Release);
             }
         })?;
         if new == 0 || overflow {
@@ -400,7 +419,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
         let expected = COUNT.load(Ordering::Acquire);
         let sent = TABLE[..expected]
             .iter()
-            .filter(|e| e.state.load(Ordering::Acquire) == SENT)
+            .filter(|e| e.state() == SENT)
             .count();
         if sent == 0 {
             break;
@@ -426,30 +445,18 @@ fn give_up_on_unparked(stopped: &mut Stopped) {
     let n = COUNT.load(Ordering::Acquire);
     let mut parked = 0;
     for e in &TABLE[..n] {
-        let won = e
-            .state
-            .compare_exchange(SENT, GAVE_UP, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if won {
+        let tid = e.tid();
+        if e.transition(tid, SENT, GAVE_UP) {
             // SAFETY: getpid has no preconditions; tgkill with signal 0
             // only checks that the thread exists.
-            let alive = unsafe {
-                libc::syscall(
-                    libc::SYS_tgkill,
-                    libc::getpid(),
-                    e.tid.load(Ordering::Relaxed),
-                    0,
-                )
-            } == 0;
+            let alive = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) } == 0;
             if alive {
                 if stopped.straggler_count < stopped.stragglers.len() {
-                    stopped.stragglers[stopped.straggler_count] = Straggler {
-                        tid: e.tid.load(Ordering::Relaxed),
-                    };
+                    stopped.stragglers[stopped.straggler_count] = Straggler { tid };
                 }
                 stopped.straggler_count += 1;
             }
-        } else if e.state.load(Ordering::Acquire) == STOPPED {
+        } else if e.state() == STOPPED {
             parked += 1;
         }
     }
