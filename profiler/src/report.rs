@@ -109,7 +109,7 @@ pub struct Report {
     pub stats: Stats,
     /// Problems met while checkpointing (a failed restart, ...).
     pub errors: Vec<String>,
-    baseline: Vec<crate::session::BaselineReport>,
+    pub(crate) baseline: Vec<crate::session::BaselineReport>,
 }
 
 /// `(registry module, address)` identifies a location; addresses no module

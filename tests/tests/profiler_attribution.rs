@@ -306,6 +306,15 @@ fn outputs_flamegraph_and_top() {
     let p = read_profile(&std::fs::read(&run.pb).unwrap()).unwrap();
     let s = |i: i64| p.string_table[i as usize].as_str();
     assert!(!p.mapping.is_empty() && !p.location.is_empty());
+    // `go tool pprof` takes the first mapping for the main binary.
+    let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    assert_eq!(p.mapping[0].id, 1);
+    assert_eq!(
+        Path::new(s(p.mapping[0].filename)),
+        exe,
+        "first mapping: {:?}",
+        p.mapping.iter().map(|m| s(m.filename)).collect::<Vec<_>>()
+    );
     for m in &p.mapping {
         assert!(m.memory_start < m.memory_limit);
         let name = s(m.filename);

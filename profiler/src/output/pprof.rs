@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use hotpatch_symbolizer::registry::ModuleKind;
+use hotpatch_symbolizer::registry::{Module, ModuleKind};
 use hotpatch_symbolizer::{ModuleId, Registry, Source};
 use prost::Message;
 
@@ -63,16 +63,20 @@ struct MapInfo {
 fn mapping_for(loc: &Location, reg: &Registry) -> Option<(MapKey, MapInfo)> {
     let mref = loc.module.as_ref()?;
     let module = reg.module(mref.id)?;
+    mapping_of(&module, Some(loc.address.0))
+}
+
+/// The mapping of `module` holding `pc` (or its first executable segment).
+fn mapping_of(module: &Module, pc: Option<u64>) -> Option<(MapKey, MapInfo)> {
     let (start, limit, offset, filename, build_id) = match &module.kind {
         ModuleKind::Elf(e) => {
-            let pc = loc.address.0;
             let seg = e
                 .segments
                 .iter()
                 .filter(|s| s.is_exec())
                 .find(|s| {
                     let st = e.bias.to_runtime(s.vaddr).0;
-                    pc.wrapping_sub(st) < s.memsz
+                    pc.is_some_and(|pc| pc.wrapping_sub(st) < s.memsz)
                 })
                 .or_else(|| e.segments.iter().find(|s| s.is_exec()))?;
             let st = e.bias.to_runtime(seg.vaddr).0;
@@ -95,7 +99,7 @@ fn mapping_for(loc: &Location, reg: &Registry) -> Option<(MapKey, MapInfo)> {
     };
     Some((
         MapKey {
-            module: mref.id,
+            module: module.id,
             start,
         },
         MapInfo {
@@ -112,6 +116,22 @@ fn mapping_for(loc: &Location, reg: &Registry) -> Option<(MapKey, MapInfo)> {
     ))
 }
 
+/// The main executable's registry record, if the registry lists it.
+///
+/// `go tool pprof` takes the first `Mapping` for the main binary (the
+/// `File:` line, and the binary it re-symbolizes by default), so it goes
+/// first whether or not a sample landed in it.
+fn main_executable(reg: &Registry) -> Option<Module> {
+    let exe = std::env::current_exe().ok()?;
+    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
+    reg.modules().into_iter().find(|m| {
+        m.unloaded_seq.is_none()
+            && m.elf().is_some_and(|e| {
+                e.path == exe || std::fs::canonicalize(&e.path).is_ok_and(|p| p == exe)
+            })
+    })
+}
+
 impl Report {
     /// The profile as `profile.proto` messages.
     pub fn to_profile(&self) -> proto::Profile {
@@ -122,6 +142,11 @@ impl Report {
         let mut functions: Vec<proto::Function> = Vec::new();
         let mut fn_ids: HashMap<(String, String), u64> = HashMap::new();
         let mut locations = Vec::with_capacity(self.locations.len());
+        // Mapping id 1 is the main executable's (see `main_executable`).
+        if let Some((key, info)) = main_executable(reg).and_then(|m| mapping_of(&m, None)) {
+            mappings.push(info);
+            map_ids.insert(key, 1);
+        }
         for (i, loc) in self.locations.iter().enumerate() {
             let mapping_id = match mapping_for(loc, reg) {
                 Some((key, info)) => {

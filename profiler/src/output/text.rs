@@ -82,3 +82,74 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use hotpatch_symbolizer::{Frame, RuntimeAddr, Seq, Source};
+
+    use crate::report::{Location, Report, Sample, Stats};
+
+    fn loc(name: &str) -> Location {
+        Location {
+            address: RuntimeAddr(0x1000),
+            seq: Seq(0),
+            module: None,
+            frames: vec![Frame {
+                function: Some(name.to_owned()),
+                file: None,
+                line: None,
+                column: None,
+                inlined: false,
+            }],
+            source: Source::Symtab,
+        }
+    }
+
+    /// A function with no self samples but a large cumulative share (a
+    /// plugin's entry point calling a hot leaf) stays above one with less:
+    /// (flat desc, cum desc, name).
+    #[test]
+    fn zero_flat_functions_sort_by_cumulative_then_name() {
+        // 0 leaf, 1 plugin_entry (caller), 2 a_idle, 3 z_other, 4 root
+        let locations = ["leaf", "plugin_entry", "a_idle", "z_other", "root"]
+            .map(loc)
+            .to_vec();
+        let sample = |stack: Vec<usize>, count| Sample {
+            stack,
+            count,
+            thread: String::from("t"),
+        };
+        let samples = vec![
+            sample(vec![0, 1, 4], 50),
+            sample(vec![3, 2, 4], 5),
+            sample(vec![4], 1),
+        ];
+        let report = Report {
+            samples,
+            locations,
+            frequency: 99,
+            start_time: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            inline_frames: true,
+            stats: Stats::default(),
+            errors: Vec::new(),
+            baseline: Vec::new(),
+        };
+        let order: Vec<(String, u64, u64)> = report
+            .top_entries()
+            .into_iter()
+            .map(|e| (e.function, e.flat, e.cum))
+            .collect();
+        let want = [
+            ("leaf", 50, 50),
+            ("z_other", 5, 5),
+            ("root", 1, 56),
+            ("plugin_entry", 0, 50),
+            ("a_idle", 0, 5),
+        ]
+        .map(|(n, f, c)| (n.to_owned(), f, c));
+        assert_eq!(order, want);
+    }
+}
