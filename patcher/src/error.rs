@@ -113,6 +113,24 @@ pub enum Error {
         /// The site's target.
         addr: usize,
     },
+    /// No loaded module matches the name given.
+    #[error(
+        "E_MODULE_NOT_FOUND: no loaded module matches `{module}`; pass a path or file name of a loaded module"
+    )]
+    ModuleNotFound {
+        /// The name asked for.
+        module: String,
+    },
+    /// The symbol is not in the module's symbol tables.
+    #[error("E_SYMBOL_NOT_FOUND: `{symbol}` not found in {module}: {detail}")]
+    SymbolNotFound {
+        /// The module searched.
+        module: String,
+        /// The symbol asked for.
+        symbol: String,
+        /// The symbolizer's answer.
+        detail: String,
+    },
     /// A null target or replacement address.
     #[error("E_NULL_ADDRESS: a null {what} address was passed")]
     NullAddress {
@@ -145,6 +163,8 @@ impl Error {
             Error::ThreadUnstoppable { .. } => "E_THREAD_UNSTOPPABLE",
             Error::CodeChanged { .. } => "E_CODE_CHANGED",
             Error::NotInstalled { .. } => "E_NOT_INSTALLED",
+            Error::ModuleNotFound { .. } => "E_MODULE_NOT_FOUND",
+            Error::SymbolNotFound { .. } => "E_SYMBOL_NOT_FOUND",
             Error::NullAddress { .. } => "E_NULL_ADDRESS",
             Error::Os { .. } => "E_OS",
         }

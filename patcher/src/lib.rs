@@ -19,6 +19,7 @@
 //! Every refusal is an [`Error`] with a stable code ([`Error::code`]).
 //! The safety argument is in the repository's `SAFETY.md`.
 
+pub mod by_name;
 mod code;
 mod counters;
 mod error;

@@ -296,6 +296,26 @@ impl Site {
             });
         }
 
+        if write_cell {
+            // A new cell: name its code for the symbolizer, once. Cells are
+            // never freed nor reused for another target (near.rs), so the
+            // ranges stay registered — a stale `original()` pointer or a
+            // profile sample in them resolves for the life of the process.
+            // Registration can only fail on a reentrant call from a registry
+            // subscriber; the patch is correct without it.
+            let name = opts.name.clone().unwrap_or_else(|| format!("{target:#x}"));
+            let reg = hotpatch_symbolizer::Registry::global();
+            let _ = reg.register_anon(
+                format!("hotpatch::relay<{name}>"),
+                hotpatch_symbolizer::RuntimeAddr(cell.relay as u64),
+                encode::RELAY_LEN as u64,
+            );
+            let _ = reg.register_anon(
+                format!("hotpatch::trampoline<{name}>"),
+                hotpatch_symbolizer::RuntimeAddr(cell.trampoline as u64),
+                cached.tramp.bytes.len() as u64,
+            );
+        }
         cached.written = true;
         g.cells.insert(target, cached.clone());
         g.live.insert(patch_at, (patch_end, target));
