@@ -31,4 +31,4 @@ fi
 # make sure a fresh shell finds it.
 export PATH="$PATH:/usr/lib/go/bin"
 
-exec cargo test --workspace "$@"
+exec cargo test --workspace --no-fail-fast "$@"

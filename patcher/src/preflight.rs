@@ -80,24 +80,35 @@ impl fmt::Display for PreflightReport {
 /// every other refusal is reported in the verdict, not as an error.
 pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<PreflightReport> {
     let target = target as usize;
-    let (a, refusal, bytes) = site::analyse_target(target, known_size)?;
-    let refusal = refusal.or_else(|| {
-        site::is_patched(target).then_some(crate::Error::AlreadyPatched { addr: target })
-    });
+    let (bytes, _maps) = site::read_code(target, known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN))?;
+    let mut report = preflight_bytes(target, &bytes, known_size);
+    if report.verdict.is_ok() && site::is_patched(target) {
+        report.verdict = Err(Refusal::from(&crate::Error::AlreadyPatched {
+            addr: target,
+        }));
+    }
+    Ok(report)
+}
+
+/// The same analysis over bytes that are not (necessarily) mapped in this
+/// process — e.g. a function read from an ELF file at its file offset, with
+/// `entry` its virtual address. Used by the offline `hotpatch inspect`.
+pub fn preflight_bytes(entry: usize, bytes: &[u8], known_size: Option<usize>) -> PreflightReport {
+    let (a, refusal) = decode::analyse(entry, bytes, known_size);
     let overwritten = a
         .overwritten
         .iter()
         .map(|i| {
-            let off = i.ip() as usize - target;
+            let off = i.ip() as usize - entry;
             Overwritten {
                 addr: i.ip() as usize,
-                bytes: bytes[off..off + i.len()].to_vec(),
+                bytes: bytes.get(off..off + i.len()).unwrap_or_default().to_vec(),
                 text: decode::format(i),
             }
         })
         .collect();
-    Ok(PreflightReport {
-        target,
+    PreflightReport {
+        target: entry,
         endbr64: a.endbr.is_some(),
         patch_at: a.patch_at,
         patch_len: a.patch_len,
@@ -107,5 +118,5 @@ pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<Preflig
             None => Ok(()),
             Some(e) => Err(Refusal::from(&e)),
         },
-    })
+    }
 }

@@ -22,7 +22,7 @@ use crate::maps;
 use crate::near::{CELL_SIZE, Cell, Pool, TRAMPOLINE_OFFSET};
 use crate::ranges::{self, CodeRange, RangeKind};
 use crate::world::{self, Whereabouts};
-use crate::x86_64::decode::{self, Analysis};
+use crate::x86_64::decode;
 use crate::x86_64::encode;
 use crate::x86_64::relocate::{self, Trampoline};
 
@@ -128,16 +128,6 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, Vec<maps
     // produce (it takes function pointers of loaded code).
     unsafe { std::ptr::copy_nonoverlapping(target as *const u8, bytes.as_mut_ptr(), n) };
     Ok((bytes, all))
-}
-
-/// Analyses `target` as install would, without changing anything.
-pub(crate) fn analyse_target(
-    target: usize,
-    known_size: Option<usize>,
-) -> Result<(Analysis, Option<Error>, Vec<u8>)> {
-    let (bytes, _maps) = read_code(target, known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN))?;
-    let (a, refusal) = decode::analyse(target, &bytes, known_size);
-    Ok((a, refusal, bytes))
 }
 
 /// A live patch site (the untyped core of [`crate::Hook`]).

@@ -401,3 +401,35 @@ fn threads_parked_inside_the_prologue_are_moved_both_ways() {
     }
     assert_no_wx("fix-ups");
 }
+
+/// Installs from several threads at once, on different targets, are
+/// serialized internally and all succeed; a second install on a patched
+/// target is refused with E_ALREADY_PATCHED.
+#[test]
+fn concurrent_installs_on_different_targets_all_succeed() {
+    let _s = serial();
+    let mut mem = ExecMem::new(1);
+    let fns: Vec<extern "C" fn(u64) -> u64> = (0..4)
+        .map(|i| many_small_instructions(&mut mem, i * 64))
+        .collect();
+    mem.seal();
+    std::thread::scope(|s| {
+        for &f in &fns {
+            s.spawn(move || {
+                for _ in 0..50 {
+                    let mut h = Hook::install(f, v2 as extern "C" fn(u64) -> u64)
+                        .expect("concurrent install");
+                    let again = Hook::install(f, v3 as extern "C" fn(u64) -> u64);
+                    assert_eq!(
+                        again.map(|_| ()).map_err(|e| e.code()),
+                        Err("E_ALREADY_PATCHED")
+                    );
+                    assert_eq!(f(3), v2(3));
+                    h.remove().expect("remove");
+                    assert_eq!(f(3), 15);
+                }
+            });
+        }
+    });
+    assert_no_wx("concurrent installs");
+}

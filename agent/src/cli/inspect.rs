@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hotpatch_patcher::x86_64::decode;
-use hotpatch_patcher::{Overwritten, PreflightReport, Refusal};
 use hotpatch_symbolizer::{DebugSearch, ElfSymbolizer};
 use object::{Object, ObjectSegment, SegmentFlags};
 use serde_json::{Value, json};
@@ -142,31 +141,7 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     let start = (off + delta) as usize;
     let end = (off + delta + want.min(fsz - delta)) as usize;
     let bytes = data.get(start..end).ok_or_else(not_exec)?;
-    let (a, refusal) = decode::analyse(vaddr as usize, bytes, known);
-    let entry = vaddr as usize;
-    let report = PreflightReport {
-        target: entry,
-        endbr64: a.endbr.is_some(),
-        patch_at: a.patch_at,
-        patch_len: a.patch_len,
-        overwritten: a
-            .overwritten
-            .iter()
-            .map(|i| {
-                let o = i.ip() as usize - entry;
-                Overwritten {
-                    addr: i.ip() as usize,
-                    bytes: bytes.get(o..o + i.len()).unwrap_or_default().to_vec(),
-                    text: decode::format(i),
-                }
-            })
-            .collect(),
-        scan: a.scan,
-        verdict: match refusal {
-            None => Ok(()),
-            Some(e) => Err(Refusal::from(&e)),
-        },
-    };
+    let report = hotpatch_patcher::preflight_bytes(vaddr as usize, bytes, known);
     Ok(json!({
         "target": format!("{}:{}", file.display(), symbol),
         "file": file.display().to_string(),
