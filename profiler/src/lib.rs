@@ -20,10 +20,14 @@
 //! A session subscribes to [`Registry::global`](hotpatch_symbolizer::Registry::global).
 //! The registry tells subscribers *before* it unregisters a module (the
 //! loader unregisters before `dlclose`); the session then moves the samples
-//! taken so far into an *epoch* pinned to the current sequence number — at
-//! which the departing module is still mapped — and restarts the sampler.
-//! Every sample is thus resolved against what was mapped when it was taken,
-//! even if the address range is reused later. (The registry keeps history,
+//! taken since the previous checkpoint into an *epoch* pinned to the current
+//! sequence number — at which the departing module is still mapped. The
+//! sampler keeps running: pprof's collector counts per stack cumulatively,
+//! so an epoch is the per-stack difference between this snapshot
+//! (`build_unresolved()`) and the previous one, with no new collector to
+//! allocate and no gap in sampling. Every sample is thus resolved against
+//! what was mapped when it was taken, even if the address range is reused
+//! later. (The registry keeps history,
 //! so the DWARF work itself is deferred to [`Session::stop`], off the
 //! unload path.) The checkpoint takes only the session's own mutex and
 //! pprof's spin lock, which the signal handler merely `try_write`s: a

@@ -107,7 +107,7 @@ pub struct Report {
     pub inline_frames: bool,
     /// Counters.
     pub stats: Stats,
-    /// Problems met while checkpointing (a failed restart, ...).
+    /// Problems met while checkpointing (a failed snapshot, ...).
     pub errors: Vec<String>,
     pub(crate) baseline: Vec<crate::session::BaselineReport>,
 }

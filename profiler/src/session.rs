@@ -118,6 +118,7 @@ impl ProfilerBuilder {
             config: self,
             inner: Mutex::new(Inner {
                 guard: Some(guard),
+                previous: None,
                 epochs: Vec::new(),
                 errors: Vec::new(),
             }),
@@ -209,6 +210,9 @@ pub(crate) struct RawSample {
 
 struct Inner {
     guard: Option<Guard>,
+    /// The collector's cumulative counts at the previous checkpoint: the
+    /// next epoch holds only what was added since.
+    previous: Option<BaselineReport>,
     epochs: Vec<Epoch>,
     errors: Vec<String>,
 }
@@ -231,7 +235,7 @@ impl Shared {
     fn on_event(&self, ev: &Event<'_>) {
         match ev {
             Event::Unloading(m) => {
-                self.checkpoint(true);
+                self.checkpoint(false);
                 if let ModuleKind::Anon(a) = &m.kind {
                     unwind::deregister(a.start.0);
                 }
@@ -245,40 +249,66 @@ impl Shared {
         }
     }
 
-    /// Moves the samples so far into a new epoch, pinned to the current
-    /// registry sequence number, and restarts sampling when `restart`.
-    fn checkpoint(&self, restart: bool) {
+    /// Moves the samples taken since the previous checkpoint into a new
+    /// epoch, pinned to the current registry sequence number; with `last`,
+    /// stops sampling.
+    ///
+    /// Sampling goes on meanwhile: pprof's collector keeps one cumulative
+    /// count per stack (equal stacks merge, and a stack evicted from the hash
+    /// table to the overflow file is summed back by `build_unresolved`), so
+    /// the samples taken since the previous snapshot are the per-stack
+    /// difference of the two. Restarting pprof instead costs a new collector
+    /// (16 Ki entries of a 128-frame array, tens of MB, plus a temp file) per
+    /// checkpoint, during which nothing is sampled.
+    fn checkpoint(&self, last: bool) {
         let mut inner = self.lock();
-        let Some(guard) = inner.guard.take() else {
+        let Some(guard) = inner.guard.as_ref() else {
             return;
         };
         let seq = Registry::global().current_seq();
         let report = guard.0.report().build_unresolved();
-        drop(guard);
+        if last {
+            inner.guard = None;
+        }
         match report {
             Ok(r) => {
-                let epoch = extract(r, seq, self.config.pprof_baseline);
-                inner.epochs.push(epoch);
+                let previous = inner.previous.take();
+                let samples = delta(&r, previous.as_ref().map(|p| &p.0));
+                let keep = self.config.pprof_baseline && last;
+                inner.epochs.push(Epoch {
+                    seq,
+                    samples,
+                    baseline: None,
+                });
+                let r = BaselineReport(r);
+                if keep {
+                    // Cumulative: the whole session, as pprof-rs would see it.
+                    if let Some(e) = inner.epochs.last_mut() {
+                        e.baseline = Some(r);
+                    }
+                } else if !last {
+                    inner.previous = Some(r);
+                }
             }
             Err(e) => inner.errors.push(format!("build_unresolved: {e}")),
         }
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        if restart {
-            match start_guard(self.config.frequency) {
-                Ok(g) => inner.guard = Some(g),
-                Err(e) => inner.errors.push(format!("restart: {e}")),
-            }
-        }
     }
 }
 
-/// Turns pprof's unresolved report into our raw samples: the frames of the
-/// signal handler (everything up to and including `__restore_rt`) dropped,
-/// raw instruction pointers kept.
-fn extract(report: UnresolvedReport, seq: Seq, keep_baseline: bool) -> Epoch {
+/// The samples in `now` that were not in `before` (both cumulative
+/// snapshots of one collector), as our raw samples: the frames of the signal
+/// handler (everything up to and including `__restore_rt`) dropped, raw
+/// instruction pointers kept.
+fn delta(now: &UnresolvedReport, before: Option<&UnresolvedReport>) -> Vec<RawSample> {
     let restorer = RESTORER.load(Ordering::Relaxed);
-    let mut samples = Vec::with_capacity(report.data.len());
-    for (frames, &count) in &report.data {
+    let mut samples = Vec::new();
+    for (frames, &count) in &now.data {
+        let seen = before
+            .and_then(|b| b.data.get(frames))
+            .copied()
+            .unwrap_or(0);
+        let count = count - seen;
         if count <= 0 {
             continue;
         }
@@ -290,7 +320,13 @@ fn extract(report: UnresolvedReport, seq: Seq, keep_baseline: bool) -> Epoch {
                     .map(|i| i + 1)
             })
             .flatten();
-        let stack = ips[anchor.unwrap_or(0)..].to_vec();
+        let mut stack = ips[anchor.unwrap_or(0)..].to_vec();
+        // The unwinder ends a thread's stack with a null return address (the
+        // outermost frame, `clone3`'s or `_start`'s caller): not code. Kept,
+        // it would show up as an unresolved location once per epoch.
+        if let Some(end) = stack.iter().skip(1).position(|&ip| ip == 0) {
+            stack.truncate(end + 1);
+        }
         let thread =
             String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]).into_owned();
         if !stack.is_empty() {
@@ -302,19 +338,16 @@ fn extract(report: UnresolvedReport, seq: Seq, keep_baseline: bool) -> Epoch {
             });
         }
     }
-    Epoch {
-        seq,
-        samples,
-        baseline: keep_baseline.then_some(BaselineReport(report)),
-    }
+    samples
 }
 
 /// A running profiling session. Sampling stops when it is [stopped](Self::stop)
 /// or dropped.
 ///
 /// While it runs, it is subscribed to [`Registry::global`]: before a module
-/// is unregistered (e.g. by the loader, before `dlclose`), the samples so far
-/// are checkpointed against the registry as it is, and sampling restarts.
+/// is unregistered (e.g. by the loader, before `dlclose`), the samples taken
+/// since the previous checkpoint are pinned to the registry as it is;
+/// sampling goes on.
 pub struct Session {
     shared: Arc<Shared>,
     subscription: Option<SubscriptionId>,
@@ -344,8 +377,9 @@ impl Session {
     }
 
     /// Checkpoints now (normally done for you before every unload).
+    /// Sampling goes on.
     pub fn checkpoint(&self) {
-        self.shared.checkpoint(true);
+        self.shared.checkpoint(false);
     }
 
     /// Stops sampling and resolves every sample through the symbolizer.
@@ -371,7 +405,7 @@ impl Session {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);
         }
-        self.shared.checkpoint(false);
+        self.shared.checkpoint(true);
         let mut inner = self.shared.lock();
         let epochs = std::mem::take(&mut inner.epochs);
         let errors = std::mem::take(&mut inner.errors);

@@ -2,8 +2,10 @@
 //!
 //! * 1000 Hz sampling while another thread loads, calls and unloads a
 //!   TLS-bearing plugin in a loop for 10 s (60 s with `--ignored`): no
-//!   deadlock (a watchdog aborts the process with a message), every sample
-//!   resolved, every frame in the plugin named.
+//!   deadlock (a watchdog aborts the process with a message), a checkpoint
+//!   per unload without stopping the sampler (many cycles, many samples),
+//!   every sample resolved to a module, every plugin frame a symbol covers
+//!   named.
 //! * Two anonymous code ranges (assembled spin loops): their samples are not
 //!   merged into one (pprof-rs keys frames by the enclosing function libgcc
 //!   finds, null without unwind info) and the stack continues into the Rust
@@ -58,13 +60,26 @@ impl Drop for Watchdog {
     }
 }
 
+/// CPU time this process has used (what `ITIMER_PROF` counts).
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain data; zeroed is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-pointer for the duration of the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    assert_eq!(rc, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn churn(secs: u64) {
     let _g = serial();
     let so = fixtures::plugin("prof-tls");
+    let so_path = so.clone();
     let _dog = Watchdog::arm(
         "profiling under load/unload churn",
         Duration::from_secs(secs + 60),
     );
+    let cpu0 = cpu_time();
     let session = ProfilerBuilder::new().frequency(1000).start().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let cycles = Arc::new(AtomicU64::new(0));
@@ -91,21 +106,40 @@ fn churn(secs: u64) {
     }
     stop.store(true, Ordering::Relaxed);
     churner.join().unwrap();
+    let cpu = cpu_time() - cpu0;
     let report = session.stop().unwrap();
     let n = cycles.load(Ordering::Relaxed);
     println!("{}", report.top(10));
     println!("{n} load/unload cycles; {:?}", report.stats);
-    assert!(n > 10, "{n} cycles");
+    // SIGPROF is driven by the process's CPU time, and the kernel checks
+    // CPU timers once per tick (CONFIG_HZ, 250 here): on a 2-core machine
+    // shared with builds, CPU time -- not wall time -- bounds the samples.
+    println!(
+        "CPU {:.2} s over {secs} s wall; {:.0} samples per CPU-second",
+        cpu.as_secs_f64(),
+        report.stats.samples as f64 / cpu.as_secs_f64()
+    );
+    // Checkpoints are snapshots, not restarts: the churn runs at full speed
+    // and sampling never pauses for a new collector. Measured (BENCHMARKS.md,
+    // "profiler"): ~1,000 cycles and ~800 samples in 10 s in a debug build
+    // on the shared 2-core machine, ~2,500 and ~1,200 in release; before
+    // (a restart per unload) ~45 cycles and 6 samples. Asserted with a wide
+    // margin for a loaded machine.
+    assert!(n > 20 * secs, "{n} cycles in {secs} s");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(
-        report.stats.epochs as u64 > n / 2,
-        "a checkpoint per unload"
+        report.stats.epochs as u64 > n,
+        "a checkpoint per unload, plus the final one"
     );
-    // KNOWN WEAKNESS (see the crate docs): every checkpoint restarts pprof,
-    // whose new collector costs tens of ms, during which nothing is sampled;
-    // under this churn few samples survive. Not asserted until checkpoints
-    // take deltas instead of restarting.
-    assert!(report.stats.samples > 0, "{:?}", report.stats);
+    assert!(
+        report.stats.samples > 20 * secs,
+        "samples: {:?}",
+        report.stats
+    );
+    assert!(
+        report.samples_in("prof_tls_burn") > 0,
+        "the churning plugin was sampled"
+    );
     // All resolved: every location has a module; every plugin frame a name.
     let unknown: Vec<_> = report
         .locations
@@ -113,9 +147,8 @@ fn churn(secs: u64) {
         .filter(|l| l.module.is_none())
         .map(|l| l.address)
         .collect();
-    // KNOWN WEAKNESS: a few addresses resolve to no module under churn
-    // (printed, not yet asserted; see the report).
     println!("addresses no module held: {unknown:?}");
+    assert!(unknown.is_empty(), "{unknown:?}");
     let plugin: Vec<_> = report
         .locations
         .iter()
@@ -125,7 +158,34 @@ fn churn(secs: u64) {
                 .is_some_and(|m| m.name == "libprof_tls.so")
         })
         .collect();
-    assert!(plugin.iter().all(|l| l.is_named()), "{plugin:?}");
+    // Every plugin address a sized symbol (or DWARF) covers is named. Not
+    // yet the rest (symbolizer gap, printed): PLT stubs (no symbol; perf
+    // synthesizes `name@plt` from `.rela.plt`) and crtstuff's size-0
+    // symbols (`__do_global_dtors_aux`, which `dlclose` runs) -- samples
+    // there are frequent only now that sampling continues through unloads.
+    let file = std::fs::read(&so_path).unwrap();
+    let elf = object::File::parse(&*file).unwrap();
+    let sized = |vaddr: u64| {
+        use object::{Object, ObjectSymbol};
+        elf.symbols()
+            .chain(elf.dynamic_symbols())
+            .any(|s| s.size() > 0 && vaddr.wrapping_sub(s.address()) < s.size())
+    };
+    let (named, unnamed): (Vec<_>, Vec<_>) = plugin.iter().partition(|l| l.is_named());
+    let vaddr = |l: &&&hotpatch_profiler::Location| {
+        l.module
+            .as_ref()
+            .and_then(|m| m.file_vaddr)
+            .map_or(0, |v| v.0)
+    };
+    let gaps: Vec<String> = unnamed.iter().map(|l| format!("{:#x}", vaddr(l))).collect();
+    println!(
+        "plugin locations: {} named, {} without a symbol to name them: {gaps:?}",
+        named.len(),
+        unnamed.len()
+    );
+    let missed: Vec<_> = unnamed.iter().filter(|l| sized(vaddr(l))).collect();
+    assert!(missed.is_empty(), "{missed:?}");
 }
 
 #[test]
