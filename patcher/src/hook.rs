@@ -80,6 +80,15 @@ impl_function!(A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12);
 /// assert_eq!(price_fn(10), 21);
 /// ```
 ///
+/// A replacement of another signature does not compile:
+///
+/// ```compile_fail
+/// use hotpatch_patcher::Hook;
+/// fn price(x: u64) -> u64 { x }
+/// fn wrong(x: u32) -> u64 { x as u64 }
+/// let _ = Hook::install(price as fn(u64) -> u64, wrong as fn(u32) -> u64);
+/// ```
+///
 /// Calling through a Rust function *item* (`price(10)`) may be inlined or
 /// resolved at compile time by the optimizer; patching affects calls that
 /// reach the function's code, which `#[inline(never)]` functions and calls
