@@ -7,7 +7,9 @@
 //! Here the sampler only captures raw instruction pointers
 //! (`build_unresolved()`); resolution goes through
 //! [`hotpatch_symbolizer`], whose registry remembers which module was mapped
-//! where *at which sequence number*.
+//! where *at which sequence number*. What it leaves unnamed because no
+//! symbol covers it — PLT stubs, crt code under size-0 symbols — is named
+//! from the file's symbol tables (`target@plt`, `_init`, ...).
 //!
 //! # Lifecycle
 //!
@@ -73,6 +75,7 @@
 //! ```
 
 pub mod error;
+mod fallback;
 pub mod output;
 pub mod report;
 mod session;

@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime};
 use hotpatch_symbolizer::registry::ModuleKind;
 use hotpatch_symbolizer::resolve::ModuleRef;
 use hotpatch_symbolizer::{
-    DebugSearch, Frame, ModuleId, Registry, RuntimeAddr, Seq, Source, Symbolizer,
+    DebugSearch, Frame, ModuleId, Registry, RuntimeAddr, Seq, Source, Symbolizer, demangle,
 };
 
+use crate::fallback::Fallback;
 use crate::session::{Epoch, RawSample};
 
 /// One resolved address.
@@ -162,7 +163,29 @@ impl Report {
                 }
             }
         }
-        let resolved = sym.resolve_batch(reg, &pairs, inlines);
+        let mut resolved = sym.resolve_batch(reg, &pairs, inlines);
+        // PLT stubs and code under size-0 symbols: named from the file's
+        // symbol tables (see `fallback`).
+        let mut fallback = Fallback::default();
+        for r in resolved.iter_mut().filter(|r| r.frames.is_empty()) {
+            let Some((path, vaddr)) = r
+                .module
+                .as_ref()
+                .and_then(|m| Some((m.path.as_ref()?, m.file_vaddr?)))
+            else {
+                continue;
+            };
+            if let Some(name) = fallback.name(path, vaddr.0) {
+                r.frames = vec![Frame {
+                    function: Some(demangle(&name)),
+                    file: None,
+                    line: None,
+                    column: None,
+                    inlined: false,
+                }];
+                r.source = Source::Symtab;
+            }
+        }
         let mut locations: Vec<Location> = Vec::new();
         let mut by_key: HashMap<LocKey, usize> = HashMap::new();
         let mut pair_to_loc: Vec<usize> = Vec::with_capacity(resolved.len());
