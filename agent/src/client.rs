@@ -106,7 +106,12 @@ impl Client {
             detail: format!("cannot encode the request: {e}"),
         })?;
         line.push(b'\n');
-        self.send_raw(&line)?;
+        if let Err(send_err) = self.send_raw(&line) {
+            // The agent may have answered and closed before reading (a
+            // refused peer, a shutting-down host): its reply, if any, says
+            // more than our broken pipe.
+            return self.read_reply().map_or(Err(send_err), Ok);
+        }
         self.read_reply()
     }
 

@@ -130,6 +130,23 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, Vec<maps
     Ok((bytes, all))
 }
 
+/// Reads `buf.len()` bytes at `addr` of this process with
+/// `process_vm_readv`: an unmapped address is an error, not a fault.
+fn read_self(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes our writable buffer; the kernel validates
+    // `remote` and fails with EFAULT instead of faulting.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == buf.len() as isize
+}
+
 /// A live patch site (the untyped core of [`crate::Hook`]).
 ///
 /// Dropping a site removes it; when removal fails (a thread could not be
@@ -148,6 +165,9 @@ pub struct Site {
     installed: bool,
     name: String,
     stop_timeout: Duration,
+    /// The pages holding the 5 jump bytes and their protections at install:
+    /// remove restores exactly these (and needs no `/proc/self/maps` read).
+    entry_pages: Pages,
 }
 
 impl Site {
@@ -334,6 +354,7 @@ impl Site {
             installed: true,
             name,
             stop_timeout: opts.stop_timeout,
+            entry_pages,
         })
     }
 
@@ -405,17 +426,20 @@ impl Site {
         }
         let mut guard = lock_global();
         let g = guard.get_or_insert_with(Global::default);
-        let (now, maps) = read_code(self.patch_at, self.original.len())?;
-        if now[..5] != self.written {
+        // Only the 5 jump bytes ever changed (the rest of the overwritten
+        // instructions were left in place), so only they are restored, on
+        // the pages recorded at install.
+        let mut now = [0u8; 5];
+        if !read_self(self.patch_at, &mut now) || now != self.written {
             return Err(Error::CodeChanged {
                 addr: self.patch_at,
             });
         }
-        let pages = Pages::covering(&maps, self.patch_at, self.original.len())?;
+        let pages = self.entry_pages;
         let patch_at = self.patch_at;
         let patch_end = patch_at + self.original.len();
         let tramp = &self.tramp;
-        let original = &self.original;
+        let original = &self.original[..5];
         let body_end = tramp.jmp_back_at;
         with_world_stopped(
             self.stop_timeout,
