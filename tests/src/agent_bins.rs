@@ -2,15 +2,11 @@
 //! binaries and the demo plugins, built from source, and a `demo-target
 //! serve` process with a socket directory of its own.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-use crate::fixtures::{fixture_target_dir, workspace_root};
 
 /// Built binaries and plugins.
 #[derive(Debug, Clone)]
@@ -36,8 +32,7 @@ static LOCK: Mutex<Option<Bins>> = Mutex::new(None);
 
 /// Builds (once per process; cargo's freshness check across processes)
 /// `hotpatch`, `demo-target` and the demo plugins with the `fixture`
-/// profile into the fixture target directory, under the same `flock` as
-/// [`crate::fixtures::plugin`].
+/// profile into the fixture target directory ([`crate::fixtures::build`]).
 ///
 /// # Panics
 /// When cargo fails: the panic carries its output.
@@ -46,30 +41,13 @@ pub fn bins() -> Bins {
     if let Some(b) = g.as_ref() {
         return b.clone();
     }
-    let dir = fixture_target_dir();
-    std::fs::create_dir_all(&dir).expect("create fixture target dir");
-    let lock = File::create(dir.join(".build-lock")).expect("create build lock");
-    // SAFETY: `lock` is an open file descriptor owned by this frame; flock
-    // has no memory-safety preconditions; the lock is released when `lock`
-    // is closed at the end of this function.
-    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "--quiet", "--profile", "fixture"])
-        .args(["-p", "hotpatch-agent", "-p", "demo-target"])
-        .args(["-p", "pricing-v1", "-p", "pricing-v2", "-p", "pricing-fix"])
-        .arg("--target-dir")
-        .arg(&dir)
-        .output()
-        .expect("spawn cargo");
-    assert!(
-        out.status.success(),
-        "building hotpatch/demo-target failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = dir.join("fixture");
+    let d = crate::fixtures::build(&[
+        "hotpatch-agent",
+        "demo-target",
+        "pricing-v1",
+        "pricing-v2",
+        "pricing-fix",
+    ]);
     let b = Bins {
         hotpatch: d.join("hotpatch"),
         demo: d.join("demo-target"),

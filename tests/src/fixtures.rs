@@ -22,17 +22,17 @@ pub fn fixture_target_dir() -> PathBuf {
 
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
-/// Builds the workspace package `package` (a `cdylib`) with the `fixture`
-/// profile and returns the path of its shared object.
+/// Builds the workspace packages `packages` with the `fixture` profile into
+/// [`fixture_target_dir`] and returns the directory holding the artifacts.
 ///
 /// Serialized within the process by a mutex and across processes by an
 /// `flock` on the fixture target directory. Cargo's own freshness check makes
 /// repeated calls cheap.
 ///
 /// # Panics
-/// When cargo fails or the `.so` is not where cargo puts it: a test cannot
-/// run without its fixture, and the panic carries cargo's output.
-pub fn plugin(package: &str) -> PathBuf {
+/// When cargo fails: a test cannot run without its fixture, and the panic
+/// carries cargo's output.
+pub fn build(packages: &[&str]) -> PathBuf {
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = fixture_target_dir();
     std::fs::create_dir_all(&dir).expect("create fixture target dir");
@@ -44,21 +44,32 @@ pub fn plugin(package: &str) -> PathBuf {
     assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "--quiet", "--profile", "fixture", "-p", package])
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "--profile", "fixture"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let out = cmd
         .arg("--target-dir")
         .arg(&dir)
         .output()
         .expect("spawn cargo");
     assert!(
         out.status.success(),
-        "building fixture {package} failed:\n{}",
+        "building fixtures {packages:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let so = dir
-        .join("fixture")
-        .join(format!("lib{}.so", package.replace('-', "_")));
+    dir.join("fixture")
+}
+
+/// Builds the workspace package `package` (a `cdylib`) with the `fixture`
+/// profile and returns the path of its shared object. See [`build`].
+///
+/// # Panics
+/// As [`build`], and when the `.so` is not where cargo puts it.
+pub fn plugin(package: &str) -> PathBuf {
+    let so = build(&[package]).join(format!("lib{}.so", package.replace('-', "_")));
     assert!(
         so.is_file(),
         "cargo built {package} but {} is missing",

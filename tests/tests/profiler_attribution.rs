@@ -130,16 +130,16 @@ fn run() -> &'static Run {
         let mut hook = Hook::install(target, hooked_replacement as extern "C" fn(u64) -> u64)
             .expect("install hook");
         ORIGINAL.store(hook.original() as usize, Ordering::Relaxed);
-        // Until the patcher registers its ranges itself, do it here.
-        for r in hotpatch_patcher::ranges::live() {
-            if reg
-                .lookup(RuntimeAddr(r.start as u64), reg.current_seq())
-                .is_none()
-            {
-                reg.register_anon(r.name.clone(), RuntimeAddr(r.start as u64), r.len as u64)
-                    .unwrap();
-            }
-        }
+        // The patcher registered the site's relay and trampoline with the
+        // registry itself.
+        let tramp = reg.lookup(
+            RuntimeAddr(hook.original() as usize as u64),
+            reg.current_seq(),
+        );
+        assert!(
+            tramp.is_some(),
+            "the trampoline is a registered anonymous range"
+        );
         let call = std::hint::black_box(target);
         spin(PHASE * 3, || {
             let mut x = 1;
