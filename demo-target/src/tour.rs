@@ -202,8 +202,23 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     t.step("the profile, taken while v1 was loaded, still names the plugin's frames");
     match top {
         Some(top) => {
-            for line in top.lines() {
-                println!("  {line}");
+            // The full list starts with inlined std helpers (innermost
+            // frames); show the header and the application's and plugins'
+            // own functions, which is what this step is about.
+            let ours: Vec<&str> = top
+                .lines()
+                .filter(|l| l.contains("pricing"))
+                .collect();
+            let header = top.lines().find(|l| l.contains("flat%"));
+            if let (Some(h), false) = (header, ours.is_empty()) {
+                println!("  {h}");
+                for line in ours {
+                    println!("  {line}");
+                }
+            } else {
+                for line in top.lines() {
+                    println!("  {line}");
+                }
             }
             println!("\n  wrote {}", profile.display());
             println!("  wrote {}", svg.display());
@@ -222,7 +237,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
 /// `None` when this build cannot profile.
 fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> {
     println!(
-        "  $ hotpatch profile --seconds 2 -o {} --flamegraph {} --top 8",
+        "  $ hotpatch profile --seconds 2 -o {} --flamegraph {} --top 40",
         profile.display(),
         svg.display()
     );
@@ -231,7 +246,7 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
         .request(&Request::Profile {
             seconds: 2.0,
             hz: Some(997),
-            top: Some(8),
+            top: Some(40),
             flamegraph: true,
         })
         .map_err(|e| e.to_string())?;
