@@ -205,10 +205,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
             // The full list starts with inlined std helpers (innermost
             // frames); show the header and the application's and plugins'
             // own functions, which is what this step is about.
-            let ours: Vec<&str> = top
-                .lines()
-                .filter(|l| l.contains("pricing"))
-                .collect();
+            let ours: Vec<&str> = top.lines().filter(|l| l.contains("pricing")).collect();
             let header = top.lines().find(|l| l.contains("flat%"));
             if let (Some(h), false) = (header, ours.is_empty()) {
                 println!("  {h}");
