@@ -13,8 +13,9 @@
 //! - [`Site`]: the raw API over addresses (`unsafe`), e.g. for a symbol
 //!   found by name.
 //! - [`preflight`]: the analysis install runs, as a report.
-//! - [`world`]: stop-the-world used by install and remove; [`ranges`]: the
-//!   named code ranges handed to the symbolizer.
+//! - [`world`]: stop-the-world used by install and remove; relays and
+//!   trampolines are registered with the symbolizer as named ranges;
+//!   [`by_name`]: targets found by module and symbol name.
 //!
 //! Every refusal is an [`Error`] with a stable code ([`Error::code`]).
 //! The safety argument is in the repository's `SAFETY.md`.
@@ -27,7 +28,6 @@ mod hook;
 pub mod maps;
 mod near;
 mod preflight;
-pub mod ranges;
 mod site;
 pub mod verify;
 pub mod world;

@@ -20,7 +20,6 @@ use crate::counters as stats;
 use crate::error::{Error, Result};
 use crate::maps;
 use crate::near::{CELL_SIZE, Cell, Pool, TRAMPOLINE_OFFSET};
-use crate::ranges::{self, CodeRange, RangeKind};
 use crate::world::{self, Whereabouts};
 use crate::x86_64::decode;
 use crate::x86_64::encode;
@@ -306,6 +305,7 @@ impl Site {
             });
         }
 
+        let name = opts.name.clone().unwrap_or_else(|| format!("{target:#x}"));
         if write_cell {
             // A new cell: name its code for the symbolizer, once. Cells are
             // never freed nor reused for another target (near.rs), so the
@@ -313,7 +313,6 @@ impl Site {
             // profile sample in them resolves for the life of the process.
             // Registration can only fail on a reentrant call from a registry
             // subscriber; the patch is correct without it.
-            let name = opts.name.clone().unwrap_or_else(|| format!("{target:#x}"));
             let reg = hotpatch_symbolizer::Registry::global();
             let _ = reg.register_anon(
                 format!("hotpatch::relay<{name}>"),
@@ -329,19 +328,6 @@ impl Site {
         cached.written = true;
         g.cells.insert(target, cached.clone());
         g.live.insert(patch_at, (patch_end, target));
-        let name = opts.name.clone().unwrap_or_else(|| format!("{target:#x}"));
-        ranges::add(CodeRange {
-            kind: RangeKind::Relay,
-            name: format!("hotpatch::relay<{name}>"),
-            start: cell.relay,
-            len: encode::RELAY_LEN,
-        });
-        ranges::add(CodeRange {
-            kind: RangeKind::Trampoline,
-            name: format!("hotpatch::trampoline<{name}>"),
-            start: cell.trampoline,
-            len: cached.tramp.bytes.len(),
-        });
         Ok(Site {
             entry: target,
             patch_at,
@@ -467,8 +453,6 @@ impl Site {
         )?;
         self.installed = false;
         g.live.remove(&self.patch_at);
-        ranges::retire(self.cell.relay);
-        ranges::retire(self.cell.trampoline);
         Ok(())
     }
 

@@ -325,27 +325,21 @@ where
                 name: Some("verify".into()),
                 ..Default::default()
             };
+            let deadline = start + this.max_time;
             'cycles: for _ in 0..this.cycles {
-                if start.elapsed() > this.max_time {
+                if Instant::now() > deadline {
                     break;
                 }
-                // A thread that cannot be stopped right now (e.g. starved
-                // of CPU past the stop timeout) makes install refuse; that
-                // is a correct answer, so retry rather than count a failure.
-                let mut hook = loop {
-                    match Hook::install_with(this.target, this.replacements[0], &opts) {
-                        Ok(h) => break h,
-                        Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
-                            report.unstoppable_refusals += 1;
-                            if start.elapsed() > this.max_time {
-                                break 'cycles;
-                            }
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(e) => {
-                            report.outcome = Outcome::Unsafe(format!("install failed: {e}"));
-                            break 'cycles;
-                        }
+                let installed =
+                    retry_unstoppable(&mut report.unstoppable_refusals, deadline, || {
+                        Hook::install_with(this.target, this.replacements[0], &opts)
+                    });
+                let mut hook = match installed {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => {
+                        report.outcome = Outcome::Unsafe(format!("install failed: {e}"));
+                        break;
                     }
                 };
                 check_wx(&mut report.wx_seen);
@@ -362,17 +356,19 @@ where
                     report.outcome = Outcome::Unsafe(format!("disable/enable failed: {e}"));
                     break;
                 }
-                loop {
-                    match hook.remove() {
-                        Ok(()) => break,
-                        Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
-                            report.unstoppable_refusals += 1;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(e) => {
-                            report.outcome = Outcome::Unsafe(format!("remove failed: {e}"));
-                            break 'cycles;
-                        }
+                match retry_unstoppable(&mut report.unstoppable_refusals, deadline, || {
+                    hook.remove()
+                }) {
+                    Ok(Some(())) => {}
+                    Ok(None) => {
+                        report.outcome = Outcome::Unsafe(
+                            "remove refused (E_THREAD_UNSTOPPABLE) until the time limit".into(),
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        report.outcome = Outcome::Unsafe(format!("remove failed: {e}"));
+                        break;
                     }
                 }
                 check_wx(&mut report.wx_seen);
@@ -413,6 +409,30 @@ where
             }
         }
         report
+    }
+}
+
+/// Runs `op` until it does not answer `E_THREAD_UNSTOPPABLE` (a thread that
+/// cannot be stopped right now, e.g. starved of CPU past the stop timeout, is
+/// a correct refusal, so it is retried, counted in `refusals`); `Ok(None)`
+/// once `deadline` passes.
+fn retry_unstoppable<T>(
+    refusals: &mut u64,
+    deadline: Instant,
+    mut op: impl FnMut() -> crate::Result<T>,
+) -> crate::Result<Option<T>> {
+    loop {
+        match op() {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+                *refusals += 1;
+                if Instant::now() > deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
