@@ -86,6 +86,12 @@ pub struct Stats {
     pub epochs: usize,
     /// Samples whose signal frame was not found (leaf may be imprecise).
     pub unanchored_samples: u64,
+    /// Samples dropped because unwind info for an anonymous range was being
+    /// registered at that instant (the handler gate, `unwind.rs`).
+    pub gate_dropped_samples: u64,
+    /// Anonymous ranges left without unwind info because a running sample
+    /// handler did not finish within the gate's wait (200 ms).
+    pub unwind_registrations_skipped: u64,
     /// Wall time spent resolving.
     pub resolve_time: Duration,
 }
@@ -245,6 +251,8 @@ impl Report {
             unknown_module_locations: locations.iter().filter(|l| l.module.is_none()).count(),
             epochs: n_epochs,
             unanchored_samples: unanchored,
+            gate_dropped_samples: 0,
+            unwind_registrations_skipped: 0,
             resolve_time: started.elapsed(),
         };
         Report {

@@ -114,6 +114,12 @@ impl ProfilerBuilder {
             }
         };
         RESTORER.store(signal_restorer(), Ordering::Relaxed);
+        if self.anon_unwind_info {
+            // Unwind info registered from now on goes through the gate
+            // (unwind.rs): no sample's unwind may sort a fresh object.
+            unwind::install_gate();
+        }
+        let gate_at_start = unwind::gate_counts();
         let shared = Arc::new(Shared {
             config: self,
             inner: Mutex::new(Inner {
@@ -133,6 +139,7 @@ impl ProfilerBuilder {
         Ok(Session {
             shared,
             subscription: Some(subscription),
+            gate_at_start,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -351,6 +358,8 @@ fn delta(now: &UnresolvedReport, before: Option<&UnresolvedReport>) -> Vec<RawSa
 pub struct Session {
     shared: Arc<Shared>,
     subscription: Option<SubscriptionId>,
+    /// `unwind::gate_counts()` when the session started.
+    gate_at_start: (u64, u64),
     started: Instant,
     started_at: SystemTime,
 }
@@ -390,7 +399,8 @@ impl Session {
     pub fn stop(mut self) -> Result<Report> {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
-        Ok(Report::resolve(
+        let (dropped, skipped) = unwind::gate_counts();
+        let mut report = Report::resolve(
             epochs,
             errors,
             &self.shared.config.debug_search,
@@ -398,7 +408,10 @@ impl Session {
             self.shared.config.frequency,
             self.started_at,
             duration,
-        ))
+        );
+        report.stats.gate_dropped_samples = dropped - self.gate_at_start.0;
+        report.stats.unwind_registrations_skipped = skipped - self.gate_at_start.1;
+        Ok(report)
     }
 
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {

@@ -14,16 +14,31 @@
 //! `push`/`pop`/`sub rsp`/`add rsp` up to the first unconditional jump or
 //! return; `push rbp` also records where the caller's `rbp` was saved.
 //!
-//! Hazard (SAFETY.md, "profiler"): once any frame is registered, libgcc 12's
-//! `_Unwind_Find_FDE` takes its `object_mutex` on every lookup. A SIGPROF
-//! arriving on a thread that holds it would self-deadlock; we block SIGPROF
-//! on our own thread around (de)registration, and the remaining window is a
-//! thread inside an unwind (a panic) at the instant SIGPROF lands on it.
+//! Hazards (SAFETY.md, "profiler"), both from libgcc 12 (Debian 12):
+//!
+//! * libgcc sorts a registered frame *lazily*, with `malloc`, on the first
+//!   FDE lookup after the registration. Left alone, that lookup is the next
+//!   sample's unwind: `malloc` inside the SIGPROF handler, which corrupts the
+//!   heap when the interrupted thread was itself in `malloc` (seen here as
+//!   SIGSEGV/SIGBUS in `_Unwind_Find_FDE` and as hangs). So the session
+//!   wraps pprof's SIGPROF handler in a *gate* ([`install_gate`]): to
+//!   register, we close the gate (handlers that start now drop their
+//!   sample), wait for handlers already running to leave, register, force
+//!   the sort ourselves with `_Unwind_Find_FDE` on a pc in the range, and
+//!   reopen. No handler ever sees an unsorted object of ours.
+//! * once any frame is registered, `_Unwind_Find_FDE` takes libgcc's
+//!   `object_mutex` on every lookup. A SIGPROF arriving on a thread that
+//!   holds it would self-deadlock; we block SIGPROF on our own thread around
+//!   (de)registration, and the remaining window is another thread inside an
+//!   unwind (a panic) at the instant SIGPROF lands on it.
+//!
 //! [`ProfilerBuilder::anon_unwind_info`](crate::ProfilerBuilder::anon_unwind_info)
 //! turns this off.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 
@@ -32,6 +47,115 @@ unsafe extern "C" {
     fn __register_frame(begin: *const u8);
     /// libgcc: undoes `__register_frame` for the same pointer.
     fn __deregister_frame(begin: *const u8);
+    /// libgcc: the FDE covering `pc`; sorts registered objects not yet
+    /// sorted on its way (with `malloc`).
+    fn _Unwind_Find_FDE(pc: *mut libc::c_void, bases: *mut DwarfEhBases) -> *const libc::c_void;
+}
+
+/// libgcc's `struct dwarf_eh_bases` (out-parameter of `_Unwind_Find_FDE`).
+#[repr(C)]
+struct DwarfEhBases {
+    tbase: *mut libc::c_void,
+    dbase: *mut libc::c_void,
+    func: *mut libc::c_void,
+}
+
+/// The SIGPROF handler the gate forwards to (pprof's), as an address; 0
+/// before [`install_gate`].
+static NEXT_HANDLER: AtomicUsize = AtomicUsize::new(0);
+/// Closed while unwind info is being registered: handlers drop the sample.
+static GATE_CLOSED: AtomicBool = AtomicBool::new(false);
+/// Handlers currently between the gate's entry and exit.
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
+/// Samples dropped at the closed gate.
+static GATE_DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Registrations given up because a handler did not leave in time.
+static GATE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// How long a registration waits for running handlers to leave.
+const GATE_WAIT: Duration = Duration::from_millis(200);
+
+/// The handler installed for SIGPROF in place of pprof's: forwards unless
+/// the gate is closed. Async-signal-safe: atomics and a call.
+extern "C" fn gate_handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SeqCst pairs with `close_gate`: either this increment is seen by the
+    // closer's wait, or the closer's store is seen here.
+    IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+    if GATE_CLOSED.load(Ordering::SeqCst) {
+        GATE_DROPPED.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let next = NEXT_HANDLER.load(Ordering::Acquire);
+        if next != 0 {
+            // SAFETY: `next` was read from SIGPROF's `sigaction` with
+            // SA_SIGINFO set (install_gate checks), so it is a
+            // three-argument `sa_sigaction` handler; we pass the kernel's
+            // own arguments through unchanged.
+            let f = unsafe {
+                std::mem::transmute::<
+                    usize,
+                    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+                >(next)
+            };
+            f(sig, info, uc);
+        }
+    }
+    IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Puts the gate in front of the SIGPROF handler currently installed (pprof's,
+/// right after it started). Returns false if there is no SA_SIGINFO handler
+/// to wrap or the gate is already in place.
+pub(crate) fn install_gate() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return false;
+    }
+    let gate = gate_handler as *const () as usize;
+    if cur.sa_flags & libc::SA_SIGINFO == 0
+        || cur.sa_sigaction == gate
+        || cur.sa_sigaction == libc::SIG_DFL
+        || cur.sa_sigaction == libc::SIG_IGN
+    {
+        return false;
+    }
+    NEXT_HANDLER.store(cur.sa_sigaction, Ordering::Release);
+    let mut act = cur;
+    act.sa_sigaction = gate;
+    // SAFETY: installs `gate_handler` (async-signal-safe, above) with the
+    // flags and mask of the handler it wraps; glibc supplies the restorer.
+    unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
+}
+
+/// Samples dropped at the closed gate, and registrations given up, so far.
+pub(crate) fn gate_counts() -> (u64, u64) {
+    (
+        GATE_DROPPED.load(Ordering::Relaxed),
+        GATE_TIMEOUTS.load(Ordering::Relaxed),
+    )
+}
+
+/// Closes the gate and waits for running handlers to leave. Returns false
+/// (gate reopened) if they do not within [`GATE_WAIT`] — e.g. one is parked
+/// by a stop-the-world — so the caller skips the registration instead of
+/// hanging. Must not be called from a SIGPROF handler.
+fn close_gate() -> bool {
+    GATE_CLOSED.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    while IN_HANDLER.load(Ordering::SeqCst) != 0 {
+        if t.elapsed() > GATE_WAIT {
+            GATE_CLOSED.store(false, Ordering::SeqCst);
+            GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
+fn open_gate() {
+    GATE_CLOSED.store(false, Ordering::SeqCst);
 }
 
 /// Registered `.eh_frame` images by range start. Boxed so the bytes never
@@ -47,71 +171,144 @@ const REG_RSP: u8 = 7;
 const REG_RA: u8 = 16;
 
 /// One change of the CFA rule: from `offset` bytes into the range on, the
-/// CFA is `rsp + cfa`; `rbp_saved_at` is the CFA-relative slot of the
-/// caller's `rbp`, once pushed.
+/// CFA is `rsp + cfa` (or `rbp + cfa` once `on_rbp`); `rbp_saved_at` is the
+/// CFA-relative slot of the caller's `rbp`, once pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Row {
     pub offset: u32,
     pub cfa: u64,
+    pub on_rbp: bool,
     pub rbp_saved_at: Option<u64>,
 }
 
+/// The CFA rows for a range and how many of its bytes they describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cfi {
+    pub rows: Vec<Row>,
+    /// Bytes from the start the rows are known to be right for: through the
+    /// first unconditional jump, return or `int3`, and never past an
+    /// instruction that moves `rsp` in a way we do not model. Past it the
+    /// range gets no FDE: libgcc then stops the walk there, where a wrong
+    /// rule would have it read a garbage return address (and fault in the
+    /// signal handler).
+    pub len: u64,
+}
+
 /// Derives CFA rows for code at runtime address `start`.
-pub(crate) fn rows_for(code: &[u8], start: u64) -> Vec<Row> {
+///
+/// Modeled: `push`/`pop` (and `pushfq`/`popfq`), `sub`/`add rsp, imm`,
+/// `push rbp; mov rbp, rsp` (the CFA moves to `rbp`, after which `rsp` may
+/// change freely), `leave` and `pop rbp` ending such a frame. Anything else
+/// writing `rsp` ends the described prefix.
+pub(crate) fn rows_for(code: &[u8], start: u64) -> Cfi {
     let mut rows = Vec::new();
     let mut cfa: i64 = 8;
+    let mut on_rbp = false;
     let mut rbp: Option<u64> = None;
+    let mut len = 0u64;
     let mut dec = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
     while dec.can_decode() {
         let ins = dec.decode();
         if ins.is_invalid() {
             break;
         }
-        let before = cfa;
+        let before = (cfa, on_rbp);
+        let reg0 =
+            (ins.op_count() > 0 && ins.op0_kind() == OpKind::Register).then(|| ins.op0_register());
+        let reg1 =
+            (ins.op_count() > 1 && ins.op1_kind() == OpKind::Register).then(|| ins.op1_register());
         match ins.mnemonic() {
-            Mnemonic::Push | Mnemonic::Pop | Mnemonic::Pushfq | Mnemonic::Popfq => {
-                cfa -= i64::from(ins.stack_pointer_increment());
-                if ins.mnemonic() == Mnemonic::Push
-                    && ins.op0_kind() == OpKind::Register
-                    && ins.op0_register() == Register::RBP
-                    && rbp.is_none()
-                {
+            Mnemonic::Push | Mnemonic::Pushfq => {
+                if !on_rbp {
+                    cfa -= i64::from(ins.stack_pointer_increment());
+                }
+                if reg0 == Some(Register::RBP) && rbp.is_none() && !on_rbp {
                     rbp = u64::try_from(cfa).ok();
                 }
             }
+            Mnemonic::Pop if reg0 == Some(Register::RBP) && on_rbp => {
+                // The frame's epilogue: rsp was brought back to the saved
+                // rbp (`mov rsp, rbp` / `add rsp`), which is popped now.
+                on_rbp = false;
+                cfa = 8;
+            }
+            Mnemonic::Pop | Mnemonic::Popfq => {
+                if reg0 == Some(Register::RSP) {
+                    break;
+                }
+                if !on_rbp {
+                    cfa -= i64::from(ins.stack_pointer_increment());
+                }
+            }
+            Mnemonic::Leave if on_rbp => {
+                on_rbp = false;
+                cfa = 8;
+            }
+            Mnemonic::Mov
+                if reg0 == Some(Register::RBP)
+                    && reg1 == Some(Register::RSP)
+                    && rbp.is_some()
+                    && !on_rbp =>
+            {
+                // rbp = rsp = CFA - cfa: from here on CFA = rbp + cfa.
+                on_rbp = true;
+            }
             Mnemonic::Sub | Mnemonic::Add
-                if ins.op0_kind() == OpKind::Register
-                    && ins.op0_register() == Register::RSP
+                if reg0 == Some(Register::RSP)
                     && matches!(
                         ins.op1_kind(),
                         OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate8
                     ) =>
             {
-                let imm = ins.immediate64() as i64;
+                // With the CFA on rbp, rsp moves freely.
+                let imm = if on_rbp { 0 } else { ins.immediate64() as i64 };
                 cfa += if ins.mnemonic() == Mnemonic::Sub {
                     imm
                 } else {
                     -imm
                 };
             }
+            Mnemonic::Call => {} // the callee returns with rsp as it was
+            _ if !on_rbp
+                && (reg0 == Some(Register::RSP)
+                    || matches!(ins.mnemonic(), Mnemonic::Leave | Mnemonic::Enter)
+                    || (ins.mnemonic() == Mnemonic::Xchg && reg1 == Some(Register::RSP))) =>
+            {
+                // rsp moved in a way not modeled: describe nothing from here.
+                break;
+            }
+            _ if on_rbp
+                && (reg0 == Some(Register::RBP)
+                    || (ins.mnemonic() == Mnemonic::Xchg && reg1 == Some(Register::RBP))
+                    || ins.mnemonic() == Mnemonic::Enter) =>
+            {
+                // The frame base itself is overwritten.
+                break;
+            }
             _ => {}
         }
-        let end = matches!(
-            ins.flow_control(),
-            FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Return
-        ) || ins.code() == Code::Int3;
-        if cfa != before && cfa >= 8 {
+        if cfa < 8 {
+            // More popped than pushed: not code entered by a call.
+            break;
+        }
+        len = ins.next_ip() - start;
+        if (cfa, on_rbp) != before {
             rows.push(Row {
-                offset: (ins.next_ip() - start) as u32,
+                offset: len as u32,
                 cfa: cfa as u64,
+                on_rbp,
                 rbp_saved_at: rbp,
             });
         }
-        if end {
+        if matches!(
+            ins.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Return
+        ) || ins.code() == Code::Int3
+        {
             break;
         }
     }
-    rows
+    Cfi { rows, len }
 }
 
 fn uleb(out: &mut Vec<u8>, mut v: u64) {
@@ -159,12 +356,18 @@ pub(crate) fn eh_frame(start: u64, len: u64, rows: &[Row]) -> Vec<u8> {
     out.extend_from_slice(&len.to_le_bytes());
     uleb(&mut out, 0); // augmentation data length
     let mut at = 0u32;
+    let mut on_rbp = false;
     let mut rbp_done = false;
     for r in rows {
         out.push(DW_CFA_ADVANCE_LOC4);
         out.extend_from_slice(&(r.offset - at).to_le_bytes());
         at = r.offset;
-        out.push(DW_CFA_DEF_CFA_OFFSET);
+        if r.on_rbp != on_rbp {
+            out.extend_from_slice(&[DW_CFA_DEF_CFA, if r.on_rbp { REG_RBP } else { REG_RSP }]);
+            on_rbp = r.on_rbp;
+        } else {
+            out.push(DW_CFA_DEF_CFA_OFFSET);
+        }
         uleb(&mut out, r.cfa);
         if let (Some(slot), false) = (r.rbp_saved_at, rbp_done) {
             out.push(DW_CFA_OFFSET | REG_RBP);
@@ -230,17 +433,49 @@ pub(crate) fn register(start: u64, len: u64) -> bool {
     let Some(code) = read_self(start, len as usize) else {
         return false;
     };
-    let image = eh_frame(start, len, &rows_for(&code, start)).into_boxed_slice();
-    without_sigprof(|| {
+    let cfi = rows_for(&code, start);
+    if cfi.len == 0 {
+        return false;
+    }
+    let image = eh_frame(start, cfi.len, &cfi.rows).into_boxed_slice();
+    let sorted = without_sigprof(|| {
+        if !close_gate() {
+            return None;
+        }
         // SAFETY: `image` is a well-formed, zero-terminated .eh_frame (one
         // CIE, one FDE) built above; it is kept alive in REGISTERED, at a
         // fixed heap address, until `deregister` passes the same pointer to
         // `__deregister_frame`. SIGPROF is blocked on this thread so the
-        // sampler cannot re-enter libgcc while it holds `object_mutex`.
-        unsafe { __register_frame(image.as_ptr()) }
+        // sampler cannot re-enter libgcc while it holds `object_mutex`, and
+        // the gate is closed, so no handler on another thread looks up an
+        // FDE until the object is sorted below.
+        unsafe { __register_frame(image.as_ptr()) };
+        let mut bases = DwarfEhBases {
+            tbase: std::ptr::null_mut(),
+            dbase: std::ptr::null_mut(),
+            func: std::ptr::null_mut(),
+        };
+        // SAFETY: a lookup outside any signal handler (SIGPROF blocked
+        // here); `bases` is a valid out-pointer of libgcc's layout. It sorts
+        // the object just registered (the `malloc` we keep out of handlers).
+        let fde = unsafe { _Unwind_Find_FDE(start as usize as *mut libc::c_void, &mut bases) };
+        let ours = !fde.is_null() && bases.func as usize as u64 == start;
+        if !ours {
+            // libgcc does not find our FDE (another object claims the pc):
+            // take it back, still behind the gate, rather than keep an
+            // image nobody can use (or one a handler would sort).
+            // SAFETY: the pointer registered just above, not yet freed.
+            unsafe { __deregister_frame(image.as_ptr()) };
+        }
+        open_gate();
+        Some(ours)
     });
-    map.insert(start, image);
-    true
+    if sorted == Some(true) {
+        map.insert(start, image);
+        true
+    } else {
+        false
+    }
 }
 
 /// Removes the unwind info registered for the range starting at `start`.
@@ -274,20 +509,80 @@ mod tests {
 
     #[rustfmt::skip]
     #[test]
-    fn rows_follow_pushes_and_stack_adjustments() {
+    fn rows_follow_pushes_and_the_frame_pointer() {
         let code = [
             0xf3, 0x0f, 0x1e, 0xfa,       // endbr64
             0x55,                         // push rbp            cfa = rsp+16, rbp at cfa-16
-            0x48, 0x89, 0xe5,             // mov rbp, rsp
-            0x48, 0x83, 0xec, 0x20,       // sub rsp, 0x20       cfa = rsp+48
+            0x48, 0x89, 0xe5,             // mov rbp, rsp        cfa = rbp+16
+            0x48, 0x83, 0xec, 0x20,       // sub rsp, 0x20       (rbp-based: no change)
+            0x48, 0x83, 0xe4, 0xf0,       // and rsp, -16        (rbp-based: no change)
             0xe9, 0x00, 0x00, 0x00, 0x00, // jmp rel32           end
             0x50,                         // (data) not decoded
         ];
-        let rows = rows_for(&code, 0x1000);
-        assert_eq!(rows, vec![
-            Row { offset: 5, cfa: 16, rbp_saved_at: Some(16) },
-            Row { offset: 12, cfa: 48, rbp_saved_at: Some(16) },
+        let cfi = rows_for(&code, 0x1000);
+        assert_eq!(cfi.rows, vec![
+            Row { offset: 5, cfa: 16, on_rbp: false, rbp_saved_at: Some(16) },
+            Row { offset: 8, cfa: 16, on_rbp: true, rbp_saved_at: Some(16) },
         ]);
+        assert_eq!(cfi.len, 21, "through the jmp, not the data after it");
+    }
+
+    #[rustfmt::skip]
+    #[test]
+    fn rows_follow_stack_adjustments_without_a_frame_pointer() {
+        let code = [
+            0x53,                         // push rbx            cfa = rsp+16
+            0x48, 0x83, 0xec, 0x28,       // sub rsp, 0x28       cfa = rsp+56
+            0x48, 0x83, 0xc4, 0x28,       // add rsp, 0x28       cfa = rsp+16
+            0x5b,                         // pop rbx             cfa = rsp+8
+            0xc3,                         // ret                 end
+        ];
+        let cfi = rows_for(&code, 0x1000);
+        let cfas: Vec<(u32, u64)> = cfi.rows.iter().map(|r| (r.offset, r.cfa)).collect();
+        assert_eq!(cfas, vec![(1, 16), (5, 56), (9, 16), (10, 8)]);
+        assert_eq!(cfi.len, 11);
+    }
+
+    #[rustfmt::skip]
+    #[test]
+    fn an_unmodeled_rsp_write_ends_the_described_prefix() {
+        let code = [
+            0x55,                         // push rbp            cfa = rsp+16
+            0x48, 0x83, 0xe4, 0xf0,       // and rsp, -16        no frame pointer: unknown
+            0xc3,                         // ret
+        ];
+        let cfi = rows_for(&code, 0x1000);
+        assert_eq!(cfi.len, 1, "only the push is described");
+        let code = [
+            0x48, 0x89, 0xc4,             // mov rsp, rax
+            0xc3,
+        ];
+        assert_eq!(rows_for(&code, 0x1000).len, 0, "nothing: no FDE at all");
+        let code = [
+            0x58,                         // pop rax             cfa would be rsp+0
+            0xc3,
+        ];
+        assert_eq!(rows_for(&code, 0x1000).len, 0, "more pops than pushes");
+    }
+
+    #[rustfmt::skip]
+    #[test]
+    fn leave_ends_an_rbp_frame() {
+        let code = [
+            0x55,                         // push rbp
+            0x48, 0x89, 0xe5,             // mov rbp, rsp
+            0x48, 0x83, 0xec, 0x10,       // sub rsp, 0x10
+            0xc9,                         // leave               cfa = rsp+8
+            0xc3,                         // ret
+        ];
+        let cfi = rows_for(&code, 0x1000);
+        assert_eq!(cfi.rows.last(), Some(&Row { offset: 9, cfa: 8, on_rbp: false, rbp_saved_at: Some(16) }));
+        assert_eq!(cfi.len, 10);
+        let img = eh_frame(0x1000, cfi.len, &cfi.rows);
+        // def_cfa rbp,16 at the mov, def_cfa rsp,8 at the leave.
+        assert!(img.windows(3).any(|w| w == [DW_CFA_DEF_CFA, REG_RBP, 16]));
+        let rsp8 = img.windows(3).filter(|w| *w == [DW_CFA_DEF_CFA, REG_RSP, 8]).count();
+        assert_eq!(rsp8, 2, "the CIE's initial rule and the leave's");
     }
 
     #[test]
@@ -298,6 +593,7 @@ mod tests {
             &[Row {
                 offset: 1,
                 cfa: 16,
+                on_rbp: false,
                 rbp_saved_at: Some(16),
             }],
         );
