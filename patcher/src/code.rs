@@ -30,7 +30,7 @@ impl Pages {
     ///
     /// # Errors
     /// `E_NOT_EXECUTABLE` when a page is not mapped.
-    pub fn covering(maps: &[crate::maps::Mapping], addr: usize, len: usize) -> Result<Pages> {
+    pub fn covering(maps: &crate::maps::Lookup, addr: usize, len: usize) -> Result<Pages> {
         let first = addr & !(PAGE - 1);
         let last = (addr + len - 1) & !(PAGE - 1);
         let mut out = Pages {
@@ -39,7 +39,7 @@ impl Pages {
         };
         let mut p = first;
         while p <= last {
-            let m = crate::maps::find(maps, p).ok_or_else(|| Error::NotExecutable {
+            let m = maps.find(p).ok_or_else(|| Error::NotExecutable {
                 addr: p,
                 detail: "page not mapped".into(),
             })?;

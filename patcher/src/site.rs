@@ -92,12 +92,12 @@ fn overlapping(g: &Global, start: usize, len: usize) -> Option<usize> {
 
 /// Reads the code at `target` for analysis: checks the mapping is readable
 /// and executable and returns up to `want` bytes of it.
-pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, Vec<maps::Mapping>)> {
+pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, maps::Lookup)> {
     if target == 0 {
         return Err(Error::NullAddress { what: "target" });
     }
-    let all = maps::read()?;
-    let m = maps::find(&all, target).ok_or_else(|| Error::NotExecutable {
+    let all = maps::Lookup::new()?;
+    let m = all.find(target).ok_or_else(|| Error::NotExecutable {
         addr: target,
         detail: "no mapping contains it".into(),
     })?;
@@ -116,13 +116,13 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, Vec<maps
     // Continue into directly following executable mappings (a function may
     // straddle a split VMA, e.g. after an earlier mprotect).
     let mut end = m.end;
-    while let Some(next) = maps::find(&all, end).filter(|n| n.executable() && n.readable()) {
+    while let Some(next) = all.find(end).filter(|n| n.executable() && n.readable()) {
         end = next.end;
     }
     let n = want.min(end - target);
     let mut bytes = vec![0u8; n];
     // SAFETY: [target, target+n) lies in readable mappings per
-    // /proc/self/maps just read. A concurrent munmap of the target's module
+    // /proc/self/maps just queried. A concurrent munmap of the target's module
     // would be a use-after-unload by the caller, which the safe API cannot
     // produce (it takes function pointers of loaded code).
     unsafe { std::ptr::copy_nonoverlapping(target as *const u8, bytes.as_mut_ptr(), n) };
@@ -254,7 +254,12 @@ impl Site {
         cell_code.resize(TRAMPOLINE_OFFSET, 0xCC);
         cell_code.extend_from_slice(&cached.tramp.bytes);
 
-        let maps_now = if cached.written { maps } else { maps::read()? };
+        // A fresh chunk may have been mapped since `maps` was taken: a
+        // snapshot is retaken, the ioctl answers live.
+        let maps_now = match maps {
+            maps::Lookup::Snapshot(_) if !cached.written => maps::Lookup::new()?,
+            m => m,
+        };
         let entry_pages = Pages::covering(&maps_now, a.patch_at, 5)?;
         let cell_pages = Pages::covering(&maps_now, cell.relay, cell_code.len())?;
         cell.slot().store(replacement, Ordering::Release);
