@@ -330,9 +330,21 @@ fn bench_install_remove_parts(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
 
-    // Install and remove each read and parse `/proc/self/maps`.
+    // What install did on every call before PROCMAP_QUERY: read and parse
+    // all of `/proc/self/maps`.
     g.bench_function("maps-read", |b| {
         b.iter(|| hotpatch_patcher::maps::read().expect("maps"))
+    });
+    // What it does now (Linux 6.11+): open the file and ask for the one
+    // mapping holding an address.
+    let here = bench_install_remove_parts as *const () as usize;
+    g.bench_function("maps-query", |b| {
+        b.iter(|| {
+            hotpatch_patcher::maps::Lookup::new()
+                .expect("lookup")
+                .find(here)
+                .expect("mapped")
+        })
     });
 
     // One stop-the-world and release (install and remove each do one). The
