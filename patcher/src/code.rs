@@ -195,16 +195,17 @@ pub fn write(
 ) -> Result<()> {
     unprotect(pages, !stragglers)?;
     if stragglers && bytes.len() > 1 {
-        INT3_AT.store(dst, Ordering::Release);
-        INT3_TO.store(detour, Ordering::Release);
+        publish_trap(dst, detour);
         store(dst, &[0xCC]);
         sync_cores();
         store(dst + 1, &bytes[1..]);
         sync_cores();
         store(dst, &bytes[..1]);
         sync_cores();
-        // Leave INT3_AT set: a thread that trapped just before the last store
-        // may still be on its way into the handler; it must be redirected.
+        // The entry stays published: a thread that trapped just before the
+        // last store may still be on its way into the handler (preempted in
+        // the kernel, so no membarrier waited for it); it must be redirected
+        // even if later patches publish other sites meanwhile.
     } else {
         store(dst, bytes);
     }
@@ -213,8 +214,48 @@ pub fn write(
     r
 }
 
-static INT3_AT: AtomicUsize = AtomicUsize::new(0);
-static INT3_TO: AtomicUsize = AtomicUsize::new(0);
+/// Recently published `int3` sites: `TRAP_AT[i] + 1` is the RIP a trap
+/// there reports, `TRAP_TO[i]` where the thread resumes. A ring rather than
+/// one slot, so a thread still on its way into the handler from an earlier
+/// write is redirected after later writes published other sites; an entry
+/// is overwritten only [`TRAP_SITES`] writes later. Detours are trampolines,
+/// which are never freed (near.rs), so an old entry never points at freed
+/// code.
+const TRAP_SITES: usize = 32;
+static TRAP_AT: [AtomicUsize; TRAP_SITES] = [const { AtomicUsize::new(0) }; TRAP_SITES];
+static TRAP_TO: [AtomicUsize; TRAP_SITES] = [const { AtomicUsize::new(0) }; TRAP_SITES];
+static TRAP_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Publishes `at -> to` before an `int3` is written at `at`. Called with the
+/// patcher lock held (one writer).
+fn publish_trap(at: usize, to: usize) {
+    if let Some(i) = (0..TRAP_SITES).find(|&i| TRAP_AT[i].load(Ordering::Acquire) == at) {
+        // Same site again: its detour is the same trampoline (or, if the
+        // function's bytes changed, another one equivalent to them).
+        TRAP_TO[i].store(to, Ordering::Release);
+        return;
+    }
+    let i = TRAP_NEXT.fetch_add(1, Ordering::Relaxed) % TRAP_SITES;
+    // Retire the old entry before changing its detour, then publish `at`
+    // last: a handler never pairs an address with another site's detour.
+    TRAP_AT[i].store(0, Ordering::Release);
+    TRAP_TO[i].store(to, Ordering::Release);
+    TRAP_AT[i].store(at, Ordering::Release);
+}
+
+/// Where a thread that trapped with `rip` (one past the `int3`) resumes, if
+/// the `int3` is ours. Async-signal-safe: atomic loads only.
+fn trap_detour(rip: usize) -> Option<usize> {
+    (0..TRAP_SITES).find_map(|i| {
+        let at = TRAP_AT[i].load(Ordering::Acquire);
+        if at != 0 && rip == at.wrapping_add(1) {
+            let to = TRAP_TO[i].load(Ordering::Acquire);
+            (to != 0).then_some(to)
+        } else {
+            None
+        }
+    })
+}
 static TRAP_INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The SIGTRAP disposition before ours, chained to for traps that are not ours.
 static OLD_TRAP: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new();
@@ -256,13 +297,11 @@ extern "C" fn trap_handler(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc:
     let uc = ctx.cast::<libc::ucontext_t>();
     // SAFETY: with SA_SIGINFO the kernel passes the interrupted context.
     let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as usize;
-    let at = INT3_AT.load(Ordering::Acquire);
-    if at != 0 && rip == at + 1 {
+    if let Some(to) = trap_detour(rip) {
         // SAFETY: as above; resuming at the detour runs code equivalent to
-        // the bytes being written (the trampoline or the relay).
+        // the bytes being written (the trampoline).
         unsafe {
-            (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] =
-                INT3_TO.load(Ordering::Acquire) as i64;
+            (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] = to as i64;
         }
         return;
     }
@@ -294,5 +333,38 @@ extern "C" fn trap_handler(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc:
         // SAFETY: a plain handler takes the signal number only.
         let f: extern "C" fn(i32) = unsafe { std::mem::transmute(h) };
         f(sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trap_sites_survive_later_publications() {
+        // Addresses no real trap reports (this test publishes no int3).
+        let base = 0x10_0000_0000usize;
+        publish_trap(base, 0xAAAA);
+        for k in 1..TRAP_SITES {
+            publish_trap(base + k * 16, 0xB000 + k);
+        }
+        // The first site is still answered after TRAP_SITES - 1 others.
+        assert_eq!(trap_detour(base + 1), Some(0xAAAA));
+        assert_eq!(trap_detour(base + 16 + 1), Some(0xB001));
+        assert_eq!(trap_detour(base), None, "only rip = at + 1 is ours");
+        // Republishing a site updates it in place, evicting nobody.
+        publish_trap(base, 0xCCCC);
+        assert_eq!(trap_detour(base + 1), Some(0xCCCC));
+        assert_eq!(trap_detour(base + 16 + 1), Some(0xB001));
+        // One more new site evicts the oldest slot, never pairing an
+        // address with another site's detour.
+        publish_trap(base + 4096, 0xDDDD);
+        assert_eq!(trap_detour(base + 4096 + 1), Some(0xDDDD));
+        for k in 0..TRAP_SITES {
+            let at = base + k * 16;
+            if let Some(to) = trap_detour(at + 1) {
+                assert!(to == 0xCCCC || to == 0xB000 + k, "{at:#x} -> {to:#x}");
+            }
+        }
     }
 }
