@@ -41,6 +41,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     Registry::global().refresh().ok();
+    // `HOTPATCH_BENCH_ONLY=resolve` skips the sampling rounds (for profiling
+    // the resolution alone).
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("resolve") {
+        resolve_100k();
+        return;
+    }
     let rounds = 7;
     let mut base = Vec::new();
     let mut ours = [Vec::new(), Vec::new()];
@@ -112,7 +118,11 @@ fn main() {
         );
     }
 
-    // 100,000-sample profile over this binary's code.
+    resolve_100k();
+}
+
+/// Resolution of a 100,000-sample profile over this binary's code.
+fn resolve_100k() {
     let start = main as *const () as u64;
     let seq = Registry::global().current_seq();
     let stacks: Vec<(Vec<u64>, u64)> = (0..100_000u64)

@@ -123,11 +123,10 @@ impl Fallback {
     /// A name for file virtual address `vaddr` of the ELF file at `path`,
     /// when it is a PLT stub or lies under a size-0 function symbol.
     pub(crate) fn name(&mut self, path: &Path, vaddr: u64) -> Option<String> {
-        self.files
-            .entry(path.to_owned())
-            .or_insert_with(|| Names::read(path))
-            .as_ref()?
-            .name(vaddr)
+        if !self.files.contains_key(path) {
+            self.files.insert(path.to_owned(), Names::read(path));
+        }
+        self.files.get(path)?.as_ref()?.name(vaddr)
     }
 }
 
