@@ -407,3 +407,77 @@ fn protect_denied_on_a_read_only_shared_mapping() {
     unsafe { libc::munmap(p, 4096) };
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn no_near_memory_when_every_page_within_reach_is_taken() {
+    let _s = serial();
+    // A PROT_NONE reservation of 4 GiB + 64 MiB (address space only:
+    // MAP_NORESERVE, never touched) with the target's page in its middle:
+    // every address a rel32 jump from the target can reach is mapped, so no
+    // relay can be placed near it.
+    const GIB: usize = 1 << 30;
+    const MARGIN: usize = 32 << 20;
+    let len = 4 * GIB + 2 * MARGIN;
+    // SAFETY: a fresh anonymous reservation; nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "reserve 4 GiB of address space");
+    let page = base as usize + 2 * GIB + MARGIN;
+    // SAFETY: `page` lies inside our own reservation; MAP_FIXED replaces
+    // only that one reserved page.
+    let p = unsafe {
+        libc::mmap(
+            page as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, page);
+    let mut a = asm();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    let code = a.assemble(page as u64).expect("assemble");
+    // SAFETY: the page is ours, writable, 4 KiB; the code is shorter.
+    unsafe {
+        std::ptr::write_bytes(p.cast::<u8>(), 0xCC, 4096);
+        std::ptr::copy_nonoverlapping(code.as_ptr(), p.cast::<u8>(), code.len());
+        assert_eq!(
+            libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC),
+            0
+        );
+    }
+    // SAFETY: the page holds the function assembled above.
+    let target = unsafe { as_fn(page) };
+    assert_eq!(target(2), 7);
+
+    // The analysis alone is fine: the function itself is patchable.
+    let report = preflight(page as *const u8, None).expect("preflight");
+    assert!(report.verdict.is_ok(), "{:?}", report.verdict);
+    let before = maps_lines(page, 8);
+    let e = Hook::install(target, replacement as extern "C" fn(u64) -> u64)
+        .expect_err("nothing within +-2 GiB is free");
+    assert_eq!(e.code(), "E_NO_NEAR_MEMORY", "{e}");
+    // Nothing was written or left behind.
+    // SAFETY: reading the 5 entry bytes of our own r-x page.
+    let entry = unsafe { std::slice::from_raw_parts(page as *const u8, code.len()) };
+    assert_eq!(entry, &code[..], "entry bytes untouched");
+    assert_eq!(maps_lines(page, 8), before, "protection unchanged");
+    assert_eq!(target(2), 7, "still the original");
+    assert_no_wx("refused install");
+    // SAFETY: our reservation (including the code page), no site on it.
+    unsafe { libc::munmap(base, len) };
+}
