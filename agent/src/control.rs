@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use hotpatch_loader::{Plugin, Policy, UnloadOutcome};
 use hotpatch_patcher::{InstallOptions, Site};
+use hotpatch_symbolizer::signature::Signature;
 use hotpatch_symbolizer::{DebugSearch, ModuleId, Registry, RuntimeAddr, Symbolizer};
 use serde_json::{Value, json};
 
 use crate::protocol::{
     E_AGENT_BAD_ARGS, E_AGENT_BAD_SYMBOL, E_AGENT_NO_SUCH_MODULE, E_AGENT_NO_SUCH_PLUGIN,
-    E_AGENT_NO_SUCH_SITE, ErrorBody, Reply, Request,
+    E_AGENT_NO_SUCH_SITE, E_AGENT_SIGNATURE_MISMATCH, ErrorBody, Reply, Request,
 };
 use crate::server::{Shared, StatusFn, write_reply};
 
@@ -174,8 +175,12 @@ impl Control {
             })),
             Request::Load { path } => self.load(&path),
             Request::Unload { name } => self.unload(&name),
-            Request::Patch { target, with } => self.patch(&target, &with),
-            Request::Swap { site, with } => self.swap(&site, &with),
+            Request::Patch {
+                target,
+                with,
+                force,
+            } => self.patch(&target, &with, force),
+            Request::Swap { site, with, force } => self.swap(&site, &with, force),
             Request::Disable { site } => {
                 let s = self.site_mut(&site)?;
                 s.site.disable().map_err(|e| patch_err(&e))?;
@@ -424,9 +429,10 @@ impl Control {
         }
     }
 
-    fn patch(&mut self, target: &str, with: &str) -> Fallible<Value> {
+    fn patch(&mut self, target: &str, with: &str, force: bool) -> Fallible<Value> {
         let t = self.find(target, false)?;
         let w = self.find(with, true)?;
+        let signature = check_signature(&t, &w, force)?;
         Self::pin(&t)?;
         if let Err(e) = Self::pin(&w) {
             Self::unpin_found(&t);
@@ -444,9 +450,10 @@ impl Control {
         //   while pinned), or a system library (never unloaded by us);
         // - `w.addr` is a function of a plugin the agent holds and has pinned
         //   until the site is reverted;
-        // - that the two functions have the same signature and ABI is the
-        //   user's claim when they ask for the patch (the CLI and SAFETY.md
-        //   say so): nothing in an ELF symbol table can check it.
+        // - the two functions have the same signature and ABI: checked
+        //   against DWARF when both modules have it (`check_signature`
+        //   refused a mismatch above unless forced); otherwise, or when
+        //   forced, it is the user's claim (the CLI and SAFETY.md say so).
         let site = unsafe { Site::install(t.addr as *const u8, w.addr as *const u8, &opts) };
         let site = match site {
             Ok(s) => s,
@@ -464,19 +471,22 @@ impl Control {
             site,
         };
         self.next_site += 1;
-        let v = entry.describe();
+        let mut v = entry.describe();
+        v["signature"] = signature;
         self.sites.push(entry);
         Ok(v)
     }
 
-    fn swap(&mut self, site: &str, with: &str) -> Fallible<Value> {
+    fn swap(&mut self, site: &str, with: &str, force: bool) -> Fallible<Value> {
         let i = self.site_index(site)?;
         let w = self.find(with, true)?;
+        let signature = check_signature(&self.sites[i].target, &w, force)?;
         Self::pin(&w)?;
         let s = &mut self.sites[i];
         // SAFETY: as for `patch`: `w` is a function of a plugin the agent
-        // holds, pinned until the site is reverted or swapped away; the
-        // signature match is the user's claim.
+        // holds, pinned until the site is reverted or swapped away; its
+        // signature was checked against the target's DWARF when both have
+        // it, else (or when forced) it is the user's claim.
         if let Err(e) = unsafe { s.site.swap(w.addr as *const u8) } {
             Self::unpin_found(&w);
             return Err(patch_err(&e));
@@ -485,6 +495,7 @@ impl Control {
         Self::unpin_found(&old);
         let mut v = s.describe();
         v["previous"] = json!(old.spec());
+        v["signature"] = signature;
         Ok(v)
     }
 
@@ -520,6 +531,44 @@ impl Control {
             "report": r.to_string(),
         }))
     }
+}
+
+/// Compares the DWARF signatures of `target` and `replacement`.
+///
+/// Both described: a mismatch is refused with `E_AGENT_SIGNATURE_MISMATCH`
+/// (every difference in the message) unless `force`. Either undescribed (no
+/// DWARF, a stripped module, a symbol DWARF does not start a function at):
+/// allowed, and the reply says it was not checked and why.
+fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible<Value> {
+    static SYM: std::sync::OnceLock<Symbolizer> = std::sync::OnceLock::new();
+    let sym = SYM.get_or_init(|| Symbolizer::new(DebugSearch::default()));
+    let reg = Registry::global();
+    let read = |f: &Found| -> Result<Signature, String> {
+        match sym.signature(reg, f.module_id, RuntimeAddr(f.addr as u64)) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(format!("{}: no DWARF describes it", f.spec())),
+            Err(e) => Err(format!("{}: {e}", f.spec())),
+        }
+    };
+    let (t, w) = match (read(target), read(replacement)) {
+        (Ok(t), Ok(w)) => (t, w),
+        (Err(why), _) | (_, Err(why)) => {
+            return Ok(json!({ "checked": false, "why": why }));
+        }
+    };
+    let mismatches = t.abi_mismatches(&w);
+    if !mismatches.is_empty() && !force {
+        return Err(ErrorBody::new(
+            E_AGENT_SIGNATURE_MISMATCH,
+            format!(
+                "{} and {} are not called the same way: {} (--force patches anyway)",
+                target.spec(),
+                replacement.spec(),
+                mismatches.join("; ")
+            ),
+        ));
+    }
+    Ok(json!({ "checked": true, "forced_over": mismatches }))
 }
 
 fn host_module() -> Option<ModuleId> {

@@ -44,6 +44,9 @@ pub const E_AGENT_NO_SUCH_PLUGIN: &str = "E_AGENT_NO_SUCH_PLUGIN";
 pub const E_AGENT_NO_SUCH_MODULE: &str = "E_AGENT_NO_SUCH_MODULE";
 /// A symbol was found but has no usable address (not a function, size 0…).
 pub const E_AGENT_BAD_SYMBOL: &str = "E_AGENT_BAD_SYMBOL";
+/// DWARF shows the replacement's parameters or result are passed
+/// differently from the target's (count, register class or size).
+pub const E_AGENT_SIGNATURE_MISMATCH: &str = "E_AGENT_SIGNATURE_MISMATCH";
 /// A profile is already being taken.
 pub const E_AGENT_PROFILE_BUSY: &str = "E_AGENT_PROFILE_BUSY";
 /// Profiling failed or is not available in this build.
@@ -84,6 +87,10 @@ pub enum Request {
         target: String,
         /// `PLUGIN:SYMBOL`: the replacement.
         with: String,
+        /// Patch even when DWARF shows the two signatures differ
+        /// (`E_AGENT_SIGNATURE_MISMATCH` otherwise).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     /// Point a live site at another replacement (atomic, no code written).
     Swap {
@@ -91,6 +98,9 @@ pub enum Request {
         site: String,
         /// `PLUGIN:SYMBOL`: the new replacement.
         with: String,
+        /// As for `patch`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     /// Calls run the original again; the entry jump stays.
     Disable {

@@ -118,6 +118,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
         &Request::Patch {
             target: "demo_price".into(),
             with: "pricing-v1:pricing_v1_quote".into(),
+            force: false,
         },
     )?;
     println!(
@@ -140,6 +141,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
         &Request::Swap {
             site: "demo_price".into(),
             with: "pricing-v2:pricing_v2_quote".into(),
+            force: false,
         },
     )?;
     println!("  {}", show(&wait(&workers, "v2")?));
@@ -166,6 +168,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
         &Request::Patch {
             target: "demo_target::pricing::apply_tax".into(),
             with: "pricing-fix:pricing_fix_apply_tax".into(),
+            force: false,
         },
     )?;
     let fixed = workers

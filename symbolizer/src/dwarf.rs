@@ -128,6 +128,18 @@ impl Dwarf {
     }
 }
 
+impl Dwarf {
+    /// The signature of the function whose entry is `addr`, when DWARF
+    /// has a subprogram starting there.
+    pub fn signature(&self, addr: FileVirtAddr) -> Result<Option<crate::signature::Signature>> {
+        let path = &self._file.path;
+        let Some(unit) = self.ctx.find_dwarf_and_unit(addr.0).skip_all_loads() else {
+            return Ok(None);
+        };
+        crate::signature::read(unit, addr.0).map_err(|e| bad(path, e))
+    }
+}
+
 fn bad(path: &Path, e: gimli::Error) -> Error {
     Error::BadDwarf {
         path: path.to_path_buf(),

@@ -23,6 +23,7 @@ pub mod perf_map;
 mod phdr;
 pub mod registry;
 pub mod resolve;
+pub mod signature;
 
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;

@@ -234,6 +234,18 @@ impl ElfSymbolizer {
         &self.rejected
     }
 
+    /// The DWARF signature of the function whose entry is `addr`; `None`
+    /// without DWARF or when no subprogram starts there.
+    ///
+    /// # Errors
+    /// `E_SYM_BAD_DWARF` when the DWARF cannot be read.
+    pub fn signature(&self, addr: FileVirtAddr) -> Result<Option<crate::signature::Signature>> {
+        match &self.dwarf {
+            Some(d) => d.signature(addr),
+            None => Ok(None),
+        }
+    }
+
     /// Frames at `addr`, innermost first (only the innermost unless
     /// `inlines`), and where they came from. Empty frames with
     /// [`Source::Unknown`] when neither DWARF nor a symbol covers `addr`.
@@ -682,6 +694,31 @@ impl Symbolizer {
             size: symbol.size,
             symbol,
         })
+    }
+}
+
+impl Symbolizer {
+    /// The DWARF signature of the function whose entry is at runtime address
+    /// `addr` in `module` (see [`crate::signature`]); `Ok(None)` when the
+    /// module has no DWARF for it.
+    ///
+    /// # Errors
+    /// `E_SYM_UNKNOWN_MODULE`, `E_SYM_NOT_A_FILE` for anonymous ranges, the
+    /// file's own errors, `E_SYM_BAD_DWARF`.
+    pub fn signature(
+        &self,
+        reg: &Registry,
+        module: ModuleId,
+        addr: RuntimeAddr,
+    ) -> Result<Option<crate::signature::Signature>> {
+        let m = reg.module(module).ok_or(Error::UnknownModule(module))?;
+        let e = m.elf().ok_or(Error::NotAFile(module))?.clone();
+        let cached = self.cached(&e.path, e.build_id.as_ref(), e.mapped());
+        let guard = cached.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Ok(s) => s.signature(e.bias.to_file(addr)),
+            Err(err) => Err(clone_error(err)),
+        }
     }
 }
 

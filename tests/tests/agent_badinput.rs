@@ -120,6 +120,7 @@ fn bad_input_gets_codes_and_the_host_keeps_serving() {
         Request::Patch {
             target: "no_such_function_anywhere".into(),
             with: "x:y".into(),
+            force: false,
         },
     );
     assert_eq!(code(&r), "E_SYM_SYMBOL_NOT_FOUND");
@@ -128,6 +129,7 @@ fn bad_input_gets_codes_and_the_host_keeps_serving() {
         Request::Patch {
             target: "demo_price".into(),
             with: "pricing-v9:quote".into(),
+            force: false,
         },
     );
     assert_eq!(code(&r), "E_AGENT_NO_SUCH_PLUGIN");

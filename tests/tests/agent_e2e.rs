@@ -109,6 +109,8 @@ fn serve_driven_by_the_cli() {
         "--json",
     ]));
     assert_eq!(json(&o)["state"], "enabled");
+    // Both sides have DWARF (fixture profile): the signatures were compared.
+    assert_eq!(json(&o)["signature"]["checked"], true, "{}", text(&o));
     w.wait_all(&s, "engine", &"v1".into());
 
     // Profile while v1 runs.
@@ -141,6 +143,29 @@ fn serve_driven_by_the_cli() {
     assert!(std::fs::metadata(&pb).expect("profile written").len() > 0);
     let svg_text = std::fs::read_to_string(&svg).expect("flamegraph written");
     assert!(svg_text.contains("<svg"), "not an SVG");
+
+    // A replacement called differently (no parameter instead of one) is
+    // refused with every difference named; the site keeps running v1.
+    let o = s.run(&[
+        "swap",
+        "demo_price",
+        "--with",
+        "pricing-v2:pricing_v2_calls_on_this_thread",
+    ]);
+    fails_with(&o, "E_AGENT_SIGNATURE_MISMATCH");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("takes 1 parameter(s), the replacement 0"),
+        "{}",
+        text(&o)
+    );
+    let l = json(&ok(s.run(&["list", "--json"])));
+    assert!(
+        l["sites"][0]["with"]
+            .as_str()
+            .is_some_and(|w| w.contains("pricing_v1_quote")),
+        "{l}"
+    );
+    w.wait_all(&s, "engine", &"v1".into());
 
     // Swap to v2 while the workers run, then back to v1.
     let o = ok(s.run(&[

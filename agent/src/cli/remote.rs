@@ -83,6 +83,11 @@ pub struct Patch {
     /// The replacement: `PLUGIN:SYMBOL` of a plugin loaded with `load`.
     #[arg(long = "with", value_name = "PLUGIN:SYMBOL")]
     pub with: String,
+    /// Patch even if DWARF shows the replacement takes or returns its
+    /// values differently (refused with E_AGENT_SIGNATURE_MISMATCH
+    /// otherwise). Without DWARF for either side nothing is checked.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.
@@ -98,6 +103,9 @@ pub struct Swap {
     /// The new replacement: `PLUGIN:SYMBOL`.
     #[arg(long = "with", value_name = "PLUGIN:SYMBOL")]
     pub with: String,
+    /// As for `patch`: swap even if DWARF shows the signatures differ.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.
@@ -140,6 +148,21 @@ fn site_line(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
         s(&v["with_addr"]),
         s(&v["state"])
     )
+}
+
+/// What the agent said about the two signatures.
+fn signature_line(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
+    let sig = &v["signature"];
+    if sig["checked"] == Value::Bool(false) {
+        writeln!(out, "  signature not checked: {}", s(&sig["why"]))?;
+    } else if let Some(m) = sig["forced_over"].as_array().filter(|m| !m.is_empty()) {
+        for x in m {
+            writeln!(out, "  forced over a signature mismatch: {}", s(x))?;
+        }
+    } else if sig["checked"] == Value::Bool(true) {
+        writeln!(out, "  signature checked against DWARF: compatible")?;
+    }
+    Ok(())
 }
 
 /// `hotpatch status`.
@@ -222,9 +245,13 @@ pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
         &Request::Patch {
             target: a.target.clone(),
             with: a.with.clone(),
+            force: a.force,
         },
     )?;
-    emit(out, a.json, &v, |o| site_line(o, &v))
+    emit(out, a.json, &v, |o| {
+        site_line(o, &v)?;
+        signature_line(o, &v)
+    })
 }
 
 /// `hotpatch swap`.
@@ -238,9 +265,13 @@ pub fn swap(a: &Swap, out: &mut dyn Write) -> Outcome {
         &Request::Swap {
             site: a.site.clone(),
             with: a.with.clone(),
+            force: a.force,
         },
     )?;
-    emit(out, a.json, &v, |o| site_line(o, &v))
+    emit(out, a.json, &v, |o| {
+        site_line(o, &v)?;
+        signature_line(o, &v)
+    })
 }
 
 /// `hotpatch disable|enable|revert`.
