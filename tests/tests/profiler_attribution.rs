@@ -402,7 +402,15 @@ fn go_tool_pprof_resymbolizes_a_stripped_profile_from_the_files() {
     let run = run();
     let mut p = read_profile(&std::fs::read(&run.pb).unwrap()).unwrap();
     // Strip names from every file-backed mapping (mappings, paths and
-    // build-ids kept): pprof must open the files and check their build-ids.
+    // build-ids kept): pprof must open the files to name the frames.
+    //
+    // `go tool pprof` (Go 1.19, cmd/pprof/pprof.go) opens them at the
+    // mapping's path: its object tool reports every file's build-id as ""
+    // ("No support for build ID"), so a copy under
+    // $PPROF_BINARY_PATH/<build-id>/ is *ignored* as a mismatch (tried:
+    // "Ignoring local file …: build-id mismatch (e8de… != )"). Standalone
+    // google/pprof matches by build-id; the build-ids we write are checked
+    // against the files below.
     let bin = run.dir.join("binaries");
     std::fs::create_dir_all(&bin).unwrap();
     let file_maps: Vec<u64> = p
@@ -429,6 +437,18 @@ fn go_tool_pprof_resymbolizes_a_stripped_profile_from_the_files() {
         let base = file.file_name().unwrap().to_str().unwrap().to_owned();
         if base.starts_with("libprof_") {
             assert!(file.is_file(), "{}", file.display());
+            // The mapping's build-id is the file's, as binutils reads it.
+            let notes = Command::new("readelf")
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .unwrap();
+            let notes = String::from_utf8_lossy(&notes.stdout);
+            let id = notes
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Build ID: "))
+                .unwrap_or_else(|| panic!("readelf -n {}: no build id\n{notes}", file.display()));
+            assert_eq!(p.string_table[m.build_id as usize], id.trim(), "{base}");
             moved.push(base);
         }
     }
