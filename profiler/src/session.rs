@@ -100,6 +100,15 @@ impl ProfilerBuilder {
         // at resolution time).
         let _ = reg.refresh();
         if self.anon_unwind_info {
+            let live: std::collections::HashSet<u64> = reg
+                .modules()
+                .iter()
+                .filter_map(|m| match (&m.kind, m.unloaded_seq) {
+                    (ModuleKind::Anon(a), None) => Some(a.start.0),
+                    _ => None,
+                })
+                .collect();
+            unwind::retain_only(&live);
             for m in reg.modules() {
                 if let (ModuleKind::Anon(a), None) = (&m.kind, m.unloaded_seq) {
                     unwind::register(a.start.0, a.len);

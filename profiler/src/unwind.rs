@@ -478,6 +478,22 @@ pub(crate) fn register(start: u64, len: u64) -> bool {
     }
 }
 
+/// Deregisters every range registered earlier whose start is not in
+/// `live` — ranges unregistered while no session was subscribed (their
+/// memory may hold other code by now, and a stale rule would mislead the
+/// unwinder). Called at session start, before sampling.
+pub(crate) fn retain_only(live: &std::collections::HashSet<u64>) {
+    let stale: Vec<u64> = {
+        let reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+        reg.as_ref()
+            .map(|m| m.keys().filter(|k| !live.contains(k)).copied().collect())
+            .unwrap_or_default()
+    };
+    for start in stale {
+        deregister(start);
+    }
+}
+
 /// Removes the unwind info registered for the range starting at `start`.
 pub(crate) fn deregister(start: u64) {
     let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());

@@ -69,6 +69,13 @@ fn heap_in_use() -> usize {
 
 const CHILD: &str = "HOTPATCH_TEST_UNWIND_CHILD";
 
+/// The sampler is process-wide: one session at a time in this binary.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_lookup_after_registration_allocates_nothing() {
     if std::env::var_os(CHILD).is_none() {
@@ -146,6 +153,7 @@ fn registering_while_allocating_threads_are_sampled() {
     if std::env::var_os(CHILD).is_some() {
         return; // the child runs only the test above
     }
+    let _s = serial();
     let reg = Registry::global();
     reg.refresh().unwrap();
     let ranges = 1000usize;
@@ -221,4 +229,32 @@ fn registering_while_allocating_threads_are_sampled() {
         })
         .count();
     assert!(named > 0, "the allocating threads were sampled by name");
+}
+
+#[test]
+fn unwind_info_of_a_range_unregistered_between_sessions_is_dropped() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::global();
+    reg.refresh().unwrap();
+    let page = ret_page(4096);
+    let id = reg
+        .register_anon("test::between_sessions", RuntimeAddr(page), 64)
+        .unwrap();
+    let first = ProfilerBuilder::new().frequency(1).start().unwrap();
+    assert_eq!(enclosing(page + 1), page, "registered at session start");
+    first.stop().unwrap();
+    // No session listens now: the unregistration reaches no profiler, and
+    // the memory could be reused for other code.
+    reg.unregister(id).unwrap();
+    assert_eq!(enclosing(page + 1), page, "still known to libgcc");
+    let second = ProfilerBuilder::new().frequency(1).start().unwrap();
+    assert_ne!(
+        enclosing(page + 1),
+        page,
+        "the next session dropped the stale unwind info before sampling"
+    );
+    second.stop().unwrap();
 }
