@@ -125,7 +125,8 @@ fn install_handler() -> Result<()> {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-        libc::sigemptyset(&mut sa.sa_mask);
+        // A parked thread runs no other asynchronous handler until released.
+        sa.sa_mask = async_signals();
         if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
             return Err(Error::os("sigaction(stop signal)"));
         }
@@ -272,11 +273,51 @@ pub struct Straggler {
     pub tid: i32,
 }
 
+/// The signal mask a thread had before [`stop`] blocked asynchronous
+/// signals on it.
+struct SavedMask(libc::sigset_t);
+
+impl std::fmt::Debug for SavedMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SavedMask")
+    }
+}
+
+/// Every signal but the synchronous ones (faults, traps, `abort`): what the
+/// stopping thread blocks while the world is stopped, and what the stop
+/// handler blocks while a thread is parked. A handler that ran there (the
+/// profiler's SIGPROF, a host's own) could wait on a lock a parked thread
+/// holds — libgcc's `object_mutex` in an unwind, a `malloc` arena — and the
+/// world would never be released. Blocked signals stay pending and are
+/// delivered right after the release.
+fn async_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigfillset/sigdelset initialize and
+    // edit it in place.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for s in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut set, s);
+        }
+        set
+    }
+}
+
 /// The world, stopped. Dropping it releases the threads.
 #[derive(Debug)]
 pub struct Stopped {
     parked: u32,
     released: bool,
+    /// The stopping thread's mask before the stop; restored on release.
+    saved_mask: Option<SavedMask>,
     /// Threads that did not park within the timeout.
     pub stragglers: [Straggler; 16],
     /// How many of `stragglers` are valid (more than 16 are counted, not listed).
@@ -317,6 +358,12 @@ impl Stopped {
             futex_wait(&LEFT, left, Some(Duration::from_millis(10)));
         }
         COUNT.store(0, Ordering::Release);
+        if let Some(SavedMask(old)) = self.saved_mask.take() {
+            // SAFETY: restores this thread's own mask saved in `stop`; the
+            // pending signals it unblocks are delivered now, with every
+            // other thread running again.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        }
     }
 }
 
@@ -370,9 +417,21 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     let mut stopped = Stopped {
         parked: 0,
         released: false,
+        saved_mask: None,
         stragglers: [Straggler { tid: 0 }; 16],
         straggler_count: 0,
     };
+    // No handler of ours or the host's runs on this thread until release
+    // (see `async_signals`). Restored by `release_inner`, on every path:
+    // an early return drops `stopped`, which releases.
+    let block = async_signals();
+    // SAFETY: sigset_t is plain data; `old` receives this thread's mask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `block` and `old` are valid sigsets on our stack; this only
+    // changes the calling thread's mask.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old) } == 0 {
+        stopped.saved_mask = Some(SavedMask(old));
+    }
     let mut buf = [0u8; 4096];
     let mut overflow = false;
     // Re-read the task list until a pass finds no thread we have not

@@ -433,3 +433,156 @@ fn concurrent_installs_on_different_targets_all_succeed() {
     });
     assert_no_wx("concurrent installs");
 }
+
+/// A lock a host signal handler takes; held almost all the time by a busy
+/// thread, so that thread is usually parked holding it.
+static HANDLER_LOCK: Mutex<()> = Mutex::new(());
+static HANDLER_RUNS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn locking_handler(_: libc::c_int) {
+    // What a profiler's unwinder (libgcc's object_mutex) or an allocator
+    // does in a handler: wait for a lock another thread may hold.
+    let _g = HANDLER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    HANDLER_RUNS.fetch_add(1, Ordering::Relaxed);
+}
+
+const CHILD_ENV: &str = "HOTPATCH_TEST_SIGNAL_DURING_STOP";
+
+/// The patching thread runs no asynchronous signal handler while the world
+/// is stopped: one that waits for a lock a parked thread holds would never
+/// return, and the world would never be released. Run in a child process
+/// (a hang there is a failure here, with a timeout): a thread is parked
+/// holding the lock a host's SIGUSR2 handler takes, while a kernel timer
+/// signals the stopping thread every 50 µs; the signals wait until release.
+#[test]
+fn a_handler_waiting_on_a_parked_threads_lock_cannot_deadlock_a_patch() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let _s = serial();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_handler_waiting_on_a_parked_threads_lock_cannot_deadlock_a_patch",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(status.success(), "child failed:\n{text}");
+                assert!(text.contains("1 passed"), "the child ran the test:\n{text}");
+                eprintln!("{text}");
+                return;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("the patching process hung: deadlock in a signal handler during a stop");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // Child.
+    // SAFETY: installs a plain handler for SIGUSR2, which nothing else in
+    // this child process uses.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = locking_handler as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    static HELD: AtomicBool = AtomicBool::new(false);
+    static LET_GO: AtomicBool = AtomicBool::new(false);
+    // A thread that takes the handler's lock and keeps it until told: it
+    // will be parked holding it.
+    let holder = std::thread::spawn(|| {
+        let _g = HANDLER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        HELD.store(true, Ordering::Release);
+        while !LET_GO.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+    });
+    while !HELD.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    // The stop install and remove do, with the holder parked holding the
+    // lock, held open for 5 ms. Inside it a kernel timer starts signalling
+    // this thread every 50 µs (a signalling *thread* would be parked too);
+    // timer_create for SIGEV_THREAD_ID is a plain system call, fine while
+    // the world is stopped.
+    let stopped = hotpatch_patcher::world::stop(Duration::from_secs(2)).expect("stop");
+    assert_eq!(stopped.straggler_count, 0, "every thread parked");
+    // SAFETY: sigevent/itimerspec are plain data; timer_create with
+    // SIGEV_THREAD_ID targets this thread (`me`), which outlives the timer
+    // (deleted below).
+    let timer = unsafe {
+        let mut sev: libc::sigevent = std::mem::zeroed();
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = libc::SIGUSR2;
+        sev.sigev_notify_thread_id = me;
+        let mut timer: libc::timer_t = std::mem::zeroed();
+        assert_eq!(
+            libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer),
+            0
+        );
+        let period = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000,
+        };
+        let its = libc::itimerspec {
+            it_interval: period,
+            it_value: period,
+        };
+        assert_eq!(libc::timer_settime(timer, 0, &its, std::ptr::null_mut()), 0);
+        timer
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(5) {
+        // SAFETY: getppid has no preconditions: a syscall return.
+        unsafe { libc::getppid() };
+    }
+    assert_eq!(
+        HANDLER_RUNS.load(Ordering::Relaxed),
+        0,
+        "no handler ran while the world was stopped"
+    );
+    LET_GO.store(true, Ordering::Release);
+    stopped.release();
+    // The pending signal is delivered now, and its handler gets the lock
+    // once the holder drops it.
+    let t = Instant::now();
+    while HANDLER_RUNS.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pending signal never delivered"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: the timer created above, deleted once.
+    unsafe { libc::timer_delete(timer) };
+    holder.join().unwrap();
+    // And a real patch cycle under the same timer-free conditions works.
+    let mut mem = ExecMem::new(1);
+    let f = many_small_instructions(&mut mem, 0);
+    mem.seal();
+    let mut h = Hook::install(f, v2 as extern "C" fn(u64) -> u64).expect("install");
+    assert_eq!(f(3), v2(3));
+    h.remove().expect("remove");
+    assert_eq!(f(3), 3 * 4 + 3, "the original again");
+    let runs = HANDLER_RUNS.load(Ordering::Relaxed);
+    eprintln!("{runs} handler runs after the release");
+    assert!(runs > 0, "the handler ran (signals were delivered)");
+}
