@@ -521,8 +521,14 @@ impl Control {
         let known = (t.size > 0).then_some(t.size as usize);
         let r =
             hotpatch_patcher::preflight(t.addr as *const u8, known).map_err(|e| patch_err(&e))?;
+        let signature = signature_reader()
+            .signature(Registry::global(), t.module_id, RuntimeAddr(t.addr as u64))
+            .ok()
+            .flatten()
+            .map(|s| s.to_string());
         Ok(json!({
             "target": t.spec(),
+            "signature": signature,
             "addr": format!("{:#x}", t.addr),
             "size": t.size,
             "patchable": r.is_patchable(),
@@ -533,6 +539,13 @@ impl Control {
     }
 }
 
+/// The symbolizer that reads signatures (its per-file cache is shared by
+/// `patch`, `swap` and `inspect`).
+fn signature_reader() -> &'static Symbolizer {
+    static SYM: std::sync::OnceLock<Symbolizer> = std::sync::OnceLock::new();
+    SYM.get_or_init(|| Symbolizer::new(DebugSearch::default()))
+}
+
 /// Compares the DWARF signatures of `target` and `replacement`.
 ///
 /// Both described: a mismatch is refused with `E_AGENT_SIGNATURE_MISMATCH`
@@ -540,8 +553,7 @@ impl Control {
 /// DWARF, a stripped module, a symbol DWARF does not start a function at):
 /// allowed, and the reply says it was not checked and why.
 fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible<Value> {
-    static SYM: std::sync::OnceLock<Symbolizer> = std::sync::OnceLock::new();
-    let sym = SYM.get_or_init(|| Symbolizer::new(DebugSearch::default()));
+    let sym = signature_reader();
     let reg = Registry::global();
     let read = |f: &Found| -> Result<Signature, String> {
         match sym.signature(reg, f.module_id, RuntimeAddr(f.addr as u64)) {

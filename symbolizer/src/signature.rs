@@ -68,6 +68,31 @@ pub struct Signature {
     pub variadic: bool,
 }
 
+impl std::fmt::Display for Signature {
+    /// `fn name(u64, *u8) -> u32`, types as DWARF names them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fn {}(", self.name.as_deref().unwrap_or("?"))?;
+        for (i, p) in self.params.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(&p.name)?;
+        }
+        if self.variadic {
+            f.write_str(if self.params.is_empty() {
+                "..."
+            } else {
+                ", ..."
+            })?;
+        }
+        f.write_str(")")?;
+        if let Some(r) = &self.ret {
+            write!(f, " -> {}", r.name)?;
+        }
+        Ok(())
+    }
+}
+
 impl Signature {
     /// Every difference between `self` (the function being replaced) and
     /// `other` (its replacement) that changes how arguments or the result
@@ -390,5 +415,7 @@ mod tests {
 
         let void = sig(vec![v("u64", 8, AbiClass::Integer)], None);
         assert!(rust.abi_mismatches(&void)[0].contains("returns nothing"));
+        assert_eq!(rust.to_string(), "fn ?(u64) -> u64");
+        assert_eq!(two.to_string(), "fn ?(u64, u64) -> u64");
     }
 }

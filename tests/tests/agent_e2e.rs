@@ -96,6 +96,26 @@ fn serve_driven_by_the_cli() {
     ok(s.cli().args(["status"]).output().expect("status"));
     w.wait_all(&s, "engine", &"builtin".into());
 
+    // inspect, live and offline: the preflight verdict and the DWARF
+    // signature of the target.
+    let live = json(&ok(s.run(&["inspect", "demo_price", "--json"])));
+    assert_eq!(live["patchable"], true, "{live}");
+    assert_eq!(live["signature"], "fn demo_price(u64) -> u64", "{live}");
+    let off = ok(s
+        .cli()
+        .args([
+            "inspect",
+            s.bins.demo.to_str().expect("utf-8"),
+            "demo_price",
+        ])
+        .output()
+        .expect("offline inspect"));
+    let off = String::from_utf8_lossy(&off.stdout);
+    assert!(
+        off.contains("signature (DWARF): fn demo_price(u64) -> u64"),
+        "{off}"
+    );
+
     for p in [&v1, &v2, &fix] {
         let o = ok(s.run(&["load", p.to_str().expect("utf-8 path"), "--json"]));
         assert_eq!(json(&o)["tls"], true, "{}", text(&o));

@@ -72,6 +72,10 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             v["target"].as_str().unwrap_or("?"),
             v["size"]
         )
+        .and_then(|()| match v["signature"].as_str() {
+            Some(sig) => writeln!(out, "signature (DWARF): {sig}"),
+            None => writeln!(out, "signature: no DWARF for it"),
+        })
         .and_then(|()| write!(out, "{}", v["report"].as_str().unwrap_or_default()))
     };
     w.map_err(|e| Failure::io(&e))?;
@@ -142,7 +146,12 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     let end = (off + delta + want.min(fsz - delta)) as usize;
     let bytes = data.get(start..end).ok_or_else(not_exec)?;
     let report = hotpatch_patcher::preflight_bytes(vaddr as usize, bytes, known);
+    let signature = match sym.signature(s.addr) {
+        Ok(Some(sig)) => Some(sig.to_string()),
+        _ => None,
+    };
     Ok(json!({
+        "signature": signature,
         "target": format!("{}:{}", file.display(), symbol),
         "file": file.display().to_string(),
         "addr": format!("{vaddr:#x}"),
