@@ -136,6 +136,22 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     let top = profile_to(&mut t, &profile, &svg)?;
 
     t.step("swap to v2: one atomic store, the workers never stop");
+    // First a replacement called differently: DWARF says it takes no
+    // parameter where demo_price takes one.
+    match t.call(
+        "swap demo_price --with pricing-v2:pricing_v2_calls_on_this_thread",
+        &Request::Swap {
+            site: "demo_price".into(),
+            with: "pricing-v2:pricing_v2_calls_on_this_thread".into(),
+            force: false,
+        },
+    ) {
+        Err(e) => println!("    refused: {e}"),
+        Ok(v) => {
+            // Only without DWARF (a stripped build); the swap below replaces it.
+            println!("    not checked ({}); swapping on", v["signature"]["why"]);
+        }
+    }
     t.call(
         "swap demo_price --with pricing-v2:pricing_v2_quote",
         &Request::Swap {
