@@ -185,6 +185,30 @@ pub(crate) fn read<R: Reader>(
         Some(t) => describe(unit, t, 0)?,
         None => None,
     };
+    let (mut params, mut variadic) = parameters(unit, offset)?;
+    // A concrete out-of-line copy may describe its parameters only through
+    // its abstract origin.
+    if params.is_empty() {
+        if let Some(AttributeValue::UnitRef(o)) =
+            die.attr_value(constants::DW_AT_abstract_origin)?
+        {
+            (params, variadic) = parameters(unit, o)?;
+        }
+    }
+    Ok(Some(Signature {
+        name,
+        params,
+        ret,
+        variadic,
+    }))
+}
+
+/// The formal parameters among the children of the DIE at `offset`, in
+/// order, and whether it takes `...`.
+fn parameters<R: Reader>(
+    unit: gimli::UnitRef<'_, R>,
+    offset: UnitOffset<R::Offset>,
+) -> gimli::Result<(Vec<ValueType>, bool)> {
     let mut params = Vec::new();
     let mut variadic = false;
     let mut tree = unit.entries_tree(Some(offset))?;
@@ -208,39 +232,7 @@ pub(crate) fn read<R: Reader>(
             _ => {}
         }
     }
-    // A concrete out-of-line copy may describe its parameters only through
-    // its abstract origin.
-    if params.is_empty() {
-        if let Some(AttributeValue::UnitRef(o)) =
-            die.attr_value(constants::DW_AT_abstract_origin)?
-        {
-            let mut tree = unit.entries_tree(Some(o))?;
-            let root = tree.root()?;
-            let mut children = root.children();
-            while let Some(child) = children.next()? {
-                let e = child.entry();
-                if e.tag() == constants::DW_TAG_formal_parameter {
-                    let t = match die_type(unit, e)? {
-                        Some(t) => describe(unit, t, 0)?,
-                        None => None,
-                    };
-                    params.push(t.unwrap_or(ValueType {
-                        name: "?".into(),
-                        size: None,
-                        class: AbiClass::Unknown,
-                    }));
-                } else if e.tag() == constants::DW_TAG_unspecified_parameters {
-                    variadic = true;
-                }
-            }
-        }
-    }
-    Ok(Some(Signature {
-        name,
-        params,
-        ret,
-        variadic,
-    }))
+    Ok((params, variadic))
 }
 
 fn name_of<R: Reader>(

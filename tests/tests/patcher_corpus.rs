@@ -48,15 +48,19 @@ fn asm() -> CodeAssembler {
     CodeAssembler::new(64).expect("assembler")
 }
 
-fn plain(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
-    // push rbp; mov rbp,rsp; lea rax,[rdi+rdi*2+1]; pop rbp; ret
+/// `push rbp; mov rbp,rsp; lea rax,[rdi+rdi*2+1]; pop rbp; ret`: x -> 3x+1.
+fn plain_asm() -> CodeAssembler {
     let mut a = asm();
     a.push(rbp).unwrap();
     a.mov(rbp, rsp).unwrap();
     a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
     a.pop(rbp).unwrap();
     a.ret().unwrap();
-    (m.put(off, &mut a), None)
+    a
+}
+
+fn plain(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    (m.put(off, &mut plain_asm()), None)
 }
 
 fn endbr(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
@@ -361,13 +365,7 @@ fn protect_denied_on_a_read_only_shared_mapping() {
     let dir = std::env::temp_dir().join(format!("hotpatch-ro-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("code.bin");
-    let mut a = asm();
-    a.push(rbp).unwrap();
-    a.mov(rbp, rsp).unwrap();
-    a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
-    a.pop(rbp).unwrap();
-    a.ret().unwrap();
-    let code = a.assemble(0).expect("assemble");
+    let code = plain_asm().assemble(0).expect("assemble");
     let mut page = vec![0xCCu8; 4096];
     page[..code.len()].copy_from_slice(&code);
     std::fs::write(&path, &page).expect("write");
@@ -444,13 +442,7 @@ fn no_near_memory_when_every_page_within_reach_is_taken() {
         )
     };
     assert_eq!(p as usize, page);
-    let mut a = asm();
-    a.push(rbp).unwrap();
-    a.mov(rbp, rsp).unwrap();
-    a.lea(rax, ptr(rdi + rdi * 2 + 1)).unwrap();
-    a.pop(rbp).unwrap();
-    a.ret().unwrap();
-    let code = a.assemble(page as u64).expect("assemble");
+    let code = plain_asm().assemble(page as u64).expect("assemble");
     // SAFETY: the page is ours, writable, 4 KiB; the code is shorter.
     unsafe {
         std::ptr::write_bytes(p.cast::<u8>(), 0xCC, 4096);

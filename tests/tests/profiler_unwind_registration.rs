@@ -28,30 +28,21 @@ use std::time::{Duration, Instant};
 
 use hotpatch_profiler::ProfilerBuilder;
 use hotpatch_symbolizer::{Registry, RuntimeAddr};
+use hotpatch_tests::exec::ExecMem;
 
 unsafe extern "C" {
     /// libgcc: start of the function (FDE) containing `pc`, or null.
     fn _Unwind_FindEnclosingFunction(pc: *mut libc::c_void) -> *mut libc::c_void;
 }
 
-/// An anonymous read-write page of `ret`s, `len` bytes, never unmapped (the
+/// `len` bytes of `ret`s in executable memory that is never unmapped (the
 /// ranges registered in it stay known to libgcc for the process's life).
 fn ret_page(len: usize) -> u64 {
-    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-    let page = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(page, libc::MAP_FAILED);
-    // SAFETY: `page` is `len` writable bytes we own.
-    unsafe { std::ptr::write_bytes(page.cast::<u8>(), 0xc3, len) };
-    page as u64
+    let mut mem = ExecMem::new(len.div_ceil(4096));
+    let at = mem.put_bytes(0, &vec![0xc3; len]);
+    mem.seal();
+    std::mem::forget(mem);
+    at as u64
 }
 
 /// The FDE start libgcc finds for `pc` (0 if none); a lookup outside any
