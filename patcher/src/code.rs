@@ -248,12 +248,14 @@ fn publish_trap(at: usize, to: usize) {
 fn trap_detour(rip: usize) -> Option<usize> {
     (0..TRAP_SITES).find_map(|i| {
         let at = TRAP_AT[i].load(Ordering::Acquire);
-        if at != 0 && rip == at.wrapping_add(1) {
-            let to = TRAP_TO[i].load(Ordering::Acquire);
-            (to != 0).then_some(to)
-        } else {
-            None
+        if at == 0 || rip != at.wrapping_add(1) {
+            return None;
         }
+        let to = TRAP_TO[i].load(Ordering::Acquire);
+        // The slot may have been reused between the two loads (retired,
+        // new detour, new address): only a detour read while the address
+        // was still ours counts.
+        (to != 0 && TRAP_AT[i].load(Ordering::Acquire) == at).then_some(to)
     })
 }
 static TRAP_INSTALLED: AtomicBool = AtomicBool::new(false);

@@ -288,8 +288,9 @@ impl std::fmt::Debug for SavedMask {
 /// handler blocks while a thread is parked. A handler that ran there (the
 /// profiler's SIGPROF, a host's own) could wait on a lock a parked thread
 /// holds — libgcc's `object_mutex` in an unwind, a `malloc` arena — and the
-/// world would never be released. Blocked signals stay pending and are
-/// delivered right after the release.
+/// world would never be released. Blocked signals stay pending until the
+/// release (a process-directed one may go to a straggler meanwhile, the only
+/// thread not blocking it; the int3 protocol covers stragglers anyway).
 fn async_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigfillset/sigdelset initialize and
     // edit it in place.
@@ -318,6 +319,8 @@ pub struct Stopped {
     released: bool,
     /// The stopping thread's mask before the stop; restored on release.
     saved_mask: Option<SavedMask>,
+    /// Not `Send`: the release must run on the thread whose mask was saved.
+    _same_thread: std::marker::PhantomData<*const ()>,
     /// Threads that did not park within the timeout.
     pub stragglers: [Straggler; 16],
     /// How many of `stragglers` are valid (more than 16 are counted, not listed).
@@ -418,6 +421,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
         parked: 0,
         released: false,
         saved_mask: None,
+        _same_thread: std::marker::PhantomData,
         stragglers: [Straggler { tid: 0 }; 16],
         straggler_count: 0,
     };

@@ -134,7 +134,9 @@ struct IntHasher(u64);
 
 impl Hasher for IntHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply mixes into the high bits; fold them into the low
+        // ones the table indexes by.
+        self.0 ^ (self.0 >> 32)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {

@@ -99,19 +99,19 @@ impl ProfilerBuilder {
         // later arrivals are registered by the loader (or found by a refresh
         // at resolution time).
         let _ = reg.refresh();
+        // Unwind info of ranges unregistered while no session listened goes
+        // first (also when this session adds none).
+        let live: std::collections::HashSet<_> = reg
+            .modules()
+            .iter()
+            .filter(|m| m.unloaded_seq.is_none())
+            .map(|m| m.id)
+            .collect();
+        unwind::retain_only(&live);
         if self.anon_unwind_info {
-            let live: std::collections::HashSet<u64> = reg
-                .modules()
-                .iter()
-                .filter_map(|m| match (&m.kind, m.unloaded_seq) {
-                    (ModuleKind::Anon(a), None) => Some(a.start.0),
-                    _ => None,
-                })
-                .collect();
-            unwind::retain_only(&live);
             for m in reg.modules() {
                 if let (ModuleKind::Anon(a), None) = (&m.kind, m.unloaded_seq) {
-                    unwind::register(a.start.0, a.len);
+                    unwind::register(m.id, a.start.0, a.len);
                 }
             }
         }
@@ -253,12 +253,12 @@ impl Shared {
             Event::Unloading(m) => {
                 self.checkpoint(false);
                 if let ModuleKind::Anon(a) = &m.kind {
-                    unwind::deregister(a.start.0);
+                    unwind::deregister(m.id, a.start.0);
                 }
             }
             Event::Loaded(m) => {
                 if let (ModuleKind::Anon(a), true) = (&m.kind, self.config.anon_unwind_info) {
-                    unwind::register(a.start.0, a.len);
+                    unwind::register(m.id, a.start.0, a.len);
                 }
             }
             _ => {}

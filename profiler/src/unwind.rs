@@ -40,6 +40,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hotpatch_symbolizer::ModuleId;
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 
 unsafe extern "C" {
@@ -158,14 +159,19 @@ fn open_gate() {
     GATE_CLOSED.store(false, Ordering::SeqCst);
 }
 
-/// Registered `.eh_frame` images by range start. Boxed so the bytes never
-/// move while libgcc holds a pointer to them.
-static REGISTERED: Mutex<Option<HashMap<u64, Box<[u8]>>>> = Mutex::new(None);
+/// Registered `.eh_frame` images by range start, with the registry module
+/// they describe. Boxed so the bytes never move while libgcc holds a
+/// pointer to them.
+static REGISTERED: Mutex<Option<HashMap<u64, Registered>>> = Mutex::new(None);
+
+/// One registered image: the module it describes and its `.eh_frame` bytes.
+type Registered = (ModuleId, Box<[u8]>);
 
 const DW_CFA_ADVANCE_LOC4: u8 = 0x04;
 const DW_CFA_DEF_CFA: u8 = 0x0c;
 const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
 const DW_CFA_OFFSET: u8 = 0x80;
+const DW_CFA_RESTORE: u8 = 0xc0;
 const REG_RBP: u8 = 6;
 const REG_RSP: u8 = 7;
 const REG_RA: u8 = 16;
@@ -212,7 +218,7 @@ pub(crate) fn rows_for(code: &[u8], start: u64) -> Cfi {
         if ins.is_invalid() {
             break;
         }
-        let before = (cfa, on_rbp);
+        let before = (cfa, on_rbp, rbp);
         let reg0 =
             (ins.op_count() > 0 && ins.op0_kind() == OpKind::Register).then(|| ins.op0_register());
         let reg1 =
@@ -228,9 +234,12 @@ pub(crate) fn rows_for(code: &[u8], start: u64) -> Cfi {
             }
             Mnemonic::Pop if reg0 == Some(Register::RBP) && on_rbp => {
                 // The frame's epilogue: rsp was brought back to the saved
-                // rbp (`mov rsp, rbp` / `add rsp`), which is popped now.
+                // rbp's slot (`mov rsp, rbp` / `add rsp`), popped now: the
+                // CFA is that slot's offset minus the 8 bytes popped.
+                let Some(slot) = rbp else { break };
                 on_rbp = false;
-                cfa = 8;
+                cfa = slot as i64 - 8;
+                rbp = None;
             }
             Mnemonic::Pop | Mnemonic::Popfq => {
                 if reg0 == Some(Register::RSP) {
@@ -239,10 +248,15 @@ pub(crate) fn rows_for(code: &[u8], start: u64) -> Cfi {
                 if !on_rbp {
                     cfa -= i64::from(ins.stack_pointer_increment());
                 }
+                if reg0 == Some(Register::RBP) {
+                    rbp = None; // the caller's rbp is back in the register
+                }
             }
             Mnemonic::Leave if on_rbp => {
+                // rsp = rbp (= CFA - cfa), then pop rbp.
                 on_rbp = false;
-                cfa = 8;
+                cfa -= 8;
+                rbp = None;
             }
             Mnemonic::Mov
                 if reg0 == Some(Register::RBP)
@@ -292,7 +306,7 @@ pub(crate) fn rows_for(code: &[u8], start: u64) -> Cfi {
             break;
         }
         len = ins.next_ip() - start;
-        if (cfa, on_rbp) != before {
+        if (cfa, on_rbp, rbp) != before {
             rows.push(Row {
                 offset: len as u32,
                 cfa: cfa as u64,
@@ -357,7 +371,7 @@ pub(crate) fn eh_frame(start: u64, len: u64, rows: &[Row]) -> Vec<u8> {
     uleb(&mut out, 0); // augmentation data length
     let mut at = 0u32;
     let mut on_rbp = false;
-    let mut rbp_done = false;
+    let mut rbp_slot: Option<u64> = None;
     for r in rows {
         out.push(DW_CFA_ADVANCE_LOC4);
         out.extend_from_slice(&(r.offset - at).to_le_bytes());
@@ -369,10 +383,16 @@ pub(crate) fn eh_frame(start: u64, len: u64, rows: &[Row]) -> Vec<u8> {
             out.push(DW_CFA_DEF_CFA_OFFSET);
         }
         uleb(&mut out, r.cfa);
-        if let (Some(slot), false) = (r.rbp_saved_at, rbp_done) {
-            out.push(DW_CFA_OFFSET | REG_RBP);
-            uleb(&mut out, slot / 8);
-            rbp_done = true;
+        if r.rbp_saved_at != rbp_slot {
+            match r.rbp_saved_at {
+                Some(slot) => {
+                    out.push(DW_CFA_OFFSET | REG_RBP);
+                    uleb(&mut out, slot / 8);
+                }
+                // Back to the CIE's rule: rbp holds the caller's value.
+                None => out.push(DW_CFA_RESTORE | REG_RBP),
+            }
+            rbp_slot = r.rbp_saved_at;
         }
     }
     pad8(&mut out, fde);
@@ -422,12 +442,39 @@ fn without_sigprof<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Gives `[start, start+len)` unwind info, once. Returns whether it was
-/// registered now (false when already registered or unreadable).
-pub(crate) fn register(start: u64, len: u64) -> bool {
+/// Whether registering now is safe: the SIGPROF handler is our gate (or
+/// no sampler is installed at all). Registering behind an ungated handler
+/// would leave the window in which a sample sorts the new object.
+fn gate_in_front() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return false;
+    }
+    cur.sa_sigaction == gate_handler as *const () as usize
+        || cur.sa_sigaction == libc::SIG_DFL
+        || cur.sa_sigaction == libc::SIG_IGN
+}
+
+/// Gives module `id`, the range `[start, start+len)`, unwind info, once.
+/// Returns whether it was registered now (false when already registered,
+/// unreadable, not describable, or not safely registrable: counted).
+pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
     let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
     let map = reg.get_or_insert_with(HashMap::new);
-    if map.contains_key(&start) || len == 0 || len > 1 << 20 {
+    match map.get(&start) {
+        Some((known, _)) if *known == id => return false,
+        Some(_) => {
+            // Another module at the same start (the range was reused while
+            // no session listened): its rules are stale.
+            if let Some((_, old)) = map.remove(&start) {
+                drop_image(old);
+            }
+        }
+        None => {}
+    }
+    if len == 0 || len > 1 << 20 {
         return false;
     }
     let Some(code) = read_self(start, len as usize) else {
@@ -437,6 +484,10 @@ pub(crate) fn register(start: u64, len: u64) -> bool {
     if cfi.len == 0 {
         return false;
     }
+    if !gate_in_front() {
+        GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
     let image = eh_frame(start, cfi.len, &cfi.rows).into_boxed_slice();
     let sorted = without_sigprof(|| {
         if !close_gate() {
@@ -444,7 +495,7 @@ pub(crate) fn register(start: u64, len: u64) -> bool {
         }
         // SAFETY: `image` is a well-formed, zero-terminated .eh_frame (one
         // CIE, one FDE) built above; it is kept alive in REGISTERED, at a
-        // fixed heap address, until `deregister` passes the same pointer to
+        // fixed heap address, until `drop_image` passes the same pointer to
         // `__deregister_frame`. SIGPROF is blocked on this thread so the
         // sampler cannot re-enter libgcc while it holds `object_mutex`, and
         // the gate is closed, so no handler on another thread looks up an
@@ -471,41 +522,70 @@ pub(crate) fn register(start: u64, len: u64) -> bool {
         Some(ours)
     });
     if sorted == Some(true) {
-        map.insert(start, image);
+        map.insert(start, (id, image));
         true
     } else {
         false
     }
 }
 
-/// Deregisters every range registered earlier whose start is not in
-/// `live` — ranges unregistered while no session was subscribed (their
-/// memory may hold other code by now, and a stale rule would mislead the
-/// unwinder). Called at session start, before sampling.
-pub(crate) fn retain_only(live: &std::collections::HashSet<u64>) {
-    let stale: Vec<u64> = {
-        let reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
-        reg.as_ref()
-            .map(|m| m.keys().filter(|k| !live.contains(k)).copied().collect())
-            .unwrap_or_default()
+/// Deregisters every image whose module is not in `live` — modules
+/// unregistered while no session was subscribed (their memory may hold
+/// other code by now, and a stale rule would mislead the unwinder). Called
+/// at every session start, before sampling.
+pub(crate) fn retain_only(live: &std::collections::HashSet<ModuleId>) {
+    let stale: Vec<(u64, Box<[u8]>)> = {
+        let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(map) = reg.as_mut() else { return };
+        let gone: Vec<u64> = map
+            .iter()
+            .filter(|(_, (id, _))| !live.contains(id))
+            .map(|(start, _)| *start)
+            .collect();
+        gone.into_iter()
+            .filter_map(|start| map.remove(&start).map(|(_, img)| (start, img)))
+            .collect()
     };
-    for start in stale {
-        deregister(start);
+    for (_, image) in stale {
+        drop_image(image);
     }
 }
 
-/// Removes the unwind info registered for the range starting at `start`.
-pub(crate) fn deregister(start: u64) {
-    let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(image) = reg.as_mut().and_then(|m| m.remove(&start)) else {
-        return;
+/// Removes the unwind info registered for module `id` at `start`.
+pub(crate) fn deregister(id: ModuleId, start: u64) {
+    let image = {
+        let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+        match reg.as_mut() {
+            Some(map) if map.get(&start).is_some_and(|(known, _)| *known == id) => {
+                map.remove(&start).map(|(_, img)| img)
+            }
+            _ => None,
+        }
     };
+    if let Some(image) = image {
+        drop_image(image);
+    }
+}
+
+/// `__deregister_frame` and free, behind the gate: libgcc hands a handler
+/// pointers into the image and reads them after releasing its mutex, so
+/// the bytes may only go once no handler is running. If the gate cannot be
+/// closed in time the image is leaked (still deregistered), never freed
+/// under a reader.
+fn drop_image(image: Box<[u8]>) {
     without_sigprof(|| {
-        // SAFETY: `image` is the exact pointer registered in `register`, and
-        // it is freed only after libgcc has forgotten it (below, on drop).
-        unsafe { __deregister_frame(image.as_ptr()) }
+        let closed = close_gate();
+        // SAFETY: `image` is the exact pointer registered in `register`,
+        // deregistered once (it was removed from REGISTERED by the caller).
+        unsafe { __deregister_frame(image.as_ptr()) };
+        if closed {
+            open_gate();
+            drop(image);
+        } else {
+            // A handler may still read it: keep the bytes forever.
+            std::mem::forget(image);
+        }
     });
-    drop(image);
 }
 
 /// Whether the range starting at `start` has registered unwind info.
@@ -592,13 +672,52 @@ mod tests {
             0xc3,                         // ret
         ];
         let cfi = rows_for(&code, 0x1000);
-        assert_eq!(cfi.rows.last(), Some(&Row { offset: 9, cfa: 8, on_rbp: false, rbp_saved_at: Some(16) }));
+        assert_eq!(cfi.rows.last(), Some(&Row { offset: 9, cfa: 8, on_rbp: false, rbp_saved_at: None }));
         assert_eq!(cfi.len, 10);
         let img = eh_frame(0x1000, cfi.len, &cfi.rows);
         // def_cfa rbp,16 at the mov, def_cfa rsp,8 at the leave.
         assert!(img.windows(3).any(|w| w == [DW_CFA_DEF_CFA, REG_RBP, 16]));
         let rsp8 = img.windows(3).filter(|w| *w == [DW_CFA_DEF_CFA, REG_RSP, 8]).count();
         assert_eq!(rsp8, 2, "the CIE's initial rule and the leave's");
+        assert!(img.contains(&(DW_CFA_RESTORE | REG_RBP)), "rbp restored after leave");
+    }
+
+    #[rustfmt::skip]
+    #[test]
+    fn the_epilogue_accounts_for_registers_pushed_before_rbp() {
+        let code = [
+            0x53,                         // push rbx            cfa = rsp+16
+            0x55,                         // push rbp            cfa = rsp+24, rbp at cfa-24
+            0x48, 0x89, 0xe5,             // mov rbp, rsp        cfa = rbp+24
+            0x48, 0x83, 0xec, 0x10,       // sub rsp, 0x10
+            0xc9,                         // leave               cfa = rsp+16 (rbx still pushed)
+            0x89, 0xd8,                   // mov eax, ebx        unchanged
+            0x5b,                         // pop rbx             cfa = rsp+8
+            0xc3,                         // ret
+        ];
+        let cfi = rows_for(&code, 0x1000);
+        let rows: Vec<(u32, u64, bool, Option<u64>)> =
+            cfi.rows.iter().map(|r| (r.offset, r.cfa, r.on_rbp, r.rbp_saved_at)).collect();
+        assert_eq!(rows, vec![
+            (1, 16, false, None),
+            (2, 24, false, Some(24)),
+            (5, 24, true, Some(24)),
+            (10, 16, false, None),
+            (13, 8, false, None),
+        ]);
+        assert_eq!(cfi.len, 14);
+        // The `mov rsp, rbp; pop rbp` form of the epilogue ends the same way.
+        let code = [
+            0x53, 0x55, 0x48, 0x89, 0xe5, // push rbx; push rbp; mov rbp, rsp
+            0x48, 0x89, 0xec,             // mov rsp, rbp        (rbp-based: fine)
+            0x5d,                         // pop rbp             cfa = rsp+16
+            0x5b,                         // pop rbx             cfa = rsp+8
+            0xc3,
+        ];
+        let cfi = rows_for(&code, 0x1000);
+        let cfas: Vec<(u32, u64)> = cfi.rows.iter().map(|r| (r.offset, r.cfa)).collect();
+        assert_eq!(cfas, vec![(1, 16), (2, 24), (5, 24), (9, 16), (10, 8)]);
+        assert_eq!(cfi.len, 11);
     }
 
     #[test]
@@ -634,7 +753,7 @@ mod tests {
 
     #[test]
     fn unreadable_ranges_are_not_registered() {
-        assert!(!register(8, 16));
+        assert!(!register(ModuleId(u64::MAX), 8, 16));
         assert!(!is_registered(8));
     }
 }

@@ -230,9 +230,16 @@ fn unwind_info_of_a_range_unregistered_between_sessions_is_dropped() {
     let _s = serial();
     let reg = Registry::global();
     reg.refresh().unwrap();
-    let page = ret_page(4096);
+    // `nop`s then a `ret`: the unwind rules describe every byte of a
+    // range (a `ret` would end the described prefix).
+    let mut mem = ExecMem::new(1);
+    let mut code = vec![0x90; 4095];
+    code.push(0xc3);
+    let page = mem.put_bytes(0, &code) as u64;
+    mem.seal();
+    std::mem::forget(mem); // registered ranges stay mapped
     let id = reg
-        .register_anon("test::between_sessions", RuntimeAddr(page), 64)
+        .register_anon("test::between_sessions", RuntimeAddr(page), 16)
         .unwrap();
     let first = ProfilerBuilder::new().frequency(1).start().unwrap();
     assert_eq!(enclosing(page + 1), page, "registered at session start");
@@ -241,6 +248,7 @@ fn unwind_info_of_a_range_unregistered_between_sessions_is_dropped() {
     // the memory could be reused for other code.
     reg.unregister(id).unwrap();
     assert_eq!(enclosing(page + 1), page, "still known to libgcc");
+    assert_ne!(enclosing(page + 40), page, "the first range is 16 bytes");
     let second = ProfilerBuilder::new().frequency(1).start().unwrap();
     assert_ne!(
         enclosing(page + 1),
@@ -248,4 +256,13 @@ fn unwind_info_of_a_range_unregistered_between_sessions_is_dropped() {
         "the next session dropped the stale unwind info before sampling"
     );
     second.stop().unwrap();
+    // Reused: another, longer range at the same start, registered while no
+    // session listens. The next session replaces the old image by this one.
+    let id2 = reg
+        .register_anon("test::reused", RuntimeAddr(page), 64)
+        .unwrap();
+    let third = ProfilerBuilder::new().frequency(1).start().unwrap();
+    assert_eq!(enclosing(page + 40), page, "the new range's rules, not the old");
+    third.stop().unwrap();
+    reg.unregister(id2).unwrap();
 }
