@@ -114,8 +114,11 @@ impl Signature {
                 ));
             }
         }
+        let unknown =
+            |r: &Option<ValueType>| r.as_ref().is_some_and(|v| v.class == AbiClass::Unknown);
         match (&self.ret, &other.ret) {
             (None, None) => {}
+            _ if unknown(&self.ret) || unknown(&other.ret) => {}
             (Some(a), Some(b)) => {
                 if let Some(why) = differs(a, b) {
                     out.push(format!("return value: target {a}, replacement {b} ({why})"));
@@ -159,10 +162,8 @@ pub(crate) fn read<R: Reader>(
     addr: u64,
 ) -> gimli::Result<Option<Signature>> {
     let mut entries = unit.entries();
-    let mut found: Option<(isize, UnitOffset<R::Offset>)> = None;
-    let mut depth: isize = 0;
-    while let Some((delta, die)) = entries.next_dfs()? {
-        depth += delta;
+    let mut found: Option<UnitOffset<R::Offset>> = None;
+    while let Some((_, die)) = entries.next_dfs()? {
         if die.tag() != constants::DW_TAG_subprogram {
             continue;
         }
@@ -172,28 +173,54 @@ pub(crate) fn read<R: Reader>(
             _ => None,
         };
         if low == Some(addr) {
-            found = Some((depth, die.offset()));
+            found = Some(die.offset());
             break;
         }
     }
-    let Some((_, offset)) = found else {
+    let Some(offset) = found else {
         return Ok(None);
     };
-    let die = unit.entry(offset)?;
-    let name = name_of(unit, &die)?;
-    let ret = match die_type(unit, &die)? {
-        Some(t) => describe(unit, t, 0)?,
-        None => None,
-    };
-    let (mut params, mut variadic) = parameters(unit, offset)?;
-    // A concrete out-of-line copy may describe its parameters only through
-    // its abstract origin.
-    if params.is_empty() {
-        if let Some(AttributeValue::UnitRef(o)) =
-            die.attr_value(constants::DW_AT_abstract_origin)?
-        {
-            (params, variadic) = parameters(unit, o)?;
+    // The definition, then what it refines: its declaration
+    // (`DW_AT_specification`: methods keep their result type there) or the
+    // abstract instance it is a concrete copy of (`DW_AT_abstract_origin`).
+    let mut chain = vec![offset];
+    while chain.len() < 4 {
+        let die = unit.entry(*chain.last().unwrap_or(&offset))?;
+        let next = match die.attr_value(constants::DW_AT_specification)? {
+            Some(v) => Some(v),
+            None => die.attr_value(constants::DW_AT_abstract_origin)?,
+        };
+        match next {
+            None => break,
+            Some(AttributeValue::UnitRef(o)) => chain.push(o),
+            // In another unit (LTO, split DWARF): we would describe it
+            // partly, and a partial signature is a wrong one. Not checked.
+            Some(_) => return Ok(None),
         }
+    }
+    let mut name = None;
+    let mut ret = None;
+    let mut params = Vec::new();
+    let mut variadic = false;
+    for &o in &chain {
+        let die = unit.entry(o)?;
+        if name.is_none() {
+            name = name_of(unit, &die)?;
+        }
+        if ret.is_none() {
+            match die.attr_value(constants::DW_AT_type)? {
+                Some(AttributeValue::UnitRef(t)) => ret = describe(unit, t, 0)?,
+                Some(_) => return Ok(None), // a type in another unit
+                None => {}
+            }
+        }
+        // The fullest parameter list along the chain (a definition may list
+        // only some, e.g. none for optimized-out ones).
+        let (p, v) = parameters(unit, o)?;
+        if p.len() > params.len() {
+            params = p;
+        }
+        variadic |= v;
     }
     Ok(Some(Signature {
         name,

@@ -262,7 +262,11 @@ fn unwind_info_of_a_range_unregistered_between_sessions_is_dropped() {
         .register_anon("test::reused", RuntimeAddr(page), 64)
         .unwrap();
     let third = ProfilerBuilder::new().frequency(1).start().unwrap();
-    assert_eq!(enclosing(page + 40), page, "the new range's rules, not the old");
+    assert_eq!(
+        enclosing(page + 40),
+        page,
+        "the new range's rules, not the old"
+    );
     third.stop().unwrap();
     reg.unregister(id2).unwrap();
 }

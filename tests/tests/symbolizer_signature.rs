@@ -69,6 +69,17 @@ fn signatures_of_a_real_plugin_and_their_abi_comparison() {
     assert_eq!(pair.params[0].size, Some(16));
     assert!(!v2.abi_mismatches(&pair).is_empty());
 
+    // A method: its result type lives on the declaration it refines.
+    let method = sig(&s, "fx_sig_method");
+    assert_eq!(method.params.len(), 2, "{method}");
+    assert_eq!(method.params[0].class, AbiClass::Integer, "&self: {method}");
+    assert_eq!(method.params[1].name, "u64", "{method}");
+    assert_eq!(
+        method.ret.as_ref().map(|r| r.name.as_str()),
+        Some("u64"),
+        "{method}"
+    );
+
     let unit = sig(&s, "fx_sig_unit");
     assert!(unit.params.is_empty());
     assert_eq!(unit.ret, None, "`()` returns nothing");

@@ -45,3 +45,19 @@ pub extern "C" fn fx_sig_pair(p: FxPair) -> FxPair {
 /// No parameters, no result.
 #[unsafe(no_mangle)]
 pub extern "C" fn fx_sig_unit() {}
+
+/// A type with a method, for signatures whose result type DWARF keeps on
+/// the method's declaration (`DW_AT_specification`).
+#[derive(Debug)]
+pub struct FxCounter {
+    /// Added to every argument.
+    pub base: u64,
+}
+
+impl FxCounter {
+    /// `&self` and a `u64`, returning a `u64`.
+    #[unsafe(no_mangle)]
+    pub extern "C" fn fx_sig_method(&self, x: u64) -> u64 {
+        self.base.wrapping_add(x)
+    }
+}
