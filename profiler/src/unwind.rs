@@ -142,18 +142,30 @@ pub(crate) fn gate_counts() -> (u64, u64) {
 /// by a stop-the-world — so the caller skips the registration instead of
 /// hanging. Must not be called from a SIGPROF handler.
 fn close_gate() -> bool {
+    // Three timeouts in a row: a handler never left (a host `siglongjmp`ed
+    // out of one, say) and the count is stuck; stop waiting 200 ms for it
+    // on every registration (each is then skipped, and counted).
+    if TIMEOUTS_IN_A_ROW.load(Ordering::Relaxed) >= 3 {
+        GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
     GATE_CLOSED.store(true, Ordering::SeqCst);
     let t = Instant::now();
     while IN_HANDLER.load(Ordering::SeqCst) != 0 {
         if t.elapsed() > GATE_WAIT {
             GATE_CLOSED.store(false, Ordering::SeqCst);
             GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            TIMEOUTS_IN_A_ROW.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         std::thread::yield_now();
     }
+    TIMEOUTS_IN_A_ROW.store(0, Ordering::Relaxed);
     true
 }
+
+/// Consecutive [`close_gate`] timeouts.
+static TIMEOUTS_IN_A_ROW: AtomicU64 = AtomicU64::new(0);
 
 fn open_gate() {
     GATE_CLOSED.store(false, Ordering::SeqCst);
