@@ -505,13 +505,11 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
         if !close_gate() {
             return None;
         }
-        // SAFETY: `image` is a well-formed, zero-terminated .eh_frame (one
-        // CIE, one FDE) built above; it is kept alive in REGISTERED, at a
-        // fixed heap address, until `drop_image` passes the same pointer to
-        // `__deregister_frame`. SIGPROF is blocked on this thread so the
-        // sampler cannot re-enter libgcc while it holds `object_mutex`, and
-        // the gate is closed, so no handler on another thread looks up an
-        // FDE until the object is sorted below.
+        // SAFETY: `image` is a zero-terminated .eh_frame (one CIE, one FDE),
+        // kept at a fixed heap address in REGISTERED until `drop_image`
+        // deregisters this pointer. SIGPROF is blocked here (no re-entry
+        // into libgcc under `object_mutex`) and the gate is closed (no
+        // handler elsewhere looks up an FDE before the sort below).
         unsafe { __register_frame(image.as_ptr()) };
         let mut bases = DwarfEhBases {
             tbase: std::ptr::null_mut(),
