@@ -83,25 +83,18 @@ impl Workers {
     /// Waits until every worker has served a request with `engine` after
     /// this call (`None` on timeout).
     pub fn wait_for(&self, engine: &str, timeout: Duration) -> Option<Vec<Seen>> {
-        let before: Vec<u64> = self.seen().iter().map(|s| s.served).collect();
-        let t0 = Instant::now();
-        while t0.elapsed() < timeout {
-            let now = self.seen();
-            if now
-                .iter()
-                .zip(&before)
-                .all(|(s, b)| s.served > b + 1 && pricing::engine_of(s.price) == engine)
-            {
-                return Some(now);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        None
+        self.wait_until(timeout, |s| pricing::engine_of(s.price) == engine)
     }
 
     /// Waits until every worker has served a request after this call whose
     /// tax is `pct` percent.
     pub fn wait_for_tax(&self, pct: u64, timeout: Duration) -> Option<Vec<Seen>> {
+        self.wait_until(timeout, |s| s.tax_pct() == pct)
+    }
+
+    /// Waits until every worker has served a request after this call whose
+    /// result satisfies `ok` (`None` on timeout).
+    fn wait_until(&self, timeout: Duration, ok: impl Fn(&Seen) -> bool) -> Option<Vec<Seen>> {
         let before: Vec<u64> = self.seen().iter().map(|s| s.served).collect();
         let t0 = Instant::now();
         while t0.elapsed() < timeout {
@@ -109,7 +102,7 @@ impl Workers {
             if now
                 .iter()
                 .zip(&before)
-                .all(|(s, b)| s.served > b + 1 && s.tax_pct() == pct)
+                .all(|(s, b)| s.served > b + 1 && ok(s))
             {
                 return Some(now);
             }

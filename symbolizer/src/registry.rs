@@ -915,13 +915,7 @@ impl Registry {
             return Err(Error::Reentrant);
         }
         let mut st = self.lock_state();
-        let r = Self::record_mut(&mut st, id)?;
-        if r.module.unloaded_seq.is_some() {
-            return Err(Error::AlreadyUnloaded(id));
-        }
-        if r.unregistering {
-            return Err(Error::Unregistering(id));
-        }
+        let r = Self::live_record_mut(&mut st, id)?;
         if r.module.pins > 0 {
             return Err(Error::ModulePinned {
                 id,
@@ -975,13 +969,7 @@ impl Registry {
     /// being unregistered (an [`UnregisterTicket`] is out): it is about to go.
     pub fn pin(&self, id: ModuleId) -> Result<()> {
         let mut st = self.lock_state();
-        let r = Self::record_mut(&mut st, id)?;
-        if r.module.unloaded_seq.is_some() {
-            return Err(Error::AlreadyUnloaded(id));
-        }
-        if r.unregistering {
-            return Err(Error::Unregistering(id));
-        }
+        let r = Self::live_record_mut(&mut st, id)?;
         r.module.pins += 1;
         Ok(())
     }
@@ -1267,6 +1255,18 @@ impl Registry {
             .get(Self::index(id))
             .filter(|r| r.module.id == id)
             .ok_or(Error::UnknownModule(id))
+    }
+
+    /// The record of a module still mapped and not being unregistered.
+    fn live_record_mut(st: &mut State, id: ModuleId) -> Result<&mut ModuleRecord> {
+        let r = Self::record_mut(st, id)?;
+        if r.module.unloaded_seq.is_some() {
+            return Err(Error::AlreadyUnloaded(id));
+        }
+        if r.unregistering {
+            return Err(Error::Unregistering(id));
+        }
+        Ok(r)
     }
 
     fn record_mut(st: &mut State, id: ModuleId) -> Result<&mut ModuleRecord> {

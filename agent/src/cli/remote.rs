@@ -80,14 +80,9 @@ pub struct Patch {
     /// plugins, then in every mapped library) or `MODULE:SYMBOL`. Rust paths
     /// work (`demo_target::pricing::apply_tax`), local symbols included.
     pub target: String,
-    /// The replacement: `PLUGIN:SYMBOL` of a plugin loaded with `load`.
-    #[arg(long = "with", value_name = "PLUGIN:SYMBOL")]
-    pub with: String,
-    /// Patch even if DWARF shows the replacement takes or returns its
-    /// values differently (refused with E_AGENT_SIGNATURE_MISMATCH
-    /// otherwise). Without DWARF for either side nothing is checked.
-    #[arg(long)]
-    pub force: bool,
+    /// The replacement and the override.
+    #[command(flatten)]
+    pub replacement: Replacement,
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.
@@ -95,17 +90,28 @@ pub struct Patch {
     pub json: bool,
 }
 
+/// The replacement of `patch` and `swap`, and whether to override the
+/// signature check.
+#[derive(Debug, clap::Args)]
+pub struct Replacement {
+    /// The replacement: `PLUGIN:SYMBOL` of a plugin loaded with `load`.
+    #[arg(long = "with", value_name = "PLUGIN:SYMBOL")]
+    pub with: String,
+    /// Go ahead even if DWARF shows the replacement takes or returns its
+    /// values differently (refused with E_AGENT_SIGNATURE_MISMATCH
+    /// otherwise). Without DWARF for either side nothing is checked.
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// Arguments of `hotpatch swap`.
 #[derive(Debug, clap::Args)]
 pub struct Swap {
     /// The site: its name (the target as given to `patch`) or `#ID`.
     pub site: String,
-    /// The new replacement: `PLUGIN:SYMBOL`.
-    #[arg(long = "with", value_name = "PLUGIN:SYMBOL")]
-    pub with: String,
-    /// As for `patch`: swap even if DWARF shows the signatures differ.
-    #[arg(long)]
-    pub force: bool,
+    /// The replacement and the override.
+    #[command(flatten)]
+    pub replacement: Replacement,
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.
@@ -244,8 +250,8 @@ pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
         a.json,
         &Request::Patch {
             target: a.target.clone(),
-            with: a.with.clone(),
-            force: a.force,
+            with: a.replacement.with.clone(),
+            force: a.replacement.force,
         },
     )?;
     emit(out, a.json, &v, |o| {
@@ -264,8 +270,8 @@ pub fn swap(a: &Swap, out: &mut dyn Write) -> Outcome {
         a.json,
         &Request::Swap {
             site: a.site.clone(),
-            with: a.with.clone(),
-            force: a.force,
+            with: a.replacement.with.clone(),
+            force: a.replacement.force,
         },
     )?;
     emit(out, a.json, &v, |o| {
