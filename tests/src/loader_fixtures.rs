@@ -146,13 +146,32 @@ pub fn child_role() -> Option<String> {
 /// Re-executes this test binary to run only `test` (which must check
 /// [`child_role`] first), with `role` set and `configure` applied to the
 /// command (uid, env, `pre_exec`).
+///
+/// The child runs a copy of the binary in a fresh world-readable directory
+/// under `/tmp`, not the binary in the checkout: a child that drops to
+/// another uid must be able to reach its executable wherever the checkout
+/// lives (a home directory or a `mktemp -d` directory is often mode 0700).
 pub fn run_child(test: &str, role: &str, configure: impl FnOnce(&mut Command)) -> Output {
     let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
+    let dir = TempDir::new("child-exe");
+    let copy = copy_with_mode(&exe, &dir.join("test-child"), 0o755);
+    let mut cmd = Command::new(&copy);
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ROLE, role);
     configure(&mut cmd);
-    cmd.output().expect("spawn child test process")
+    // ETXTBSY: a thread of this process forking while the copy was open
+    // for writing leaves the write descriptor in that child until it execs.
+    // That clears by itself; retry.
+    let mut tries = 0;
+    loop {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r.expect("spawn child test process"),
+        }
+    }
 }
 
 /// The `CODE=...` line a child printed, if any.
