@@ -3,15 +3,18 @@
 //! symbol table.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use hotpatch_plugin_api as api;
 use hotpatch_plugin_api::AbiDescriptor;
 
+use object::ReadRef as _;
+use object::read::ReadCache;
+
 use crate::elf::{self, ElfError, ElfInfo};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ShortPath};
 use crate::policy::{AllowCheck, Policy, Sha256Digest};
 
 /// Identity of a file: `(st_dev, st_ino)`.
@@ -28,6 +31,35 @@ pub(crate) struct Checked {
     pub info: ElfInfo,
     pub descriptor: AbiDescriptor,
     pub digest: Option<Sha256Digest>,
+}
+
+/// An OS error about the path itself (NUL byte, name too long, symlink
+/// loop) rather than about the file or the disk.
+/// The largest file `load` takes: 1 GiB. Larger than any plugin (the
+/// biggest Rust `cdylib` with full debug info we know of is a few hundred
+/// MiB), small enough that hashing it for the allowlist takes seconds, not
+/// hours. A bigger file is refused with `E_PLG_TOO_LARGE` before any byte of
+/// it is read.
+pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
+
+fn is_path_error(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::InvalidInput
+        || matches!(e.raw_os_error(), Some(libc::ENAMETOOLONG | libc::ELOOP))
+}
+
+/// `E_PLG_BAD_PATH` for an error about the path, else `E_PLG_IO`.
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    if is_path_error(&e) {
+        Error::BadPath {
+            path: ShortPath(path.to_path_buf()),
+            source: e,
+        }
+    } else {
+        Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
 }
 
 fn euid() -> u32 {
@@ -50,10 +82,7 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
             uid: euid(),
             source: e,
         },
-        _ => Error::Io {
-            path: p(),
-            source: e,
-        },
+        _ => io_error(path, e),
     })?;
     if !meta.is_file() {
         let what = if meta.is_dir() {
@@ -67,7 +96,7 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
             source: None,
         });
     }
-    let mut file = File::open(path).map_err(|e| match e.kind() {
+    let file = File::open(path).map_err(|e| match e.kind() {
         ErrorKind::PermissionDenied => Error::Unreadable {
             path: p(),
             uid: euid(),
@@ -78,17 +107,19 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
             reason: "removed while loading".into(),
             source: Some(e),
         },
-        _ => Error::Io {
-            path: p(),
-            source: e,
-        },
+        _ => io_error(path, e),
     })?;
     // From here on, everything is read through the open descriptor: the
     // checks below all see the same inode.
-    let meta = file.metadata().map_err(|e| Error::Io {
-        path: p(),
-        source: e,
-    })?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    let size = meta.len();
+    if size > MAX_PLUGIN_SIZE {
+        return Err(Error::TooLarge {
+            path: p(),
+            size,
+            limit: MAX_PLUGIN_SIZE,
+        });
+    }
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(Error::WritableByOthers { path: p(), mode });
@@ -97,22 +128,19 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(|e| Error::Io {
-        path: p(),
-        source: e,
-    })?;
+    let unsafe_owner = ownership(path, &meta)?;
 
     let digest = match &policy.allowlist {
         None => None,
         Some(list) => {
-            let actual = Sha256Digest::of(&bytes);
+            let actual = Sha256Digest::of_reader(&file).map_err(|e| io_error(path, e))?;
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             match list.check(&name, actual) {
                 AllowCheck::Allowed => Some(actual),
+                _ if unsafe_owner.is_some() => None,
                 AllowCheck::Tampered(expected) => {
                     return Err(Error::Integrity {
                         path: p(),
@@ -124,19 +152,25 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
             }
         }
     };
+    // An allowlisted digest vouches for the content wherever it lies.
+    if let (Some(e), None) = (unsafe_owner, digest) {
+        return Err(e);
+    }
 
-    let info = elf::parse(&bytes, api::SECTION).map_err(|e| match e {
+    let cache = ReadCache::new(&file);
+    let info = elf::parse(&cache, size, api::SECTION).map_err(|e| match e {
         ElfError::NotElf(reason) => Error::NotElf { path: p(), reason },
         ElfError::WrongArch(found) => Error::WrongArch { path: p(), found },
+        ElfError::Truncated(reason) => Error::Truncated { path: p(), reason },
     })?;
-    let descriptor = read_descriptor(path, &bytes, &info)?;
+    let descriptor = read_descriptor(path, &cache, &info)?;
     compare_descriptor(path, &descriptor)?;
     for symbol in [
         api::ENTRY_ON_LOAD,
         api::ENTRY_ON_INIT,
         api::ENTRY_ON_SHUTDOWN,
     ] {
-        if !info.defines(symbol) {
+        if !info.defines_function(symbol) {
             return Err(Error::SymbolMissing {
                 path: p(),
                 symbol: symbol.into(),
@@ -151,13 +185,62 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     })
 }
 
-fn read_descriptor(path: &Path, bytes: &[u8], info: &ElfInfo) -> Result<AbiDescriptor> {
+/// `E_PLG_UNSAFE_OWNER` when the file, or a directory on its resolved path,
+/// is owned by a user other than root and us, or is a directory others can
+/// write without the sticky bit (as sshd's `StrictModes`): such a user could
+/// replace the plugin between our checks and a later load. `None` when the
+/// path is safe.
+fn ownership(path: &Path, meta: &std::fs::Metadata) -> Result<Option<Error>> {
+    let me = euid();
+    let problem = |culprit: &Path, reason: String| {
+        Some(Error::UnsafeOwner {
+            path: path.to_path_buf(),
+            culprit: ShortPath(culprit.to_path_buf()),
+            reason,
+            euid: me,
+        })
+    };
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    if !trusted(meta.uid()) {
+        return Ok(problem(path, format!("owned by uid {}", meta.uid())));
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| io_error(path, e))?;
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(|e| io_error(path, e))?;
+        if !trusted(m.uid()) {
+            return Ok(problem(
+                dir,
+                format!("a directory owned by uid {}", m.uid()),
+            ));
+        }
+        let mode = m.mode() & 0o7777;
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Ok(problem(
+                dir,
+                format!(
+                    "a directory writable by group or others without the sticky bit (mode {mode:o})"
+                ),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+fn read_descriptor(path: &Path, file: &ReadCache<&File>, info: &ElfInfo) -> Result<AbiDescriptor> {
     let no_abi = |reason: Option<String>| Error::NoAbi {
         path: path.to_path_buf(),
         reason,
     };
     let (start, len) = info.section.ok_or_else(|| no_abi(None))?;
-    let section = &bytes[start..start + len];
+    if len > 4096 {
+        return Err(no_abi(Some(format!(
+            "the section is {len} bytes, a descriptor is {}",
+            api::DESCRIPTOR_SIZE
+        ))));
+    }
+    let section = file
+        .read_bytes_at(start, len)
+        .map_err(|()| no_abi(Some("the section cannot be read".into())))?;
     let d = AbiDescriptor::from_bytes(section).ok_or_else(|| {
         no_abi(Some(format!(
             "the section is {len} bytes, a descriptor is {}",

@@ -70,6 +70,42 @@ pub enum Error {
         /// The file's permission bits.
         mode: u32,
     },
+    /// The file is larger than any plugin ([`MAX_PLUGIN_SIZE`](crate::MAX_PLUGIN_SIZE)).
+    #[error(
+        "{path}: {size} bytes is larger than a plugin can be ({limit} bytes); pass the plugin's .so, not another file"
+    )]
+    TooLarge {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The file's length.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The file, or a directory on its real path, is owned or writable by
+    /// another non-root user, who could replace the plugin's code.
+    #[error(
+        "{path}: {culprit} is {reason}, so that user could replace the plugin's code; keep plugins where only root and uid {euid} can write, or allowlist the file's SHA-256"
+    )]
+    UnsafeOwner {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The file or directory at fault (on the resolved path).
+        culprit: ShortPath,
+        /// What is wrong with it (owner uid or mode).
+        reason: String,
+        /// The effective uid of this process.
+        euid: u32,
+    },
+    /// A structure the loader or the dynamic loader relies on lies past the
+    /// end of the file.
+    #[error("{path}: the file is truncated: {reason}; copy or build the plugin again")]
+    Truncated {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// Which structure, and where it ends.
+        reason: String,
+    },
     /// The file is not an ELF shared object.
     #[error(
         "{path}: not an ELF shared object: {reason}; pass the plugin's .so (a cdylib), not another file"
@@ -229,8 +265,20 @@ pub enum Error {
         /// `dlerror()`.
         detail: String,
     },
+    /// The path itself cannot name a file: it contains a NUL byte, a
+    /// component or the whole is longer than the system's limit
+    /// (`ENAMETOOLONG`), or it has too many levels of symbolic links
+    /// (`ELOOP`).
+    #[error("{path}: not a usable file path: {source}; pass the plugin's real path")]
+    BadPath {
+        /// The path given to `load` (shortened in the message when long).
+        path: ShortPath,
+        /// The OS error (or `InvalidInput` for a NUL byte).
+        #[source]
+        source: io::Error,
+    },
     /// Reading the file failed for another reason.
-    #[error("{path}: I/O error while reading the plugin; check the disk and retry")]
+    #[error("{path}: I/O error while reading the plugin: {source}; check the disk and retry")]
     Io {
         /// The path given to `load`.
         path: PathBuf,
@@ -246,6 +294,9 @@ impl Error {
         match self {
             Self::NotFound { .. } => "E_PLG_NOT_FOUND",
             Self::Unreadable { .. } | Self::WritableByOthers { .. } => "E_PLG_PERMISSION",
+            Self::TooLarge { .. } => "E_PLG_TOO_LARGE",
+            Self::UnsafeOwner { .. } => "E_PLG_UNSAFE_OWNER",
+            Self::Truncated { .. } => "E_PLG_TRUNCATED",
             Self::NotElf { .. } => "E_PLG_NOT_ELF",
             Self::WrongArch { .. } => "E_PLG_WRONG_ARCH",
             Self::MissingDependency { .. } => "E_PLG_MISSING_DEPENDENCY",
@@ -260,7 +311,30 @@ impl Error {
             Self::AlreadyLoaded { .. } => "E_PLG_ALREADY_LOADED",
             Self::InUse { .. } => "E_PLG_IN_USE",
             Self::DlopenFailed { .. } => "E_PLG_DLOPEN_FAILED",
+            Self::BadPath { .. } => "E_PLG_BAD_PATH",
             Self::Io { .. } => "E_PLG_IO",
         }
+    }
+}
+
+/// A path for messages: the first 200 bytes of a longer one, with the
+/// length, so a 100 kB path does not make a 100 kB message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortPath(pub PathBuf);
+
+impl std::fmt::Display for ShortPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::os::unix::ffi::OsStrExt;
+        const SHOWN: usize = 200;
+        let bytes = self.0.as_os_str().as_bytes();
+        if bytes.len() <= SHOWN {
+            return write!(f, "{}", String::from_utf8_lossy(bytes).escape_debug());
+        }
+        write!(
+            f,
+            "{}... ({} bytes)",
+            String::from_utf8_lossy(&bytes[..SHOWN]).escape_debug(),
+            bytes.len()
+        )
     }
 }

@@ -44,6 +44,7 @@
 //! ```
 
 mod checks;
+pub use checks::MAX_PLUGIN_SIZE;
 mod classify;
 mod dl;
 mod elf;
@@ -55,7 +56,7 @@ mod policy;
 mod symbol;
 
 pub use elf::TlsSegment;
-pub use error::{Error, Result, Stage};
+pub use error::{Error, Result, ShortPath, Stage};
 pub use event::TARGET;
 pub use hotpatch_plugin_api as plugin_api;
 pub use plugin::{Plugin, Refused, RetainReason, TlsInfo, UnloadOutcome, Unloaded, load};

@@ -23,7 +23,28 @@ impl Sha256Digest {
     /// # Errors
     /// When the file cannot be read.
     pub fn of_file(path: impl AsRef<Path>) -> std::io::Result<Self> {
-        Ok(Self::of(&std::fs::read(path)?))
+        Self::of_reader(std::fs::File::open(path)?)
+    }
+
+    /// The digest of everything `r` yields, read in 64 KiB pieces (no
+    /// buffer the size of the input).
+    ///
+    /// # Errors
+    /// When reading fails.
+    pub fn of_reader(mut r: impl std::io::Read) -> std::io::Result<Self> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&h.finalize());
+        Ok(Self(d))
     }
 
     /// Parses 64 hex digits (either case).
@@ -145,6 +166,15 @@ mod tests {
         assert_eq!(
             Sha256Digest::of(b"abc").to_string(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn streamed_digest_is_the_digest() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            Sha256Digest::of_reader(&data[..]).expect("read"),
+            Sha256Digest::of(&data)
         );
     }
 
