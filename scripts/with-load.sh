@@ -15,12 +15,24 @@ if [ $# -eq 0 ]; then
 fi
 
 started=()
+# Whether $1 still runs (exists and is not a zombie waiting to be reaped).
+running() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
 cleanup() {
-    local pid
+    local pid i
     for pid in "${started[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
+    # Up to 10 s for SIGTERM, then SIGKILL: never hang here.
     for pid in "${started[@]}"; do
+        for i in $(seq 100); do
+            running "$pid" || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
 }
