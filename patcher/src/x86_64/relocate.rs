@@ -142,6 +142,20 @@ mod tests {
         assert_eq!(t.backward(0x9004), Some(0x1004));
         assert_eq!(t.jmp_back_at, jmp.ip() as usize);
 
+        // 0x3000: push rbx; call 0x3100; pop rbx; ret: the call moves, same callee
+        let code = [0x53, 0xE8, 0xFA, 0x00, 0x00, 0x00, 0x5B, 0xC3];
+        let (a, e) = analyse(0x3000, &code, None);
+        assert!(e.is_none(), "{e:?}");
+        let t = relocate(&a, 0x5000).expect("relocates");
+        let mut d = Decoder::with_ip(64, &t.bytes, 0x5000, DecoderOptions::NONE);
+        let _push = d.decode();
+        let call = d.decode();
+        assert!(call.is_call_near());
+        assert_eq!(call.near_branch_target(), 0x3100, "same callee");
+        assert_eq!(t.forward(0x3001), Some(0x5001), "a thread at the call moves");
+        let back = d.decode();
+        assert_eq!(back.near_branch_target(), 0x3006);
+
         // 0x2000: test edi,edi; 0x2002: je 0x2010 (short); 0x2004: mov eax,1; ...
         let code = [0x85, 0xFF, 0x74, 0x0C, 0xB8, 1, 0, 0, 0, 0xC3];
         let (a, e) = analyse(0x2000, &code, None);
