@@ -60,7 +60,7 @@ fn main() {
         let mut ok = 0;
         let mut codes = BTreeSet::new();
         for (&addr, (name, size)) in &funcs {
-            let r = hotpatch_patcher::preflight_in_file(Path::new(f), addr as usize, Some(*size as usize))
+            let r = hotpatch_patcher::preflight_in_image(Path::new(f), &data, addr as usize, Some(*size as usize))
                 .expect("preflight");
             match &r.verdict {
                 Ok(()) => ok += 1,

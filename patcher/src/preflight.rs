@@ -133,9 +133,26 @@ pub fn preflight_in_file(
     vaddr: usize,
     known_size: Option<usize>,
 ) -> Result<PreflightReport> {
+    let data = std::fs::read(path).map_err(|e| Error::NotExecutable {
+        addr: vaddr,
+        detail: format!("{}: {e}", path.display()),
+    })?;
+    preflight_in_image(path, &data, vaddr, known_size)
+}
+
+/// [`preflight_in_file`] over the file's bytes already read (`data` holds
+/// the whole file at `path`; the branch index is cached by path).
+///
+/// # Errors
+/// As [`preflight_in_file`].
+pub fn preflight_in_image(
+    path: &Path,
+    data: &[u8],
+    vaddr: usize,
+    known_size: Option<usize>,
+) -> Result<PreflightReport> {
     let not_exec = |detail: String| Error::NotExecutable { addr: vaddr, detail };
-    let data = std::fs::read(path).map_err(|e| not_exec(format!("{}: {e}", path.display())))?;
-    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data)
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data)
         .map_err(|e| not_exec(format!("{}: {e}", path.display())))?;
     let v = vaddr as u64;
     let seg = elf

@@ -133,7 +133,7 @@ pub fn analyse_in(
     while a.patch_len < JMP_REL32_LEN {
         if !decoder.can_decode() {
             // The function (known size) or the readable bytes end first.
-            if let Err(e) = extend_into_padding(&mut a, full, known_size) {
+            if let Err(e) = extend_into_padding(&mut a, full) {
                 return (a, Some(e));
             }
             break;
@@ -164,7 +164,7 @@ pub fn analyse_in(
         if is_terminator(&ins) && a.patch_len < JMP_REL32_LEN {
             // The function ends (or leaves for good) before 5 bytes: only
             // alignment padding after it can hold the rest of the jump.
-            if let Err(e) = extend_into_padding(&mut a, full, known_size) {
+            if let Err(e) = extend_into_padding(&mut a, full) {
                 return (a, Some(e));
             }
             break;
@@ -242,11 +242,7 @@ fn is_padding(ins: &Instruction) -> bool {
 /// (`ret`, `jmp`): extends the patch into the alignment padding that
 /// follows it (`int3`/`nop` up to the next 16-byte boundary), which no code
 /// executes. The caller's branch scans then check nothing lands in it.
-fn extend_into_padding(
-    a: &mut Analysis,
-    full: &[u8],
-    known_size: Option<usize>,
-) -> Result<(), Error> {
+fn extend_into_padding(a: &mut Analysis, full: &[u8]) -> Result<(), Error> {
     let func_end = a.patch_end();
     let too_short = |padding: usize| Error::TooShort {
         addr: a.entry,
