@@ -31,8 +31,10 @@ fn main() {
         std::process::exit(2);
     }
     let mut refusals = Vec::new();
-    println!("| file | functions | patchable | % | refusals by code | index build |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| file | functions | patchable | % | refusals by code | call/syscall relocated | into padding | index build |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let (mut tot, mut tot_ok) = (0usize, 0usize);
     for f in &files {
         let data = std::fs::read(f).expect("read");
@@ -58,10 +60,17 @@ fn main() {
         let build = t0.elapsed();
         let mut by_code: BTreeMap<&'static str, usize> = BTreeMap::new();
         let mut ok = 0;
+        let (mut padded, mut calls) = (0usize, 0usize);
         let mut codes = BTreeSet::new();
         for (&addr, (name, size)) in &funcs {
             let r = hotpatch_patcher::preflight_in_image(Path::new(f), &data, addr as usize, Some(*size as usize))
                 .expect("preflight");
+            if r.padding > 0 {
+                padded += 1;
+            }
+            if r.overwritten.iter().any(|i| i.text.starts_with("call") || i.text == "syscall") {
+                calls += 1;
+            }
             match &r.verdict {
                 Ok(()) => ok += 1,
                 Err(e) => {
@@ -75,19 +84,21 @@ fn main() {
         tot_ok += ok;
         let codes: Vec<String> = by_code.iter().map(|(c, n)| format!("{c} {n}")).collect();
         println!(
-            "| {} | {} | {} | {:.2} | {} | {:.1} ms ({} KiB decoded, {} branches) |",
+            "| {} | {} | {} | {:.2} | {} | {} | {} | {:.1} ms ({} KiB decoded, {} branches) |",
             Path::new(f).file_name().unwrap_or_default().to_string_lossy(),
             funcs.len(),
             ok,
             100.0 * ok as f64 / funcs.len().max(1) as f64,
             if codes.is_empty() { "-".into() } else { codes.join(", ") },
+            calls,
+            padded,
             build.as_secs_f64() * 1e3,
             idx.decoded_bytes / 1024,
             idx.branch_count(),
         );
     }
     println!(
-        "| **all** | {tot} | {tot_ok} | {:.2} | | |",
+        "| **all** | {tot} | {tot_ok} | {:.2} | | | | |",
         100.0 * tot_ok as f64 / tot.max(1) as f64
     );
     println!();
