@@ -69,12 +69,20 @@ fn main() {
         let (mut padded, mut calls) = (0usize, 0usize);
         let mut codes = BTreeSet::new();
         for (&addr, (name, size)) in &funcs {
-            let r = hotpatch_patcher::preflight_in_image(Path::new(f), &data, addr as usize, Some(*size as usize))
-                .expect("preflight");
+            let r = hotpatch_patcher::preflight_in_image(
+                Path::new(f),
+                &data,
+                addr as usize,
+                Some(*size as usize),
+            )
+            .expect("preflight");
             if r.padding > 0 {
                 padded += 1;
             }
-            if r.overwritten.iter().any(|i| i.text.starts_with("call") || i.text == "syscall") {
+            if r.overwritten
+                .iter()
+                .any(|i| i.text.starts_with("call") || i.text == "syscall")
+            {
                 calls += 1;
             }
             match &r.verdict {
@@ -96,11 +104,18 @@ fn main() {
         let codes: Vec<String> = by_code.iter().map(|(c, n)| format!("{c} {n}")).collect();
         println!(
             "| {} | {} | {} | {:.2} | {} | {} | {} | {:.1} ms ({} KiB decoded, {} branches) | {} |",
-            Path::new(f).file_name().unwrap_or_default().to_string_lossy(),
+            Path::new(f)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
             funcs.len(),
             ok,
             100.0 * ok as f64 / funcs.len().max(1) as f64,
-            if codes.is_empty() { "-".into() } else { codes.join(", ") },
+            if codes.is_empty() {
+                "-".into()
+            } else {
+                codes.join(", ")
+            },
             calls,
             padded,
             build.as_secs_f64() * 1e3,
@@ -127,7 +142,11 @@ extern "C" fn placeholder() {
 /// Installs a pass-through site on every function of the shared library
 /// `f`, then removes them all. Returns "installed/total (removed, bytes
 /// restored)".
-fn install_all(f: &str, funcs: &BTreeMap<u64, (String, u64)>, refusals: &mut Vec<String>) -> String {
+fn install_all(
+    f: &str,
+    funcs: &BTreeMap<u64, (String, u64)>,
+    refusals: &mut Vec<String>,
+) -> String {
     use hotpatch_patcher::{InstallOptions, Site};
     let c = std::ffi::CString::new(f).expect("path");
     // SAFETY: dlopen of a system library; never closed.
@@ -141,7 +160,8 @@ fn install_all(f: &str, funcs: &BTreeMap<u64, (String, u64)>, refusals: &mut Vec
         .filter(|m| m.mapped_at(reg.current_seq()))
         .find_map(|m| {
             let e = m.elf()?;
-            (std::fs::canonicalize(&e.path).ok()? == std::fs::canonicalize(f).ok()?).then_some(e.bias.0)
+            (std::fs::canonicalize(&e.path).ok()? == std::fs::canonicalize(f).ok()?)
+                .then_some(e.bias.0)
         })
         .expect("the library is registered") as usize;
     let mut sites = Vec::new();
@@ -149,7 +169,10 @@ fn install_all(f: &str, funcs: &BTreeMap<u64, (String, u64)>, refusals: &mut Vec
     for (&vaddr, (name, size)) in funcs {
         let addr = vaddr as usize + bias;
         // SAFETY: a function of a library that stays loaded.
-        saved.push((addr, unsafe { std::slice::from_raw_parts(addr as *const u8, *size as usize) }.to_vec()));
+        saved.push((
+            addr,
+            unsafe { std::slice::from_raw_parts(addr as *const u8, *size as usize) }.to_vec(),
+        ));
         let opts = InstallOptions {
             known_size: Some(*size as usize),
             name: Some(name.clone()),

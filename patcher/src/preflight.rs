@@ -74,7 +74,10 @@ impl fmt::Display for PreflightReport {
         }
         match &self.module {
             Some(m) => writeln!(f, "module scan {m}")?,
-            None => writeln!(f, "module scan none (anonymous code: only this function's branches)")?,
+            None => writeln!(
+                f,
+                "module scan none (anonymous code: only this function's branches)"
+            )?,
         }
         writeln!(f, "overwrites")?;
         for i in &self.overwritten {
@@ -151,7 +154,10 @@ pub fn preflight_in_image(
     vaddr: usize,
     known_size: Option<usize>,
 ) -> Result<PreflightReport> {
-    let not_exec = |detail: String| Error::NotExecutable { addr: vaddr, detail };
+    let not_exec = |detail: String| Error::NotExecutable {
+        addr: vaddr,
+        detail,
+    };
     let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data)
         .map_err(|e| not_exec(format!("{}: {e}", path.display())))?;
     let v = vaddr as u64;

@@ -592,7 +592,13 @@ fn launcher(m: &mut ExecMem, off: usize) -> extern "C" fn(u64, usize) -> u64 {
 
 /// Runs `launch(x, f)` on a thread that parks at `at`, then `act()` (an
 /// install or a remove) while it is parked there; returns its result.
-fn parked_at(launch: extern "C" fn(u64, usize) -> u64, f: usize, x: u64, at: usize, act: impl FnOnce()) -> u64 {
+fn parked_at(
+    launch: extern "C" fn(u64, usize) -> u64,
+    f: usize,
+    x: u64,
+    at: usize,
+    act: impl FnOnce(),
+) -> u64 {
     PARK_AT.store(at, Ordering::Release);
     REACHED.store(false, Ordering::Release);
     STEPS.store(0, Ordering::Relaxed);
@@ -628,7 +634,12 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
     let mut mem = ExecMem::new(2);
     let launch = launcher(&mut mem, 2048);
     #[allow(clippy::type_complexity, reason = "a table")]
-    let shapes: [(&str, fn(&mut ExecMem, usize) -> (usize, Option<usize>), fn(u64) -> u64, bool); 4] = [
+    let shapes: [(
+        &str,
+        fn(&mut ExecMem, usize) -> (usize, Option<usize>),
+        fn(u64) -> u64,
+        bool,
+    ); 4] = [
         ("call rel32 at +1", call_at_1, |x| x + 100, true),
         ("call rel32 at +4", call_at_4, |x| x + 100, true),
         ("xor eax,eax; ret + padding", xor_ret_padding, |_| 0, false),
@@ -647,13 +658,20 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
     warm.seal();
     // SAFETY: assembled with this signature.
     let wf = unsafe { as_fn(w) };
-    Hook::install(wf, replacement as extern "C" fn(u64) -> u64).expect("warm-up").remove().expect("remove");
-    STOP_SIG.store(hotpatch_patcher::world::stop_signal().expect("stop signal"), Ordering::Release);
+    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
+        .expect("warm-up")
+        .remove()
+        .expect("remove");
+    STOP_SIG.store(
+        hotpatch_patcher::world::stop_signal().expect("stop signal"),
+        Ordering::Release,
+    );
 
     // SAFETY: a zeroed sigaction filled below; the old one is put back at the end.
     let old = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_trap as extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+        sa.sa_sigaction =
+            on_trap as extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) as usize;
         sa.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaddset(&mut sa.sa_mask, STOP_SIG.load(Ordering::Relaxed));
@@ -669,7 +687,11 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
         let report = preflight(f as *const u8, size).expect("preflight");
         assert!(report.is_patchable(), "{name}: {report}");
         let before = mem.bytes(f, 24);
-        let opts = InstallOptions { known_size: size, name: Some((*name).into()), ..Default::default() };
+        let opts = InstallOptions {
+            known_size: size,
+            name: Some((*name).into()),
+            ..Default::default()
+        };
         let inner: Vec<usize> = report.overwritten.iter().map(|i| i.addr).collect();
         // Every boundary of the overwritten instructions, and (for the call
         // shapes) the callee's entry: a thread inside the callee.
@@ -682,7 +704,10 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
             let st = stats();
             let mut hook = None;
             let got = parked_at(launch, f, x, at, || {
-                hook = Some(Hook::install_with(target, replacement as extern "C" fn(u64) -> u64, &opts).expect("install"));
+                hook = Some(
+                    Hook::install_with(target, replacement as extern "C" fn(u64) -> u64, &opts)
+                        .expect("install"),
+                );
             });
             let strictly_inside = at > report.patch_at && at < report.patch_at + report.patch_len;
             assert_eq!(

@@ -11,7 +11,9 @@ use std::ffi::{CString, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use hotpatch_patcher::{InstallOptions, Site, by_name, preflight, preflight_bytes, preflight_in_file};
+use hotpatch_patcher::{
+    InstallOptions, Site, by_name, preflight, preflight_bytes, preflight_in_file,
+};
 use hotpatch_symbolizer::{Registry, RuntimeAddr};
 use hotpatch_tests::exec::{assert_no_wx, maps_lines};
 use hotpatch_tests::fixtures;
@@ -88,12 +90,16 @@ impl Lib {
                 continue;
             }
             let name = s.name().expect("name").to_string();
-            by_addr.entry(s.address()).or_insert((name, s.size(), s.section_index()));
+            by_addr
+                .entry(s.address())
+                .or_insert((name, s.size(), s.section_index()));
         }
         by_addr
             .into_iter()
             .map(|(addr, (name, size, sec))| {
-                let sec = elf.section_by_index(sec.expect("defined")).expect("section");
+                let sec = elf
+                    .section_by_index(sec.expect("defined"))
+                    .expect("section");
                 let data = sec.data().expect("section data");
                 let off = (addr - sec.address()) as usize;
                 (name, addr, size, data[off..off + size as usize].to_vec())
@@ -133,8 +139,13 @@ fn patch_all(lib: &Lib) -> Patched {
     };
     for (name, vaddr, size, file_bytes) in funcs {
         let addr = vaddr as usize + lib.bias;
-        assert_eq!(code_bytes(addr, file_bytes.len()), file_bytes, "{name}: memory is the file");
-        p.checks.push((addr, file_bytes, maps_lines(addr, size as usize)));
+        assert_eq!(
+            code_bytes(addr, file_bytes.len()),
+            file_bytes,
+            "{name}: memory is the file"
+        );
+        p.checks
+            .push((addr, file_bytes, maps_lines(addr, size as usize)));
         let opts = InstallOptions {
             known_size: Some(size as usize),
             name: Some(name.clone()),
@@ -168,7 +179,8 @@ fn patch_all(lib: &Lib) -> Patched {
 
 fn unpatch_all(lib: &Lib, p: Patched) {
     for mut s in p.sites {
-        s.remove().unwrap_or_else(|e| panic!("remove {}: {e}", s.name()));
+        s.remove()
+            .unwrap_or_else(|e| panic!("remove {}: {e}", s.name()));
     }
     assert_no_wx("removes");
     for (addr, file_bytes, prot) in &p.checks {
@@ -231,7 +243,11 @@ fn inputs() -> Vec<Vec<u8>> {
                     x ^= x >> 7;
                     x ^= x << 17;
                     // Mix of compressible and random bytes.
-                    if (j / 64) % 2 == 0 { (j % 7) as u8 } else { x as u8 }
+                    if (j / 64) % 2 == 0 {
+                        (j % 7) as u8
+                    } else {
+                        x as u8
+                    }
                 })
                 .collect()
         })
@@ -255,7 +271,15 @@ fn zlib_workload(z: &Lib) -> Vec<u64> {
         let mut clen = comp.len() as u64;
         let level = (i % 10) as i32;
         // SAFETY: buffers sized as zlib requires (compressBound < 2n+64).
-        let rc = unsafe { compress2(comp.as_mut_ptr(), &mut clen, data.as_ptr(), data.len() as u64, level) };
+        let rc = unsafe {
+            compress2(
+                comp.as_mut_ptr(),
+                &mut clen,
+                data.as_ptr(),
+                data.len() as u64,
+                level,
+            )
+        };
         assert_eq!(rc, 0, "compress2");
         let mut back = vec![0u8; data.len()];
         let mut blen = back.len() as u64;
@@ -293,7 +317,17 @@ fn bz2_workload(b: &Lib) -> Vec<u64> {
         let mut clen = c.len() as u32;
         let block = 1 + (i % 9) as i32;
         // SAFETY: output buffer larger than 1.01n + 600 as bzip2 requires.
-        let rc = unsafe { comp(c.as_mut_ptr(), &mut clen, data.as_ptr(), data.len() as u32, block, 0, 30) };
+        let rc = unsafe {
+            comp(
+                c.as_mut_ptr(),
+                &mut clen,
+                data.as_ptr(),
+                data.len() as u32,
+                block,
+                0,
+                30,
+            )
+        };
         assert_eq!(rc, 0, "BZ2 compress");
         let mut d = vec![0u8; data.len()];
         let mut dlen = d.len() as u32;
@@ -309,15 +343,63 @@ fn bz2_workload(b: &Lib) -> Vec<u64> {
 
 /// Every one-argument `double f(double)` of libm.
 const UNARY: &[&str] = &[
-    "acos", "acosh", "asin", "asinh", "atan", "atanh", "cbrt", "ceil", "cos", "cosh", "erf",
-    "erfc", "exp", "exp10", "exp2", "expm1", "fabs", "floor", "j0", "j1", "lgamma", "log",
-    "log10", "log1p", "log2", "logb", "nearbyint", "rint", "round", "roundeven", "sin", "sinh",
-    "sqrt", "tan", "tanh", "tgamma", "trunc", "y0", "y1", "significand", "gamma",
+    "acos",
+    "acosh",
+    "asin",
+    "asinh",
+    "atan",
+    "atanh",
+    "cbrt",
+    "ceil",
+    "cos",
+    "cosh",
+    "erf",
+    "erfc",
+    "exp",
+    "exp10",
+    "exp2",
+    "expm1",
+    "fabs",
+    "floor",
+    "j0",
+    "j1",
+    "lgamma",
+    "log",
+    "log10",
+    "log1p",
+    "log2",
+    "logb",
+    "nearbyint",
+    "rint",
+    "round",
+    "roundeven",
+    "sin",
+    "sinh",
+    "sqrt",
+    "tan",
+    "tanh",
+    "tgamma",
+    "trunc",
+    "y0",
+    "y1",
+    "significand",
+    "gamma",
 ];
 
 fn libm_inputs() -> Vec<f64> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut v = vec![0.0, -0.0, 1.0, -1.0, 0.5, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 1e-310, 710.0];
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1e-310,
+        710.0,
+    ];
     while v.len() < 10_000 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -334,7 +416,8 @@ fn libm_workload(m: &Lib) -> Vec<u64> {
     let mut out = Vec::with_capacity(UNARY.len() * xs.len());
     for name in UNARY {
         // SAFETY: each name is a libm `double f(double)`.
-        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(f64) -> f64>(m.sym_by_name(name)) };
+        let f =
+            unsafe { std::mem::transmute::<usize, extern "C" fn(f64) -> f64>(m.sym_by_name(name)) };
         out.extend(xs.iter().map(|&x| f(x).to_bits()));
     }
     out
@@ -361,14 +444,27 @@ fn pass_through_sites_on_every_exported_function_of_libz_libm_libbz2() {
     // run through every site.
     for p in [&pz, &pm, &pb] {
         let s = &p.sites[0];
-        assert_eq!(code_bytes(s.patch_address(), 1), [0xE9], "{}: entry jumps", s.name());
+        assert_eq!(
+            code_bytes(s.patch_address(), 1),
+            [0xE9],
+            "{}: entry jumps",
+            s.name()
+        );
     }
     let during = (zlib_workload(&z), libm_workload(&m), bz2_workload(&b));
     assert!(during.0 == before.0, "zlib results changed under the sites");
-    assert!(during.2 == before.2, "libbz2 results changed under the sites");
+    assert!(
+        during.2 == before.2,
+        "libbz2 results changed under the sites"
+    );
     if during.1 != before.1 {
         let xs = libm_inputs();
-        let i = during.1.iter().zip(&before.1).position(|(a, b)| a != b).unwrap_or(0);
+        let i = during
+            .1
+            .iter()
+            .zip(&before.1)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
         panic!(
             "libm {}({}) changed: {:#x} before, {:#x} patched",
             UNARY[i / xs.len()],
@@ -396,13 +492,16 @@ fn an_entry_another_function_jumps_into_is_refused() {
     let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!h.is_null(), "dlopen fixture");
     // SAFETY: the fixture exports this function with this signature.
-    let function: extern "C" fn(u32) -> usize = unsafe {
-        std::mem::transmute(libc::dlsym(h, c"fx_fj_function".as_ptr()))
-    };
+    let function: extern "C" fn(u32) -> usize =
+        unsafe { std::mem::transmute(libc::dlsym(h, c"fx_fj_function".as_ptr())) };
     let (target, jumper, clean) = (function(0), function(1), function(2));
     // SAFETY: the three are `u64 -> u64` functions of the fixture.
-    let call = |f: usize, x: u64| unsafe { std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(f)(x) };
-    assert_eq!((call(target, 5), call(jumper, 5), call(clean, 5)), (11, 31, 11));
+    let call =
+        |f: usize, x: u64| unsafe { std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(f)(x) };
+    assert_eq!(
+        (call(target, 5), call(jumper, 5), call(clean, 5)),
+        (11, 31, 11)
+    );
 
     let module = so.file_name().expect("name").to_str().expect("utf-8");
     let t = by_name::find(Some(module), "fx_fj_target").expect("local symbol found");
@@ -414,16 +513,34 @@ fn an_entry_another_function_jumps_into_is_refused() {
     let live = preflight(target as *const u8, t.size).expect("preflight");
     let e = live.verdict.as_ref().expect_err("jumped into at +3");
     assert_eq!(e.code, "E_FOREIGN_JUMP_IN_PATCH", "{live}");
-    assert!(e.message.contains(&format!("targets {:#x}", target + 3)), "{}", e.message);
+    assert!(
+        e.message.contains(&format!("targets {:#x}", target + 3)),
+        "{}",
+        e.message
+    );
     let reg = Registry::global();
-    let hit = reg.lookup(RuntimeAddr(target as u64), reg.current_seq()).expect("hit");
+    let hit = reg
+        .lookup(RuntimeAddr(target as u64), reg.current_seq())
+        .expect("hit");
     let offline = preflight_in_file(&so, target - hit.bias.0 as usize, t.size).expect("offline");
-    assert_eq!(offline.verdict.map_err(|r| r.code), Err("E_FOREIGN_JUMP_IN_PATCH"));
+    assert_eq!(
+        offline.verdict.map_err(|r| r.code),
+        Err("E_FOREIGN_JUMP_IN_PATCH")
+    );
 
     let before = code_bytes(target, 16);
     // SAFETY: never installed (refused); `clean` has the same signature.
-    let err = unsafe { Site::install(target as *const u8, clean as *const u8, &InstallOptions { known_size: t.size, ..Default::default() }) }
-        .expect_err("install refuses like preflight");
+    let err = unsafe {
+        Site::install(
+            target as *const u8,
+            clean as *const u8,
+            &InstallOptions {
+                known_size: t.size,
+                ..Default::default()
+            },
+        )
+    }
+    .expect_err("install refuses like preflight");
     assert_eq!(err.code(), "E_FOREIGN_JUMP_IN_PATCH");
     assert_eq!(code_bytes(target, 16), before, "nothing written");
     assert_eq!(call(jumper, 5), 31);
@@ -433,8 +550,17 @@ fn an_entry_another_function_jumps_into_is_refused() {
     let report = preflight(clean as *const u8, c2.size).expect("preflight");
     assert!(report.is_patchable(), "{report}");
     // SAFETY: `target` has the same signature; the fixture stays loaded.
-    let mut site = unsafe { Site::install(clean as *const u8, target as *const u8, &InstallOptions { known_size: c2.size, ..Default::default() }) }
-        .expect("install clean");
+    let mut site = unsafe {
+        Site::install(
+            clean as *const u8,
+            target as *const u8,
+            &InstallOptions {
+                known_size: c2.size,
+                ..Default::default()
+            },
+        )
+    }
+    .expect("install clean");
     assert_eq!(call(clean, 5), 11);
     assert_eq!(call(site.original(), 7), 15);
     site.remove().expect("remove");
@@ -446,8 +572,11 @@ fn glibc_memmove_avx512_is_refused_offline() {
     // __memmove_avx512_unaligned_erms is not exported: its address comes
     // from the separate debug file (libc6-dbg), as for `hotpatch inspect`.
     // `__mempcpy_avx512_unaligned_erms` ends with a `jmp` to its entry + 3.
-    let sym = hotpatch_symbolizer::ElfSymbolizer::open(&libc, &hotpatch_symbolizer::DebugSearch::default())
-        .expect("open libc");
+    let sym = hotpatch_symbolizer::ElfSymbolizer::open(
+        &libc,
+        &hotpatch_symbolizer::DebugSearch::default(),
+    )
+    .expect("open libc");
     let Some(s) = sym
         .find_symbol("__memmove_avx512_unaligned_erms")
         .into_iter()
@@ -458,5 +587,10 @@ fn glibc_memmove_avx512_is_refused_offline() {
     let r = preflight_in_file(&libc, s.addr.get() as usize, Some(s.size as usize)).expect("report");
     let e = r.verdict.expect_err("refused");
     assert_eq!(e.code, "E_FOREIGN_JUMP_IN_PATCH", "{}", e.message);
-    assert!(e.message.contains(&format!("targets {:#x}", s.addr.get() + 3)), "{}", e.message);
+    assert!(
+        e.message
+            .contains(&format!("targets {:#x}", s.addr.get() + 3)),
+        "{}",
+        e.message
+    );
 }

@@ -192,9 +192,8 @@ fn a_panic_unwinds_through_a_relocated_call() {
     }
     .expect("install");
     // SAFETY: the trampoline runs hp_call_at_1: same signature.
-    let original = unsafe {
-        std::mem::transmute::<usize, extern "C-unwind" fn(u64) -> u64>(site.original())
-    };
+    let original =
+        unsafe { std::mem::transmute::<usize, extern "C-unwind" fn(u64) -> u64>(site.original()) };
     // SAFETY: hp_call_at_1 is `u64 -> u64`; the site sends it to hp_replacement.
     assert_eq!(unsafe { hp_call_at_1(std::hint::black_box(4)) }, 4000);
     assert_eq!(original(4), 5);

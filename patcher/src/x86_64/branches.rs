@@ -44,7 +44,9 @@ pub struct BranchIndex {
 /// Where a direct branch (jmp, jcc, loop, jrcxz, call, xbegin) goes.
 pub fn direct_target(ins: &Instruction) -> Option<u64> {
     match ins.flow_control() {
-        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call
+        FlowControl::UnconditionalBranch
+        | FlowControl::ConditionalBranch
+        | FlowControl::Call
         | FlowControl::XbeginXabortXend => {
             if ins.is_jmp_short_or_near()
                 || ins.is_jcc_short_or_near()
@@ -190,7 +192,8 @@ pub fn for_file(path: &Path) -> Result<Arc<BranchIndex>, String> {
         return Ok(Arc::clone(i));
     }
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let index = Arc::new(BranchIndex::from_elf(&data).map_err(|e| format!("{}: {e}", path.display()))?);
+    let index =
+        Arc::new(BranchIndex::from_elf(&data).map_err(|e| format!("{}: {e}", path.display()))?);
     CACHE
         .lock()
         .unwrap_or_else(|e| e.into_inner())

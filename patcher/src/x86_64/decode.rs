@@ -311,16 +311,13 @@ fn refuse_instruction(ins: &Instruction, write_end: usize) -> Option<Error> {
         }
         return None;
     }
-    match ins.flow_control() {
-        FlowControl::Interrupt => {
-            // int3 (a debugger's breakpoint), int n, into.
-            return Some(Error::Unrelocatable {
-                at,
-                instruction: format(ins),
-                reason: "a software interrupt (a debugger breakpoint?) cannot be moved".into(),
-            });
-        }
-        _ => {}
+    if ins.flow_control() == FlowControl::Interrupt {
+        // int3 (a debugger's breakpoint), int n, into.
+        return Some(Error::Unrelocatable {
+            at,
+            instruction: format(ins),
+            reason: "a software interrupt (a debugger breakpoint?) cannot be moved".into(),
+        });
     }
     match ins.mnemonic() {
         Mnemonic::Int | Mnemonic::Int1 => Some(Error::Unrelocatable {

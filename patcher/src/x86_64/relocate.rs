@@ -141,7 +141,9 @@ fn emulated_call(call: &Instruction, ret: u64) -> Option<[Instruction; 4]> {
         return None;
     }
     let mut jmp = match call.code() {
-        Code::Call_rel32_64 => Instruction::with_branch(Code::Jmp_rel32_64, call.near_branch64()).ok()?,
+        Code::Call_rel32_64 => {
+            Instruction::with_branch(Code::Jmp_rel32_64, call.near_branch64()).ok()?
+        }
         Code::Call_rm64 => {
             let mut j = *call;
             j.set_code(Code::Jmp_rm64);
@@ -237,15 +239,25 @@ mod tests {
         // lea rsp,[rsp-8]; mov dword [rsp],0x3006; mov dword [rsp+4],0; jmp 0x3100
         let lea = d.decode();
         assert_eq!(lea.code(), Code::Lea_r64_m);
-        assert_eq!((lea.memory_base(), lea.memory_displacement64() as i64), (Register::RSP, -8));
+        assert_eq!(
+            (lea.memory_base(), lea.memory_displacement64() as i64),
+            (Register::RSP, -8)
+        );
         let lo = d.decode();
-        assert_eq!((lo.code(), lo.immediate32()), (Code::Mov_rm32_imm32, 0x3006));
+        assert_eq!(
+            (lo.code(), lo.immediate32()),
+            (Code::Mov_rm32_imm32, 0x3006)
+        );
         let hi = d.decode();
         assert_eq!((hi.memory_displacement64(), hi.immediate32()), (4, 0));
         let jmp = d.decode();
         assert!(jmp.is_jmp_near());
         assert_eq!(jmp.near_branch_target(), 0x3100, "same callee");
-        assert_eq!(t.forward(0x3001), Some(0x5001), "a thread at the call moves");
+        assert_eq!(
+            t.forward(0x3001),
+            Some(0x5001),
+            "a thread at the call moves"
+        );
         let back = d.decode();
         assert_eq!(back.near_branch_target(), 0x3006);
 
