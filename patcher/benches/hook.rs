@@ -347,6 +347,14 @@ fn bench_install_remove_parts(c: &mut Criterion) {
         })
     });
 
+    // What install and preflight add for the module-wide branch index once
+    // it is built and cached: a registry lookup, the module record, a
+    // `stat` of its file and the cache probe.
+    let _ = hotpatch_patcher::x86_64::branches::module_of(here).expect("the bench binary");
+    g.bench_function("module-index-cached", |b| {
+        b.iter(|| hotpatch_patcher::x86_64::branches::module_of(here).expect("module"))
+    });
+
     // One stop-the-world and release (install and remove each do one). The
     // patcher lock it wants is not taken: nothing else patches meanwhile.
     for n in [0, 2, 8] {

@@ -24,13 +24,16 @@ pub enum Error {
     },
     /// The function is shorter than the 5-byte entry jump.
     #[error(
-        "E_TOO_SHORT: the function at {addr:#x} has {available} patchable byte(s) before it ends; a patch needs 5"
+        "E_TOO_SHORT: the function at {addr:#x} has {available} byte(s) of instructions before it ends or leaves (ret/jmp) and {padding} byte(s) of int3/nop padding after them up to the next 16-byte boundary; a patch needs 5"
     )]
     TooShort {
         /// The target address.
         addr: usize,
-        /// Bytes from the patch point to the function's end.
+        /// Bytes from the patch point to the function's end, or to the end
+        /// of the first instruction that leaves it.
         available: usize,
+        /// Usable padding bytes after the function's last instruction.
+        padding: usize,
     },
     /// A branch elsewhere in the function lands inside the bytes the patch overwrites.
     #[error(
@@ -42,15 +45,35 @@ pub enum Error {
         /// Its target, strictly inside the overwritten bytes.
         to: usize,
     },
-    /// A `call`/`syscall`-like instruction sits inside the overwritten bytes.
+    /// A `call`/`syscall` in the overwritten bytes returns strictly inside
+    /// the 5 bytes the entry jump writes.
     #[error(
-        "E_CALL_IN_PATCH: `{instruction}` at {at:#x} is inside the overwritten bytes; a return address would point into the patch"
+        "E_CALL_IN_PATCH: `{instruction}` at {at:#x} returns to {returns_to:#x}, strictly inside the 5 bytes the entry jump writes (up to {write_end:#x}); a thread returning there would land mid-jump"
     )]
     CallInPatch {
         /// Where it is.
         at: usize,
         /// The instruction, formatted.
         instruction: String,
+        /// Its return address (the next instruction).
+        returns_to: usize,
+        /// One past the 5 written bytes.
+        write_end: usize,
+    },
+    /// Another function of the module branches into the bytes the patch
+    /// overwrites, or another function symbol starts there.
+    #[error(
+        "E_FOREIGN_JUMP_IN_PATCH: {detail}, inside the bytes the patch would overwrite ({patch_at:#x}..{patch_end:#x}); patching would make it land mid-jump"
+    )]
+    ForeignJump {
+        /// The address landed on.
+        to: usize,
+        /// Where the jump would be written.
+        patch_at: usize,
+        /// One past the overwritten bytes.
+        patch_end: usize,
+        /// Who lands there.
+        detail: String,
     },
     /// An overwritten instruction cannot be moved to the trampoline.
     #[error("E_UNRELOCATABLE: `{instruction}` at {at:#x} cannot be relocated: {reason}")]
@@ -156,6 +179,7 @@ impl Error {
             Error::TooShort { .. } => "E_TOO_SHORT",
             Error::BackJump { .. } => "E_BACK_JUMP",
             Error::CallInPatch { .. } => "E_CALL_IN_PATCH",
+            Error::ForeignJump { .. } => "E_FOREIGN_JUMP_IN_PATCH",
             Error::Unrelocatable { .. } => "E_UNRELOCATABLE",
             Error::NoNearMemory { .. } => "E_NO_NEAR_MEMORY",
             Error::ProtectDenied { .. } => "E_PROTECT_DENIED",

@@ -36,6 +36,8 @@ pub mod x86_64;
 pub use counters::{Stats, stats};
 pub use error::{Code, Error, Refusal, Result};
 pub use hook::{Function, Hook};
-pub use preflight::{Overwritten, PreflightReport, preflight, preflight_bytes};
+pub use preflight::{
+    Overwritten, PreflightReport, preflight, preflight_bytes, preflight_in_file, preflight_in_image,
+};
 pub use site::{InstallOptions, Site, is_patched};
 pub use x86_64::decode::ScanExtent;

@@ -2,8 +2,13 @@
 
 use std::fmt;
 
-use crate::error::{Refusal, Result};
+use std::path::Path;
+
+use object::{Object, ObjectSegment, SegmentFlags};
+
+use crate::error::{Error, Refusal, Result};
 use crate::site;
+use crate::x86_64::branches;
 use crate::x86_64::decode::{self, ScanExtent};
 
 /// One instruction the entry jump would overwrite.
@@ -26,8 +31,15 @@ pub struct PreflightReport {
     pub endbr64: bool,
     /// Where the 5-byte jump would go.
     pub patch_at: usize,
-    /// Bytes of whole instructions overwritten.
+    /// Bytes of whole instructions overwritten (with `padding`).
     pub patch_len: usize,
+    /// Bytes of alignment padding after a function shorter than 5 bytes
+    /// that the patch extends into.
+    pub padding: usize,
+    /// The module whose every direct branch and function entry was checked
+    /// (`None`: anonymous code or an unreadable file; only the function's
+    /// own branches were checked).
+    pub module: Option<String>,
     /// The instructions overwritten (possibly partial when refused).
     pub overwritten: Vec<Overwritten>,
     /// How far the back-jump scan went.
@@ -60,10 +72,20 @@ impl fmt::Display for PreflightReport {
             ScanExtent::Exact(n) => writeln!(f, "scan        {n} bytes (symbol size)")?,
             ScanExtent::Heuristic(n) => writeln!(f, "scan        {n} bytes (heuristic end)")?,
         }
+        match &self.module {
+            Some(m) => writeln!(f, "module scan {m}")?,
+            None => writeln!(
+                f,
+                "module scan none (anonymous code: only this function's branches)"
+            )?,
+        }
         writeln!(f, "overwrites")?;
         for i in &self.overwritten {
             let hex: Vec<String> = i.bytes.iter().map(|b| format!("{b:02x}")).collect();
             writeln!(f, "  {:#x}  {:<24} {}", i.addr, hex.join(" "), i.text)?;
+        }
+        if self.padding > 0 {
+            writeln!(f, "  + {} byte(s) of alignment padding", self.padding)?;
         }
         match &self.verdict {
             Ok(()) => writeln!(f, "verdict     patchable"),
@@ -80,8 +102,9 @@ impl fmt::Display for PreflightReport {
 /// every other refusal is reported in the verdict, not as an error.
 pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<PreflightReport> {
     let target = target as usize;
-    let (bytes, _maps) = site::read_code(target, known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN))?;
-    let mut report = preflight_bytes(target, &bytes, known_size);
+    let (bytes, _maps) = site::read_code(target, site::read_len(known_size))?;
+    let module = branches::module_of(target);
+    let mut report = report_for(target, &bytes, known_size, module.as_ref());
     if report.verdict.is_ok() && site::is_patched(target) {
         report.verdict = Err(Refusal::from(&crate::Error::AlreadyPatched {
             addr: target,
@@ -93,8 +116,86 @@ pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<Preflig
 /// The same analysis over bytes that are not (necessarily) mapped in this
 /// process — e.g. a function read from an ELF file at its file offset, with
 /// `entry` its virtual address. Used by the offline `hotpatch inspect`.
+/// Only the function's own branches are checked; [`preflight_in_file`] also
+/// checks the rest of the module.
 pub fn preflight_bytes(entry: usize, bytes: &[u8], known_size: Option<usize>) -> PreflightReport {
-    let (a, refusal) = decode::analyse(entry, bytes, known_size);
+    report_for(entry, bytes, known_size, None)
+}
+
+/// The offline analysis of the function at file virtual address `vaddr`
+/// (of `known_size` bytes, when known) in the ELF file at `path`, exactly as
+/// install would run it in a process that loaded the file: with the
+/// alignment padding after it and the index of every direct branch and
+/// function symbol of the file.
+///
+/// # Errors
+/// `E_NOT_EXECUTABLE` when the file cannot be read, is not ELF, or
+/// `vaddr` is not in an executable segment's file bytes.
+pub fn preflight_in_file(
+    path: &Path,
+    vaddr: usize,
+    known_size: Option<usize>,
+) -> Result<PreflightReport> {
+    let data = std::fs::read(path).map_err(|e| Error::NotExecutable {
+        addr: vaddr,
+        detail: format!("{}: {e}", path.display()),
+    })?;
+    preflight_in_image(path, &data, vaddr, known_size)
+}
+
+/// [`preflight_in_file`] over the file's bytes already read (`data` holds
+/// the whole file at `path`; the branch index is cached by path).
+///
+/// # Errors
+/// As [`preflight_in_file`].
+pub fn preflight_in_image(
+    path: &Path,
+    data: &[u8],
+    vaddr: usize,
+    known_size: Option<usize>,
+) -> Result<PreflightReport> {
+    let not_exec = |detail: String| Error::NotExecutable {
+        addr: vaddr,
+        detail,
+    };
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data)
+        .map_err(|e| not_exec(format!("{}: {e}", path.display())))?;
+    let v = vaddr as u64;
+    let seg = elf
+        .segments()
+        .find(|g| {
+            g.address() <= v
+                && v < g.address() + g.size()
+                && matches!(g.flags(), SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0)
+        })
+        .ok_or_else(|| not_exec(format!("not in an executable segment of {}", path.display())))?;
+    let (off, fsz) = seg.file_range();
+    let delta = v - seg.address();
+    if delta >= fsz {
+        return Err(not_exec("past the segment's file bytes".into()));
+    }
+    let want = site::read_len(known_size) as u64;
+    let start = (off + delta) as usize;
+    let end = (off + delta + want.min(fsz - delta)) as usize;
+    let bytes = data
+        .get(start..end)
+        .ok_or_else(|| not_exec("truncated file".into()))?;
+    let index = branches::for_file(path).map_err(not_exec)?;
+    let view = branches::ModuleView {
+        path: path.to_path_buf(),
+        index,
+        bias: 0,
+    };
+    Ok(report_for(vaddr, bytes, known_size, Some(&view)))
+}
+
+fn report_for(
+    entry: usize,
+    bytes: &[u8],
+    known_size: Option<usize>,
+    module: Option<&branches::ModuleView>,
+) -> PreflightReport {
+    let (a, refusal) = decode::analyse_in(entry, bytes, known_size, module);
     let overwritten = a
         .overwritten
         .iter()
@@ -112,6 +213,15 @@ pub fn preflight_bytes(entry: usize, bytes: &[u8], known_size: Option<usize>) ->
         endbr64: a.endbr.is_some(),
         patch_at: a.patch_at,
         patch_len: a.patch_len,
+        padding: a.padding,
+        module: module.map(|m| {
+            format!(
+                "{} ({} direct branches, {} function entries)",
+                m.path.display(),
+                m.index.branch_count(),
+                m.index.entry_count()
+            )
+        }),
         overwritten,
         scan: a.scan,
         verdict: match refusal {

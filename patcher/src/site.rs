@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::maps;
 use crate::near::{CELL_SIZE, Cell, Pool, TRAMPOLINE_OFFSET};
 use crate::world::{self, Whereabouts};
+use crate::x86_64::branches;
 use crate::x86_64::decode;
 use crate::x86_64::encode;
 use crate::x86_64::relocate::{self, Trampoline};
@@ -129,6 +130,12 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, maps::Lo
     Ok((bytes, all))
 }
 
+/// How many bytes to read for analysing a function of `known_size`: the
+/// function and up to 16 bytes of alignment padding after it.
+pub(crate) fn read_len(known_size: Option<usize>) -> usize {
+    known_size.map_or(decode::MAX_HEURISTIC_SCAN, |n| n + 16)
+}
+
 /// Reads `buf.len()` bytes at `addr` of this process with
 /// `process_vm_readv`: an unmapped address is an error, not a fault.
 fn read_self(addr: usize, buf: &mut [u8]) -> bool {
@@ -199,14 +206,12 @@ impl Site {
         let mut guard = lock_global();
         let g = guard.get_or_insert_with(Global::default);
 
-        let (bytes, maps) = read_code(
-            target,
-            opts.known_size.unwrap_or(decode::MAX_HEURISTIC_SCAN),
-        )?;
+        let (bytes, maps) = read_code(target, read_len(opts.known_size))?;
         if overlapping(g, target, 5 + 4).is_some() {
             return Err(Error::AlreadyPatched { addr: target });
         }
-        let (a, refusal) = decode::analyse(target, &bytes, opts.known_size);
+        let module = branches::module_of(target);
+        let (a, refusal) = decode::analyse_in(target, &bytes, opts.known_size, module.as_ref());
         // Our own jump at the entry (a site of an earlier process image, or
         // one leaked by a failed remove) is also "already patched".
         let off = a.patch_at - target;
@@ -547,7 +552,10 @@ fn with_world_stopped(
         let mut unknown = None;
         for s in &stopped.stragglers[..listed] {
             match world::whereabouts(s.tid) {
-                Whereabouts::InSyscall { pc } if !(pc > patch_at && pc < patch_end) => {
+                // `pc` follows the `syscall`; a restarted call re-executes
+                // it at `pc - 2`, so a `syscall` ending at `patch_end`
+                // (relocated, the last overwritten instruction) counts too.
+                Whereabouts::InSyscall { pc } if !(pc > patch_at && pc <= patch_end) => {
                     if attempt == 1 && !vetted.contains(&s.tid) {
                         unknown = Some((s.tid, "appeared after vetting"));
                     }

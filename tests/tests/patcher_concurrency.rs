@@ -135,7 +135,10 @@ fn harness_reports_a_refusal() {
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(eax, edi).unwrap();
     a.ret().unwrap();
-    let f = mem.put(0, &mut a);
+    // At 12: one byte of padding before the 16-byte boundary (at 0 the
+    // patch would extend into the int3 padding).
+    let f = mem.put(12, &mut a);
+    mem.put_bytes(16, &[0x55, 0xC3]);
     mem.seal();
     // SAFETY: assembled with this signature.
     let f = unsafe { as_fn(f) };

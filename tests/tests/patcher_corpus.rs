@@ -11,7 +11,7 @@
 use std::cell::Cell;
 use std::sync::Mutex;
 
-use hotpatch_patcher::{Hook, InstallOptions, Site, preflight};
+use hotpatch_patcher::{Hook, InstallOptions, Site, preflight, stats};
 use hotpatch_tests::exec::{ExecMem, as_fn, assert_no_wx, maps_lines};
 use iced_x86::code_asm::*;
 
@@ -138,6 +138,54 @@ fn call_first(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
     (m.put(off, &mut a), None)
 }
 
+/// `lea rax,[rdi+100]; ret`, placed 1 KiB after `off` in the same memory
+/// (within rel32 reach of every function of the corpus).
+fn near_helper(m: &mut ExecMem, off: usize) -> usize {
+    let mut a = asm();
+    a.lea(rax, ptr(rdi + 100)).unwrap();
+    a.ret().unwrap();
+    m.put(off + 1024, &mut a)
+}
+
+fn call_at_1(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // push rbx; call helper; pop rbx; ret   (the call returns to +6)
+    let h = near_helper(m, off);
+    let mut a = asm();
+    a.push(rbx).unwrap();
+    a.call(h as u64).unwrap();
+    a.pop(rbx).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn call_at_4(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // sub rsp,8; call helper; add rsp,8; ret   (the call returns to +9)
+    let h = near_helper(m, off);
+    let mut a = asm();
+    a.sub(rsp, 8).unwrap();
+    a.call(h as u64).unwrap();
+    a.add(rsp, 8).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), None)
+}
+
+fn xor_ret_padding(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // xor eax,eax; ret   (3 bytes, then int3 padding to the 16-byte boundary)
+    assert_eq!(off % 16, 0);
+    let mut a = asm();
+    a.xor(eax, eax).unwrap();
+    a.ret().unwrap();
+    (m.put(off, &mut a), Some(3))
+}
+
+fn ret_too_late(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // mov eax,edi; ret at 16n+12..16n+15: 1 byte of padding, then the next
+    // function's bytes (`push rbp`).
+    let (f, _) = three_bytes(m, off + 12);
+    m.put_bytes(off + 16, &[0x55, 0xC3]);
+    (f, Some(3))
+}
+
 /// (module id, offset) of `TLS_VALUE` in the executable's TLS block: a real
 /// `tls_index` for `__tls_get_addr`.
 fn tls_index() -> [u64; 2] {
@@ -201,8 +249,12 @@ const CASES: &[Case] = &[
     Case { name: "rip-relative load",             build: rip_relative,        expect: None,                    model: |x| x + 1000 },
     Case { name: "short jcc in prologue",         build: short_jcc,           expect: None,                    model: |x| if x == 0 { 42 } else { x + 1 } },
     Case { name: "loop back into byte 2",         build: back_into_byte_2,    expect: Some("E_BACK_JUMP"),     model: |x| x.max(1) * 2 },
-    Case { name: "3-byte function",               build: three_bytes,         expect: Some("E_TOO_SHORT"),     model: |x| x & 0xffff_ffff },
-    Case { name: "call in first 5 bytes",         build: call_first,          expect: Some("E_CALL_IN_PATCH"), model: |x| x + 100 },
+    Case { name: "3-byte function + int3 padding", build: three_bytes,        expect: None,                    model: |x| x & 0xffff_ffff },
+    Case { name: "call [rip] at +0 (returns at +6)", build: call_first,       expect: None,                    model: |x| x + 100 },
+    Case { name: "call rel32 at +1",              build: call_at_1,           expect: None,                    model: |x| x + 100 },
+    Case { name: "call rel32 at +4",              build: call_at_4,           expect: None,                    model: |x| x + 100 },
+    Case { name: "xor eax,eax; ret + padding",    build: xor_ret_padding,     expect: None,                    model: |_| 0 },
+    Case { name: "ret at 16n+13: padding too short", build: ret_too_late,     expect: Some("E_TOO_SHORT"),     model: |x| x & 0xffff_ffff },
     Case { name: "TLS general-dynamic sequence",  build: tls_general_dynamic, expect: None,                    model: |_| 0x7777 },
     Case { name: "TLS initial-exec sequence",     build: tls_initial_exec,    expect: None,                    model: |_| 0x7777 },
     Case { name: "patch spans two pages",         build: straddles_pages,     expect: None,                    model: |x| x * 3 + 1 },
@@ -472,4 +524,232 @@ fn no_near_memory_when_every_page_within_reach_is_taken() {
     assert_no_wx("refused install");
     // SAFETY: our reservation (including the code page), no site on it.
     unsafe { libc::munmap(base, len) };
+}
+
+// ---- threads parked at every instruction boundary of the new shapes -------
+//
+// A thread single-steps (EFLAGS.TF) through the function; the SIGTRAP
+// handler, when the interrupted RIP is the boundary wanted, clears TF and
+// waits until the stop signal is pending (the handler blocks it), then
+// returns: `rt_sigreturn` unblocks it and the kernel delivers it before the
+// instruction at that boundary runs, so the thread parks with exactly that
+// RIP. Deterministic: no timing decides where it parks.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+
+static PARK_AT: AtomicUsize = AtomicUsize::new(0);
+static STOP_SIG: AtomicI32 = AtomicI32::new(0);
+static REACHED: AtomicBool = AtomicBool::new(false);
+static STEPS: AtomicUsize = AtomicUsize::new(0);
+
+const TF: i64 = 0x100;
+
+extern "C" fn on_trap(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+    let steps = STEPS.fetch_add(1, Ordering::Relaxed);
+    if rip != PARK_AT.load(Ordering::Acquire) && steps < 1_000_000 {
+        return; // TF stays set: trap after the next instruction
+    }
+    uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if rip != PARK_AT.load(Ordering::Acquire) {
+        return; // gave up: the caller sees REACHED false after the join
+    }
+    REACHED.store(true, Ordering::Release);
+    let sig = STOP_SIG.load(Ordering::Acquire);
+    loop {
+        // SAFETY: sigpending/sigismember on a local set.
+        let pending = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigpending(&mut set);
+            libc::sigismember(&set, sig) == 1
+        };
+        if pending {
+            return;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+/// `launch(x, f)`: `mov eax,0x5a5a; push rbx; pushfq; or [rsp],TF; popfq;
+/// call rsi; pop rbx; ret` — calls `f(x)` single-stepping from its entry.
+fn launcher(m: &mut ExecMem, off: usize) -> extern "C" fn(u64, usize) -> u64 {
+    let mut a = asm();
+    a.mov(eax, 0x5a5a).unwrap();
+    a.push(rbx).unwrap();
+    a.pushfq().unwrap();
+    a.or(qword_ptr(rsp), TF as i32).unwrap();
+    a.popfq().unwrap();
+    a.call(rsi).unwrap();
+    a.pop(rbx).unwrap();
+    a.ret().unwrap();
+    let f = m.put(off, &mut a);
+    // SAFETY: assembled with this signature.
+    unsafe { std::mem::transmute::<usize, extern "C" fn(u64, usize) -> u64>(f) }
+}
+
+/// Runs `launch(x, f)` on a thread that parks at `at`, then `act()` (an
+/// install or a remove) while it is parked there; returns its result.
+fn parked_at(
+    launch: extern "C" fn(u64, usize) -> u64,
+    f: usize,
+    x: u64,
+    at: usize,
+    act: impl FnOnce(),
+) -> u64 {
+    PARK_AT.store(at, Ordering::Release);
+    REACHED.store(false, Ordering::Release);
+    STEPS.store(0, Ordering::Relaxed);
+    let t = std::thread::spawn(move || launch(x, f));
+    while !REACHED.load(Ordering::Acquire) {
+        assert!(!t.is_finished(), "the thread never reached {at:#x}");
+        std::thread::yield_now();
+    }
+    act();
+    t.join().expect("the parked thread survived")
+}
+
+/// The boundaries (original, trampoline) of the overwritten instructions.
+fn boundaries(report: &hotpatch_patcher::PreflightReport, original: usize) -> Vec<(usize, usize)> {
+    use iced_x86::{Decoder, DecoderOptions};
+    // SAFETY: the trampoline is mapped code of at least this many bytes
+    // (relocated instructions plus a 5-byte jump back).
+    let code = unsafe { std::slice::from_raw_parts(original as *const u8, 64) };
+    let mut d = Decoder::with_ip(64, code, original as u64, DecoderOptions::NONE);
+    if report.endbr64 {
+        let _ = d.decode();
+    }
+    report
+        .overwritten
+        .iter()
+        .map(|i| (i.addr, d.decode().ip() as usize))
+        .collect()
+}
+
+#[test]
+fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
+    let _s = serial();
+    let mut mem = ExecMem::new(2);
+    let launch = launcher(&mut mem, 2048);
+    #[allow(clippy::type_complexity, reason = "a table")]
+    let shapes: [(
+        &str,
+        fn(&mut ExecMem, usize) -> (usize, Option<usize>),
+        fn(u64) -> u64,
+        bool,
+    ); 4] = [
+        ("call rel32 at +1", call_at_1, |x| x + 100, true),
+        ("call rel32 at +4", call_at_4, |x| x + 100, true),
+        ("xor eax,eax; ret + padding", xor_ret_padding, |_| 0, false),
+        ("ret + padding", ret_padding, |_| 0x5a5a, false),
+    ];
+    let built: Vec<(usize, Option<usize>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.1)(&mut mem, i * 128))
+        .collect();
+    mem.seal();
+
+    // The stop signal is chosen at the first stop: one install/remove.
+    let mut warm = ExecMem::new(1);
+    let (w, _) = plain(&mut warm, 0);
+    warm.seal();
+    // SAFETY: assembled with this signature.
+    let wf = unsafe { as_fn(w) };
+    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
+        .expect("warm-up")
+        .remove()
+        .expect("remove");
+    STOP_SIG.store(
+        hotpatch_patcher::world::stop_signal().expect("stop signal"),
+        Ordering::Release,
+    );
+
+    // SAFETY: a zeroed sigaction filled below; the old one is put back at the end.
+    let old = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction =
+            on_trap as extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaddset(&mut sa.sa_mask, STOP_SIG.load(Ordering::Relaxed));
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
+        old
+    };
+
+    let x = 7;
+    for ((name, _, model, calls), &(f, size)) in shapes.iter().zip(&built) {
+        // SAFETY: assembled with this signature.
+        let target = unsafe { as_fn(f) };
+        let report = preflight(f as *const u8, size).expect("preflight");
+        assert!(report.is_patchable(), "{name}: {report}");
+        let before = mem.bytes(f, 24);
+        let opts = InstallOptions {
+            known_size: size,
+            name: Some((*name).into()),
+            ..Default::default()
+        };
+        let inner: Vec<usize> = report.overwritten.iter().map(|i| i.addr).collect();
+        // Every boundary of the overwritten instructions, and (for the call
+        // shapes) the callee's entry: a thread inside the callee.
+        let mut points: Vec<usize> = inner.clone();
+        if *calls {
+            points.push(near_helper_addr(f));
+        }
+        for &at in &points {
+            // Forward: parked at `at` in the original while install runs.
+            let st = stats();
+            let mut hook = None;
+            let got = parked_at(launch, f, x, at, || {
+                hook = Some(
+                    Hook::install_with(target, replacement as extern "C" fn(u64) -> u64, &opts)
+                        .expect("install"),
+                );
+            });
+            let strictly_inside = at > report.patch_at && at < report.patch_at + report.patch_len;
+            assert_eq!(
+                stats().fixups_forward - st.fixups_forward,
+                u64::from(strictly_inside),
+                "{name}: parked at {at:#x}: moved forward iff inside the bytes"
+            );
+            let want = if at == f { replacement(x) } else { model(x) };
+            assert_eq!(got, want, "{name}: parked at {at:#x} on install");
+            let mut hook = hook.expect("installed");
+            assert_eq!(target(x), replacement(x), "{name}: patched");
+
+            // Backward: the site disabled, parked at the trampoline's
+            // equivalent point while remove runs.
+            hook.disable().expect("disable");
+            let map = boundaries(&report, hook.original() as usize);
+            let back_at = map.iter().find(|&&(o, _)| o == at).map_or(at, |&(_, n)| n);
+            let st = stats();
+            let got = parked_at(launch, f, x, back_at, || hook.remove().expect("remove"));
+            let moved = map.iter().any(|&(_, n)| n == back_at);
+            assert_eq!(
+                stats().fixups_backward - st.fixups_backward,
+                u64::from(moved),
+                "{name}: parked at {back_at:#x}: moved back iff inside the trampoline's body"
+            );
+            assert_eq!(got, model(x), "{name}: parked at {back_at:#x} on remove");
+            assert_eq!(mem.bytes(f, 24), before, "{name}: bytes restored exactly");
+        }
+    }
+    // SAFETY: restoring the disposition saved above.
+    unsafe { libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut()) };
+    assert_no_wx("parked shapes");
+}
+
+fn near_helper_addr(f: usize) -> usize {
+    f + 1024
+}
+
+fn ret_padding(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
+    // ret   (1 byte, then int3 padding to the 16-byte boundary)
+    assert_eq!(off % 16, 0);
+    let mut a = asm();
+    a.ret().unwrap();
+    (m.put(off, &mut a), Some(1))
 }

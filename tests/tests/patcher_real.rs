@@ -136,3 +136,68 @@ fn a_local_symbol_is_found_by_name_with_its_size() {
     let e = by_name::find(Some("libnope.so"), "x").expect_err("missing module");
     assert_eq!(e.code(), "E_MODULE_NOT_FOUND");
 }
+
+// `push rbx; call hp_panicky; pop rbx; ret` with its CFI: a call at +1 that
+// the patcher relocates. A panic in the callee, reached through the site's
+// `original()`, must unwind through the relocated call into the caller.
+std::arch::global_asm!(
+    ".text",
+    ".globl hp_call_at_1",
+    ".type hp_call_at_1,@function",
+    ".p2align 4",
+    "hp_call_at_1:",
+    ".cfi_startproc",
+    "    push rbx",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbx, -16",
+    "    call {panicky}",
+    "    pop rbx",
+    ".cfi_def_cfa_offset 8",
+    "    ret",
+    ".cfi_endproc",
+    ".size hp_call_at_1, .-hp_call_at_1",
+    panicky = sym hp_panicky,
+);
+
+unsafe extern "C-unwind" {
+    fn hp_call_at_1(x: u64) -> u64;
+}
+
+#[inline(never)]
+extern "C-unwind" fn hp_panicky(x: u64) -> u64 {
+    if std::hint::black_box(x) == 0 {
+        panic!("hp_panicky(0)");
+    }
+    x + 1
+}
+
+extern "C-unwind" fn hp_replacement(x: u64) -> u64 {
+    x * 1000
+}
+
+#[test]
+fn a_panic_unwinds_through_a_relocated_call() {
+    let _s = serial();
+    let target = hp_call_at_1 as unsafe extern "C-unwind" fn(u64) -> u64 as usize;
+    let report = hotpatch_patcher::preflight(target as *const u8, None).expect("preflight");
+    assert!(report.is_patchable(), "{report}");
+    assert!(report.overwritten[1].text.starts_with("call"), "{report}");
+    // SAFETY: same signature; both live for the whole test binary.
+    let mut site = unsafe {
+        hotpatch_patcher::Site::install(
+            target as *const u8,
+            hp_replacement as extern "C-unwind" fn(u64) -> u64 as *const u8,
+            &InstallOptions::default(),
+        )
+    }
+    .expect("install");
+    // SAFETY: the trampoline runs hp_call_at_1: same signature.
+    let original =
+        unsafe { std::mem::transmute::<usize, extern "C-unwind" fn(u64) -> u64>(site.original()) };
+    // SAFETY: hp_call_at_1 is `u64 -> u64`; the site sends it to hp_replacement.
+    assert_eq!(unsafe { hp_call_at_1(std::hint::black_box(4)) }, 4000);
+    assert_eq!(original(4), 5);
+    let caught = std::panic::catch_unwind(|| original(std::hint::black_box(0)));
+    assert!(caught.is_err(), "the panic reached catch_unwind");
+    site.remove().expect("remove");
+}

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use hotpatch_patcher::x86_64::decode;
 use hotpatch_symbolizer::{DebugSearch, ElfSymbolizer};
 use object::{Object, ObjectSegment, SegmentFlags};
 use serde_json::{Value, json};
@@ -135,17 +134,15 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     if !matches!(seg.flags(), SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0) {
         return Err(not_exec());
     }
-    let (off, fsz) = seg.file_range();
+    let (_, fsz) = seg.file_range();
     let delta = vaddr - seg.address();
     if delta >= fsz {
         return Err(not_exec());
     }
     let known = (s.size > 0).then_some(s.size as usize);
-    let want = known.unwrap_or(decode::MAX_HEURISTIC_SCAN) as u64;
-    let start = (off + delta) as usize;
-    let end = (off + delta + want.min(fsz - delta)) as usize;
-    let bytes = data.get(start..end).ok_or_else(not_exec)?;
-    let report = hotpatch_patcher::preflight_bytes(vaddr as usize, bytes, known);
+    // With the file's branch index: other functions jumping into the bytes.
+    let report = hotpatch_patcher::preflight_in_file(file, vaddr as usize, known)
+        .map_err(|e| (e.code().to_owned(), e.to_string()))?;
     let signature = match sym.signature(s.addr) {
         Ok(Some(sig)) => Some(sig.to_string()),
         _ => None,

@@ -6,9 +6,10 @@
 //! from a mapping that really holds them.
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
 };
 
+use super::branches::{ModuleView, direct_target};
 use super::{ENDBR64, JMP_REL32_LEN};
 use crate::error::Error;
 
@@ -50,8 +51,12 @@ pub struct Analysis {
     /// The whole instructions the jump overwrites (may be incomplete when the
     /// verdict is a refusal).
     pub overwritten: Vec<Instruction>,
-    /// Bytes they cover (>= 5 when patchable).
+    /// Bytes they cover (>= 5 when patchable), including `padding`.
     pub patch_len: usize,
+    /// Bytes of alignment padding after a function shorter than 5 bytes
+    /// that the patch extends into (0 for most functions): never executed,
+    /// not relocated, restored by remove like the rest.
+    pub padding: usize,
     /// How far the back-jump scan went.
     pub scan: ScanExtent,
 }
@@ -77,13 +82,33 @@ pub fn format(instr: &Instruction) -> String {
 
 /// Analyses the function at `entry` whose bytes (from the entry on) are
 /// `code`. `known_size` is the function's size when a symbol table gives it.
+/// Only the function's own branches are known (see [`analyse_in`]).
 ///
 /// Returns the analysis and, if the patch must be refused, why.
 pub fn analyse(entry: usize, code: &[u8], known_size: Option<usize>) -> (Analysis, Option<Error>) {
+    analyse_in(entry, code, known_size, None)
+}
+
+/// Analyses the function at `entry` whose bytes (from the entry on) are
+/// `code`; `code` may extend past the function's `known_size` (up to the
+/// next 16-byte boundary is enough): those bytes are looked at only as
+/// alignment padding a function shorter than 5 bytes may extend into.
+/// `module`, when known, is the index of every direct branch and function
+/// symbol of the module: an entry that another function branches into, or
+/// in whose bytes another symbol starts, is refused.
+///
+/// Returns the analysis and, if the patch must be refused, why.
+pub fn analyse_in(
+    entry: usize,
+    code: &[u8],
+    known_size: Option<usize>,
+    module: Option<&ModuleView>,
+) -> (Analysis, Option<Error>) {
     let limit = match known_size {
         Some(n) => n.min(code.len()),
         None => code.len().min(MAX_HEURISTIC_SCAN),
     };
+    let full = code;
     let code = &code[..limit];
     let mut decoder = Decoder::with_ip(64, code, entry as u64, DecoderOptions::NONE);
 
@@ -93,6 +118,7 @@ pub fn analyse(entry: usize, code: &[u8], known_size: Option<usize>) -> (Analysi
         patch_at: entry,
         overwritten: Vec::new(),
         patch_len: 0,
+        padding: 0,
         scan: ScanExtent::Heuristic(0),
     };
 
@@ -101,16 +127,16 @@ pub fn analyse(entry: usize, code: &[u8], known_size: Option<usize>) -> (Analysi
         a.endbr = Some(i);
         a.patch_at = entry + ENDBR64.len();
     }
+    let write_end = a.patch_at + JMP_REL32_LEN;
 
     // 1. The overwritten instructions.
     while a.patch_len < JMP_REL32_LEN {
         if !decoder.can_decode() {
             // The function (known size) or the readable bytes end first.
-            let err = Error::TooShort {
-                addr: entry,
-                available: a.patch_len,
-            };
-            return (a, Some(err));
+            if let Err(e) = extend_into_padding(&mut a, full) {
+                return (a, Some(e));
+            }
+            break;
         }
         let ins = decoder.decode();
         if ins.is_invalid() {
@@ -132,18 +158,16 @@ pub fn analyse(entry: usize, code: &[u8], known_size: Option<usize>) -> (Analysi
         }
         a.patch_len += ins.len();
         a.overwritten.push(ins);
-        if let Some(err) = refuse_instruction(&ins) {
+        if let Some(err) = refuse_instruction(&ins, write_end) {
             return (a, Some(err));
         }
         if is_terminator(&ins) && a.patch_len < JMP_REL32_LEN {
-            // The function ends (or leaves for good) before 5 bytes.
-            return (
-                a.clone(),
-                Some(Error::TooShort {
-                    addr: entry,
-                    available: a.patch_len,
-                }),
-            );
+            // The function ends (or leaves for good) before 5 bytes: only
+            // alignment padding after it can hold the rest of the jump.
+            if let Err(e) = extend_into_padding(&mut a, full) {
+                return (a, Some(e));
+            }
+            break;
         }
     }
 
@@ -179,36 +203,128 @@ pub fn analyse(entry: usize, code: &[u8], known_size: Option<usize>) -> (Analysi
         Some(n) => ScanExtent::Exact(n),
         None => ScanExtent::Heuristic(scanned),
     };
+
+    // 3. The rest of the module: branches from other functions, and other
+    // functions' entries, inside the bytes.
+    if let (None, Some(m)) = (&refusal, module) {
+        let own_end = entry + known_size.unwrap_or(scanned);
+        if let Some((from, to)) = m.branch_into(start, end) {
+            refusal = Some(if from >= entry && from < own_end {
+                Error::BackJump { from, to }
+            } else {
+                Error::ForeignJump {
+                    to,
+                    patch_at: start,
+                    patch_end: end,
+                    detail: format!(
+                        "the branch at {from:#x}, outside this function, targets {to:#x}"
+                    ),
+                }
+            });
+        } else if let Some(e) = m.entry_in(start + 1, end) {
+            refusal = Some(Error::ForeignJump {
+                to: e,
+                patch_at: start,
+                patch_end: end,
+                detail: format!("another function symbol starts at {e:#x}"),
+            });
+        }
+    }
     (a, refusal)
 }
 
-/// An overwritten instruction that must not be moved.
-fn refuse_instruction(ins: &Instruction) -> Option<Error> {
+/// Whether `ins` is alignment padding (`int3` or a `nop` form).
+fn is_padding(ins: &Instruction) -> bool {
+    !ins.is_invalid() && matches!(ins.mnemonic(), Mnemonic::Int3 | Mnemonic::Nop)
+}
+
+/// A function shorter than the jump, whose last instruction leaves for good
+/// (`ret`, `jmp`): extends the patch into the alignment padding that
+/// follows it (`int3`/`nop` up to the next 16-byte boundary), which no code
+/// executes. The caller's branch scans then check nothing lands in it.
+fn extend_into_padding(a: &mut Analysis, full: &[u8]) -> Result<(), Error> {
+    let func_end = a.patch_end();
+    let too_short = |padding: usize| Error::TooShort {
+        addr: a.entry,
+        available: a.patch_len,
+        padding,
+    };
+    let Some(last) = a.overwritten.last() else {
+        return Err(too_short(0));
+    };
+    // Execution must never reach the bytes after the last instruction by
+    // falling through. They may still be inside the function (a `jmp` over
+    // alignment nops to a loop): the branch scans refuse any target in them.
+    if !is_terminator(last) {
+        return Err(too_short(0));
+    }
+    let need = a.patch_at + JMP_REL32_LEN;
+    let boundary = (func_end + 15) & !15;
+    let mut p = func_end;
+    while p < need {
+        let off = p - a.entry;
+        let Some(rest) = full.get(off..boundary.min(a.entry + full.len()) - a.entry) else {
+            return Err(too_short(p - func_end));
+        };
+        let mut d = Decoder::with_ip(64, rest, p as u64, DecoderOptions::NONE);
+        let ins = d.decode();
+        if !is_padding(&ins) || ins.next_ip() as usize > boundary {
+            return Err(too_short(p - func_end));
+        }
+        p = ins.next_ip() as usize;
+    }
+    a.padding = p - func_end;
+    a.patch_len = p - a.patch_at;
+    Ok(())
+}
+
+/// An overwritten instruction that must not be moved. `write_end` is one
+/// past the 5 bytes the entry jump writes.
+///
+/// A `call` or `syscall` is moved to the trampoline when its return address
+/// (the next instruction) is at or after `write_end`: a thread inside the
+/// callee (or blocked in the system call) returns to original bytes that the
+/// patch never touches, or, when called from the trampoline, into the
+/// trampoline, which is never freed.
+fn refuse_instruction(ins: &Instruction, write_end: usize) -> Option<Error> {
     let at = ins.ip() as usize;
-    match ins.flow_control() {
-        FlowControl::Call | FlowControl::IndirectCall => {
+    if ins.mnemonic() == Mnemonic::Sysenter {
+        return Some(Error::Unrelocatable {
+            at,
+            instruction: format(ins),
+            reason: "sysenter returns through the vDSO, not to the next instruction".into(),
+        });
+    }
+    let call_like = matches!(
+        ins.flow_control(),
+        FlowControl::Call | FlowControl::IndirectCall
+    ) || ins.mnemonic() == Mnemonic::Syscall;
+    if call_like {
+        let returns_to = ins.next_ip() as usize;
+        if returns_to < write_end {
             return Some(Error::CallInPatch {
                 at,
                 instruction: format(ins),
+                returns_to,
+                write_end,
             });
         }
-        FlowControl::Interrupt => {
-            // int3 (a debugger's breakpoint), int n, into.
-            return Some(Error::Unrelocatable {
-                at,
-                instruction: format(ins),
-                reason: "a software interrupt (a debugger breakpoint?) cannot be moved".into(),
-            });
-        }
-        _ => {}
+        return None;
+    }
+    if ins.flow_control() == FlowControl::Interrupt {
+        // int3 (a debugger's breakpoint), int n, into.
+        return Some(Error::Unrelocatable {
+            at,
+            instruction: format(ins),
+            reason: "a software interrupt (a debugger breakpoint?) cannot be moved".into(),
+        });
     }
     match ins.mnemonic() {
-        Mnemonic::Syscall | Mnemonic::Sysenter | Mnemonic::Int | Mnemonic::Int1 => {
-            Some(Error::CallInPatch {
-                at,
-                instruction: format(ins),
-            })
-        }
+        Mnemonic::Int | Mnemonic::Int1 => Some(Error::Unrelocatable {
+            at,
+            instruction: format(ins),
+            reason: "a software interrupt cannot be moved".into(),
+        }),
         // Transactions abort to a relative address and must start and end in
         // one place; restricted-transactional code is not worth moving.
         Mnemonic::Xbegin | Mnemonic::Xend | Mnemonic::Xabort => Some(Error::Unrelocatable {
@@ -222,23 +338,7 @@ fn refuse_instruction(ins: &Instruction) -> Option<Error> {
 
 /// Where a direct branch (jmp, jcc, loop, jrcxz, call) goes.
 fn near_branch_target(ins: &Instruction) -> Option<usize> {
-    match ins.flow_control() {
-        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call => {
-            if ins.is_jmp_short_or_near()
-                || ins.is_jcc_short_or_near()
-                || ins.is_loop()
-                || ins.is_loopcc()
-                || ins.is_jcx_short()
-                || ins.is_call_near()
-                || ins.code() == Code::Xbegin_rel32
-            {
-                Some(ins.near_branch_target() as usize)
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
+    direct_target(ins).map(|t| t as usize)
 }
 
 /// Instructions after which execution does not fall through.
@@ -274,16 +374,56 @@ mod tests {
         assert_eq!(verdict(&[0x89, 0xF8, 0xC3], None), Some("E_TOO_SHORT"));
         // known size 4 of a longer-looking body
         assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0x90, 0x90, 0xC3], Some(4)), Some("E_TOO_SHORT"));
-        // call rel32 first
-        assert_eq!(verdict(&[0xE8, 0, 0, 0, 0, 0xC3], None), Some("E_CALL_IN_PATCH"));
-        // syscall; nop*3; ret
+        // call rel32 first: returns to +5, after the written bytes: relocated
+        assert_eq!(verdict(&[0xE8, 0, 0, 0, 0, 0xC3], None), None);
+        // push rbx; call rel32: returns to +6
+        assert_eq!(verdict(&[0x53, 0xE8, 0, 0, 0, 0, 0x5B, 0xC3], None), None);
+        // call rax (2 bytes) first: returns to +2, inside the written bytes
+        let (_, e) = analyse(0x1000, &[0xFF, 0xD0, 0x90, 0x90, 0x90, 0xC3], None);
+        let e = e.expect("refused");
+        assert_eq!(e.code(), "E_CALL_IN_PATCH");
+        assert!(e.to_string().contains("returns to 0x1002, strictly inside the 5 bytes"), "{e}");
+        // syscall; nop*3; ret: returns to +2
         assert_eq!(verdict(&[0x0F, 0x05, 0x90, 0x90, 0x90, 0xC3], None), Some("E_CALL_IN_PATCH"));
+        // nop*3; syscall; ret: returns to +5
+        assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x0F, 0x05, 0xC3], None), None);
+        // sysenter never
+        assert_eq!(verdict(&[0x0F, 0x34, 0x90, 0x90, 0x90, 0xC3], None), Some("E_UNRELOCATABLE"));
         // int3 at entry (a debugger's breakpoint)
         assert_eq!(verdict(&[0xCC, 0x90, 0x90, 0x90, 0x90, 0xC3], None), Some("E_UNRELOCATABLE"));
         // 0: nop; 1: nop; 2: nop; 3: nop; 4: nop; 5: dec edi; 7: jnz 2 (back into the patch); 9: ret
         assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xFF, 0xCF, 0x75, 0xF9, 0xC3], None), Some("E_BACK_JUMP"));
         // same loop, but to byte 0 (the entry itself): fine
         assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xFF, 0xCF, 0x75, 0xF7, 0xC3], None), None);
+        // ret + int3 padding (0x1000 is 16-aligned): the patch takes 4 padding bytes
+        let mut pad = [0xCCu8; 16];
+        pad[0] = 0xC3;
+        let (a, e) = analyse(0x1000, &pad, Some(1));
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!((a.patch_len, a.padding, a.overwritten.len()), (5, 4, 1));
+        // xor eax,eax; ret + multi-byte nop padding (0F 1F 40 00 = 4 bytes)
+        let (a, e) = analyse(0x1000, &[0x31, 0xC0, 0xC3, 0x0F, 0x1F, 0x40, 0x00, 0xCC], Some(3));
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!((a.patch_len, a.padding), (7, 4));
+        // the same without a known size (heuristic end at the ret)
+        assert_eq!(verdict(&[0x31, 0xC0, 0xC3, 0xCC, 0xCC, 0xCC, 0xCC, 0xCC], None), None);
+        // ret at 0x100d: only 2 bytes before the 16-byte boundary
+        let (_, e) = analyse(0x100d, &[0xC3, 0xCC, 0xCC, 0xCC, 0xCC, 0xCC], Some(1));
+        let e = e.expect("refused");
+        assert_eq!(e.code(), "E_TOO_SHORT");
+        assert!(e.to_string().contains("1 byte(s) of instructions before it ends or leaves (ret/jmp) and 2 byte(s)"), "{e}");
+        // ret followed by code, not padding
+        assert_eq!(verdict(&[0xC3, 0x55, 0x48, 0x89, 0xE5, 0xC3], Some(1)), Some("E_TOO_SHORT"));
+        // a 4-byte function that falls through (no terminator) never extends
+        assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0xCC, 0xCC, 0xCC], Some(4)), Some("E_TOO_SHORT"));
+        // jmp over alignment nops inside the function (sqlite3BackupRestart)
+        let c = [0xEB, 0x11, 0x66, 0x0F, 0x1F, 0x44, 0, 0, 0xC7, 0x47, 0x18, 1, 0, 0, 0, 0x48];
+        let (a, e) = analyse(0x326f0, &c, Some(16));
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!((a.patch_len, a.padding), (8, 6));
+        // ... but not when a branch lands in those nops
+        let c = [0xEB, 0x02, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xEB, 0xF9];
+        assert_eq!(verdict(&c, Some(10)), Some("E_BACK_JUMP"));
         // garbage
         assert_eq!(verdict(&[0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], None), Some("E_UNRELOCATABLE"));
         // empty

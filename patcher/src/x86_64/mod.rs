@@ -2,8 +2,10 @@
 //!
 //! - [`decode`]: which instructions a patch overwrites, and whether it may.
 //! - [`relocate`]: moving them to the trampoline with iced-x86's `BlockEncoder`.
+//! - [`branches`]: every direct branch and entry of a module, cached.
 //! - [`encode`]: the handful of fixed instructions the site uses.
 
+pub mod branches;
 pub mod decode;
 pub mod encode;
 pub mod relocate;

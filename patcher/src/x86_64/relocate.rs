@@ -5,7 +5,9 @@
 //! new instruction offsets: it is what moves a thread stopped in the middle of
 //! the old prologue to the same point in the trampoline (and back).
 
-use iced_x86::{BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock};
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand, Register,
+};
 
 use super::decode::{Analysis, format};
 use crate::error::Error;
@@ -50,7 +52,20 @@ pub fn relocate(a: &Analysis, at: usize) -> Result<Trampoline, Error> {
     if let Some(endbr) = a.endbr {
         block.push(endbr);
     }
-    block.extend_from_slice(&a.overwritten);
+    match a.overwritten.split_last() {
+        Some((last, rest)) if last.is_call_near() || last.is_call_near_indirect() => {
+            block.extend_from_slice(rest);
+            // A call relocated to the trampoline returns to the original's
+            // next instruction (`patch_end`: it is the last one overwritten),
+            // as if called from the original: unwinders and backtraces see
+            // the original function, with its CFI, as the caller.
+            match emulated_call(last, a.patch_end() as u64) {
+                Some(seq) => block.extend_from_slice(&seq),
+                None => block.push(*last),
+            }
+        }
+        _ => block.extend_from_slice(&a.overwritten),
+    }
     let mut back =
         Instruction::with_branch(Code::Jmp_rel32_64, a.patch_end() as u64).map_err(|e| {
             Error::Unrelocatable {
@@ -109,6 +124,77 @@ pub fn relocate(a: &Analysis, at: usize) -> Result<Trampoline, Error> {
     })
 }
 
+/// `call X` returning to `ret`, as `lea rsp,[rsp-8]; mov dword [rsp],lo;
+/// mov dword [rsp+4],hi; jmp X` (no flags changed, nothing written below
+/// the stack pointer). `None` (keep the plain call, which returns into the
+/// trampoline) for a call whose operand uses `rsp` (the push would move
+/// it), and when this thread runs with a CET shadow stack (the callee's
+/// `ret` would not match it).
+fn emulated_call(call: &Instruction, ret: u64) -> Option<[Instruction; 4]> {
+    if shadow_stack_enabled() {
+        return None;
+    }
+    let uses_rsp = (0..call.op_count()).any(|i| call.op_register(i) == Register::RSP)
+        || call.memory_base() == Register::RSP
+        || call.memory_index() == Register::RSP;
+    if uses_rsp {
+        return None;
+    }
+    let mut jmp = match call.code() {
+        Code::Call_rel32_64 => {
+            Instruction::with_branch(Code::Jmp_rel32_64, call.near_branch64()).ok()?
+        }
+        Code::Call_rm64 => {
+            let mut j = *call;
+            j.set_code(Code::Jmp_rm64);
+            j
+        }
+        _ => return None,
+    };
+    let mut lea = Instruction::with2(
+        Code::Lea_r64_m,
+        Register::RSP,
+        MemoryOperand::with_base_displ(Register::RSP, -8),
+    )
+    .ok()?;
+    let mut lo = Instruction::with2(
+        Code::Mov_rm32_imm32,
+        MemoryOperand::with_base(Register::RSP),
+        ret as u32,
+    )
+    .ok()?;
+    let mut hi = Instruction::with2(
+        Code::Mov_rm32_imm32,
+        MemoryOperand::with_base_displ(Register::RSP, 4),
+        (ret >> 32) as u32,
+    )
+    .ok()?;
+    // The first carries the call's address (the map's entry for it); the
+    // others get addresses no branch targets.
+    lea.set_ip(call.ip());
+    lo.set_ip(1);
+    hi.set_ip(2);
+    jmp.set_ip(3);
+    Some([lea, lo, hi, jmp])
+}
+
+/// Whether this thread runs with a CET user shadow stack
+/// (`arch_prctl(ARCH_SHSTK_STATUS)`; kernels without it say no).
+fn shadow_stack_enabled() -> bool {
+    const ARCH_SHSTK_STATUS: libc::c_long = 0x5005;
+    let mut features: u64 = 0;
+    // SAFETY: ARCH_SHSTK_STATUS writes one u64 to the address passed; an
+    // unknown code fails with EINVAL and writes nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_SHSTK_STATUS,
+            &mut features as *mut u64,
+        )
+    };
+    rc == 0 && features & 1 != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::decode::analyse;
@@ -141,6 +227,49 @@ mod tests {
         assert_eq!(t.forward(0x1004), Some(0x9004));
         assert_eq!(t.backward(0x9004), Some(0x1004));
         assert_eq!(t.jmp_back_at, jmp.ip() as usize);
+
+        // 0x3000: push rbx; call 0x3100; pop rbx; ret: the call moves, same callee
+        let code = [0x53, 0xE8, 0xFA, 0x00, 0x00, 0x00, 0x5B, 0xC3];
+        let (a, e) = analyse(0x3000, &code, None);
+        assert!(e.is_none(), "{e:?}");
+        let t = relocate(&a, 0x5000).expect("relocates");
+        let mut d = Decoder::with_ip(64, &t.bytes, 0x5000, DecoderOptions::NONE);
+        let _push = d.decode();
+        // The call, returning to the original's 0x3006:
+        // lea rsp,[rsp-8]; mov dword [rsp],0x3006; mov dword [rsp+4],0; jmp 0x3100
+        let lea = d.decode();
+        assert_eq!(lea.code(), Code::Lea_r64_m);
+        assert_eq!(
+            (lea.memory_base(), lea.memory_displacement64() as i64),
+            (Register::RSP, -8)
+        );
+        let lo = d.decode();
+        assert_eq!(
+            (lo.code(), lo.immediate32()),
+            (Code::Mov_rm32_imm32, 0x3006)
+        );
+        let hi = d.decode();
+        assert_eq!((hi.memory_displacement64(), hi.immediate32()), (4, 0));
+        let jmp = d.decode();
+        assert!(jmp.is_jmp_near());
+        assert_eq!(jmp.near_branch_target(), 0x3100, "same callee");
+        assert_eq!(
+            t.forward(0x3001),
+            Some(0x5001),
+            "a thread at the call moves"
+        );
+        let back = d.decode();
+        assert_eq!(back.near_branch_target(), 0x3006);
+
+        // call rsp-relative: kept a plain call (returns into the trampoline)
+        // 0x4000: push rbx; call [rsp+8]; pop rbx; ret
+        let code = [0x53, 0xFF, 0x54, 0x24, 0x08, 0x5B, 0xC3];
+        let (a, e) = analyse(0x4000, &code, None);
+        assert!(e.is_none(), "{e:?}");
+        let t = relocate(&a, 0x6000).expect("relocates");
+        let mut d = Decoder::with_ip(64, &t.bytes, 0x6000, DecoderOptions::NONE);
+        let _push = d.decode();
+        assert_eq!(d.decode().code(), Code::Call_rm64);
 
         // 0x2000: test edi,edi; 0x2002: je 0x2010 (short); 0x2004: mov eax,1; ...
         let code = [0x85, 0xFF, 0x74, 0x0C, 0xB8, 1, 0, 0, 0, 0xC3];
