@@ -155,6 +155,17 @@ pub fn task_status(tid: i32) -> Option<TaskStatus> {
     parse(&buf[..n])
 }
 
+/// `kernel.yama.ptrace_scope`, or `None` without Yama. Async-signal-safe.
+pub fn yama_scope() -> Option<u32> {
+    let mut path = [0u8; 64];
+    let p = b"/proc/sys/kernel/yama/ptrace_scope\0";
+    path[..p.len()].copy_from_slice(p);
+    let mut buf = [0u8; 16];
+    let n = read_small(&path, &mut buf)?;
+    let text = buf[..n].strip_suffix(b"\n").unwrap_or(&buf[..n]);
+    parse_radix(text, 10).map(|v| v as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
