@@ -857,6 +857,93 @@ fn give_up_on_unparked(stopped: &mut Stopped) {
     stopped.parked = parked;
 }
 
+pub use hotpatch_sys::ptrace::{Denial, Permission};
+
+/// A thread whose mask blocks the stop signal (so it is stopped with ptrace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockingThread {
+    /// Its tid.
+    pub tid: i32,
+    /// Its `SigBlk` mask.
+    pub sig_blk: u64,
+    /// Its `TracerPid` (0 if none).
+    pub tracer_pid: i32,
+    /// Whether it also blocks `SIGTRAP` (then the int3 protocol cannot stand
+    /// in for ptrace).
+    pub blocks_sigtrap: bool,
+    /// Why ptrace may not stop it, if it certainly may not.
+    pub denial: Option<Denial>,
+}
+
+/// What a patch would meet, known before one is tried: which threads block
+/// the stop signal and whether ptrace may stop them (`hotpatch inspect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The stop signal (installed, requested, or the default `SIGRTMIN+7`).
+    pub stop_signal: i32,
+    /// Whether the ptrace path is on ([`set_ptrace_enabled`]).
+    pub ptrace_enabled: bool,
+    /// The process's ptrace-relevant state.
+    pub permission: Permission,
+    /// The threads (other than the caller) that block the stop signal.
+    pub threads: Vec<BlockingThread>,
+}
+
+impl Readiness {
+    /// The first thread an install would be refused for with
+    /// `E_PTRACE_DENIED` (a seccomp filter is only found by trying).
+    pub fn refused(&self) -> Option<&BlockingThread> {
+        self.threads
+            .iter()
+            .find(|t| t.blocks_sigtrap && t.denial.is_some())
+    }
+}
+
+/// Reads every thread's mask and the ptrace permission. Allocates: call with
+/// the world running.
+pub fn readiness() -> Readiness {
+    let sig = match SIGNAL.load(Ordering::Acquire) {
+        0 => match REQUESTED_SIGNAL.load(Ordering::Acquire) {
+            0 => libc::SIGRTMIN() + 7,
+            s => s,
+        },
+        s => s,
+    };
+    let permission = ptrace::permission();
+    let me = gettid();
+    let mut threads = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for d in dir.flatten() {
+            let Some(tid) = d.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+                continue;
+            };
+            if tid == me {
+                continue;
+            }
+            let Some(st) = status::task_status(tid) else {
+                continue;
+            };
+            if !st.blocks(sig) {
+                continue;
+            }
+            threads.push(BlockingThread {
+                tid,
+                sig_blk: st.sig_blk,
+                tracer_pid: st.tracer_pid,
+                blocks_sigtrap: st.blocks(libc::SIGTRAP),
+                denial: permission.check(st.tracer_pid).err(),
+            });
+        }
+    }
+    threads.sort_by_key(|t| t.tid);
+    Readiness {
+        stop_signal: sig,
+        ptrace_enabled: ptrace_enabled(),
+        permission,
+        threads,
+    }
+}
+
 /// What `/proc/self/task/<tid>/syscall` says about a thread that did not park.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Whereabouts {

@@ -139,13 +139,16 @@ pub struct Denial {
     pub fix: String,
 }
 
-/// Reads the process's ptrace-relevant state.
+/// Reads the process's ptrace-relevant state, as seen by a helper the
+/// calling thread would start.
 pub fn permission() -> Permission {
     let yama_scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
         .ok()
         .and_then(|s| s.trim().parse().ok());
     let dumpable = nix::sys::prctl::get_dumpable().unwrap_or(true);
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // Capabilities are per thread: the helper inherits the creating
+    // thread's, so read this thread's (`thread-self`), not the leader's.
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
     let value = |key: &str| {
         status
             .lines()
