@@ -899,6 +899,59 @@ impl Readiness {
     }
 }
 
+impl Readiness {
+    /// The `E_PTRACE_DENIED` error an install would return now, if any.
+    pub fn refusal(&self) -> Option<Error> {
+        let t = self.refused()?;
+        let d = t.denial.clone()?;
+        Some(Error::PtraceDenied {
+            tid: t.tid,
+            mask: t.sig_blk,
+            signal: self.stop_signal,
+            reason: d.reason,
+            fix: d.fix,
+        })
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    /// Lines for a report (`hotpatch inspect`): the threads that block the
+    /// stop signal and how each will be stopped.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.threads.is_empty() {
+            return writeln!(
+                f,
+                "stop-the-world: every thread takes the stop signal {}",
+                self.stop_signal
+            );
+        }
+        writeln!(
+            f,
+            "stop-the-world: {} thread(s) block the stop signal {}:",
+            self.threads.len(),
+            self.stop_signal
+        )?;
+        for t in &self.threads {
+            let how = match (&t.denial, self.ptrace_enabled) {
+                (_, false) => "ptrace path off: a straggler (int3 protocol or refusal)".to_string(),
+                (None, true) => "stopped with ptrace".to_string(),
+                (Some(d), true) if t.blocks_sigtrap => {
+                    format!(
+                        "REFUSED (E_PTRACE_DENIED): {}; to allow it: {}",
+                        d.reason, d.fix
+                    )
+                }
+                (Some(d), true) => format!(
+                    "not by ptrace ({}): a straggler (int3 protocol if it sleeps outside the bytes)",
+                    d.reason
+                ),
+            };
+            writeln!(f, "  thread {} SigBlk {:016x}: {how}", t.tid, t.sig_blk)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads every thread's mask and the ptrace permission. Allocates: call with
 /// the world running.
 pub fn readiness() -> Readiness {
