@@ -140,7 +140,7 @@ fn bench_stop_release(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    let mut warm = Hook::install(ts, repl as Target).expect("warm-up");
+    let mut warm = Hook::install(ts as Target, repl as Target).expect("warm-up");
     warm.remove().expect("warm-up remove");
     for n in [0usize, 2, 8] {
         let busy = Busy::start(2, ts, false);
@@ -155,6 +155,18 @@ fn bench_stop_release(c: &mut Criterion) {
         blocking.stop();
         busy.stop();
     }
+    // The cost the ptrace path adds to every stop: reading each thread's
+    // status. Same stop, 2 busy threads, ptrace path off (no status read).
+    let busy = Busy::start(2, ts, false);
+    hotpatch_patcher::world::set_ptrace_enabled(false);
+    g.bench_function(BenchmarkId::new("2-busy-ptrace-off", 0), |b| {
+        b.iter(|| {
+            let s = hotpatch_patcher::world::stop(Duration::from_millis(200)).expect("stop");
+            s.release();
+        })
+    });
+    hotpatch_patcher::world::set_ptrace_enabled(true);
+    busy.stop();
     g.finish();
 }
 
@@ -179,6 +191,10 @@ fn bench_helper(c: &mut Criterion) {
             .expect("spawn");
             black_box(h.wait(10_000_000_000))
         })
+    });
+    g.bench_function("task_status_own_thread", |b| {
+        let tid = hotpatch_sys::raw::gettid();
+        b.iter(|| black_box(hotpatch_sys::status::task_status(black_box(tid))))
     });
     g.finish();
 }

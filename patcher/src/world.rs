@@ -529,7 +529,6 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     // running may have created one).
     for _round in 0..1000 {
         let mut new = 0;
-        let mut new_pt = 0;
         for_each_tid(dirfd, &mut buf, |tid| {
             if tid == me {
                 return;
@@ -543,22 +542,12 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
                 return;
             }
             let e = &TABLE[n];
-            // Known early: a thread blocking the stop signal goes to ptrace.
-            let st = status::task_status(tid);
-            let mask = st.map_or(0, |s| s.sig_blk);
-            e.mask.store(mask, Ordering::Relaxed);
-            e.tracer
-                .store(st.map_or(0, |s| s.tracer_pid), Ordering::Relaxed);
+            e.mask.store(0, Ordering::Relaxed);
+            e.tracer.store(0, Ordering::Relaxed);
             e.seized.store(false, Ordering::Relaxed);
             e.pt_err.store(0, Ordering::Relaxed);
             e.pt_sig.store(0, Ordering::Relaxed);
             new += 1;
-            if use_ptrace && st.is_some_and(|s| s.blocks(sig)) {
-                e.word.store(pack(tid, PT_WANT), Ordering::Release);
-                COUNT.store(n + 1, Ordering::Release);
-                new_pt += 1;
-                return;
-            }
             e.word.store(pack(tid, SENT), Ordering::Release);
             COUNT.store(n + 1, Ordering::Release);
             if raw::tgkill(pid, tid, sig).is_err() {
@@ -570,10 +559,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
             break;
         }
         let deadline = Instant::now() + timeout;
-        if new_pt > 0 {
-            start_ptrace_batch(&mut stopped, timeout);
-        }
-        wait_for_stops(&stopped, deadline);
+        wait_for_stops(&mut stopped, sig, use_ptrace, timeout, deadline);
         if TABLE[..COUNT.load(Ordering::Acquire)]
             .iter()
             .any(|e| e.state() == PT_FAILED)
@@ -680,12 +666,57 @@ fn start_ptrace_batch(stopped: &mut Stopped, timeout: Duration) {
     futex_wake(&PT_REQ, 1);
 }
 
+/// How long signalled threads get to park before the ones still running
+/// have their masks read (`/proc/self/task/<tid>/status`); those blocking
+/// the stop signal then go to ptrace. Reading every thread's status before
+/// signalling would cost every stop tens of µs per thread (DESIGN-NOTES.md);
+/// this way only slow stops pay, and a blocking thread is known within this
+/// delay instead of the stop timeout.
+const PROBE_AFTER: Duration = Duration::from_micros(250);
+
 /// Waits until every signalled thread has parked (or `deadline`) and the
-/// helper has finished its batches (it is bounded by `PT_DEADLINE`).
-fn wait_for_stops(stopped: &Stopped, deadline: Instant) {
+/// helper has finished its batches (it is bounded by `PT_DEADLINE`). After
+/// [`PROBE_AFTER`], threads still not parked whose mask blocks `sig` are
+/// handed to the ptrace helper (when `use_ptrace`).
+fn wait_for_stops(
+    stopped: &mut Stopped,
+    sig: i32,
+    use_ptrace: bool,
+    timeout: Duration,
+    deadline: Instant,
+) {
+    let probe_at = Instant::now() + PROBE_AFTER;
+    let mut probed = !use_ptrace;
     loop {
         let n = COUNT.load(Ordering::Acquire);
         let sent = TABLE[..n].iter().filter(|e| e.state() == SENT).count();
+        if !probed && sent > 0 && Instant::now() >= probe_at {
+            probed = true;
+            let mut moved = 0;
+            for e in &TABLE[..n] {
+                let tid = e.tid();
+                if e.state() != SENT {
+                    continue;
+                }
+                let Some(st) = status::task_status(tid) else {
+                    continue;
+                };
+                if !st.blocks(sig) {
+                    continue;
+                }
+                e.mask.store(st.sig_blk, Ordering::Relaxed);
+                e.tracer.store(st.tracer_pid, Ordering::Relaxed);
+                // The signal stays pending; if the thread unblocks it later,
+                // the handler finds no `SENT` slot and returns at once.
+                if e.transition(tid, SENT, PT_WANT) {
+                    moved += 1;
+                }
+            }
+            if moved > 0 {
+                start_ptrace_batch(stopped, timeout);
+            }
+            continue;
+        }
         let helper_died = stopped.helper.as_ref().is_some_and(Helper::exited);
         if helper_died {
             // Killed (e.g. a seccomp filter that kills on ptrace): the
@@ -706,11 +737,14 @@ fn wait_for_stops(stopped: &Stopped, deadline: Instant) {
             return;
         }
         let parked = PARKED.load(Ordering::Acquire);
-        let wait = if now >= deadline {
+        let mut wait = if now >= deadline {
             Duration::from_millis(1)
         } else {
             (deadline - now).min(Duration::from_millis(1))
         };
+        if !probed {
+            wait = wait.min(probe_at.saturating_duration_since(now));
+        }
         futex_wait(&PARKED, parked, Some(wait));
     }
 }
