@@ -825,8 +825,14 @@ fn trace_batch() {
                     }
                 }
                 Ok(ptrace::Wait::Gone) | Err(_) => {
-                    e.seized.store(false, Ordering::Release);
-                    e.transition(tid, PT_WANT, EMPTY);
+                    // Gone, unless it still exists: then it counts as not
+                    // stopped (a straggler at the deadline), never as absent.
+                    if raw::tgkill(raw::getppid(), tid, 0).is_ok() {
+                        pending = pending.saturating_add(1);
+                    } else {
+                        e.seized.store(false, Ordering::Release);
+                        e.transition(tid, PT_WANT, EMPTY);
+                    }
                 }
             }
         }
