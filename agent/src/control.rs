@@ -521,6 +521,7 @@ impl Control {
         let known = (t.size > 0).then_some(t.size as usize);
         let r =
             hotpatch_patcher::preflight(t.addr as *const u8, known).map_err(|e| patch_err(&e))?;
+        let (stop_report, stop_refusal) = stop_the_world_report();
         let signature = signature_reader()
             .signature(Registry::global(), t.module_id, RuntimeAddr(t.addr as u64))
             .ok()
@@ -531,12 +532,21 @@ impl Control {
             "signature": signature,
             "addr": format!("{:#x}", t.addr),
             "size": t.size,
-            "patchable": r.is_patchable(),
-            "code": r.verdict.as_ref().err().map(|x| x.code),
-            "message": r.verdict.as_ref().err().map(|x| x.message.clone()),
-            "report": r.to_string(),
+            "patchable": r.is_patchable() && stop_refusal.is_none(),
+            "code": r.verdict.as_ref().err().map(|x| x.code)
+                .or(stop_refusal.as_ref().map(|e| e.code())),
+            "message": r.verdict.as_ref().err().map(|x| x.message.clone())
+                .or(stop_refusal.as_ref().map(|e| e.to_string())),
+            "report": format!("{r}{stop_report}"),
         }))
     }
+}
+
+/// Which threads block the patcher's stop signal and whether ptrace may stop
+/// them (issue #17), as report lines, and the refusal an install would meet.
+fn stop_the_world_report() -> (String, Option<hotpatch_patcher::Error>) {
+    let r = hotpatch_patcher::world::readiness();
+    (r.to_string(), r.refusal())
 }
 
 /// The symbolizer that reads signatures (its per-file cache is shared by

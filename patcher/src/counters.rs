@@ -7,6 +7,9 @@ pub(crate) static FIXUPS_FORWARD: AtomicU64 = AtomicU64::new(0);
 pub(crate) static FIXUPS_BACKWARD: AtomicU64 = AtomicU64::new(0);
 pub(crate) static INT3_WRITES: AtomicU64 = AtomicU64::new(0);
 pub(crate) static REFUSED_UNSTOPPABLE: AtomicU64 = AtomicU64::new(0);
+pub(crate) static PTRACE_STOPS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static PTRACE_HELPERS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static REFUSED_PTRACE: AtomicU64 = AtomicU64::new(0);
 
 /// Process-wide counters since start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,6 +24,12 @@ pub struct Stats {
     pub int3_writes: u64,
     /// Installs/removes refused with `E_THREAD_UNSTOPPABLE`.
     pub refused_unstoppable: u64,
+    /// Threads stopped with ptrace (they blocked the stop signal).
+    pub ptrace_stops: u64,
+    /// ptrace helper processes started (at most one per stop).
+    pub ptrace_helpers: u64,
+    /// Installs/removes refused with `E_PTRACE_DENIED`.
+    pub refused_ptrace: u64,
 }
 
 /// The current counters.
@@ -31,6 +40,9 @@ pub fn stats() -> Stats {
         fixups_backward: FIXUPS_BACKWARD.load(Ordering::Relaxed),
         int3_writes: INT3_WRITES.load(Ordering::Relaxed),
         refused_unstoppable: REFUSED_UNSTOPPABLE.load(Ordering::Relaxed),
+        ptrace_stops: PTRACE_STOPS.load(Ordering::Relaxed),
+        ptrace_helpers: PTRACE_HELPERS.load(Ordering::Relaxed),
+        refused_ptrace: REFUSED_PTRACE.load(Ordering::Relaxed),
     }
 }
 

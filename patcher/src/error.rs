@@ -122,6 +122,23 @@ pub enum Error {
         /// What was learned about it.
         detail: String,
     },
+    /// A thread blocks the stop signal (and `SIGTRAP`), so only ptrace could
+    /// stop it, and ptrace is not allowed here.
+    #[error(
+        "E_PTRACE_DENIED: thread {tid} blocks the stop signal {signal} (SigBlk {mask:016x}) and SIGTRAP, so only ptrace can stop it, and ptrace is not allowed: {reason}; to allow it: {fix}, or unblock signal {signal} in that thread"
+    )]
+    PtraceDenied {
+        /// The thread id.
+        tid: i32,
+        /// Its blocked-signal mask (`SigBlk`).
+        mask: u64,
+        /// The stop signal.
+        signal: i32,
+        /// What forbids ptrace.
+        reason: String,
+        /// What would allow it.
+        fix: String,
+    },
     /// The target's bytes changed under the patcher (another hooker, or the site was modified).
     #[error(
         "E_CODE_CHANGED: the bytes at {addr:#x} are not what the patcher wrote or expected; refusing to overwrite them"
@@ -185,6 +202,7 @@ impl Error {
             Error::ProtectDenied { .. } => "E_PROTECT_DENIED",
             Error::AlreadyPatched { .. } => "E_ALREADY_PATCHED",
             Error::ThreadUnstoppable { .. } => "E_THREAD_UNSTOPPABLE",
+            Error::PtraceDenied { .. } => "E_PTRACE_DENIED",
             Error::CodeChanged { .. } => "E_CODE_CHANGED",
             Error::NotInstalled { .. } => "E_NOT_INSTALLED",
             Error::ModuleNotFound { .. } => "E_MODULE_NOT_FOUND",

@@ -1,6 +1,13 @@
 //! Stop-the-world: park every other thread of the process in a signal
 //! handler, learn where each was interrupted, optionally move it, release.
 //!
+//! A thread whose mask blocks the stop signal (read from
+//! `/proc/self/task/<tid>/status` before anything is sent) is stopped with
+//! ptrace instead: a helper process that shares our memory but is not in our
+//! thread group (`hotpatch_sys::helper`) seizes and interrupts it, reads its
+//! registers into the same table, and after the release writes the new RIP
+//! (if the fix-up moved it) and detaches it. See SAFETY.md, P2 "ptrace".
+//!
 //! Between [`stop`] and [`Stopped::release`], the calling thread may not
 //! allocate, log, or take any lock another thread could hold (a parked thread
 //! may own malloc's arena lock, stdio's, or the loader lock). Everything here
@@ -8,9 +15,14 @@
 //! `futex`) and plain atomics. The signal handler is async-signal-safe: no
 //! locks, no allocation, no lazy thread-locals, `errno` preserved.
 
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hotpatch_sys::helper::{self, Helper, HelperStack};
+use hotpatch_sys::{ptrace, raw, status};
+
+use crate::counters as stats;
 use crate::error::{Error, Result};
 
 /// Most threads a stop can track. Beyond it, install refuses rather than
@@ -22,6 +34,10 @@ const SENT: u32 = 1;
 const STOPPED: u32 = 2;
 const GAVE_UP: u32 = 3;
 const RESUMED: u32 = 4;
+/// Blocks the stop signal: to be stopped by the ptrace helper.
+const PT_WANT: u32 = 5;
+/// The helper could not seize it (`pt_err` says why).
+const PT_FAILED: u32 = 6;
 
 /// One thread's slot. `word` packs `tid << 32 | state` so that a handler
 /// can only claim the slot of *its own* tid in state `SENT` with a single
@@ -31,6 +47,16 @@ struct Entry {
     word: AtomicU64,
     rip: AtomicU64,
     new_rip: AtomicU64,
+    /// `SigBlk` when the thread was listed.
+    mask: AtomicU64,
+    /// `TracerPid` when the thread was listed.
+    tracer: AtomicI32,
+    /// The helper seized it (it is a tracee until the helper detaches or exits).
+    seized: AtomicBool,
+    /// `errno` of a failed `PTRACE_SEIZE`.
+    pt_err: AtomicI32,
+    /// Signal to re-inject at detach (a signal-delivery-stop), or 0.
+    pt_sig: AtomicI32,
 }
 
 fn pack(tid: i32, state: u32) -> u64 {
@@ -65,6 +91,11 @@ const ENTRY: Entry = Entry {
     word: AtomicU64::new(0),
     rip: AtomicU64::new(0),
     new_rip: AtomicU64::new(0),
+    mask: AtomicU64::new(0),
+    tracer: AtomicI32::new(0),
+    seized: AtomicBool::new(false),
+    pt_err: AtomicI32::new(0),
+    pt_sig: AtomicI32::new(0),
 };
 
 static TABLE: [Entry; MAX_THREADS] = [ENTRY; MAX_THREADS];
@@ -79,6 +110,35 @@ static LEFT: AtomicU32 = AtomicU32::new(0);
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static REQUESTED_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether threads blocking the stop signal go to ptrace (default) or, as
+/// before, get the signal and become stragglers after the timeout.
+static PTRACE_ENABLED: AtomicBool = AtomicBool::new(true);
+/// Futex word: batches of `PT_WANT` threads requested from the helper
+/// (bumped by the coordinator; also bumped at release to wake it).
+static PT_REQ: AtomicU32 = AtomicU32::new(0);
+/// Batches the helper has finished.
+static PT_DONE: AtomicU32 = AtomicU32::new(0);
+/// Futex word: 1 once the helper may start tracing (after `PR_SET_PTRACER`).
+static PT_GO: AtomicU32 = AtomicU32::new(0);
+/// `CLOCK_MONOTONIC` ns by which the helper stops waiting for tracees.
+static PT_DEADLINE: AtomicU64 = AtomicU64::new(0);
+/// The helper's stack: mapped once, reused by every stop (one at a time).
+static HELPER_STACK: HelperStack = HelperStack::new();
+
+/// Turns the ptrace path on or off (on by default). Off, a thread that
+/// blocks the stop signal is signalled anyway and, not parking, becomes a
+/// straggler after the timeout (the pre-ptrace behaviour: the int3 protocol
+/// or `E_THREAD_UNSTOPPABLE`). For hosts that must never be traced, and for
+/// tests of the int3 protocol.
+pub fn set_ptrace_enabled(on: bool) {
+    PTRACE_ENABLED.store(on, Ordering::Release);
+}
+
+/// Whether the ptrace path is on.
+pub fn ptrace_enabled() -> bool {
+    PTRACE_ENABLED.load(Ordering::Acquire)
+}
 
 /// Chooses the real-time signal used to stop threads (default `SIGRTMIN+7`).
 /// Must be called before the first patch; later calls are refused.
@@ -137,8 +197,7 @@ fn install_handler() -> Result<()> {
 }
 
 fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    raw::gettid()
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
@@ -315,8 +374,13 @@ fn async_signals() -> libc::sigset_t {
 /// The world, stopped. Dropping it releases the threads.
 #[derive(Debug)]
 pub struct Stopped {
+    /// Threads parked in the signal handler (they report leaving it).
     parked: u32,
     released: bool,
+    /// The ptrace helper of this stop, if a thread needed it.
+    helper: Option<Helper>,
+    /// Whether `PR_SET_PTRACER` was set for the helper (Yama scope 1).
+    set_ptracer: bool,
     /// The stopping thread's mask before the stop; restored on release.
     saved_mask: Option<SavedMask>,
     /// Not `Send`: the release must run on the thread whose mask was saved.
@@ -353,12 +417,24 @@ impl Stopped {
         self.released = true;
         RELEASE.store(1, Ordering::Release);
         futex_wake(&RELEASE, i32::MAX);
+        // The helper writes any moved RIP, detaches its tracees and exits.
+        PT_REQ.fetch_add(1, Ordering::AcqRel);
+        futex_wake(&PT_REQ, 1);
         loop {
             let left = LEFT.load(Ordering::Acquire);
             if left >= self.parked {
                 break;
             }
             futex_wait(&LEFT, left, Some(Duration::from_millis(10)));
+        }
+        if let Some(mut h) = self.helper.take() {
+            // Bounded work; killed after 10 s as a safety net (its tracees
+            // are then detached by the kernel).
+            h.wait(10_000_000_000);
+        }
+        if self.set_ptracer {
+            self.set_ptracer = false;
+            let _ = raw::prctl(libc::PR_SET_PTRACER, 0);
         }
         COUNT.store(0, Ordering::Release);
         if let Some(SavedMask(old)) = self.saved_mask.take() {
@@ -377,16 +453,20 @@ impl Drop for Stopped {
 }
 
 /// Stops every other thread of the process, waiting up to `timeout` for each
-/// to park. Threads that do not park (signal blocked, stuck in
-/// uninterruptible sleep) are listed in [`Stopped::stragglers`]; their state
-/// is marked so that a late signal makes them return at once.
+/// to park. A thread whose mask blocks the stop signal is stopped with ptrace
+/// by a helper process instead (no signal sent, no timeout waited). Threads
+/// that do not stop (signal not taken in time, stuck in uninterruptible
+/// sleep) are listed in [`Stopped::stragglers`]; their state is marked so
+/// that a late signal makes them return at once.
 ///
 /// Must be called with the patcher lock held (one stop at a time).
 ///
 /// # Errors
 /// `E_OS` when the handler cannot be installed or `/proc/self/task` cannot
 /// be read; `E_THREAD_UNSTOPPABLE` when the process has more than
-/// [`MAX_THREADS`] threads.
+/// [`MAX_THREADS`] threads; `E_PTRACE_DENIED` when a thread blocks both the
+/// stop signal and `SIGTRAP` and may not be traced (nothing was written; the
+/// message names the thread, its mask, the reason and what would allow it).
 pub fn stop(timeout: Duration) -> Result<Stopped> {
     install_handler()?;
     let sig = SIGNAL.load(Ordering::Acquire);
@@ -414,12 +494,17 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     PARKED.store(0, Ordering::Release);
     LEFT.store(0, Ordering::Release);
     COUNT.store(0, Ordering::Release);
+    PT_REQ.store(0, Ordering::Release);
+    PT_DONE.store(0, Ordering::Release);
+    PT_GO.store(0, Ordering::Release);
     let me = gettid();
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
+    let pid = raw::getpid();
+    let use_ptrace = PTRACE_ENABLED.load(Ordering::Acquire);
     let mut stopped = Stopped {
         parked: 0,
         released: false,
+        helper: None,
+        set_ptracer: false,
         saved_mask: None,
         _same_thread: std::marker::PhantomData,
         stragglers: [Straggler { tid: 0 }; 16],
@@ -438,8 +523,10 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     }
     let mut buf = [0u8; 4096];
     let mut overflow = false;
-    // Re-read the task list until a pass finds no thread we have not
-    // signalled (parked threads cannot create new ones).
+    // Each round lists the tids, signals (or hands to the helper) the new
+    // ones and waits for them; the stop is complete when a listing taken
+    // with everyone stopped finds no new thread (a thread that was still
+    // running may have created one).
     for _round in 0..1000 {
         let mut new = 0;
         for_each_tid(dirfd, &mut buf, |tid| {
@@ -455,75 +542,499 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
                 return;
             }
             let e = &TABLE[n];
+            e.mask.store(0, Ordering::Relaxed);
+            e.tracer.store(0, Ordering::Relaxed);
+            e.seized.store(false, Ordering::Relaxed);
+            e.pt_err.store(0, Ordering::Relaxed);
+            e.pt_sig.store(0, Ordering::Relaxed);
+            new += 1;
             e.word.store(pack(tid, SENT), Ordering::Release);
             COUNT.store(n + 1, Ordering::Release);
-            new += 1;
-            // SAFETY: tgkill only sends a signal; the handler is installed.
-            let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
-            if rc != 0 {
+            if raw::tgkill(pid, tid, sig).is_err() {
                 // ESRCH: the thread exited. Nothing to wait for.
                 e.word.store(pack(tid, EMPTY), Ordering::Release);
             }
         })?;
-        if new == 0 || overflow {
+        if overflow || new == 0 {
+            break;
+        }
+        let deadline = Instant::now() + timeout;
+        wait_for_stops(&mut stopped, sig, use_ptrace, timeout, deadline);
+        if TABLE[..COUNT.load(Ordering::Acquire)]
+            .iter()
+            .any(|e| e.state() == PT_FAILED)
+        {
             break;
         }
     }
     if overflow {
         give_up_on_unparked(&mut stopped);
+        drop(stopped);
         return Err(Error::ThreadUnstoppable {
             tid: 0,
             detail: format!("more than {MAX_THREADS} threads"),
         });
     }
-
-    let deadline = Instant::now() + timeout;
-    loop {
-        let expected = COUNT.load(Ordering::Acquire);
-        let sent = TABLE[..expected]
-            .iter()
-            .filter(|e| e.state() == SENT)
-            .count();
-        if sent == 0 {
-            break;
+    // A thread ptrace could not take: if it does not block SIGTRAP either,
+    // it is a straggler for the caller to vet (the int3 protocol may still
+    // do); else nothing can keep it out of the bytes: refuse now.
+    let mut denied = None;
+    for e in &TABLE[..COUNT.load(Ordering::Acquire)] {
+        let tid = e.tid();
+        if e.state() != PT_FAILED {
+            continue;
         }
-        let now = Instant::now();
-        if now >= deadline {
-            break;
+        let mask = e.mask.load(Ordering::Relaxed);
+        if mask & (1u64 << (libc::SIGTRAP - 1)) != 0 {
+            if denied.is_none() {
+                denied = Some((
+                    tid,
+                    mask,
+                    e.pt_err.load(Ordering::Relaxed),
+                    e.tracer.load(Ordering::Relaxed),
+                ));
+            }
+        } else {
+            e.transition(tid, PT_FAILED, SENT);
         }
-        let parked = PARKED.load(Ordering::Acquire);
-        futex_wait(
-            &PARKED,
-            parked,
-            Some((deadline - now).min(Duration::from_millis(1))),
-        );
     }
     give_up_on_unparked(&mut stopped);
+    if let Some((tid, mask, errno, tracer)) = denied {
+        // Release first: the message allocates.
+        drop(stopped);
+        stats::bump(&stats::REFUSED_PTRACE);
+        let d = if errno == HELPER_DIED {
+            ptrace::Denial {
+                reason: "the ptrace helper process was killed while seizing it (a seccomp filter that kills on ptrace?)".into(),
+                fix: "allow ptrace(PTRACE_SEIZE/INTERRUPT/GETREGS/SETREGS/DETACH) in the seccomp filter".into(),
+            }
+        } else {
+            ptrace::permission().explain_errno(errno, tracer)
+        };
+        return Err(Error::PtraceDenied {
+            tid,
+            mask,
+            signal: sig,
+            reason: d.reason,
+            fix: d.fix,
+        });
+    }
     Ok(stopped)
 }
 
-/// Marks every thread still `SENT` as given up (a late signal returns at
-/// once), records it as a straggler, and counts the parked ones.
+/// `pt_err` of a thread the helper was to seize when the helper died.
+const HELPER_DIED: i32 = -1;
+
+/// Hands the `PT_WANT` threads to the helper, starting it on first use.
+/// If it cannot start, they are marked `PT_FAILED` with the `errno`.
+fn start_ptrace_batch(stopped: &mut Stopped, timeout: Duration) {
+    PT_DEADLINE.store(
+        raw::monotonic_ns().saturating_add(timeout.as_nanos().min(u64::MAX as u128) as u64),
+        Ordering::Release,
+    );
+    if stopped.helper.is_none() {
+        // SAFETY: `tracer` follows the helper contract (atomics, the static
+        // table and `hotpatch_sys::raw`/`ptrace` calls only; no errno, TLS,
+        // allocation, lock or panic; bounded by PT_DEADLINE and the release);
+        // it takes no argument; `stopped` waits for it on release.
+        match unsafe { helper::spawn(&HELPER_STACK, tracer, std::ptr::null_mut()) } {
+            Ok(h) => {
+                stats::bump(&stats::PTRACE_HELPERS);
+                // Yama scope 1 lets only ancestors trace us, unless named.
+                if status::yama_scope() == Some(1)
+                    && raw::prctl(libc::PR_SET_PTRACER, h.pid() as usize).is_ok()
+                {
+                    stopped.set_ptracer = true;
+                }
+                stopped.helper = Some(h);
+                PT_GO.store(1, Ordering::Release);
+                futex_wake(&PT_GO, 1);
+            }
+            Err(errno) => {
+                for e in &TABLE[..COUNT.load(Ordering::Acquire)] {
+                    let tid = e.tid();
+                    if e.state() == PT_WANT {
+                        e.pt_err.store(errno, Ordering::Relaxed);
+                        e.transition(tid, PT_WANT, PT_FAILED);
+                    }
+                }
+                return;
+            }
+        }
+    }
+    PT_REQ.fetch_add(1, Ordering::AcqRel);
+    futex_wake(&PT_REQ, 1);
+}
+
+/// How long signalled threads get to park before the ones still running
+/// have their masks read (`/proc/self/task/<tid>/status`); those blocking
+/// the stop signal then go to ptrace. Reading every thread's status before
+/// signalling would cost every stop tens of µs per thread (DESIGN-NOTES.md);
+/// this way only slow stops pay, and a blocking thread is known within this
+/// delay instead of the stop timeout.
+const PROBE_AFTER: Duration = Duration::from_micros(250);
+
+/// Waits until every signalled thread has parked (or `deadline`) and the
+/// helper has finished its batches (it is bounded by `PT_DEADLINE`). After
+/// [`PROBE_AFTER`], threads still not parked whose mask blocks `sig` are
+/// handed to the ptrace helper (when `use_ptrace`).
+fn wait_for_stops(
+    stopped: &mut Stopped,
+    sig: i32,
+    use_ptrace: bool,
+    timeout: Duration,
+    deadline: Instant,
+) {
+    let probe_at = Instant::now() + PROBE_AFTER;
+    let mut probed = !use_ptrace;
+    loop {
+        let n = COUNT.load(Ordering::Acquire);
+        let sent = TABLE[..n].iter().filter(|e| e.state() == SENT).count();
+        if !probed && sent > 0 && Instant::now() >= probe_at {
+            probed = true;
+            let mut moved = 0;
+            for e in &TABLE[..n] {
+                let tid = e.tid();
+                if e.state() != SENT {
+                    continue;
+                }
+                let Some(st) = status::task_status(tid) else {
+                    continue;
+                };
+                if !st.blocks(sig) {
+                    continue;
+                }
+                e.mask.store(st.sig_blk, Ordering::Relaxed);
+                e.tracer.store(st.tracer_pid, Ordering::Relaxed);
+                // The signal stays pending; if the thread unblocks it later,
+                // the handler finds no `SENT` slot and returns at once.
+                if e.transition(tid, SENT, PT_WANT) {
+                    moved += 1;
+                }
+            }
+            if moved > 0 {
+                start_ptrace_batch(stopped, timeout);
+            }
+            continue;
+        }
+        let helper_died = stopped.helper.as_ref().is_some_and(Helper::exited);
+        if helper_died {
+            // Killed (e.g. a seccomp filter that kills on ptrace): the
+            // kernel detached whatever it had seized.
+            for e in &TABLE[..n] {
+                let tid = e.tid();
+                if e.state() == PT_WANT {
+                    e.seized.store(false, Ordering::Release);
+                    e.pt_err.store(HELPER_DIED, Ordering::Relaxed);
+                    e.transition(tid, PT_WANT, PT_FAILED);
+                }
+            }
+        }
+        let helper_done =
+            helper_died || PT_DONE.load(Ordering::Acquire) == PT_REQ.load(Ordering::Acquire);
+        let now = Instant::now();
+        if helper_done && (sent == 0 || now >= deadline) {
+            return;
+        }
+        let parked = PARKED.load(Ordering::Acquire);
+        let mut wait = if now >= deadline {
+            Duration::from_millis(1)
+        } else {
+            (deadline - now).min(Duration::from_millis(1))
+        };
+        if !probed {
+            wait = wait.min(probe_at.saturating_duration_since(now));
+        }
+        futex_wait(&PARKED, parked, Some(wait));
+    }
+}
+
+/// The helper's body (see `hotpatch_sys::helper` for what it may do): serve
+/// batches until released, then detach everything and return.
+extern "C" fn tracer(_arg: *mut c_void) -> c_int {
+    while PT_GO.load(Ordering::Acquire) == 0 {
+        raw::futex_wait(&PT_GO, 0, 0);
+    }
+    let mut seen = 0u32;
+    loop {
+        if RELEASE.load(Ordering::Acquire) == 1 {
+            break;
+        }
+        let req = PT_REQ.load(Ordering::Acquire);
+        if req != seen {
+            seen = req;
+            trace_batch();
+            PT_DONE.store(seen, Ordering::Release);
+            PARKED.fetch_add(1, Ordering::AcqRel);
+            raw::futex_wake(&PARKED, 1);
+            continue;
+        }
+        raw::futex_wait(&PT_REQ, req, 0);
+    }
+    resume_all();
+    0
+}
+
+/// Seizes and interrupts every `PT_WANT` thread, then collects their stops
+/// until all are stopped or `PT_DEADLINE` passes. Runs in the helper.
+fn trace_batch() {
+    let n = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    for e in TABLE.iter().take(n) {
+        let tid = e.tid();
+        if e.state() != PT_WANT || e.seized.load(Ordering::Acquire) {
+            continue;
+        }
+        match ptrace::seize(tid) {
+            Ok(()) => {
+                e.seized.store(true, Ordering::Release);
+                let _ = ptrace::interrupt(tid);
+            }
+            Err(libc::ESRCH) => {
+                e.transition(tid, PT_WANT, EMPTY);
+            }
+            Err(errno) => {
+                e.pt_err.store(errno, Ordering::Relaxed);
+                e.transition(tid, PT_WANT, PT_FAILED);
+            }
+        }
+    }
+    let deadline = PT_DEADLINE.load(Ordering::Acquire);
+    let mut pause: u64 = 2_000;
+    loop {
+        let mut pending = 0u32;
+        for e in TABLE.iter().take(n) {
+            let tid = e.tid();
+            if e.state() != PT_WANT || !e.seized.load(Ordering::Acquire) {
+                continue;
+            }
+            match ptrace::wait(tid, false) {
+                Ok(ptrace::Wait::NotYet) => pending = pending.saturating_add(1),
+                Ok(ptrace::Wait::Stopped { signal }) => {
+                    e.pt_sig.store(signal, Ordering::Relaxed);
+                    let mut regs = ptrace::zeroed_regs();
+                    if ptrace::getregs(tid, &mut regs).is_ok() {
+                        e.rip.store(regs.rip, Ordering::Relaxed);
+                        e.new_rip.store(regs.rip, Ordering::Relaxed);
+                        e.transition(tid, PT_WANT, STOPPED);
+                        stats::bump(&stats::PTRACE_STOPS);
+                    } else {
+                        // Gone between the stop and the read.
+                        let _ = ptrace::detach(tid, signal);
+                        e.seized.store(false, Ordering::Release);
+                        e.transition(tid, PT_WANT, EMPTY);
+                    }
+                }
+                Ok(ptrace::Wait::Gone) | Err(_) => {
+                    // Gone, unless it still exists: then it counts as not
+                    // stopped (a straggler at the deadline), never as absent.
+                    if raw::tgkill(raw::getppid(), tid, 0).is_ok() {
+                        pending = pending.saturating_add(1);
+                    } else {
+                        e.seized.store(false, Ordering::Release);
+                        e.transition(tid, PT_WANT, EMPTY);
+                    }
+                }
+            }
+        }
+        if pending == 0 || raw::monotonic_ns() >= deadline {
+            return;
+        }
+        raw::sleep_ns(pause);
+        pause = (pause.saturating_mul(2)).min(200_000);
+    }
+}
+
+/// After the release: writes each moved RIP, detaches every tracee with the
+/// signal it was stopped for. Runs in the helper.
+fn resume_all() {
+    let n = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    for e in TABLE.iter().take(n) {
+        if !e.seized.load(Ordering::Acquire) {
+            continue;
+        }
+        let tid = e.tid();
+        if e.state() == STOPPED {
+            let rip = e.rip.load(Ordering::Acquire);
+            let new_rip = e.new_rip.load(Ordering::Acquire);
+            if new_rip != rip {
+                let mut regs = ptrace::zeroed_regs();
+                if ptrace::getregs(tid, &mut regs).is_ok() {
+                    regs.rip = new_rip;
+                    let _ = ptrace::setregs(tid, &regs);
+                }
+            }
+            let _ = ptrace::detach(tid, e.pt_sig.load(Ordering::Relaxed));
+            e.transition(tid, STOPPED, RESUMED);
+        } else if let Ok(ptrace::Wait::Stopped { signal }) = ptrace::wait(tid, false) {
+            // Seized but not stopped in time (a straggler): it may have
+            // stopped since. A tracee still running is detached by our exit.
+            let _ = ptrace::detach(tid, signal);
+        }
+        e.seized.store(false, Ordering::Release);
+    }
+}
+
+/// Marks every thread still `SENT` (or seized but not stopped) as given up
+/// (a late signal returns at once), records it as a straggler, and counts
+/// the threads parked in the signal handler.
 fn give_up_on_unparked(stopped: &mut Stopped) {
     let n = COUNT.load(Ordering::Acquire);
     let mut parked = 0;
     for e in &TABLE[..n] {
         let tid = e.tid();
-        if e.transition(tid, SENT, GAVE_UP) {
-            // SAFETY: getpid has no preconditions; tgkill with signal 0
-            // only checks that the thread exists.
-            let alive = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) } == 0;
+        if e.transition(tid, SENT, GAVE_UP) || e.transition(tid, PT_WANT, GAVE_UP) {
+            let alive = raw::tgkill(raw::getpid(), tid, 0).is_ok();
             if alive {
                 if stopped.straggler_count < stopped.stragglers.len() {
                     stopped.stragglers[stopped.straggler_count] = Straggler { tid };
                 }
                 stopped.straggler_count += 1;
             }
-        } else if e.state() == STOPPED {
+        } else if e.state() == STOPPED && !e.seized.load(Ordering::Acquire) {
             parked += 1;
         }
     }
     stopped.parked = parked;
+}
+
+pub use hotpatch_sys::ptrace::{Denial, Permission};
+
+/// A thread whose mask blocks the stop signal (so it is stopped with ptrace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockingThread {
+    /// Its tid.
+    pub tid: i32,
+    /// Its `SigBlk` mask.
+    pub sig_blk: u64,
+    /// Its `TracerPid` (0 if none).
+    pub tracer_pid: i32,
+    /// Whether it also blocks `SIGTRAP` (then the int3 protocol cannot stand
+    /// in for ptrace).
+    pub blocks_sigtrap: bool,
+    /// Why ptrace may not stop it, if it certainly may not.
+    pub denial: Option<Denial>,
+}
+
+/// What a patch would meet, known before one is tried: which threads block
+/// the stop signal and whether ptrace may stop them (`hotpatch inspect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The stop signal (installed, requested, or the default `SIGRTMIN+7`).
+    pub stop_signal: i32,
+    /// Whether the ptrace path is on ([`set_ptrace_enabled`]).
+    pub ptrace_enabled: bool,
+    /// The process's ptrace-relevant state.
+    pub permission: Permission,
+    /// The threads (other than the caller) that block the stop signal.
+    pub threads: Vec<BlockingThread>,
+}
+
+impl Readiness {
+    /// The first thread an install would be refused for with
+    /// `E_PTRACE_DENIED` (a seccomp filter is only found by trying).
+    pub fn refused(&self) -> Option<&BlockingThread> {
+        self.threads
+            .iter()
+            .find(|t| t.blocks_sigtrap && t.denial.is_some())
+    }
+}
+
+impl Readiness {
+    /// The `E_PTRACE_DENIED` error an install would return now, if any.
+    pub fn refusal(&self) -> Option<Error> {
+        let t = self.refused()?;
+        let d = t.denial.clone()?;
+        Some(Error::PtraceDenied {
+            tid: t.tid,
+            mask: t.sig_blk,
+            signal: self.stop_signal,
+            reason: d.reason,
+            fix: d.fix,
+        })
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    /// Lines for a report (`hotpatch inspect`): the threads that block the
+    /// stop signal and how each will be stopped.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.threads.is_empty() {
+            return writeln!(
+                f,
+                "stop-the-world: every thread takes the stop signal {}",
+                self.stop_signal
+            );
+        }
+        writeln!(
+            f,
+            "stop-the-world: {} thread(s) block the stop signal {}:",
+            self.threads.len(),
+            self.stop_signal
+        )?;
+        for t in &self.threads {
+            let how = match (&t.denial, self.ptrace_enabled) {
+                (_, false) => "ptrace path off: a straggler (int3 protocol or refusal)".to_string(),
+                (None, true) => "stopped with ptrace".to_string(),
+                (Some(d), true) if t.blocks_sigtrap => {
+                    format!(
+                        "REFUSED (E_PTRACE_DENIED): {}; to allow it: {}",
+                        d.reason, d.fix
+                    )
+                }
+                (Some(d), true) => format!(
+                    "not by ptrace ({}): a straggler (int3 protocol if it sleeps outside the bytes)",
+                    d.reason
+                ),
+            };
+            writeln!(f, "  thread {} SigBlk {:016x}: {how}", t.tid, t.sig_blk)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads every thread's mask and the ptrace permission. Allocates: call with
+/// the world running.
+pub fn readiness() -> Readiness {
+    let sig = match SIGNAL.load(Ordering::Acquire) {
+        0 => match REQUESTED_SIGNAL.load(Ordering::Acquire) {
+            0 => libc::SIGRTMIN() + 7,
+            s => s,
+        },
+        s => s,
+    };
+    let permission = ptrace::permission();
+    let me = gettid();
+    let mut threads = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for d in dir.flatten() {
+            let Some(tid) = d.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+                continue;
+            };
+            if tid == me {
+                continue;
+            }
+            let Some(st) = status::task_status(tid) else {
+                continue;
+            };
+            if !st.blocks(sig) {
+                continue;
+            }
+            threads.push(BlockingThread {
+                tid,
+                sig_blk: st.sig_blk,
+                tracer_pid: st.tracer_pid,
+                blocks_sigtrap: st.blocks(libc::SIGTRAP),
+                denial: permission.check(st.tracer_pid).err(),
+            });
+        }
+    }
+    threads.sort_by_key(|t| t.tid);
+    Readiness {
+        stop_signal: sig,
+        ptrace_enabled: ptrace_enabled(),
+        permission,
+        threads,
+    }
 }
 
 /// What `/proc/self/task/<tid>/syscall` says about a thread that did not park.
@@ -650,6 +1161,66 @@ mod tests {
         quit.store(true, Ordering::Relaxed);
         for h in handles {
             assert!(h.join().expect("thread") > 0);
+        }
+    }
+    /// Threads blocking every signal (spinning, and sleeping in a system
+    /// call) are stopped with ptrace: reported parked, not stragglers, and
+    /// run on after the release.
+    #[test]
+    fn threads_blocking_every_signal_are_stopped_with_ptrace() {
+        let quit = Arc::new(AtomicBool::new(false));
+        let spins = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (quit, spins) = (quit.clone(), spins.clone());
+                std::thread::spawn(move || {
+                    // SAFETY: a full set applied to this thread only.
+                    unsafe {
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigfillset(&mut set);
+                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    }
+                    while !quit.load(Ordering::Relaxed) {
+                        if i % 2 == 0 {
+                            spins.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                })
+            })
+            .collect();
+        while spins.load(Ordering::Relaxed) < 1000 {
+            std::thread::yield_now();
+        }
+        let before = crate::stats();
+        for _ in 0..20 {
+            let guard = crate::site::lock_global();
+            let s = stop(Duration::from_millis(500)).expect("stop");
+            let mut seen = 0;
+            s.for_each_parked(|rip| {
+                seen += 1;
+                rip
+            });
+            let stragglers = s.straggler_count;
+            let frozen = spins.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(2));
+            let still = spins.load(Ordering::Relaxed);
+            s.release();
+            drop(guard);
+            assert!(seen >= 4, "parked {seen} threads");
+            assert_eq!(stragglers, 0);
+            assert_eq!(frozen, still, "spinners did not run while stopped");
+        }
+        let after = crate::stats();
+        assert!(after.ptrace_stops >= before.ptrace_stops + 80);
+        let at = spins.load(Ordering::Relaxed);
+        while spins.load(Ordering::Relaxed) == at {
+            std::thread::yield_now();
+        }
+        quit.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("thread");
         }
     }
 }

@@ -1,0 +1,31 @@
+//! hotpatch's OS layer: the pieces that talk to Linux directly.
+//!
+//! Today it holds what stopping threads with ptrace needs, shared by the
+//! patcher's stop-the-world and (later) `hotpatch attach`:
+//! - [`raw`]: system calls made with inline assembly — no `errno`, no
+//!   thread-local storage, no allocation — for code that runs where libc's
+//!   wrappers are not safe to call (a signal handler, a `CLONE_VM` helper
+//!   that shares another thread's TLS, a stopped world);
+//! - [`status`]: `/proc/self/task/<tid>/status` fields (`SigBlk`,
+//!   `TracerPid`, ...) read into stack buffers;
+//! - [`ptrace`]: seize / interrupt / wait / getregs / setregs / detach, raw
+//!   (async-signal-safe) and a permission check (world running, built on
+//!   `nix`);
+//! - [`helper`]: a helper process that shares our memory but is not in our
+//!   thread group (so it may trace our threads).
+//!
+//! The rule for what uses `nix` and what is raw: code that may run while
+//! other threads are parked (they may hold malloc's or libc's locks) or
+//! inside the `CLONE_VM` helper (which shares the creating thread's TLS, so
+//! writing `errno` there would corrupt that thread's) uses [`raw`]; code that
+//! runs with the world running uses `nix`'s typed wrappers.
+//!
+//! The other OS facilities of issue #10 (maps, phdr, self-memory reads) are
+//! still in their crates; they move here in a later step.
+
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+
+pub mod helper;
+pub mod ptrace;
+pub mod raw;
+pub mod status;
