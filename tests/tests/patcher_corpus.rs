@@ -690,7 +690,10 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
         let opts = InstallOptions {
             known_size: size,
             name: Some((*name).into()),
-            ..Default::default()
+            // The parked thread leaves its SIGTRAP handler only once the
+            // stop signal is pending: on a loaded machine that can take
+            // longer than the default 200 ms before it is scheduled.
+            stop_timeout: std::time::Duration::from_secs(10),
         };
         let inner: Vec<usize> = report.overwritten.iter().map(|i| i.addr).collect();
         // Every boundary of the overwritten instructions, and (for the call
