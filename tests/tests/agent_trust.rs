@@ -19,8 +19,9 @@ use hotpatch_tests::agent_bins::{ROLE, Serve, exe_for_others, fresh_dir, other_u
 const TEST: &str = "the_cli_talks_only_to_its_own_users_agents";
 
 /// The stranger: binds `<dir of FAKE_SOCKET>/<own pid>.sock`, prints
-/// `LISTENING <path>`, then answers every request line with a forged
-/// success and prints `GOT <line>`.
+/// `LISTENING <path>`, then answers every request with a forged success
+/// and prints `GOT <request>` (a connection closed before sending a byte
+/// is not a request).
 fn fake_agent() {
     let want = PathBuf::from(std::env::var("FAKE_SOCKET").expect("FAKE_SOCKET"));
     let dir = want.parent().expect("socket dir");
@@ -38,6 +39,11 @@ fn fake_agent() {
         let Ok(r) = c.try_clone() else { continue };
         let mut line = String::new();
         let _ = BufReader::new(r).read_line(&mut line);
+        if line.is_empty() {
+            // Connected and closed without a byte: a client that looked at
+            // SO_PEERCRED and refused.
+            continue;
+        }
         println!("GOT {}", line.trim());
         let _ = std::io::stdout().flush();
         let forged = serde_json::json!({"ok": true, "result": {
