@@ -170,7 +170,7 @@ pub fn scan() -> Vec<Found> {
 pub fn scan_dirs(dirs: &[PathBuf]) -> Vec<Found> {
     let mut found = Vec::new();
     for dir in dirs {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        let Ok(rd) = fs::read_dir(dir) else { continue };
         for entry in rd.flatten() {
             let name = entry.file_name();
             let Some(pid) = name

@@ -454,11 +454,10 @@ fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
             // connection), evicted, or reset: close.
             Err(_) => return,
         };
-        if !matches!(&line, Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace)) {
-            if !shared.begin_request(id) {
-                // Evicted to make room while the line arrived.
-                return;
-            }
+        let blank = matches!(&line, Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace));
+        if !blank && !shared.begin_request(id) {
+            // Evicted to make room while the line arrived.
+            return;
         }
         let reply = match line {
             Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
