@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::paths;
 use crate::protocol::{PayloadHeader, Reply, Request};
+use crate::{paths, sys};
 
 /// The socket of the agent to talk to: `socket` if given, else the socket of
-/// `pid`, else the only live agent.
+/// `pid` (in the current socket directory, else in the fallback one), else
+/// the only live agent of the current socket directory whose socket passes
+/// [`paths::check_trusted`] (others are ignored). Whom it reaches is
+/// checked by [`Client::connect`].
 ///
 /// # Errors
 /// `E_AGENT_NOT_RUNNING`, `E_AGENT_AMBIGUOUS`.
@@ -22,18 +25,36 @@ pub fn locate(pid: Option<u32>, socket: Option<&Path>) -> Result<PathBuf> {
     if let Some(pid) = pid {
         return found
             .into_iter()
+            .chain(paths::scan_dirs(&paths::other_dirs()))
             .find(|f| f.pid == pid)
             .map(|f| f.socket)
             .ok_or_else(|| Error::NotRunning {
-                detail: format!("no agent socket for pid {pid} in {}", dirs_text()),
+                detail: format!("no agent socket for pid {pid} in {}", all_dirs_text()),
             });
     }
-    let live: Vec<_> = found.into_iter().filter(|f| f.alive).collect();
+    let ignored: Vec<String> = found
+        .iter()
+        .filter_map(|f| {
+            f.untrusted
+                .as_ref()
+                .map(|why| format!("{}: {why}", f.socket.display()))
+        })
+        .collect();
+    let live: Vec<_> = found
+        .into_iter()
+        .filter(|f| f.alive && f.untrusted.is_none())
+        .collect();
     match live.len() {
         0 => Err(Error::NotRunning {
             detail: format!(
-                "no running agent in {}; start one (e.g. `cargo run --release -p demo-target -- serve`)",
-                dirs_text()
+                "no running agent in {}{}; start one (e.g. `cargo run --release -p demo-target -- serve`), \
+                 or name one with --pid or --socket",
+                dirs_text(),
+                if ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (ignored, not ours: {})", ignored.join("; "))
+                }
             ),
         }),
         1 => Ok(live
@@ -45,6 +66,15 @@ pub fn locate(pid: Option<u32>, socket: Option<&Path>) -> Result<PathBuf> {
             pids: live.iter().map(|f| f.pid).collect(),
         }),
     }
+}
+
+fn all_dirs_text() -> String {
+    paths::search_dirs()
+        .iter()
+        .chain(&paths::other_dirs())
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 fn dirs_text() -> String {
@@ -63,15 +93,41 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the agent listening on `socket`.
+    /// Connects to the agent listening on `socket`, after checking that it
+    /// is the user's own: the socket and its directory pass
+    /// [`paths::check_trusted`], and the server's `SO_PEERCRED` shows our
+    /// uid and, for a socket named `<pid>.sock`, that pid. Nothing is sent
+    /// before.
     ///
     /// # Errors
-    /// `E_AGENT_CONNECT`.
+    /// `E_AGENT_UNTRUSTED`, `E_AGENT_CONNECT`.
     pub fn connect(socket: &Path) -> Result<Client> {
+        let untrusted = |why: String| Error::Untrusted {
+            path: socket.to_path_buf(),
+            why,
+        };
+        paths::check_trusted(socket).map_err(untrusted)?;
         let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
             path: socket.to_path_buf(),
             source,
         })?;
+        let cred = sys::peer_cred(&stream)
+            .map_err(|e| untrusted(format!("cannot read the server's credentials: {e}")))?;
+        let me = sys::uid();
+        if cred.uid != me {
+            return Err(untrusted(format!(
+                "the process serving it (pid {}) runs as uid {}, not as uid {me} (us)",
+                cred.pid, cred.uid
+            )));
+        }
+        if let Some(named) = paths::pid_of_socket(socket) {
+            if u32::try_from(cred.pid).ok() != Some(named) {
+                return Err(untrusted(format!(
+                    "the process serving it is pid {}, not pid {named} as its name says",
+                    cred.pid
+                )));
+            }
+        }
         let reader = stream.try_clone().map_err(|source| Error::Io {
             what: "clone the socket",
             source,

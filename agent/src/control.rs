@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::protocol::{
     E_AGENT_BAD_ARGS, E_AGENT_BAD_SYMBOL, E_AGENT_NO_SUCH_MODULE, E_AGENT_NO_SUCH_PLUGIN,
-    E_AGENT_NO_SUCH_SITE, E_AGENT_SIGNATURE_MISMATCH, ErrorBody, Reply, Request,
+    E_AGENT_NO_SUCH_SITE, E_AGENT_NOT_A_FUNCTION, E_AGENT_PATCH_CYCLE, E_AGENT_SIGNATURE_MISMATCH,
+    ErrorBody, Reply, Request,
 };
 use crate::server::{Shared, StatusFn, write_reply};
 
@@ -187,7 +188,10 @@ impl Control {
                 Ok(s.describe())
             }
             Request::Enable { site } => {
-                let s = self.site_mut(&site)?;
+                let i = self.site_index(&site)?;
+                let (target, with) = (&self.sites[i].target, &self.sites[i].with);
+                self.refuse_cycle(target, with, Some(i))?;
+                let s = &mut self.sites[i];
                 s.site.enable().map_err(|e| patch_err(&e))?;
                 Ok(s.describe())
             }
@@ -344,6 +348,8 @@ impl Control {
             }
         }
         let mut first_err = None;
+        let searched: Vec<(String, ModuleId)> =
+            candidates.iter().map(|c| (c.0.clone(), c.1)).collect();
         for (mname, id, plugin) in candidates {
             match self.symbolizer.find_symbol(reg, id, name) {
                 Ok(s) => {
@@ -366,6 +372,30 @@ impl Control {
                     if first_err.is_none() || e.code() != "E_SYM_SYMBOL_NOT_FOUND" {
                         first_err.get_or_insert_with(|| sym_err(&e));
                     }
+                }
+            }
+        }
+        // The symbol tables searched above hold code symbols only: say so
+        // when the name is data rather than "not found".
+        if first_err
+            .as_ref()
+            .is_none_or(|e| e.code == "E_SYM_SYMBOL_NOT_FOUND")
+        {
+            for (mname, id) in &searched {
+                let Some(path) = reg
+                    .module(*id)
+                    .and_then(|m| m.elf().map(|e| e.path.clone()))
+                else {
+                    continue;
+                };
+                if let Some((full, kind)) = data_symbol(&path, name) {
+                    return Err(ErrorBody::new(
+                        E_AGENT_NOT_A_FUNCTION,
+                        format!(
+                            "{name:?} is not a function: {mname} has it as a {kind} symbol \
+                             ({full}); only functions can be patched or patched to"
+                        ),
+                    ));
                 }
             }
         }
@@ -429,9 +459,48 @@ impl Control {
         }
     }
 
+    /// Refuses a jump from `target` to `with` when following the live
+    /// (enabled) sites from `with` comes back to `target`: every call would
+    /// then jump in a circle. `replacing` is the index of the site that
+    /// jump would be (for `swap` and `enable`), not followed itself.
+    fn refuse_cycle(&self, target: &Found, with: &Found, replacing: Option<usize>) -> Fallible<()> {
+        let mut chain = vec![target.spec(), with.spec()];
+        let mut at = with.addr;
+        // Each site is followed at most once: a loop among other sites
+        // (impossible, as each was checked) cannot hang this.
+        for _ in 0..=self.sites.len() {
+            if at == target.addr {
+                return Err(ErrorBody::new(
+                    E_AGENT_PATCH_CYCLE,
+                    format!(
+                        "{} would lead back to {}: calls would jump in a circle forever; \
+                         revert or disable a site of the loop first",
+                        chain.join(" -> "),
+                        target.spec()
+                    ),
+                ));
+            }
+            let next = self
+                .sites
+                .iter()
+                .enumerate()
+                .find(|(i, s)| Some(*i) != replacing && s.target.addr == at && s.site.is_enabled())
+                .map(|(_, s)| &s.with);
+            match next {
+                Some(w) => {
+                    chain.push(w.spec());
+                    at = w.addr;
+                }
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
     fn patch(&mut self, target: &str, with: &str, force: bool) -> Fallible<Value> {
         let t = self.find(target, false)?;
         let w = self.find(with, true)?;
+        self.refuse_cycle(&t, &w, None)?;
         let signature = check_signature(&t, &w, force)?;
         Self::pin(&t)?;
         if let Err(e) = Self::pin(&w) {
@@ -480,6 +549,7 @@ impl Control {
     fn swap(&mut self, site: &str, with: &str, force: bool) -> Fallible<Value> {
         let i = self.site_index(site)?;
         let w = self.find(with, true)?;
+        self.refuse_cycle(&self.sites[i].target, &w, Some(i))?;
         let signature = check_signature(&self.sites[i].target, &w, force)?;
         Self::pin(&w)?;
         let s = &mut self.sites[i];
@@ -547,6 +617,41 @@ impl Control {
 fn stop_the_world_report() -> (String, Option<hotpatch_patcher::Error>) {
     let r = hotpatch_patcher::world::readiness();
     (r.to_string(), r.refusal())
+}
+
+/// Largest file [`data_symbol`] reads (a module's file; the cap only keeps
+/// a pathological one from costing memory on an error path).
+const MAX_SYMBOL_FILE: u64 = 1 << 30;
+
+/// Whether `path` defines a data (object, TLS, common) symbol called `name`,
+/// raw or demangled, or whose demangled path ends in `::name`: its full
+/// name and kind.
+fn data_symbol(path: &std::path::Path, name: &str) -> Option<(String, &'static str)> {
+    use object::{Object as _, ObjectSymbol as _, SymbolKind};
+    let len = std::fs::metadata(path).ok()?.len();
+    if len > MAX_SYMBOL_FILE {
+        return None;
+    }
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let suffix = format!("::{name}");
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.is_definition())
+        .find_map(|s| {
+            let kind = match s.kind() {
+                SymbolKind::Data => "data",
+                SymbolKind::Tls => "thread-local data",
+                _ => return None,
+            };
+            let raw = s.name().ok()?;
+            // Mangled names hold the identifier verbatim: demangle only those.
+            if !raw.contains(name.rsplit("::").next().unwrap_or(name)) {
+                return None;
+            }
+            let full = hotpatch_symbolizer::demangle(raw);
+            (raw == name || full == name || full.ends_with(&suffix)).then_some((full, kind))
+        })
 }
 
 /// The symbolizer that reads signatures (its per-file cache is shared by

@@ -31,6 +31,15 @@ pub enum Error {
         /// Their pids.
         pids: Vec<u32>,
     },
+    /// The socket, its directory or its server is not the user's own:
+    /// nothing was sent.
+    #[error("E_AGENT_UNTRUSTED: refusing to talk to {}: {why}; nothing was sent", path.display())]
+    Untrusted {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// Connecting to an agent's socket failed.
     #[error("E_AGENT_CONNECT: cannot connect to {}: {source}", path.display())]
     Connect {
@@ -67,6 +76,7 @@ impl Error {
             Error::Socket { .. } => "E_AGENT_SOCKET",
             Error::NotRunning { .. } => "E_AGENT_NOT_RUNNING",
             Error::Ambiguous { .. } => "E_AGENT_AMBIGUOUS",
+            Error::Untrusted { .. } => crate::protocol::E_AGENT_UNTRUSTED,
             Error::Connect { .. } => "E_AGENT_CONNECT",
             Error::Io { .. } => "E_AGENT_IO",
             Error::Protocol { .. } => "E_AGENT_PROTOCOL",

@@ -2,9 +2,11 @@
 //!
 //! A dev process calls [`start`] once; the returned [`Agent`] listens on a
 //! Unix socket, `$XDG_RUNTIME_DIR/hotpatch/<pid>.sock` (or
-//! `/tmp/hotpatch-<uid>/<pid>.sock`), in a directory of mode 0700, the
-//! socket itself 0600, and serves only peers of the same uid
-//! (`SO_PEERCRED`). From another terminal, the `hotpatch` CLI ([`cli`])
+//! `$TMPDIR/hotpatch-<uid>/<pid>.sock`, `/tmp` by default), in a directory
+//! of mode 0700, the socket itself 0600, and serves only peers of the same
+//! uid (`SO_PEERCRED`). The client trusts only such a socket, served by a
+//! process of its own uid with the pid in the socket's name
+//! ([`client::Client::connect`]). From another terminal, the `hotpatch` CLI ([`cli`])
 //! loads plugins into it, patches its functions, profiles it, and reverts.
 //!
 //! ```no_run

@@ -53,6 +53,18 @@ pub const E_AGENT_PROFILE_BUSY: &str = "E_AGENT_PROFILE_BUSY";
 pub const E_AGENT_PROFILE: &str = "E_AGENT_PROFILE";
 /// An internal failure (a bug): the message says what.
 pub const E_AGENT_INTERNAL: &str = "E_AGENT_INTERNAL";
+/// Following the destinations of live sites from the replacement leads back
+/// to the target (a function patched to itself, `a -> b` with `b -> a`,
+/// …): every call would jump in a circle forever. Refused at `patch`,
+/// `swap` and `enable`.
+pub const E_AGENT_PATCH_CYCLE: &str = "E_AGENT_PATCH_CYCLE";
+/// The symbol names data (a static, `environ`, a TLS variable, the plugin
+/// descriptor), not a function: it can be neither patched nor jumped to.
+pub const E_AGENT_NOT_A_FUNCTION: &str = "E_AGENT_NOT_A_FUNCTION";
+/// Client side: the socket, its directory or the process serving it is not
+/// the user's own (another owner, a loose mode, another uid or pid in
+/// `SO_PEERCRED`); nothing was sent.
+pub const E_AGENT_UNTRUSTED: &str = "E_AGENT_UNTRUSTED";
 
 /// Every command name, for telling "unknown command" from "bad arguments".
 pub const COMMANDS: &[&str] = &[
@@ -218,8 +230,22 @@ pub struct PayloadHeader {
 /// `E_AGENT_BAD_JSON`, `E_AGENT_BAD_REQUEST`, `E_AGENT_UNKNOWN_COMMAND`,
 /// `E_AGENT_BAD_ARGS`.
 pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| ErrorBody::new(E_AGENT_BAD_JSON, format!("not a JSON request: {e}")))?;
+    let value = match serde_json::from_slice::<Strict>(line) {
+        Ok(Strict(v)) => v,
+        Err(e) if e.is_data() => {
+            // Only our visitor raises data errors: a duplicate key.
+            return Err(ErrorBody::new(
+                E_AGENT_BAD_REQUEST,
+                format!("not a valid request: {e}"),
+            ));
+        }
+        Err(e) => {
+            return Err(ErrorBody::new(
+                E_AGENT_BAD_JSON,
+                format!("not a JSON request: {e}"),
+            ));
+        }
+    };
     let Some(obj) = value.as_object() else {
         return Err(ErrorBody::new(
             E_AGENT_BAD_REQUEST,
@@ -255,9 +281,111 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
     Ok(req)
 }
 
+/// A JSON value in which no object, at any depth, has a key twice
+/// (`serde_json` alone keeps the last: `{"cmd":"ping","cmd":"status"}`
+/// would run `status`). Nesting depth stays bounded by `serde_json`'s
+/// recursion limit.
+struct Strict(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(x)) = a.next_element::<Strict>()? {
+            v.push(x);
+        }
+        Ok(serde_json::Value::Array(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = a.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {k:?} in an object"
+                )));
+            }
+            let Strict(v) = a.next_value::<Strict>()?;
+            m.insert(k, v);
+        }
+        Ok(serde_json::Value::Object(m))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let err = |l: &[u8]| parse_request(l).expect_err("must be refused");
+        for l in [
+            &b"{\"cmd\":\"ping\",\"cmd\":\"status\"}"[..],
+            b"{\"cmd\":\"unload\",\"name\":\"a\",\"name\":\"a\"}",
+            b"{\"cmd\":\"ping\",\"x\":[{\"k\":1,\"k\":2}]}",
+        ] {
+            let e = err(l);
+            assert_eq!(e.code, E_AGENT_BAD_REQUEST, "{e:?}");
+            assert!(e.message.contains("duplicate key"), "{e:?}");
+        }
+        // Not a duplicate: the same key in sibling objects.
+        assert_eq!(
+            err(b"{\"cmd\":\"ping\",\"a\":{\"k\":1},\"b\":{\"k\":1}}").code,
+            E_AGENT_BAD_ARGS
+        );
+        // Deep nesting is still bounded (serde_json's recursion limit).
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(err(deep.as_bytes()).code, E_AGENT_BAD_JSON);
+    }
 
     #[test]
     fn parse_errors_are_told_apart() {

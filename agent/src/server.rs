@@ -3,10 +3,11 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
+use std::net::Shutdown;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -77,14 +78,19 @@ impl Builder {
         self
     }
 
-    /// How long a connection may take to send the rest of a line (or sit
-    /// idle between requests) before it is closed.
+    /// How long a connection may take to send a whole request line,
+    /// counted from the end of its previous request (idle time included):
+    /// a deadline per line, not per read, so a client dripping one byte at
+    /// a time is closed too.
     pub fn read_timeout(mut self, t: Duration) -> Self {
         self.read_timeout = t;
         self
     }
 
-    /// Connections served at once; more are told `E_AGENT_BUSY`.
+    /// Connections served at once. When all are open, a new one closes the
+    /// connection that has waited longest for its next request line (idle
+    /// or dripping); only when every one is running a request is the new
+    /// one told `E_AGENT_BUSY`.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
         self
@@ -139,7 +145,8 @@ impl Builder {
         })?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
+            connections: Mutex::new(Vec::new()),
+            next_conn: AtomicU64::new(0),
             control: Mutex::new(Control::new(self.policy, self.status)),
             profile: Mutex::new(()),
             uid: sys::uid(),
@@ -167,9 +174,23 @@ impl Builder {
     }
 }
 
+/// An open connection, as the accept loop sees it.
+struct ConnSlot {
+    id: u64,
+    /// A handle on the socket, to shut it down when evicted.
+    stream: UnixStream,
+    /// Since when it waits for its current request line.
+    waiting_since: Instant,
+    /// Whether it is running a request (then it is never evicted).
+    busy: bool,
+}
+
 pub(crate) struct Shared {
     stop: AtomicBool,
-    connections: AtomicUsize,
+    /// The open connections. A connection evicted to make room is removed
+    /// from here (and shut down); its thread then finds itself gone.
+    connections: Mutex<Vec<ConnSlot>>,
+    next_conn: AtomicU64,
     control: Mutex<Control>,
     /// Held while a profile is taken (one at a time; not under `control`,
     /// so other commands keep working meanwhile).
@@ -183,6 +204,62 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn control(&self) -> MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Vec<ConnSlot>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers connection `id`, evicting the connection that has waited
+    /// longest for a request line when all `max_connections` are open.
+    /// `Err(open)` when every open connection is running a request.
+    fn admit(&self, id: u64, stream: UnixStream) -> std::result::Result<(), usize> {
+        let mut conns = self.conns();
+        if conns.len() >= self.max_connections {
+            let victim = conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !c.busy)
+                .min_by_key(|(_, c)| c.waiting_since)
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) => {
+                    let v = conns.swap_remove(i);
+                    // Its blocked read returns; its thread ends.
+                    let _ = v.stream.shutdown(Shutdown::Both);
+                }
+                None => return Err(conns.len()),
+            }
+        }
+        conns.push(ConnSlot {
+            id,
+            stream,
+            waiting_since: Instant::now(),
+            busy: false,
+        });
+        Ok(())
+    }
+
+    /// Marks `id` as running a request; `false` when it was evicted (its
+    /// request is then dropped unanswered: the socket is shut down).
+    fn begin_request(&self, id: u64) -> bool {
+        self.conns()
+            .iter_mut()
+            .find(|c| c.id == id)
+            .map(|c| c.busy = true)
+            .is_some()
+    }
+
+    /// `id` waits for its next request line from now on.
+    fn end_request(&self, id: u64) {
+        if let Some(c) = self.conns().iter_mut().find(|c| c.id == id) {
+            c.busy = false;
+            c.waiting_since = Instant::now();
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.conns().retain(|c| c.id != id);
     }
 }
 
@@ -233,14 +310,17 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        let n = shared.connections.fetch_add(1, Ordering::SeqCst);
-        if n >= shared.max_connections {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+        let admitted = match conn.try_clone() {
+            Ok(handle) => shared.admit(id, handle),
+            Err(_) => Err(0),
+        };
+        if let Err(n) = admitted {
             let _ = reply_once(
                 &conn,
                 ErrorBody::new(
                     E_AGENT_BUSY,
-                    format!("{n} connections are open; try again later"),
+                    format!("{n} connections are running requests; try again later"),
                 ),
             );
             continue;
@@ -249,11 +329,11 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name("hotpatch-agent-conn".into())
             .spawn(move || {
-                serve(conn, &s);
-                s.connections.fetch_sub(1, Ordering::SeqCst);
+                serve(conn, id, &s);
+                s.forget(id);
             });
         if spawned.is_err() {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            shared.forget(id);
         }
     }
 }
@@ -282,11 +362,17 @@ enum Line {
 }
 
 /// Reads one line of at most `cap` bytes without ever buffering more than
-/// `cap` (plus the reader's buffer).
-fn read_line(r: &mut impl BufRead, cap: usize) -> io::Result<Line> {
+/// `cap` (plus the reader's buffer). `before_read` runs before each read
+/// (to arm the line's deadline); its error ends the line.
+fn read_line(
+    r: &mut impl BufRead,
+    cap: usize,
+    before_read: &mut impl FnMut() -> io::Result<()>,
+) -> io::Result<Line> {
     let mut line = Vec::new();
     let mut discarded = 0usize;
     loop {
+        before_read()?;
         let buf = r.fill_buf()?;
         if buf.is_empty() {
             return Ok(if discarded > 0 {
@@ -317,7 +403,7 @@ fn read_line(r: &mut impl BufRead, cap: usize) -> io::Result<Line> {
     }
 }
 
-fn serve(conn: UnixStream, shared: &Arc<Shared>) {
+fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
     match sys::peer_cred(&conn) {
         Ok(c) if c.uid == shared.uid => {}
         Ok(c) => {
@@ -341,19 +427,38 @@ fn serve(conn: UnixStream, shared: &Arc<Shared>) {
             return;
         }
     }
-    let _ = conn.set_read_timeout(Some(shared.read_timeout));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
     let Ok(read_half) = conn.try_clone() else {
         return;
     };
+    let timeout_handle = read_half.try_clone();
+    let Ok(timeout_handle) = timeout_handle else {
+        return;
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
     let mut writer = conn;
+    // The whole line (idle time before it included) must arrive by then;
+    // blank lines do not extend it.
+    let mut deadline = Instant::now() + shared.read_timeout;
     while !shared.stop.load(Ordering::SeqCst) {
-        let line = match read_line(&mut reader, protocol::MAX_LINE) {
+        let mut arm = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::from(ErrorKind::TimedOut));
+            }
+            timeout_handle.set_read_timeout(Some(left))
+        };
+        let line = match read_line(&mut reader, protocol::MAX_LINE, &mut arm) {
             Ok(l) => l,
-            // Timeout (a half-sent or idle connection) or a reset: close.
+            // Past the line's deadline (a dripping, half-sent or idle
+            // connection), evicted, or reset: close.
             Err(_) => return,
         };
+        let blank = matches!(&line, Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace));
+        if !blank && !shared.begin_request(id) {
+            // Evicted to make room while the line arrived.
+            return;
+        }
         let reply = match line {
             Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
             Line::Complete(l) => match protocol::parse_request(&l) {
@@ -362,6 +467,8 @@ fn serve(conn: UnixStream, shared: &Arc<Shared>) {
                     if crate::control::dispatch(shared, req, &mut writer).is_err() {
                         return;
                     }
+                    shared.end_request(id);
+                    deadline = Instant::now() + shared.read_timeout;
                     continue;
                 }
                 Err(e) => Reply::err(e),
@@ -391,6 +498,8 @@ fn serve(conn: UnixStream, shared: &Arc<Shared>) {
         if write_reply(&mut writer, &reply).is_err() {
             return;
         }
+        shared.end_request(id);
+        deadline = Instant::now() + shared.read_timeout;
     }
 }
 
@@ -402,7 +511,7 @@ mod tests {
         let mut r = BufReader::with_capacity(7, input);
         let mut out = Vec::new();
         loop {
-            match read_line(&mut r, cap).expect("read") {
+            match read_line(&mut r, cap, &mut || Ok(())).expect("read") {
                 Line::Complete(l) => out.push(format!("ok:{}", String::from_utf8_lossy(&l))),
                 Line::TooLong(n) => out.push(format!("long:{n}")),
                 Line::Eof(rest) => {

@@ -16,6 +16,7 @@
 pub mod addr;
 mod demangle;
 mod dwarf;
+pub mod dwarf_check;
 pub mod elf;
 pub mod error;
 mod files;

@@ -7,7 +7,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hotpatch_tests::agent_bins::{Serve, text};
+use hotpatch_tests::agent_bins::{Foreign, Serve, text};
 use serde_json::Value;
 
 fn ok(o: Output) -> Output {
@@ -79,6 +79,10 @@ fn fails_with(o: &Output, code: &str) {
 
 #[test]
 fn serve_driven_by_the_cli() {
+    // Two other agents of the same user, where the user's own would be:
+    // with this environment, and in the `/tmp` fallback. The test's agent
+    // and CLI must not see them (no E_AGENT_AMBIGUOUS, no wrong process).
+    let mut foreign = [Foreign::start(false), Foreign::start(true)];
     let mut s = Serve::start();
     let mut w = Watch { last_requests: 0 };
     let v1 = s.bins.plugin("pricing-v1");
@@ -281,6 +285,10 @@ fn serve_driven_by_the_cli() {
     w.wait_all(&s, "engine", &"builtin".into());
     assert!(w.last_requests > before);
     assert!(s.alive(), "demo-target exited");
+    for f in &mut foreign {
+        assert!(f.alive(), "a foreign agent exited");
+        assert!(f.socket.exists(), "{} is gone", f.socket.display());
+    }
     let socket = s.socket.clone();
     assert!(s.terminate(), "demo-target did not exit on SIGTERM");
     assert!(!socket.exists(), "the socket was not removed at exit");

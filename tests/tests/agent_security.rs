@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use hotpatch_tests::agent_bins::{Serve, text};
+use hotpatch_tests::agent_bins::{ROLE, Serve, exe_for_others, role, text};
 
 const NOBODY: u32 = 65534;
 
@@ -29,8 +29,32 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).expect("stat").mode() & 0o7777
 }
 
+/// Child role: a raw client (no trust checks of its own) sends `list` to
+/// `SOCKET` and prints what came back.
+fn raw_peer() {
+    use std::io::{Read, Write};
+    let socket = std::env::var("SOCKET").expect("SOCKET");
+    let mut c = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("CONNECT-ERROR {e}");
+            return;
+        }
+    };
+    // The agent may refuse (reply and close) before this is written: a
+    // broken pipe here is fine, its reply is still there to read.
+    let _ = c.write_all(b"{\"cmd\":\"list\"}\n");
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    println!("REPLY {}", reply.trim());
+}
+
 #[test]
 fn other_uids_are_refused_and_modes_are_private() {
+    if role().as_deref() == Some("raw-peer") {
+        raw_peer();
+        return;
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: dropping privileges to another uid needs root");
@@ -53,32 +77,65 @@ fn other_uids_are_refused_and_modes_are_private() {
     }
     std::fs::set_permissions(&hp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 
-    // 1. The file modes keep it out.
+    let exe = exe_for_others(&bin_dir);
+    let raw_as_nobody = || {
+        Command::new(&exe)
+            .args([
+                "other_uids_are_refused_and_modes_are_private",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE, "raw-peer")
+            .env("SOCKET", &s.socket)
+            .current_dir("/")
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .expect("run the raw peer as nobody")
+    };
+
+    // 1. The file modes keep a raw client out; the CLI of that uid does
+    // not even try a socket that is not its own.
+    let o = raw_as_nobody();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("CONNECT-ERROR") && said.contains("ermission denied"),
+        "{}",
+        text(&o)
+    );
     let o = as_nobody(&hp, &s.socket);
     assert!(!o.status.success(), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("E_AGENT_CONNECT") && err.contains("ermission denied"),
+        String::from_utf8_lossy(&o.stderr).contains("E_AGENT_UNTRUSTED"),
         "{}",
         text(&o)
     );
 
-    // 2. Loosened modes: the peer check refuses it.
+    // 2. Loosened modes: the other uid's CLI does not trust a socket that
+    // is not its own, and a raw client of that uid is refused by the
+    // agent's peer check.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     std::fs::set_permissions(&s.socket, std::fs::Permissions::from_mode(0o666))
         .expect("chmod socket");
     let o = as_nobody(&hp, &s.socket);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("E_AGENT_PEER_REFUSED"),
+        String::from_utf8_lossy(&o.stderr).contains("E_AGENT_UNTRUSTED"),
         "{}",
         text(&o)
     );
+    let o = raw_as_nobody();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("REPLY"), "{}", text(&o));
+    assert!(said.contains("E_AGENT_PEER_REFUSED"), "{}", text(&o));
     assert!(
-        !String::from_utf8_lossy(&o.stdout).contains("plugins"),
+        !said.contains("\"plugins\""),
         "the refused peer got an answer: {}",
         text(&o)
     );
+    // The owner's CLI wants the private modes back.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod dir");
 
     // The host's own user is still served.
     let o = s.run(&["list"]);

@@ -15,11 +15,13 @@ use hotpatch_tests::loader_fixtures::TempDir;
 fn the_tour_runs_and_its_profile_names_the_plugin() {
     let b = bins();
     let dir = TempDir::new("tour");
-    let out = Command::new(&b.demo)
-        .args(["tour", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    // Its own runtime directory: the tour's agent never meets the user's.
+    let rt = hotpatch_tests::agent_bins::fresh_dir("tour-rt", 0o700);
+    let mut cmd = Command::new(&b.demo);
+    cmd.args(["tour", "--out"]).arg(dir.path());
+    hotpatch_tests::agent_bins::isolate(&mut cmd, &rt);
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_dir_all(&rt);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the tour failed:\n{text}");

@@ -147,6 +147,15 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
         Ok(Some(sig)) => Some(sig.to_string()),
         _ => None,
     };
+    // No signature: say whether damaged debug info is why.
+    let warnings = if signature.is_none() {
+        super::symbolize::debug_warnings(&sym)
+    } else {
+        Vec::new()
+    };
+    for w in &warnings {
+        eprintln!("hotpatch: warning: {w}");
+    }
     Ok(json!({
         "signature": signature,
         "target": format!("{}:{}", file.display(), symbol),
@@ -158,5 +167,6 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
         "code": report.verdict.as_ref().err().map(|x| x.code),
         "message": report.verdict.as_ref().err().map(|x| x.message.clone()),
         "report": report.to_string(),
+        "warnings": warnings,
     }))
 }

@@ -45,11 +45,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     for f in found {
         let info = if f.alive { ping(&f.socket) } else { None };
         let state = match (f.alive, &info) {
+            // Not ours: never talked to, never tidied.
+            _ if f.untrusted.is_some() => "untrusted",
             (true, Some(_)) => "ready",
             (true, None) => "no-answer",
             (false, _) => "stale",
         };
-        if !f.alive && !args.all {
+        if !f.alive && !args.all && f.untrusted.is_none() {
             // A socket whose process is gone (killed before it could clean
             // up). Only the owner's directory is ours to tidy.
             let _ = std::fs::remove_file(&f.socket);

@@ -12,7 +12,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use hotpatch_symbolizer::{DebugSearch, ElfSymbolizer, FileVirtAddr, Frame, Source};
+use hotpatch_symbolizer::{DebugInfo, DebugSearch, ElfSymbolizer, FileVirtAddr, Frame, Source};
 
 /// Arguments of `hotpatch symbolize`.
 #[derive(Debug, clap::Args)]
@@ -39,6 +39,32 @@ struct JsonLine<'a> {
     addr: String,
     source: Source,
     frames: &'a [Frame],
+    /// Why debug info is missing or partial (see [`debug_warnings`]).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+/// What is wrong with the debug info of `sym` (a debug file rejected, a
+/// debug section that does not parse, by name), one sentence each; empty
+/// when nothing is. Resolution falls back silently (to the symbol tables,
+/// `??:0`); this says why.
+pub fn debug_warnings(sym: &ElfSymbolizer) -> Vec<String> {
+    let mut w: Vec<String> = sym.rejected().iter().map(ToString::to_string).collect();
+    let mut files = vec![sym.path().to_path_buf()];
+    if let DebugInfo::BuildId(p) | DebugInfo::DebugLink(p) = sym.debug_info() {
+        files.push(p.clone());
+    }
+    for f in files {
+        if let Ok(problems) = hotpatch_symbolizer::dwarf_check::check_file(&f) {
+            w.extend(problems.iter().map(|p| format!("{}: {p}", f.display())));
+        }
+    }
+    w
+}
+
+/// Whether a resolution lacks what sound DWARF would give.
+fn degraded(frames: &[Frame], source: Source) -> bool {
+    source != Source::Dwarf || frames.iter().any(|f| f.file.is_none() || f.line.is_none())
 }
 
 /// Runs the subcommand, writing to `out`. Returns the exit code.
@@ -51,19 +77,36 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<i32, String> {
     search.debug_roots.extend(args.debug_roots.iter().cloned());
     let sym = ElfSymbolizer::open(&args.exe, &search).map_err(|e| format!("{}: {e}", e.code()))?;
     let io = |e: std::io::Error| e.to_string();
-    for raw in &args.addrs {
-        // addr2line reads an unparsable address as 0; we do the same so the
-        // outputs stay aligned, but say so on stderr.
-        let addr = parse_hex(raw).unwrap_or_else(|| {
-            eprintln!("hotpatch: {raw}: not a hex address, using 0");
-            0
-        });
-        let (frames, source) = sym.resolve(FileVirtAddr(addr), args.inlines);
+    let resolved: Vec<(u64, (Vec<Frame>, Source))> = args
+        .addrs
+        .iter()
+        .map(|raw| {
+            // addr2line reads an unparsable address as 0; we do the same so
+            // the outputs stay aligned, but say so on stderr.
+            let addr = parse_hex(raw).unwrap_or_else(|| {
+                eprintln!("hotpatch: {raw}: not a hex address, using 0");
+                0
+            });
+            (addr, sym.resolve(FileVirtAddr(addr), args.inlines))
+        })
+        .collect();
+    // Only when something came out short is the debug info examined (the
+    // exit status stays 0: the output is what addr2line would print).
+    let warnings = if resolved.iter().any(|(_, (f, s))| degraded(f, *s)) {
+        debug_warnings(&sym)
+    } else {
+        Vec::new()
+    };
+    for w in &warnings {
+        eprintln!("hotpatch: warning: {w}");
+    }
+    for (addr, (frames, source)) in resolved {
         if args.json {
             let line = JsonLine {
                 addr: format!("{addr:#x}"),
                 source,
                 frames: &frames,
+                warnings: &warnings,
             };
             let text = serde_json::to_string(&line).map_err(|e| e.to_string())?;
             writeln!(out, "{text}").map_err(io)?;
