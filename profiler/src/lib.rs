@@ -78,6 +78,7 @@ pub mod error;
 mod fallback;
 pub mod output;
 pub mod report;
+mod sampler;
 mod session;
 mod unwind;
 
@@ -85,6 +86,7 @@ pub use error::{Error, Result};
 pub use output::TopEntry;
 pub use output::proto;
 pub use report::{Location, Report, Sample, Stats};
+pub use sampler::Clock;
 pub use session::{ProfilerBuilder, Session};
 
 pub use output::{read_profile, write_profile};
