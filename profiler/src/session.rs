@@ -140,6 +140,7 @@ impl ProfilerBuilder {
                 errors: Vec::new(),
                 threads_clocked: clocks.by_tid.len() as u64,
                 clock_failures: clocks.failed,
+                clocked: clocks.by_tid.keys().copied().collect(),
                 stopped: false,
             }),
             checkpoints: AtomicU64::new(0),
@@ -247,6 +248,7 @@ fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<(
         let mut inner = shared.lock();
         inner.threads_clocked += added as u64;
         inner.clock_failures = clocks.failed;
+        inner.clocked = clocks.by_tid.keys().copied().collect();
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
     }
@@ -320,6 +322,8 @@ struct Inner {
     threads_clocked: u64,
     /// Threads whose clock could not be set up.
     clock_failures: u64,
+    /// The threads that have their own clock now.
+    clocked: Vec<i32>,
     stopped: bool,
 }
 
@@ -499,6 +503,19 @@ impl Session {
         drop(inner);
         RUNNING.store(false, Ordering::Release);
         (epochs, errors)
+    }
+
+    /// The ids of the threads that have their own sampling clock now
+    /// (empty with [`Clock::ItimerProf`], which samples the process).
+    /// Threads started after [`ProfilerBuilder::start`] appear within
+    /// about 10 ms.
+    pub fn clocked_threads(&self) -> Vec<i32> {
+        self.shared.lock().clocked.clone()
+    }
+
+    /// The clock that drives this session.
+    pub fn clock(&self) -> Clock {
+        self.shared.clock
     }
 
     /// Time since start.

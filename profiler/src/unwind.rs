@@ -210,6 +210,19 @@ fn thread_state(tid: i32) -> Option<(bool, Duration)> {
     Some((running, Duration::from_millis(ticks * 1000 / hz)))
 }
 
+/// Threads whose gate entry a wait gave up on; with `add`, records `tid`.
+/// Returns whether `tid` is (now) among them.
+fn given_up(tid: i32, add: bool) -> bool {
+    static GIVEN_UP: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+    let mut g = GIVEN_UP.lock().unwrap_or_else(|e| e.into_inner());
+    // Entries reclaimed since are no longer given up on.
+    g.retain(|&t| OPEN_TID.iter().any(|e| e.load(Ordering::SeqCst) == t));
+    if add && !g.contains(&tid) {
+        g.push(tid);
+    }
+    g.contains(&tid)
+}
+
 /// Closes the gate and waits for running handlers to leave.
 ///
 /// A handler that is merely preempted is waited for, however long the
@@ -259,11 +272,20 @@ fn close_gate() -> bool {
                 GATE_ABANDONED.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if given_up(tid, false) {
+                // Given up on before and still holding the entry: do not
+                // wait another second on every registration.
+                GATE_CLOSED.store(false, Ordering::SeqCst);
+                GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
             let w = watched.entry(tid).or_insert_with(|| {
-                // SAFETY: tgkill to a thread of our own process; SIGPROF
-                // is handled by the gate (a probe is never a sample).
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGPROF);
+                if gate_is_the_handler() {
+                    // SAFETY: tgkill to a thread of our own process; SIGPROF
+                    // is handled by the gate (a probe is never a sample).
+                    unsafe {
+                        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGPROF);
+                    }
                 }
                 (cpu, Instant::now(), running)
             });
@@ -272,6 +294,7 @@ fn close_gate() -> bool {
             }
             let used = cpu.saturating_sub(w.0);
             if used > CPU_LIMIT || w.1.elapsed() > NOT_RUNNING_LIMIT {
+                given_up(tid, true);
                 GATE_CLOSED.store(false, Ordering::SeqCst);
                 GATE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -571,6 +594,15 @@ fn without_sigprof<R>(f: impl FnOnce() -> R) -> R {
 /// Whether registering now is safe: the SIGPROF handler is our gate (or
 /// no sampler is installed at all). Registering behind an ungated handler
 /// would leave the window in which a sample sorts the new object.
+/// Whether SIGPROF's handler is the gate itself (a probe is then safe).
+fn gate_is_the_handler() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    let rc = unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) };
+    rc == 0 && gate_installed(&cur)
+}
+
 fn gate_in_front() -> bool {
     // SAFETY: sigaction is plain data; zeroed is a valid value.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -873,6 +905,42 @@ mod tests {
         );
         assert_eq!(&img[img.len() - 4..], &[0, 0, 0, 0]);
         assert_eq!(img.len(), fde + fde_len + 4 + 4);
+    }
+
+    /// A handler that left by `siglongjmp` keeps its gate entry; the wait
+    /// probes the thread, whose next (probe) signal reclaims the entry, so
+    /// the gate closes without a skip. A thread busy in our handler would
+    /// instead hold the probe pending (SIGPROF is blocked there).
+    #[test]
+    fn an_entry_left_by_a_jump_is_reclaimed_not_waited_for_forever() {
+        assert!(crate::sampler::handler_installed() || crate::sampler::install_handler());
+        install_gate();
+        assert!(gate_is_the_handler());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            // Sleeps (not in any handler), as a thread that jumped out of
+            // one and went on to wait for something.
+            rx.recv().unwrap();
+        });
+        let tid = tid_rx.recv().unwrap();
+        // Plant the entry its jumped-out-of handler would have left.
+        let slot = OPEN_TID
+            .iter()
+            .position(|e| e.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+            .unwrap();
+        let (_, skipped0, abandoned0) = gate_counts();
+        let t0 = Instant::now();
+        let closed = without_sigprof(close_gate);
+        open_gate();
+        let (_, skipped1, abandoned1) = gate_counts();
+        tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(closed, "the gate closed (entry reclaimed), in {:?}", t0.elapsed());
+        assert_eq!(skipped1, skipped0, "no registration would be skipped");
+        assert!(abandoned1 > abandoned0, "the reclaim is counted");
+        assert_ne!(OPEN_TID[slot].load(Ordering::SeqCst), tid);
     }
 
     #[test]
