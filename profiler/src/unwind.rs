@@ -928,7 +928,10 @@ mod tests {
         // Plant the entry its jumped-out-of handler would have left.
         let slot = OPEN_TID
             .iter()
-            .position(|e| e.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+            .position(|e| {
+                e.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
             .unwrap();
         let (_, skipped0, abandoned0) = gate_counts();
         let t0 = Instant::now();
@@ -937,7 +940,11 @@ mod tests {
         let (_, skipped1, abandoned1) = gate_counts();
         tx.send(()).unwrap();
         t.join().unwrap();
-        assert!(closed, "the gate closed (entry reclaimed), in {:?}", t0.elapsed());
+        assert!(
+            closed,
+            "the gate closed (entry reclaimed), in {:?}",
+            t0.elapsed()
+        );
         assert_eq!(skipped1, skipped0, "no registration would be skipped");
         assert!(abandoned1 > abandoned0, "the reclaim is counted");
         assert_ne!(OPEN_TID[slot].load(Ordering::SeqCst), tid);

@@ -204,7 +204,10 @@ fn samples_in_two_lines_of_one_function_stay_apart() {
     }
     std::hint::black_box(x);
     let report = session.stop().unwrap();
-    let (a, b) = (LINE_A.load(Ordering::Relaxed), LINE_B.load(Ordering::Relaxed));
+    let (a, b) = (
+        LINE_A.load(Ordering::Relaxed),
+        LINE_B.load(Ordering::Relaxed),
+    );
     // The report: leaf locations in `two_lines`, by line.
     let (mut at_a, mut at_b) = (0u64, 0u64);
     for s in &report.samples {
@@ -275,4 +278,3 @@ fn go_pprof(args: &[&str]) -> Option<String> {
     );
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
-

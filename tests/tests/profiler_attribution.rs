@@ -83,10 +83,7 @@ fn run() -> &'static Run {
         let reg = Registry::global();
         reg.refresh().unwrap();
 
-        let session = ProfilerBuilder::new()
-            .frequency(999)
-            .start()
-            .unwrap();
+        let session = ProfilerBuilder::new().frequency(999).start().unwrap();
 
         // (a) main binary.
         spin(PHASE, || {

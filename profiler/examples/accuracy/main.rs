@@ -29,7 +29,13 @@ fn main() {
         Some("-") => None,
         Some(o) => panic!("clock {o}?"),
     };
-    let session = clock.map(|c| ProfilerBuilder::new().frequency(hz).clock(c).start().unwrap());
+    let session = clock.map(|c| {
+        ProfilerBuilder::new()
+            .frequency(hz)
+            .clock(c)
+            .start()
+            .unwrap()
+    });
     let truth = workload::run(Duration::from_secs_f64(secs));
     let Some(session) = session else {
         workload::print_truth(&truth);

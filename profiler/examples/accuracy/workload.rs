@@ -168,7 +168,11 @@ pub struct Comparison {
 impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (n, t, p) in &self.rows {
-            writeln!(f, "{n}: true {t:6.2}%  profile {p:6.2}%  error {:+.2} pp", p - t)?;
+            writeln!(
+                f,
+                "{n}: true {t:6.2}%  profile {p:6.2}%  error {:+.2} pp",
+                p - t
+            )?;
         }
         writeln!(f, "worst share error: {:.2} pp", self.worst_pp)?;
         writeln!(
