@@ -193,7 +193,10 @@ impl Report {
         duration: Duration,
     ) -> Report {
         let started = std::time::Instant::now();
-        let sym = Symbolizer::new(search.clone());
+        // Names as llvm-symbolizer (which `go tool pprof` runs) gives them:
+        // `fclose`, not glibc's `_IO_new_fclose`.
+        let sym = Symbolizer::new(search.clone())
+            .with_naming(hotpatch_symbolizer::resolve::Naming::Source);
         Self::resolve_with(
             &sym, epochs, errors, inlines, frequency, start_time, duration, started,
         )
