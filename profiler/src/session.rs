@@ -239,11 +239,7 @@ fn stop_sampling(clock: Clock) {
 /// threads their clock and drains the sample buffer; returns (dropping every
 /// clock) when told to stop.
 fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
-    loop {
-        match stop.recv_timeout(sampler::WATCH_INTERVAL) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(sampler::WATCH_INTERVAL) {
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();
         inner.threads_clocked += added as u64;
