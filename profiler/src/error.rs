@@ -20,6 +20,10 @@ pub enum Error {
     /// The `pprof` sampler refused to start or report.
     #[error("pprof sampler: {0}")]
     Sampler(#[from] pprof::Error),
+    /// No sampling clock could be set up (each clock tried, and why it
+    /// failed), or the helper thread could not start.
+    #[error("sampling clock: {0}")]
+    Clock(String),
     /// Writing an output failed.
     #[error("writing profile output: {0}")]
     Io(#[from] std::io::Error),
@@ -35,6 +39,7 @@ impl Error {
             Error::AlreadyRunning => "E_PROF_ALREADY_RUNNING",
             Error::BadFrequency(_) => "E_PROF_BAD_FREQUENCY",
             Error::Sampler(_) => "E_PROF_SAMPLER",
+            Error::Clock(_) => "E_PROF_CLOCK",
             Error::Io(_) => "E_PROF_IO",
             Error::Flamegraph(_) => "E_PROF_FLAMEGRAPH",
         }

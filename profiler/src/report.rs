@@ -13,6 +13,7 @@ use hotpatch_symbolizer::{
 };
 
 use crate::fallback::Fallback;
+use crate::sampler::Clock;
 use crate::session::{Epoch, RawSample};
 
 /// One resolved address.
@@ -67,6 +68,9 @@ pub struct Sample {
     pub stack: Vec<usize>,
     /// Number of samples.
     pub count: u64,
+    /// The CPU time they stand for, in nanoseconds (each sample carries its
+    /// thread's clock period, times the periods a timer overran).
+    pub value: u64,
     /// The sampled thread's name (or id).
     pub thread: String,
 }
@@ -74,8 +78,24 @@ pub struct Sample {
 /// Counters describing a report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// The clock that drove sampling (`None` for reports built from raw
+    /// stacks).
+    pub clock: Option<Clock>,
     /// Total samples.
     pub samples: u64,
+    /// The CPU time the samples stand for, in nanoseconds.
+    pub cpu_time_ns: u64,
+    /// SIGPROF signals the sampler took while the session ran.
+    pub signals: u64,
+    /// Samples lost because the sample buffer was full.
+    pub lost_buffer_full: u64,
+    /// Threads given their own clock (at start and while running).
+    pub threads_clocked: u64,
+    /// Threads whose clock could not be set up (most exited first).
+    pub thread_clock_failures: u64,
+    /// Sample handlers that left by a jump (`siglongjmp` out of SIGPROF)
+    /// and whose gate entry was reclaimed.
+    pub handlers_left_by_jump: u64,
     /// Distinct stacks.
     pub stacks: usize,
     /// Distinct locations.
@@ -91,8 +111,9 @@ pub struct Stats {
     /// Samples dropped because unwind info for an anonymous range was being
     /// registered at that instant (the handler gate, `unwind.rs`).
     pub gate_dropped_samples: u64,
-    /// Anonymous ranges left without unwind info because a running sample
-    /// handler did not finish within the gate's wait (200 ms).
+    /// Anonymous ranges left without unwind info because a sample handler
+    /// could not be waited for (its thread ran other code or slept while
+    /// holding the gate's entry: it left by a jump, or is stopped).
     pub unwind_registrations_skipped: u64,
     /// Wall time spent resolving.
     pub resolve_time: Duration,
@@ -108,6 +129,8 @@ pub struct Report {
     pub locations: Vec<Location>,
     /// Sampling frequency (Hz).
     pub frequency: i32,
+    /// The clock that drove sampling.
+    pub clock: Clock,
     /// When sampling started.
     pub start_time: SystemTime,
     /// How long it ran.
@@ -118,7 +141,6 @@ pub struct Report {
     pub stats: Stats,
     /// Problems met while checkpointing (a failed snapshot, ...).
     pub errors: Vec<String>,
-    pub(crate) baseline: Vec<crate::session::BaselineReport>,
 }
 
 /// `(registry module, address)` identifies a location; addresses no module
@@ -171,7 +193,10 @@ impl Report {
         duration: Duration,
     ) -> Report {
         let started = std::time::Instant::now();
-        let sym = Symbolizer::new(search.clone());
+        // Names as llvm-symbolizer (which `go tool pprof` runs) gives them:
+        // `fclose`, not glibc's `_IO_new_fclose`.
+        let sym = Symbolizer::new(search.clone())
+            .with_naming(hotpatch_symbolizer::resolve::Naming::Source);
         Self::resolve_with(
             &sym, epochs, errors, inlines, frequency, start_time, duration, started,
         )
@@ -251,15 +276,15 @@ impl Report {
             };
             pair_to_loc.push(idx);
         }
-        let mut merged: HashMap<(Vec<usize>, String), u64> = HashMap::new();
+        let mut merged: HashMap<(Vec<usize>, String), (u64, u64)> = HashMap::new();
         let mut unanchored = 0;
-        let mut baseline = Vec::new();
         for e in epochs {
             for RawSample {
                 stack,
                 count,
                 thread,
                 anchored,
+                value_ns,
             } in e.samples
             {
                 if !anchored {
@@ -270,20 +295,29 @@ impl Report {
                     .enumerate()
                     .map(|(i, &ip)| pair_to_loc[pair_index[&(lookup_addr(i, ip), e.seq)]])
                     .collect();
-                *merged.entry((locs, thread)).or_default() += count;
+                let m = merged.entry((locs, thread)).or_default();
+                m.0 += count;
+                m.1 += value_ns;
             }
-            baseline.extend(e.baseline);
         }
         let samples: Vec<Sample> = merged
             .into_iter()
-            .map(|((stack, thread), count)| Sample {
+            .map(|((stack, thread), (count, value))| Sample {
                 stack,
                 count,
                 thread,
+                value,
             })
             .collect();
         let stats = Stats {
+            clock: None,
             samples: samples.iter().map(|s| s.count).sum(),
+            cpu_time_ns: samples.iter().map(|s| s.value).sum(),
+            signals: 0,
+            lost_buffer_full: 0,
+            threads_clocked: 0,
+            thread_clock_failures: 0,
+            handlers_left_by_jump: 0,
             stacks: samples.len(),
             locations: locations.len(),
             unnamed_locations: locations.iter().filter(|l| !l.is_named()).count(),
@@ -298,12 +332,12 @@ impl Report {
             samples,
             locations,
             frequency,
+            clock: Clock::default(),
             start_time,
             duration,
             inline_frames: inlines,
             stats,
             errors,
-            baseline,
         }
     }
 
@@ -333,19 +367,6 @@ impl Report {
             .sum()
     }
 
-    /// What pprof-rs's own resolution (`report().build()`, backtrace-rs at
-    /// report time) makes of the same samples, when the session was built
-    /// with [`pprof_baseline`](crate::ProfilerBuilder::pprof_baseline).
-    /// Resolves now, so modules unloaded since are gone for it — as they
-    /// would be for pprof-rs.
-    pub fn pprof_rs_baseline(&self) -> Vec<(pprof::Frames, isize)> {
-        self.baseline
-            .iter()
-            .flat_map(|r| r.0.data.iter())
-            .map(|(f, c)| (pprof::Frames::from(f.clone()), *c))
-            .collect()
-    }
-
     /// Builds a report from raw stacks (leaf first; leaf exact, callers return
     /// addresses) captured at `seq`. For benchmarks and tools that capture
     /// stacks by other means.
@@ -361,13 +382,10 @@ impl Report {
                 count,
                 thread: String::from("raw"),
                 anchored: true,
+                value_ns: count.saturating_mul(1_000_000_000),
             })
             .collect();
-        let epoch = Epoch {
-            seq,
-            samples,
-            baseline: None,
-        };
+        let epoch = Epoch { seq, samples };
         Report::resolve(
             vec![epoch],
             Vec::new(),

@@ -1,19 +1,21 @@
 //! Builder -> running [`Session`] -> [`Report`]: the sampler's lifecycle and
 //! its checkpoints.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use hotpatch_symbolizer::registry::{ModuleKind, SubscriptionId};
 use hotpatch_symbolizer::{DebugSearch, Event, Registry, Seq};
-use pprof::{ProfilerGuard, ProfilerGuardBuilder, UnresolvedReport};
 
 use crate::error::{Error, Result};
 use crate::report::Report;
+use crate::sampler::{self, Clock, Clocks};
 use crate::unwind;
 
-/// One session at a time: SIGPROF and pprof's collector are process-wide.
+/// One session at a time: SIGPROF and the sample buffer are process-wide.
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// Configures and starts a [`Session`].
@@ -22,7 +24,7 @@ pub struct ProfilerBuilder {
     frequency: i32,
     inline_frames: bool,
     anon_unwind_info: bool,
-    pprof_baseline: bool,
+    clock: Option<Clock>,
     debug_search: DebugSearch,
 }
 
@@ -32,7 +34,7 @@ impl Default for ProfilerBuilder {
             frequency: 99,
             inline_frames: true,
             anon_unwind_info: true,
-            pprof_baseline: false,
+            clock: None,
             debug_search: DebugSearch::default(),
         }
     }
@@ -44,7 +46,8 @@ impl ProfilerBuilder {
         Self::default()
     }
 
-    /// Samples per second of CPU time (per process, `ITIMER_PROF`).
+    /// Samples per second of each thread's CPU time (with
+    /// [`Clock::ItimerProf`], of the process's).
     pub fn frequency(mut self, hz: i32) -> Self {
         self.frequency = hz;
         self
@@ -65,11 +68,12 @@ impl ProfilerBuilder {
         self
     }
 
-    /// Keep pprof-rs's raw stacks so [`Report::pprof_rs_baseline`] can show
-    /// what pprof-rs's own resolution makes of the same samples (tests and
-    /// benchmarks; costs memory).
-    pub fn pprof_baseline(mut self, on: bool) -> Self {
-        self.pprof_baseline = on;
+    /// The clock to use, or (with `None`, the default) the best that works:
+    /// [`Clock::PerfEvent`], then [`Clock::ThreadTimer`], then
+    /// [`Clock::ItimerProf`]. A named clock that cannot be set up is an
+    /// error ([`Error::Clock`]).
+    pub fn clock(mut self, clock: Option<Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -83,7 +87,8 @@ impl ProfilerBuilder {
     ///
     /// # Errors
     /// [`Error::AlreadyRunning`] while another session runs;
-    /// [`Error::BadFrequency`]; [`Error::Sampler`] when pprof fails to start.
+    /// [`Error::BadFrequency`]; [`Error::Clock`] when no sampling clock can be
+    /// set up (or the one asked for cannot).
     pub fn start(self) -> Result<Session> {
         if !(1..=10_000).contains(&self.frequency) {
             return Err(Error::BadFrequency(self.frequency));
@@ -115,30 +120,46 @@ impl ProfilerBuilder {
                 }
             }
         }
-        let guard = match start_guard(self.frequency) {
-            Ok(g) => g,
+        let period_ns = 1_000_000_000 / self.frequency as u64;
+        let started = match start_sampling(self.clock, period_ns, self.anon_unwind_info) {
+            Ok(s) => s,
             Err(e) => {
                 RUNNING.store(false, Ordering::Release);
                 return Err(e);
             }
         };
-        RESTORER.store(signal_restorer(), Ordering::Relaxed);
-        if self.anon_unwind_info {
-            // Unwind info registered from now on goes through the gate
-            // (unwind.rs): no sample's unwind may sort a fresh object.
-            unwind::install_gate();
-        }
+        let (clock, clocks) = started;
         let gate_at_start = unwind::gate_counts();
+        let counters_at_start = sampler::counters();
         let shared = Arc::new(Shared {
             config: self,
+            clock,
             inner: Mutex::new(Inner {
-                guard: Some(guard),
-                previous: None,
+                current: HashMap::new(),
                 epochs: Vec::new(),
                 errors: Vec::new(),
+                threads_clocked: clocks.by_tid.len() as u64,
+                clock_failures: clocks.failed,
+                clocked: clocks.by_tid.keys().copied().collect(),
+                stopped: false,
             }),
             checkpoints: AtomicU64::new(0),
         });
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let helper = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(String::from("hotpatch-prof"))
+                .spawn(move || helper(&shared, clocks, period_ns, &stop_rx))
+        };
+        let helper = match helper {
+            Ok(h) => h,
+            Err(e) => {
+                stop_sampling(clock);
+                RUNNING.store(false, Ordering::Release);
+                return Err(Error::Clock(format!("starting the helper thread: {e}")));
+            }
+        };
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         let subscription = reg.subscribe(move |ev| {
             if let Some(s) = weak.upgrade() {
@@ -148,11 +169,101 @@ impl ProfilerBuilder {
         Ok(Session {
             shared,
             subscription: Some(subscription),
+            helper: Some((stop_tx, helper)),
             gate_at_start,
+            counters_at_start,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
     }
+}
+
+/// Installs the handler (and the gate in front of it), starts recording and
+/// gives every thread its clock: the first of `wanted` (or of all, best
+/// first) that works.
+fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
+    if !sampler::handler_installed() && !sampler::install_handler() {
+        return Err(Error::Clock(format!(
+            "installing the SIGPROF handler: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if gate {
+        // Unwind info registered from now on goes through the gate
+        // (unwind.rs): no sample's unwind may sort a fresh object.
+        unwind::install_gate();
+    }
+    RESTORER.store(signal_restorer(), Ordering::Relaxed);
+    let order: Vec<Clock> = match wanted {
+        Some(c) => vec![c],
+        None => vec![Clock::PerfEvent, Clock::ThreadTimer, Clock::ItimerProf],
+    };
+    let mut why = Vec::new();
+    for clock in order {
+        sampler::activate(clock, period_ns);
+        if clock == Clock::ItimerProf {
+            match sampler::itimer(Some(period_ns)) {
+                Ok(()) => return Ok((clock, Clocks::default())),
+                Err(e) => why.push(format!("{clock}: {e}")),
+            }
+            continue;
+        }
+        // Probe on this thread first: the error says why a clock is refused.
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        let probe = match clock {
+            Clock::PerfEvent => sampler::perf_clock(me, period_ns),
+            _ => sampler::timer_clock(me, period_ns),
+        };
+        match probe {
+            Ok(c) => {
+                let mut clocks = Clocks::default();
+                clocks.by_tid.insert(me, c);
+                clocks.sync(clock, period_ns);
+                return Ok((clock, clocks));
+            }
+            Err(e) => why.push(format!("{clock}: {e}")),
+        }
+    }
+    sampler::deactivate();
+    Err(Error::Clock(why.join("; ")))
+}
+
+fn stop_sampling(clock: Clock) {
+    if clock == Clock::ItimerProf {
+        let _ = sampler::itimer(None);
+    }
+}
+
+/// The session's helper thread: every [`sampler::WATCH_INTERVAL`], gives new
+/// threads their clock and drains the sample buffer; returns (dropping every
+/// clock) when told to stop.
+fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(sampler::WATCH_INTERVAL) {
+        let added = clocks.sync(shared.clock, period_ns);
+        let mut inner = shared.lock();
+        inner.threads_clocked += added as u64;
+        inner.clock_failures = clocks.failed;
+        inner.clocked = clocks.by_tid.keys().copied().collect();
+        let Inner { current, .. } = &mut *inner;
+        drain_into(current);
+    }
+    drop(clocks);
+}
+
+/// Samples of one epoch being collected: per (stack, thread, anchored), the
+/// count and the CPU time.
+type Acc = HashMap<(Vec<u64>, String, bool), (u64, u64)>;
+
+fn drain_into(acc: &mut Acc) {
+    sampler::drain(|d| {
+        if d.stack.is_empty() {
+            return;
+        }
+        let e = acc.entry((d.stack, d.name, d.anchored)).or_default();
+        e.0 += 1;
+        e.1 += d.value_ns;
+    });
 }
 
 /// The address of the signal return trampoline (`__restore_rt`) glibc
@@ -173,68 +284,48 @@ fn signal_restorer() -> u64 {
 /// `SA_RESTORER` (x86-64 Linux); not exported by the libc crate.
 const SA_RESTORER: libc::c_int = 0x0400_0000;
 
-pub(crate) static RESTORER: AtomicU64 = AtomicU64::new(0);
-
-/// pprof's guard, made sendable.
-struct Guard(ProfilerGuard<'static>);
-
-// SAFETY: the guard holds a `&'static` to pprof's global, spin-locked
-// profiler and an `ITIMER_PROF` timer (process-wide); neither is tied to the
-// thread that created it, and we only touch it under `Shared::inner`.
-unsafe impl Send for Guard {}
-
-fn start_guard(hz: i32) -> Result<Guard> {
-    Ok(Guard(
-        ProfilerGuardBuilder::default().frequency(hz).build()?,
-    ))
-}
+use crate::sampler::RESTORER;
 
 /// Samples taken between two checkpoints, with the registry sequence number
 /// at which they are to be resolved.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Epoch {
     pub(crate) seq: Seq,
     pub(crate) samples: Vec<RawSample>,
-    /// pprof-rs's unresolved report, only with `pprof_baseline`.
-    pub(crate) baseline: Option<BaselineReport>,
 }
 
-/// pprof's unresolved report, made sendable.
-pub(crate) struct BaselineReport(pub(crate) UnresolvedReport);
-
-impl std::fmt::Debug for BaselineReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BaselineReport")
-    }
-}
-
-// SAFETY: frames stored by pprof's collector are clones (`Frame::Cloned`:
-// ip, sp and symbol address as plain numbers); nothing points into a
-// thread's stack or unwinder context.
-unsafe impl Send for BaselineReport {}
-
-/// One captured stack: leaf first. The leaf is the interrupted instruction;
-/// the others are return addresses.
+/// One captured stack: leaf first. The leaf is the interrupted instruction
+/// (exact, from the signal's `ucontext`); the others are return addresses.
 #[derive(Debug, Clone)]
 pub(crate) struct RawSample {
     pub(crate) stack: Vec<u64>,
     pub(crate) count: u64,
     pub(crate) thread: String,
-    /// Whether the signal frame was found (the leaf is exact).
+    /// Whether the signal frame was found (the callers are the interrupted
+    /// code's; without it the stack is the leaf alone).
     pub(crate) anchored: bool,
+    /// The CPU time these samples stand for, in nanoseconds (the sum of
+    /// their periods, overruns of a thread timer included).
+    pub(crate) value_ns: u64,
 }
 
 struct Inner {
-    guard: Option<Guard>,
-    /// The collector's cumulative counts at the previous checkpoint: the
-    /// next epoch holds only what was added since.
-    previous: Option<BaselineReport>,
+    /// Samples since the previous checkpoint.
+    current: Acc,
     epochs: Vec<Epoch>,
     errors: Vec<String>,
+    /// Threads given a clock (at start and since).
+    threads_clocked: u64,
+    /// Threads whose clock could not be set up.
+    clock_failures: u64,
+    /// The threads that have their own clock now.
+    clocked: Vec<i32>,
+    stopped: bool,
 }
 
 struct Shared {
     config: ProfilerBuilder,
+    clock: Clock,
     inner: Mutex<Inner>,
     checkpoints: AtomicU64,
 }
@@ -246,12 +337,12 @@ impl Shared {
 
     /// Runs on the thread mutating the registry (the loader's unload path),
     /// with the registry's writer lock held. It takes only our own mutex
-    /// (never held while calling into the registry's mutators) and pprof's
+    /// (never held while calling into the registry's mutators); the signal
     /// spin lock (which the signal handler only `try_write`s).
     fn on_event(&self, ev: &Event<'_>) {
         match ev {
             Event::Unloading(m) => {
-                self.checkpoint(false);
+                self.checkpoint();
                 if let ModuleKind::Anon(a) = &m.kind {
                     unwind::deregister(m.id, a.start.0);
                 }
@@ -266,95 +357,40 @@ impl Shared {
     }
 
     /// Moves the samples taken since the previous checkpoint into a new
-    /// epoch, pinned to the current registry sequence number; with `last`,
-    /// stops sampling.
+    /// epoch, pinned to the current registry sequence number. Sampling goes
+    /// on meanwhile: the drain only empties the buffer's ready slots.
     ///
-    /// Sampling goes on meanwhile: pprof's collector keeps one cumulative
-    /// count per stack (equal stacks merge, and a stack evicted from the hash
-    /// table to the overflow file is summed back by `build_unresolved`), so
-    /// the samples taken since the previous snapshot are the per-stack
-    /// difference of the two. Restarting pprof instead costs a new collector
-    /// (16 Ki entries of a 128-frame array, tens of MB, plus a temp file) per
-    /// checkpoint, during which nothing is sampled.
-    fn checkpoint(&self, last: bool) {
+    /// Slots being written at this instant (a handler on another thread,
+    /// preempted mid-sample) are waited for briefly, so that a sample taken
+    /// before the checkpoint lands in its epoch; a handler that does not
+    /// finish within 20 ms has its sample go to the next epoch.
+    fn checkpoint(&self) {
         let mut inner = self.lock();
-        let Some(guard) = inner.guard.as_ref() else {
+        if inner.stopped {
             return;
-        };
+        }
         let seq = Registry::global().current_seq();
-        let report = guard.0.report().build_unresolved();
-        if last {
-            inner.guard = None;
+        let writing = sampler::writing();
+        let t = Instant::now();
+        while writing.iter().any(|&i| sampler::still_writing(i))
+            && t.elapsed() < Duration::from_millis(20)
+        {
+            std::thread::yield_now();
         }
-        match report {
-            Ok(r) => {
-                let previous = inner.previous.take();
-                let samples = delta(&r, previous.as_ref().map(|p| &p.0));
-                let keep = self.config.pprof_baseline && last;
-                inner.epochs.push(Epoch {
-                    seq,
-                    samples,
-                    baseline: None,
-                });
-                let r = BaselineReport(r);
-                if keep {
-                    // Cumulative: the whole session, as pprof-rs would see it.
-                    if let Some(e) = inner.epochs.last_mut() {
-                        e.baseline = Some(r);
-                    }
-                } else if !last {
-                    inner.previous = Some(r);
-                }
-            }
-            Err(e) => inner.errors.push(format!("build_unresolved: {e}")),
-        }
+        drain_into(&mut inner.current);
+        let samples = std::mem::take(&mut inner.current)
+            .into_iter()
+            .map(|((stack, thread, anchored), (count, value_ns))| RawSample {
+                stack,
+                count,
+                thread,
+                anchored,
+                value_ns,
+            })
+            .collect();
+        inner.epochs.push(Epoch { seq, samples });
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// The samples in `now` that were not in `before` (both cumulative
-/// snapshots of one collector), as our raw samples: the frames of the signal
-/// handler (everything up to and including `__restore_rt`) dropped, raw
-/// instruction pointers kept.
-fn delta(now: &UnresolvedReport, before: Option<&UnresolvedReport>) -> Vec<RawSample> {
-    let restorer = RESTORER.load(Ordering::Relaxed);
-    let mut samples = Vec::new();
-    for (frames, &count) in &now.data {
-        let seen = before
-            .and_then(|b| b.data.get(frames))
-            .copied()
-            .unwrap_or(0);
-        let count = count - seen;
-        if count <= 0 {
-            continue;
-        }
-        let ips: Vec<u64> = frames.frames.iter().map(|f| f.ip() as u64).collect();
-        let anchor = (restorer != 0)
-            .then(|| {
-                ips.iter()
-                    .position(|&ip| ip.wrapping_sub(restorer) < 16)
-                    .map(|i| i + 1)
-            })
-            .flatten();
-        let mut stack = ips[anchor.unwrap_or(0)..].to_vec();
-        // The unwinder ends a thread's stack with a null return address (the
-        // outermost frame, `clone3`'s or `_start`'s caller): not code. Kept,
-        // it would show up as an unresolved location once per epoch.
-        if let Some(end) = stack.iter().skip(1).position(|&ip| ip == 0) {
-            stack.truncate(end + 1);
-        }
-        let thread =
-            String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]).into_owned();
-        if !stack.is_empty() {
-            samples.push(RawSample {
-                stack,
-                count: count as u64,
-                thread,
-                anchored: anchor.is_some(),
-            });
-        }
-    }
-    samples
 }
 
 /// A running profiling session. Sampling stops when it is [stopped](Self::stop)
@@ -367,8 +403,12 @@ fn delta(now: &UnresolvedReport, before: Option<&UnresolvedReport>) -> Vec<RawSa
 pub struct Session {
     shared: Arc<Shared>,
     subscription: Option<SubscriptionId>,
+    /// The helper thread and the channel that stops it.
+    helper: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
     /// `unwind::gate_counts()` when the session started.
-    gate_at_start: (u64, u64),
+    gate_at_start: (u64, u64, u64),
+    /// `sampler::counters()` when the session started.
+    counters_at_start: (u64, u64),
     started: Instant,
     started_at: SystemTime,
 }
@@ -397,7 +437,7 @@ impl Session {
     /// Checkpoints now (normally done for you before every unload).
     /// Sampling goes on.
     pub fn checkpoint(&self) {
-        self.shared.checkpoint(false);
+        self.shared.checkpoint();
     }
 
     /// Stops sampling and resolves every sample through the symbolizer.
@@ -408,7 +448,12 @@ impl Session {
     pub fn stop(mut self) -> Result<Report> {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
-        let (dropped, skipped) = unwind::gate_counts();
+        let (dropped, skipped, abandoned) = unwind::gate_counts();
+        let (signals, lost) = sampler::counters();
+        let (clocked, failures) = {
+            let inner = self.shared.lock();
+            (inner.threads_clocked, inner.clock_failures)
+        };
         let mut report = Report::resolve(
             epochs,
             errors,
@@ -418,8 +463,15 @@ impl Session {
             self.started_at,
             duration,
         );
+        report.clock = self.shared.clock;
+        report.stats.clock = Some(self.shared.clock);
         report.stats.gate_dropped_samples = dropped - self.gate_at_start.0;
         report.stats.unwind_registrations_skipped = skipped - self.gate_at_start.1;
+        report.stats.handlers_left_by_jump = abandoned - self.gate_at_start.2;
+        report.stats.signals = signals - self.counters_at_start.0;
+        report.stats.lost_buffer_full = lost - self.counters_at_start.1;
+        report.stats.threads_clocked = clocked;
+        report.stats.thread_clock_failures = failures;
         Ok(report)
     }
 
@@ -427,13 +479,39 @@ impl Session {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);
         }
-        self.shared.checkpoint(true);
+        if let Some((tx, h)) = self.helper.take() {
+            let _ = tx.send(());
+            // The helper drops every thread's clock on its way out.
+            if h.join().is_err() {
+                self.shared
+                    .lock()
+                    .errors
+                    .push(String::from("the profiler's helper thread panicked"));
+            }
+        }
+        stop_sampling(self.shared.clock);
+        self.shared.checkpoint();
+        sampler::deactivate();
         let mut inner = self.shared.lock();
+        inner.stopped = true;
         let epochs = std::mem::take(&mut inner.epochs);
         let errors = std::mem::take(&mut inner.errors);
         drop(inner);
         RUNNING.store(false, Ordering::Release);
         (epochs, errors)
+    }
+
+    /// The ids of the threads that have their own sampling clock now
+    /// (empty with [`Clock::ItimerProf`], which samples the process).
+    /// Threads started after [`ProfilerBuilder::start`] appear within
+    /// about 10 ms.
+    pub fn clocked_threads(&self) -> Vec<i32> {
+        self.shared.lock().clocked.clone()
+    }
+
+    /// The clock that drives this session.
+    pub fn clock(&self) -> Clock {
+        self.shared.clock
     }
 
     /// Time since start.

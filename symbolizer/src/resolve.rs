@@ -93,9 +93,88 @@ pub enum DebugInfo {
     None,
 }
 
+/// How function names are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[non_exhaustive]
+pub enum Naming {
+    /// As binutils' `addr2line -f -C`: the DWARF name, or the first symbol
+    /// in table order among aliases (for glibc, often an internal alias such
+    /// as `__GI_cfsetospeed` or `_IO_new_fclose`). The default, and what
+    /// `hotpatch symbolize` prints.
+    #[default]
+    Addr2line,
+    /// As llvm-symbolizer (which `go tool pprof` runs) with its defaults:
+    /// the name of the outermost frame at an address comes from the
+    /// *file's own* symbol table when one covers the address (`.symtab`,
+    /// or `.dynsym` when the file is stripped -- never the separate debug
+    /// file's), overriding DWARF's; among symbols at one address the one
+    /// with the largest size, then the greatest name, wins (`fclose` over
+    /// `_IO_fclose`, `connect` over `__connect`); a size-0 symbol covers
+    /// up to the next one. Inlined frames keep DWARF's names.
+    Source,
+}
+
+/// The symbols llvm-symbolizer names addresses by (see [`Naming::Source`]):
+/// `(address, size, name)`, one per address, sorted.
+#[derive(Debug, Default)]
+struct SourceNames(Vec<(u64, u64, String)>);
+
+impl SourceNames {
+    fn read(obj: &elf::Elf<'_>) -> SourceNames {
+        use object::{Object, ObjectSymbol};
+        fn pick<'d, S: ObjectSymbol<'d>>(syms: impl Iterator<Item = S>) -> Vec<(u64, u64, String)> {
+            // STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_GNU_IFUNC: the types
+            // llvm-symbolizer takes.
+            syms.filter(|s| {
+                let st_type = match s.flags() {
+                    object::SymbolFlags::Elf { st_info, .. } => st_info & 0xf,
+                    _ => 0xff,
+                };
+                // Defined in a section (`is_definition` would drop IFUNCs).
+                matches!(s.section(), object::SymbolSection::Section(_))
+                    && matches!(st_type, 0 | 1 | 2 | 10)
+            })
+            .filter_map(|s| {
+                let name = s.name().ok()?;
+                (!name.is_empty() && !name.starts_with('$'))
+                    .then(|| (s.address(), s.size(), name.to_owned()))
+            })
+            .collect()
+        }
+        let mut v = pick(obj.symbols());
+        if v.is_empty() {
+            v = pick(obj.dynamic_symbols());
+        }
+        // Stable: among equal (address, size), table order is kept.
+        v.sort_by_key(|e| (e.0, e.1));
+        // One per address: the last of each run (the largest size, then the
+        // last in table order, as llvm-symbolizer keeps).
+        let mut out: Vec<(u64, u64, String)> = Vec::with_capacity(v.len());
+        for e in v {
+            match out.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => out.push(e),
+            }
+        }
+        SourceNames(out)
+    }
+
+    fn name(&self, addr: u64) -> Option<&str> {
+        let i = self.0.partition_point(|e| e.0 <= addr);
+        let (start, size, name) = self.0.get(i.checked_sub(1)?)?;
+        (*size == 0 || addr - start < *size).then_some(name.as_str())
+    }
+}
+
 /// Resolves file virtual addresses of one ELF file.
 #[derive(Debug)]
 pub struct ElfSymbolizer {
+    /// How names are chosen.
+    naming: Naming,
+    /// The file's own symbol table as [`Naming::Source`] reads it, built on
+    /// first use.
+    source_names: std::sync::OnceLock<SourceNames>,
+    file: Arc<Mapped>,
     path: PathBuf,
     build_id: Option<BuildId>,
     symbols: SymbolTable,
@@ -159,6 +238,28 @@ impl ElfSymbolizer {
         Self::from_mapped(Mapped::from_bytes(name.to_path_buf(), bytes), search)
     }
 
+    /// The same symbolizer, naming functions as `naming` says.
+    pub fn with_naming(mut self, naming: Naming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// How it names functions.
+    pub fn naming(&self) -> Naming {
+        self.naming
+    }
+
+    /// The [`Naming::Source`] name of `addr` from the file's own symbol
+    /// table, demangled.
+    fn source_name(&self, addr: FileVirtAddr) -> Option<String> {
+        let names = self.source_names.get_or_init(|| {
+            elf::parse(&self.path, self.file.data())
+                .map(|obj| SourceNames::read(&obj))
+                .unwrap_or_default()
+        });
+        names.name(addr.0).map(|n| self.demangle(n.as_bytes()))
+    }
+
     pub(crate) fn from_mapped(file: Arc<Mapped>, search: &DebugSearch) -> Result<ElfSymbolizer> {
         let path = file.path.clone();
         let obj = elf::parse(&path, file.data())?;
@@ -203,6 +304,9 @@ impl ElfSymbolizer {
         }
         symbols.finish();
         Ok(ElfSymbolizer {
+            naming: Naming::default(),
+            source_names: std::sync::OnceLock::new(),
+            file,
             path,
             build_id,
             symbols,
@@ -294,10 +398,34 @@ impl ElfSymbolizer {
                     last.function = name;
                 }
             }
+            if self.naming == Naming::Source {
+                if let Some(name) = self.source_name(addr) {
+                    // The symbol table names the function the address is
+                    // in: the outermost frame; without inline frames, the
+                    // one frame printed (at the innermost location).
+                    let at = if inlines { frames.len() - 1 } else { 0 };
+                    frames[at].function = Some(name);
+                }
+            }
             if !inlines {
                 frames.truncate(1);
             }
             return (frames, Source::Dwarf);
+        }
+        if self.naming == Naming::Source {
+            if let Some(name) = self.source_name(addr) {
+                let file = self.symbols.containing(addr).and_then(|s| s.file.clone());
+                return (
+                    vec![Frame {
+                        function: Some(name),
+                        file: file.as_deref().map(str::to_owned),
+                        line: None,
+                        column: None,
+                        inlined: false,
+                    }],
+                    Source::Symtab,
+                );
+            }
         }
         match self.symbols.containing(addr) {
             Some(s) => (
@@ -499,6 +627,7 @@ type Cached = Arc<Mutex<Result<ElfSymbolizer, Error>>>;
 #[derive(Debug, Default)]
 pub struct Symbolizer {
     search: DebugSearch,
+    naming: Naming,
     cache: Mutex<HashMap<CacheKey, Cached>>,
 }
 
@@ -507,8 +636,15 @@ impl Symbolizer {
     pub fn new(search: DebugSearch) -> Self {
         Symbolizer {
             search,
+            naming: Naming::default(),
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same symbolizer, naming functions as `naming` says.
+    pub fn with_naming(mut self, naming: Naming) -> Self {
+        self.naming = naming;
+        self
     }
 
     /// The module that held `pc` at `seq`: exact if possible, else the
@@ -656,7 +792,7 @@ impl Symbolizer {
                         debug_file: path.to_path_buf(),
                         reason: format!("file now has build-id {have}, module had {want}"),
                     }),
-                    _ => Ok(s),
+                    _ => Ok(s.with_naming(self.naming)),
                 });
                 Arc::new(Mutex::new(checked))
             })
@@ -750,5 +886,41 @@ fn clone_error(e: &Error) -> Error {
             path: PathBuf::new(),
             reason: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod source_names_tests {
+    use super::SourceNames;
+
+    #[test]
+    fn one_name_per_address_largest_size_then_last_in_table_order() {
+        // As SourceNames::read leaves them: sorted stably by (address, size).
+        let mut v = vec![
+            (0x100, 40, String::from("_IO_fclose")),
+            (0x100, 40, String::from("fclose")),
+            (0x100, 8, String::from("short_alias")),
+            (0x200, 0, String::from("sizeless")),
+            (0x300, 16, String::from("weak_first")),
+            (0x300, 16, String::from("global_last")),
+        ];
+        v.sort_by_key(|e| (e.0, e.1));
+        let mut out: Vec<(u64, u64, String)> = Vec::new();
+        for e in v {
+            match out.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => out.push(e),
+            }
+        }
+        let names = SourceNames(out);
+        assert_eq!(names.name(0x110), Some("fclose"));
+        assert_eq!(names.name(0x130), None, "past the sized symbol");
+        assert_eq!(
+            names.name(0x2ff),
+            Some("sizeless"),
+            "size 0 reaches the next"
+        );
+        assert_eq!(names.name(0x305), Some("global_last"));
+        assert_eq!(names.name(0x50), None);
     }
 }

@@ -83,11 +83,7 @@ fn run() -> &'static Run {
         let reg = Registry::global();
         reg.refresh().unwrap();
 
-        let session = ProfilerBuilder::new()
-            .frequency(999)
-            .pprof_baseline(true)
-            .start()
-            .unwrap();
+        let session = ProfilerBuilder::new().frequency(999).start().unwrap();
 
         // (a) main binary.
         spin(PHASE, || {
@@ -252,36 +248,8 @@ fn every_frame_in_our_modules_is_named_and_the_workload_is_on_top() {
     // charged to hooked_target, called from the replacement.
     assert!(r.samples_in("profiler_attribution::hooked_target") > 0);
 
-    // The baseline: pprof-rs's own resolution of the same samples.
-    let base = r.pprof_rs_baseline();
-    let (mut frames, mut unknown, mut unknown_samples, mut samples) = (0, 0, 0isize, 0isize);
-    for (f, c) in &base {
-        samples += c;
-        let before = unknown;
-        for symbols in &f.frames {
-            frames += 1;
-            if symbols.is_empty() || symbols.iter().all(|s| s.name.is_none()) {
-                unknown += 1;
-            }
-        }
-        if unknown > before {
-            unknown_samples += c;
-        }
-    }
-    let gone_base: isize = base
-        .iter()
-        .filter(|(f, _)| {
-            f.frames
-                .iter()
-                .flatten()
-                .any(|s| s.name().contains("prof_gone_burn"))
-        })
-        .map(|(_, c)| c)
-        .sum();
     println!(
-        "pprof-rs baseline (report().build() resolution): {unknown} of {frames} frames unknown, \
-         {unknown_samples} of {samples} samples with an unknown frame; prof_gone_burn named in {gone_base} samples. \
-         hotpatch: {} unnamed locations in our modules; prof_gone_burn in {} samples",
+        "hotpatch: {} unnamed locations in our modules; prof_gone_burn in {} samples",
         unnamed.len(),
         r.samples_in("prof_gone_burn")
     );

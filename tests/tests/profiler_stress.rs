@@ -3,7 +3,9 @@
 //! * 1000 Hz sampling while another thread loads, calls and unloads a
 //!   TLS-bearing plugin in a loop for 10 s (60 s with `--ignored`): no
 //!   deadlock (a watchdog aborts the process with a message), a checkpoint
-//!   per unload without stopping the sampler (many cycles, many samples),
+//!   per unload without stopping the sampler (many cycles), the plugin
+//!   sampled in proportion to the CPU time the churner spent in it (its
+//!   own thread clock: a guarantee that holds on a loaded machine),
 //!   every sample resolved to a module, every plugin frame a symbol covers
 //!   named.
 //! * Two anonymous code ranges (assembled spin loops): their samples are not
@@ -60,6 +62,17 @@ impl Drop for Watchdog {
     }
 }
 
+/// This thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// CPU time this process has used (what `ITIMER_PROF` counts).
 fn cpu_time() -> Duration {
     // SAFETY: rusage is plain data; zeroed is a valid value.
@@ -82,7 +95,9 @@ fn churn(secs: u64) {
     let session = ProfilerBuilder::new().frequency(1000).start().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let cycles = Arc::new(AtomicU64::new(0));
-    let (s2, c2) = (stop.clone(), cycles.clone());
+    // CPU time the churner spent in prof_tls_burn (its own thread clock).
+    let burn_ns = Arc::new(AtomicU64::new(0));
+    let (s2, c2, b2) = (stop.clone(), cycles.clone(), burn_ns.clone());
     let churner = std::thread::Builder::new()
         .name("churn".into())
         .spawn(move || {
@@ -91,7 +106,13 @@ fn churn(secs: u64) {
                 {
                     // SAFETY: prof-tls exports `extern "C" fn(u64) -> u64`.
                     let f = unsafe { p.get::<extern "C" fn(u64) -> u64>("prof_tls_burn") }.unwrap();
-                    f.call(20_000);
+                    // At least 1 ms of this thread's CPU per cycle in the
+                    // plugin: with per-thread clocks, about one sample.
+                    let t = thread_cpu();
+                    while thread_cpu() - t < Duration::from_millis(1) {
+                        f.call(20_000);
+                    }
+                    b2.fetch_add((thread_cpu() - t).as_nanos() as u64, Ordering::Relaxed);
                 }
                 p.unload().map_err(|r| r.to_string()).unwrap();
                 c2.fetch_add(1, Ordering::Relaxed);
@@ -130,15 +151,35 @@ fn churn(secs: u64) {
         report.stats.epochs as u64 > n,
         "a checkpoint per unload, plus the final one"
     );
-    assert!(
-        report.stats.samples > 20 * secs,
-        "samples: {:?}",
-        report.stats
+    // What is guaranteed: with a per-thread clock the churner is sampled
+    // once per period of *its own* CPU time, however busy the machine, so
+    // the samples in prof_tls_burn follow the CPU time it spent there
+    // (measured by its thread clock) -- not a rate the machine may not
+    // deliver. The bound is a ratio of CPU times with a wide margin (a
+    // period ending in the kernel, e.g. a page fault, is not sampled).
+    let burn = Duration::from_nanos(burn_ns.load(Ordering::Relaxed));
+    let in_burn = report.samples_in("prof_tls_burn");
+    let expected = burn.as_secs_f64() * 1000.0;
+    println!(
+        "clock {:?}: {in_burn} samples in prof_tls_burn for {:.3} s of the churner's CPU there (~{expected:.0} expected at 1 kHz)",
+        report.stats.clock,
+        burn.as_secs_f64()
     );
+    assert!(report.stats.samples > 0, "samples: {:?}", report.stats);
     assert!(
-        report.samples_in("prof_tls_burn") > 0,
-        "the churning plugin was sampled"
+        burn >= Duration::from_millis(n),
+        "{burn:?} in the plugin over {n} cycles"
     );
+    if report.stats.clock != Some(hotpatch_profiler::Clock::ItimerProf) {
+        assert!(
+            in_burn as f64 >= expected / 4.0,
+            "the churning plugin was sampled in proportion to its CPU time: \
+             {in_burn} samples for {burn:?}"
+        );
+    } else {
+        // One process-wide timer, checked per tick: no per-thread promise.
+        println!("ITIMER_PROF fallback: the per-thread bound does not apply");
+    }
     // All resolved: every location has a module; every plugin frame a name.
     let unknown: Vec<_> = report
         .locations

@@ -36,6 +36,7 @@ fn ours(so: &Path, addrs: &[String], inlines: bool) -> String {
         exe: so.to_path_buf(),
         inlines,
         json: false,
+        source_names: false,
         debug_roots: Vec::new(),
         addrs: addrs.to_vec(),
     };

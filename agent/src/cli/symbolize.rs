@@ -1,4 +1,4 @@
-//! `hotpatch symbolize --exe FILE [--inlines] [--json] ADDR...`
+//! `hotpatch symbolize --exe FILE [--inlines] [--json] [--source-names] ADDR...`
 //!
 //! Without `--json` the output is line for line what
 //! `addr2line -f -C [-i] -e FILE ADDR...` prints: per address, per frame
@@ -7,7 +7,8 @@
 //! differences: binutils appends ` (discriminator N)` to a line that has a
 //! DWARF discriminator, and spells some relative paths differently (e.g.
 //! `./a/./a/b.c` where we print `./a/b.c`); neither occurs for paths
-//! rustc emits (absolute).
+//! rustc emits (absolute). `--source-names` names functions as
+//! llvm-symbolizer does instead (`Naming::Source`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,6 +27,11 @@ pub struct Args {
     /// Print one JSON object per address instead.
     #[arg(long)]
     pub json: bool,
+    /// Name functions as llvm-symbolizer (and `go tool pprof`) does --
+    /// `fclose`, not glibc's internal alias `_IO_new_fclose` -- instead of
+    /// as addr2line does (the default, byte-identical to `addr2line -f -C`).
+    #[arg(long = "source-names")]
+    pub source_names: bool,
     /// Extra roots for separate debug files (default `/usr/lib/debug`).
     #[arg(long = "debug-root")]
     pub debug_roots: Vec<PathBuf>,
@@ -75,7 +81,14 @@ fn degraded(frames: &[Frame], source: Source) -> bool {
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<i32, String> {
     let mut search = DebugSearch::default();
     search.debug_roots.extend(args.debug_roots.iter().cloned());
-    let sym = ElfSymbolizer::open(&args.exe, &search).map_err(|e| format!("{}: {e}", e.code()))?;
+    let naming = if args.source_names {
+        hotpatch_symbolizer::resolve::Naming::Source
+    } else {
+        hotpatch_symbolizer::resolve::Naming::Addr2line
+    };
+    let sym = ElfSymbolizer::open(&args.exe, &search)
+        .map_err(|e| format!("{}: {e}", e.code()))?
+        .with_naming(naming);
     let io = |e: std::io::Error| e.to_string();
     let resolved: Vec<(u64, (Vec<Frame>, Source))> = args
         .addrs

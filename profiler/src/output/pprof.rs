@@ -204,7 +204,7 @@ impl Report {
             .iter()
             .map(|s| proto::Sample {
                 location_id: s.stack.iter().map(|&l| l as u64 + 1).collect(),
-                value: vec![s.count as i64, s.count as i64 * period],
+                value: vec![s.count as i64, s.value as i64],
                 label: vec![proto::Label {
                     key: thread_key,
                     str: st.get(&s.thread),
@@ -243,6 +243,10 @@ impl Report {
             r#type: st.get("cpu"),
             unit: st.get("nanoseconds"),
         });
+        let comment = vec![st.get(&format!(
+            "hotpatch: sampled by the {} clock at {} Hz",
+            self.clock, self.frequency
+        ))];
         proto::Profile {
             sample_type,
             sample: samples,
@@ -259,7 +263,7 @@ impl Report {
             duration_nanos: self.duration.as_nanos() as i64,
             period_type,
             period,
-            comment: Vec::new(),
+            comment,
             default_sample_type: 0,
         }
     }

@@ -120,6 +120,7 @@ mod tests {
             stack,
             count,
             thread: String::from("t"),
+            value: count * 10_000_000,
         };
         let samples = vec![
             sample(vec![0, 1, 4], 50),
@@ -130,12 +131,12 @@ mod tests {
             samples,
             locations,
             frequency: 99,
+            clock: crate::Clock::PerfEvent,
             start_time: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
             inline_frames: true,
             stats: Stats::default(),
             errors: Vec::new(),
-            baseline: Vec::new(),
         };
         let order: Vec<(String, u64, u64)> = report
             .top_entries()

@@ -1,0 +1,583 @@
+//! The sampling path: per-thread CPU clocks, a SIGPROF handler that writes
+//! raw stacks into a preallocated lock-free buffer, and the drain that turns
+//! them into [`RawSample`]s.
+//!
+//! # Clocks
+//!
+//! Each thread is sampled by its own CPU clock, so a thread busy 25% of the
+//! time gets a quarter of a busy thread's samples (one process-wide
+//! `ITIMER_PROF`, checked once per kernel tick and delivered to whichever
+//! thread runs, does not: golang/go#35057). In order of preference:
+//!
+//! 1. [`Clock::PerfEvent`]: a `perf_event_open` software `cpu-clock` event per
+//!    thread (hrtimer-based, not capped by the tick), its overflow signal
+//!    routed to that thread (`F_SETOWN_EX`/`F_OWNER_TID`, `F_SETSIG`,
+//!    `O_ASYNC`). User-mode only (`exclude_kernel`, as
+//!    `perf_event_paranoid` 2 allows for one's own threads): a period that
+//!    ends in the kernel is not sampled.
+//! 2. [`Clock::ThreadTimer`]: `timer_create(CLOCK_THREAD_CPUTIME_ID-of-tid,
+//!    SIGEV_THREAD_ID)`. Checked at the tick, so at 999 Hz on a 250 Hz
+//!    kernel a signal stands for several periods: its `si_overrun` says how
+//!    many, and the sample's value carries them.
+//! 3. [`Clock::ItimerProf`]: the process-wide timer, last resort.
+//!
+//! Threads that exist at start get their clock before `start()` returns;
+//! threads started later are found by the session's helper thread, which
+//! lists `/proc/self/task` every [`WATCH_INTERVAL`] (see
+//! docs/DESIGN-NOTES.md, "per-thread clocks", for what a new thread's first
+//! milliseconds lose).
+//!
+//! # The handler
+//!
+//! Async-signal-safe: atomics, `gettid`/`prctl` system calls and libgcc's
+//! `_Unwind_Backtrace` (through backtrace-rs's `trace_unsynchronized`, as
+//! pprof-rs does; SAFETY.md, "profiler", for libgcc's hazards and the gate
+//! in `unwind.rs`). It claims a free slot of [`SLOTS`] with a CAS, writes
+//! the interrupted `rip` (from the `ucontext`, exact), the raw frames, the
+//! thread id and name, and the CPU time the sample stands for, and marks
+//! the slot ready. No allocation, no lock. When every slot is taken the
+//! sample is counted as lost.
+
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Frames kept per sample (the handler's own included).
+pub(crate) const MAX_FRAMES: usize = 128;
+/// Samples the buffer holds between two drains.
+pub(crate) const SLOTS: usize = 4096;
+/// How often the helper thread drains the buffer and looks for new threads.
+pub(crate) const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Which clock drove a session's samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Clock {
+    /// A `perf_event_open` software cpu-clock event per thread.
+    #[default]
+    PerfEvent,
+    /// A `timer_create(CLOCK_THREAD_CPUTIME_ID)` timer per thread.
+    ThreadTimer,
+    /// The process-wide `setitimer(ITIMER_PROF)`.
+    ItimerProf,
+}
+
+impl Clock {
+    /// A short stable name (`perf-event`, `thread-timer`, `itimer-prof`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Clock::PerfEvent => "perf-event",
+            Clock::ThreadTimer => "thread-timer",
+            Clock::ItimerProf => "itimer-prof",
+        }
+    }
+}
+
+impl std::fmt::Display for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+const FREE: u32 = 0;
+const WRITING: u32 = 1;
+const READY: u32 = 2;
+
+/// One sample as the handler writes it.
+struct Slot {
+    state: AtomicU32,
+    data: UnsafeCell<SlotData>,
+}
+
+#[derive(Clone, Copy)]
+struct SlotData {
+    rip: u64,
+    value_ns: u64,
+    tid: i32,
+    depth: u32,
+    name: [u8; 16],
+    frames: [u64; MAX_FRAMES],
+}
+
+// SAFETY: `data` is written only by the one handler that moved `state` from
+// FREE to WRITING, and read only by the drain after it saw READY (Acquire,
+// paired with the handler's Release); the drain stores FREE (Release) after
+// its read. No two parties access `data` at once.
+unsafe impl Sync for Slot {}
+
+/// The buffer: allocated once, on the first session, and never freed (a
+/// late signal may still be writing into it after a session ended).
+static BUFFER: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+/// Where the next claim starts looking.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Whether handlers record (false between sessions).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The clock of the running session, as `Clock as u32`.
+static CLOCK: AtomicU32 = AtomicU32::new(0);
+/// One period in nanoseconds.
+static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
+/// Samples lost because every slot was taken.
+static LOST_FULL: AtomicU64 = AtomicU64::new(0);
+/// Signals the handler saw while active (recorded or not).
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+/// glibc's `__restore_rt`, the signal frame's return address.
+pub(crate) static RESTORER: AtomicU64 = AtomicU64::new(0);
+
+fn buffer() -> &'static [Slot] {
+    let mut p = BUFFER.load(Ordering::Acquire);
+    if p.is_null() {
+        let slots: Box<[Slot]> = (0..SLOTS)
+            .map(|_| Slot {
+                state: AtomicU32::new(FREE),
+                data: UnsafeCell::new(SlotData {
+                    rip: 0,
+                    value_ns: 0,
+                    tid: 0,
+                    depth: 0,
+                    name: [0; 16],
+                    frames: [0; MAX_FRAMES],
+                }),
+            })
+            .collect();
+        let fresh = Box::into_raw(slots).cast::<Slot>();
+        match BUFFER.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => p = fresh,
+            Err(other) => {
+                // SAFETY: `fresh` came from Box::into_raw of a SLOTS-long
+                // boxed slice just above and was never published.
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(fresh, SLOTS)) });
+                p = other;
+            }
+        }
+    }
+    // SAFETY: `p` points to SLOTS slots leaked above, never freed.
+    unsafe { std::slice::from_raw_parts(p, SLOTS) }
+}
+
+/// The buffer if allocated, without allocating (for the handler).
+fn buffer_if_any() -> Option<&'static [Slot]> {
+    let p = BUFFER.load(Ordering::Acquire);
+    // SAFETY: a non-null `p` points to SLOTS slots that are never freed.
+    (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, SLOTS) })
+}
+
+/// `si_code` of a signal sent by `tgkill` (our gate's probe): not a sample.
+const SI_TKILL: i32 = -6;
+
+/// The SIGPROF handler. Async-signal-safe (see the module docs).
+pub(crate) extern "C" fn on_sigprof(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    // SAFETY: errno is thread-local; we restore what the interrupted code saw.
+    let errno = unsafe { *libc::__errno_location() };
+    record(info, uc);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    if !ACTIVE.load(Ordering::Acquire) || info.is_null() || uc.is_null() {
+        return;
+    }
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    if code == SI_TKILL {
+        return;
+    }
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
+    let Some(buf) = buffer_if_any() else { return };
+    let period = PERIOD_NS.load(Ordering::Relaxed);
+    let periods = if CLOCK.load(Ordering::Relaxed) == Clock::ThreadTimer as u32 {
+        // SAFETY: for a POSIX timer's signal the kernel fills the `_timer`
+        // member: si_tid (int) at offset 16, si_overrun (int) at 20; the
+        // siginfo_t is 128 bytes.
+        let overrun = unsafe { info.cast::<u8>().add(20).cast::<i32>().read_unaligned() };
+        1 + u64::try_from(overrun.max(0)).unwrap_or(0)
+    } else {
+        1
+    };
+    let start = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut claimed = None;
+    for k in 0..16 {
+        let slot = &buf[(start + k) % SLOTS];
+        if slot
+            .state
+            .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            claimed = Some(slot);
+            break;
+        }
+    }
+    let Some(slot) = claimed else {
+        LOST_FULL.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // SAFETY: we moved the slot from FREE to WRITING: it is ours alone until
+    // we store READY (see `Slot`).
+    let d = unsafe { &mut *slot.data.get() };
+    // SAFETY: `uc` is the kernel's ucontext_t for this signal.
+    d.rip = unsafe { (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
+        as u64;
+    d.value_ns = period.saturating_mul(periods);
+    // SAFETY: gettid has no preconditions.
+    d.tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    d.name = [0; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer given.
+    unsafe { libc::prctl(libc::PR_GET_NAME, d.name.as_mut_ptr()) };
+    let mut depth = 0usize;
+    // SAFETY: trace_unsynchronized is libgcc's _Unwind_Backtrace without
+    // backtrace-rs's lock (a lock here could be held by the interrupted
+    // thread); the closure only stores integers into our slot. The libgcc
+    // hazards (lazy sort, object_mutex) are handled by the gate (unwind.rs,
+    // SAFETY.md "profiler").
+    unsafe {
+        backtrace::trace_unsynchronized(|f| {
+            if depth >= MAX_FRAMES {
+                return false;
+            }
+            d.frames[depth] = f.ip() as u64;
+            depth += 1;
+            true
+        });
+    }
+    d.depth = depth as u32;
+    slot.state.store(READY, Ordering::Release);
+}
+
+/// Installs [`on_sigprof`] for SIGPROF (SA_SIGINFO | SA_RESTART). Returns
+/// false if `sigaction` fails.
+pub(crate) fn install_handler() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sigprof as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `act.sa_mask` is a valid sigset_t to initialize.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: installs an async-signal-safe handler (above); glibc supplies
+    // the restorer.
+    unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
+}
+
+/// Whether SIGPROF's handler is ours (directly or behind the gate).
+pub(crate) fn handler_installed() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return false;
+    }
+    cur.sa_sigaction == on_sigprof as *const () as usize || crate::unwind::gate_installed(&cur)
+}
+
+/// Starts recording with `period_ns` per sample under `clock`.
+pub(crate) fn activate(clock: Clock, period_ns: u64) {
+    let _ = buffer();
+    PERIOD_NS.store(period_ns, Ordering::Relaxed);
+    CLOCK.store(clock as u32, Ordering::Relaxed);
+    ACTIVE.store(true, Ordering::Release);
+}
+
+/// Stops recording (late signals are ignored).
+pub(crate) fn deactivate() {
+    ACTIVE.store(false, Ordering::Release);
+}
+
+/// Counters: (signals seen, samples lost to a full buffer).
+pub(crate) fn counters() -> (u64, u64) {
+    (
+        SIGNALS.load(Ordering::Relaxed),
+        LOST_FULL.load(Ordering::Relaxed),
+    )
+}
+
+/// One drained sample, before aggregation.
+pub(crate) struct Drained {
+    pub stack: Vec<u64>,
+    pub anchored: bool,
+    pub name: String,
+    pub value_ns: u64,
+}
+
+/// Moves every ready sample out of the buffer.
+pub(crate) fn drain(mut each: impl FnMut(Drained)) {
+    let Some(buf) = buffer_if_any() else { return };
+    let restorer = RESTORER.load(Ordering::Relaxed);
+    for slot in buf {
+        if slot.state.load(Ordering::Acquire) != READY {
+            continue;
+        }
+        // SAFETY: READY: the handler is done with it and nobody else reads
+        // it (only the drain, under the session's mutex).
+        let d: SlotData = unsafe { *slot.data.get() };
+        slot.state.store(FREE, Ordering::Release);
+        each(to_sample(&d, restorer));
+    }
+}
+
+/// Whether any slot is being written right now.
+pub(crate) fn writing() -> Vec<usize> {
+    let Some(buf) = buffer_if_any() else {
+        return Vec::new();
+    };
+    buf.iter()
+        .enumerate()
+        .filter(|(_, s)| s.state.load(Ordering::Acquire) == WRITING)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether slot `i` is still being written.
+pub(crate) fn still_writing(i: usize) -> bool {
+    buffer_if_any().is_some_and(|b| b[i].state.load(Ordering::Acquire) == WRITING)
+}
+
+fn to_sample(d: &SlotData, restorer: u64) -> Drained {
+    let ips = &d.frames[..(d.depth as usize).min(MAX_FRAMES)];
+    // The frame after `__restore_rt` is the interrupted one; its ip is the
+    // `rip` we read from the ucontext (exact). Without the anchor, only
+    // `rip` is trusted.
+    let anchor = (restorer != 0)
+        .then(|| {
+            ips.iter()
+                .position(|&ip| ip.wrapping_sub(restorer) < 16)
+                .map(|i| i + 1)
+        })
+        .flatten()
+        .filter(|&i| i < ips.len());
+    let mut stack = match anchor {
+        Some(i) => {
+            let mut s = ips[i..].to_vec();
+            s[0] = d.rip;
+            s
+        }
+        None => vec![d.rip],
+    };
+    // The unwinder ends a thread's stack with a null return address (the
+    // outermost frame): not code.
+    if let Some(end) = stack.iter().skip(1).position(|&ip| ip == 0) {
+        stack.truncate(end + 1);
+    }
+    let len = d.name.iter().position(|&b| b == 0).unwrap_or(16);
+    let name = String::from_utf8_lossy(&d.name[..len]).into_owned();
+    Drained {
+        stack,
+        anchored: anchor.is_some(),
+        name,
+        value_ns: d.value_ns,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clocks.
+
+const PERF_TYPE_SOFTWARE: u32 = 1;
+const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+/// `perf_event_attr` flag bits.
+const ATTR_DISABLED: u64 = 1 << 0;
+const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
+const ATTR_EXCLUDE_HV: u64 = 1 << 6;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+/// `PERF_EVENT_IOC_ENABLE` = `_IO('$', 0)`.
+const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+const F_SETSIG: libc::c_int = 10;
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+
+/// `struct perf_event_attr`, its first 64 bytes (`PERF_ATTR_SIZE_VER0`).
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+#[repr(C)]
+struct FOwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
+}
+
+/// A thread's clock, closed on drop.
+#[derive(Debug)]
+pub(crate) enum ThreadClock {
+    Perf(libc::c_int),
+    Timer(libc::timer_t),
+}
+
+// SAFETY: a perf fd and a timer id are plain handles, usable from any thread.
+unsafe impl Send for ThreadClock {}
+
+impl Drop for ThreadClock {
+    fn drop(&mut self) {
+        match *self {
+            // SAFETY: our own fd, closed once.
+            ThreadClock::Perf(fd) => unsafe {
+                libc::close(fd);
+            },
+            // SAFETY: our own timer, deleted once.
+            ThreadClock::Timer(t) => unsafe {
+                libc::timer_delete(t);
+            },
+        }
+    }
+}
+
+/// Opens a perf cpu-clock event on thread `tid` whose overflow signals
+/// SIGPROF to that thread every `period_ns` of its CPU time.
+pub(crate) fn perf_clock(tid: i32, period_ns: u64) -> std::io::Result<ThreadClock> {
+    let attr = PerfEventAttr {
+        kind: PERF_TYPE_SOFTWARE,
+        size: std::mem::size_of::<PerfEventAttr>() as u32,
+        config: PERF_COUNT_SW_CPU_CLOCK,
+        sample_period: period_ns,
+        flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV,
+        wakeup_events: 1,
+        ..Default::default()
+    };
+    // SAFETY: perf_event_open reads `attr` (a valid VER0-sized struct) and
+    // returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const PerfEventAttr,
+            tid as libc::pid_t,
+            -1 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = fd as libc::c_int;
+    let clock = ThreadClock::Perf(fd); // closes on the error paths
+    let owner = FOwnerEx {
+        kind: F_OWNER_TID,
+        pid: tid,
+    };
+    // SAFETY: fcntl on our own fd; `owner` is a valid f_owner_ex.
+    let ok = unsafe {
+        libc::fcntl(fd, F_SETOWN_EX, &owner as *const FOwnerEx) == 0
+            && libc::fcntl(fd, F_SETSIG, libc::SIGPROF) == 0
+            && libc::fcntl(fd, libc::F_SETFL, libc::O_ASYNC) == 0
+            && libc::ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(clock)
+}
+
+/// Creates a `CLOCK_THREAD_CPUTIME_ID` timer of thread `tid` that signals
+/// SIGPROF to that thread every `period_ns` of its CPU time.
+pub(crate) fn timer_clock(tid: i32, period_ns: u64) -> std::io::Result<ThreadClock> {
+    // MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): the kernel's encoding of
+    // "this thread's CPU clock" (what pthread_getcpuclockid returns).
+    let clockid = ((!tid) << 3) | 6;
+    // SAFETY: sigevent is plain data; zeroed is valid.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_THREAD_ID;
+    sev.sigev_signo = libc::SIGPROF;
+    sev.sigev_notify_thread_id = tid;
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: valid sigevent and out-pointer.
+    if unsafe { libc::timer_create(clockid, &mut sev, &mut timer) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let clock = ThreadClock::Timer(timer);
+    let ts = libc::timespec {
+        tv_sec: (period_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (period_ns % 1_000_000_000) as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts,
+        it_value: ts,
+    };
+    // SAFETY: our timer; valid itimerspec.
+    if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(clock)
+}
+
+/// Arms (`Some`) or disarms (`None`) the process-wide `ITIMER_PROF`.
+pub(crate) fn itimer(period_ns: Option<u64>) -> std::io::Result<()> {
+    let p = period_ns.unwrap_or(0);
+    let tv = libc::timeval {
+        tv_sec: (p / 1_000_000_000) as libc::time_t,
+        tv_usec: ((p % 1_000_000_000) / 1000) as libc::suseconds_t,
+    };
+    let it = libc::itimerval {
+        it_interval: tv,
+        it_value: tv,
+    };
+    // SAFETY: valid itimerval; a null old value.
+    if unsafe { libc::setitimer(libc::ITIMER_PROF, &it, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The ids of this process's threads.
+pub(crate) fn threads() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Per-thread clocks of a session, keyed by thread id.
+#[derive(Debug, Default)]
+pub(crate) struct Clocks {
+    pub(crate) by_tid: HashMap<i32, ThreadClock>,
+    /// Threads whose clock could not be set up (e.g. exited meanwhile).
+    pub(crate) failed: u64,
+}
+
+impl Clocks {
+    /// Gives every thread not yet known its clock and forgets threads that
+    /// are gone. Returns how many were added.
+    pub(crate) fn sync(&mut self, clock: Clock, period_ns: u64) -> usize {
+        if clock == Clock::ItimerProf {
+            return 0;
+        }
+        let now = threads();
+        self.by_tid.retain(|tid, _| now.contains(tid));
+        let mut added = 0;
+        for tid in now {
+            if self.by_tid.contains_key(&tid) {
+                continue;
+            }
+            let c = match clock {
+                Clock::PerfEvent => perf_clock(tid, period_ns),
+                _ => timer_clock(tid, period_ns),
+            };
+            match c {
+                Ok(c) => {
+                    self.by_tid.insert(tid, c);
+                    added += 1;
+                }
+                Err(_) => self.failed += 1,
+            }
+        }
+        added
+    }
+}
