@@ -74,6 +74,7 @@
 //! # Ok::<(), hotpatch_profiler::Error>(())
 //! ```
 
+pub mod capture;
 pub mod error;
 mod fallback;
 pub mod output;
@@ -81,6 +82,7 @@ pub mod report;
 mod session;
 mod unwind;
 
+pub use capture::RawProfile;
 pub use error::{Error, Result};
 pub use output::TopEntry;
 pub use output::proto;

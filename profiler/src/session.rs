@@ -423,6 +423,31 @@ impl Session {
         Ok(report)
     }
 
+    /// Stops sampling without resolving: the samples and the module
+    /// history they need, to be resolved in another process
+    /// ([`RawProfile::resolve`](crate::RawProfile::resolve)). Nothing of
+    /// DWARF is loaded here.
+    ///
+    /// # Errors
+    /// None today (as [`stop`](Self::stop)).
+    pub fn stop_raw(mut self) -> Result<crate::RawProfile> {
+        let duration = self.started.elapsed();
+        let (epochs, errors) = self.finish();
+        let (dropped, skipped) = unwind::gate_counts();
+        Ok(crate::RawProfile::capture(
+            epochs,
+            errors,
+            self.shared.config.frequency,
+            self.shared.config.inline_frames,
+            self.started_at,
+            duration,
+            (
+                dropped - self.gate_at_start.0,
+                skipped - self.gate_at_start.1,
+            ),
+        ))
+    }
+
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);

@@ -136,6 +136,7 @@ mod tests {
             stats: Stats::default(),
             errors: Vec::new(),
             baseline: Vec::new(),
+            origin: None,
         };
         let order: Vec<(String, u64, u64)> = report
             .top_entries()
