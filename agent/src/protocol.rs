@@ -55,20 +55,10 @@ pub const E_AGENT_PROFILE: &str = "E_AGENT_PROFILE";
 pub const E_AGENT_INTERNAL: &str = "E_AGENT_INTERNAL";
 
 /// Every command name, for telling "unknown command" from "bad arguments".
+#[rustfmt::skip] // one line per few names, as before `profile_raw` came
 pub const COMMANDS: &[&str] = &[
-    "ping",
-    "status",
-    "load",
-    "unload",
-    "patch",
-    "swap",
-    "disable",
-    "enable",
-    "revert",
-    "list",
-    "inspect",
-    "profile",
-    "profile_raw",
+    "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
+    "inspect", "profile", "profile_raw",
 ];
 
 /// The payload of a `profile_raw` reply: the capture as JSON
