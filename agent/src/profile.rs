@@ -13,6 +13,7 @@
 //! as soon as it has the reply, even while it still reads the payloads.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
@@ -49,9 +50,31 @@ pub fn check_args(seconds: f64, hz: Option<u32>) -> Result<(Duration, i32), Erro
     Ok((Duration::from_secs_f64(seconds), hz))
 }
 
-/// Whether a profile is being taken now (for `status`).
-pub(crate) fn running(shared: &Shared) -> bool {
-    matches!(shared.profile.try_lock(), Err(TryLockError::WouldBlock))
+/// Set while a session samples (between its start and its stop).
+static SAMPLING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a profile is sampling now (for `status`): from the moment the
+/// session started to the moment it stopped, so a module unloaded while
+/// this is seen true is unloaded during the profile.
+pub(crate) fn running(_shared: &Shared) -> bool {
+    SAMPLING.load(Ordering::SeqCst)
+}
+
+/// Starts a session, sleeps `d` with [`SAMPLING`] set, and hands the
+/// running session to `stop`.
+fn sample_for<T>(
+    d: Duration,
+    hz: i32,
+    stop: impl FnOnce(hotpatch_profiler::Session) -> hotpatch_profiler::Result<T>,
+) -> Result<T, ErrorBody> {
+    let session = hotpatch_profiler::ProfilerBuilder::new()
+        .frequency(hz)
+        .start()
+        .map_err(|e| prof_err(&e))?;
+    SAMPLING.store(true, Ordering::SeqCst);
+    std::thread::sleep(d);
+    SAMPLING.store(false, Ordering::SeqCst);
+    stop(session).map_err(|e| prof_err(&e))
 }
 
 /// The profile lock, or the busy error.
@@ -148,12 +171,7 @@ fn prof_err(e: &hotpatch_profiler::Error) -> ErrorBody {
 
 /// Samples for `d` and returns the raw capture (nothing resolved).
 fn capture(d: Duration, hz: i32) -> Result<hotpatch_profiler::RawProfile, ErrorBody> {
-    let session = hotpatch_profiler::ProfilerBuilder::new()
-        .frequency(hz)
-        .start()
-        .map_err(|e| prof_err(&e))?;
-    std::thread::sleep(d);
-    session.stop_raw().map_err(|e| prof_err(&e))
+    sample_for(d, hz, hotpatch_profiler::Session::stop_raw)
 }
 
 /// Samples for `d`, then resolves and encodes: the result object and the
@@ -164,12 +182,7 @@ fn sample(
     top: usize,
     flamegraph: bool,
 ) -> Result<(serde_json::Value, Vec<Vec<u8>>), ErrorBody> {
-    let session = hotpatch_profiler::ProfilerBuilder::new()
-        .frequency(hz)
-        .start()
-        .map_err(|e| prof_err(&e))?;
-    std::thread::sleep(d);
-    let report = session.stop().map_err(|e| prof_err(&e))?;
+    let report = sample_for(d, hz, hotpatch_profiler::Session::stop)?;
     let mut pb = Vec::new();
     report.write_pprof(&mut pb).map_err(|e| prof_err(&e))?;
     let mut payloads = vec![pb];

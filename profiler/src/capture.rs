@@ -374,6 +374,40 @@ impl RawProfile {
     }
 }
 
+/// Gives back what starting pprof-rs's sampler costs beyond its sample
+/// buffers. `ProfilerGuardBuilder::build` calls `backtrace::Backtrace::new()`
+/// ("trigger_lazy"), which *resolves* the current stack: backtrace-rs parses
+/// the executable's DWARF (and libc's debug file) and caches it for the life
+/// of the process — measured on `demo-target serve`: ~190 MB of heap and
+/// ~50 MB of file pages, in a process that resolves nothing itself. Nothing
+/// of ours uses that cache (the sampler only captures addresses; resolution
+/// goes through our symbolizer), so it is cleared, and the freed heap pages
+/// are returned to the kernel.
+pub(crate) fn release_backtrace_cache() {
+    backtrace::clear_symbol_cache();
+    // SAFETY: `malloc_trim` takes no pointer and touches no live
+    // allocation: it returns whole free pages of glibc's heaps to the
+    // kernel, under the allocator's own locks (never called from a signal
+    // handler: this runs on the thread that started the session).
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// The bytes of pprof-rs's sample collector: 4096 buckets of 4 entries,
+/// each a stack of up to `pprof::MAX_DEPTH` frames and a count
+/// (`pprof-0.15/src/collector.rs`), allocated and written when the sampler
+/// first starts and kept for the life of the process (a fresh one is
+/// allocated at every stop). These are "the sample buffers" the agent's RSS
+/// figures are measured beyond.
+pub fn sampler_buffer_bytes() -> usize {
+    /// `BUCKETS * BUCKETS_ASSOCIATIVITY` of pprof's collector.
+    const ENTRIES: usize = (1 << 12) * 4;
+    fn entry<K, V, S>(_: fn(&pprof::UnresolvedReport) -> &HashMap<K, V, S>) -> usize {
+        // `Entry<T> { item: T, count: isize }`.
+        std::mem::size_of::<K>() + std::mem::size_of::<isize>()
+    }
+    ENTRIES * entry(|r| &r.data)
+}
+
 impl Report {
     /// The profiled executable, when resolved from a capture of another
     /// process (else `None`: this process's).
@@ -462,6 +496,14 @@ mod tests {
                 .any(|w| w.contains("left unresolved") && w.contains("build-id")),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn the_sampler_buffer_size_is_that_of_pprofs_collector() {
+        // 16 Ki entries of at least MAX_DEPTH 16-byte frames.
+        let n = sampler_buffer_bytes();
+        assert!(n >= (1 << 14) * pprof::MAX_DEPTH * 16, "{n}");
+        assert!(n < 1 << 30, "{n}");
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl ProfilerBuilder {
                 return Err(e);
             }
         };
+        crate::capture::release_backtrace_cache();
         RESTORER.store(signal_restorer(), Ordering::Relaxed);
         if self.anon_unwind_info {
             // Unwind info registered from now on goes through the gate
@@ -434,6 +435,9 @@ impl Session {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
         let (dropped, skipped) = unwind::gate_counts();
+        // pprof-rs allocated a fresh collector as it stopped and freed the
+        // old one: give the freed pages back.
+        crate::capture::release_backtrace_cache();
         Ok(crate::RawProfile::capture(
             epochs,
             errors,

@@ -28,9 +28,9 @@ fn numbers_that_are_not_finite_or_out_of_range_are_refused_with_a_code() {
         &["--seconds", "NaN"],
         &["--seconds", "nan"],
         &["--seconds", "inf"],
-        &["--seconds", "-inf"],
+        &["--seconds=-inf"],
         &["--seconds", "0"],
-        &["--seconds", "-1"],
+        &["--seconds=-1"],
         &["--seconds", "1e300"],
         &["--seconds", "600.5"],
         &["--seconds", "1", "--hz", "0"],
@@ -172,11 +172,7 @@ fn output_files_replace_a_planted_symlink_or_hard_link_instead_of_writing_throug
     let bytes = std::fs::read(&pb).expect("read profile");
     assert_eq!(&bytes[..2], &[0x1f, 0x8b], "not gzip");
     assert_eq!(std::fs::metadata(&victim2).expect("victim2").nlink(), 1);
-    assert!(
-        std::fs::read_to_string(&svg)
-            .expect("svg")
-            .contains("<svg")
-    );
+    assert!(std::fs::read_to_string(&svg).expect("svg").contains("<svg"));
     assert_eq!(leftovers(&out), Vec::<String>::new());
 
     // A destination that cannot be replaced (a directory): a clear error,

@@ -116,6 +116,10 @@ fn the_cli_resolves_so_the_target_stays_small_and_unloaded_plugins_are_named() {
         // from here, so only the profiles count.
         before_kib = rss_kib(s.pid());
         let o = profile_around(&s, seconds, &pb, || {
+            // v1 runs for the first half of the profile (samples in it are
+            // likely, not certain: the assertion below is on names, and the
+            // workers spend ~10% of their CPU time in v1's code).
+            std::thread::sleep(Duration::from_secs(u64::from(seconds) / 2));
             ok(s.run(&["revert", "demo_price"]));
             wait_engine(&s, "builtin");
             ok(s.run(&["unload", "pricing-v1"]));
@@ -183,11 +187,16 @@ fn the_cli_resolves_so_the_target_stays_small_and_unloaded_plugins_are_named() {
         "target VmRSS: {before_kib} KiB before, {after_kib} KiB after 3 profiles \
          (+{growth_mib:.1} MiB)"
     );
-    // Resolving in the target grew it by ~0.5 GB (the binary's DWARF);
-    // what remains is the sampler's own buffers.
+    // Resolving in the target grew it by ~0.5 GB (the binary's DWARF, in
+    // our symbolizer and in backtrace-rs's cache). What may remain: the
+    // sampler's own buffers (pprof-rs's collector, ~68 MB, kept for the
+    // life of the process) plus a generous 60 MiB.
+    let buffers_mib = hotpatch_profiler::capture::sampler_buffer_bytes() as f64 / (1 << 20) as f64;
+    eprintln!("sample buffers: {buffers_mib:.1} MiB");
     assert!(
-        growth_mib < 60.0,
-        "the target grew by {growth_mib:.1} MiB over 3 profiles ({before_kib} -> {after_kib} KiB)"
+        growth_mib < buffers_mib + 60.0,
+        "the target grew by {growth_mib:.1} MiB over 3 profiles ({before_kib} -> {after_kib} KiB), \
+         more than the sample buffers ({buffers_mib:.1} MiB) + 60 MiB"
     );
 }
 
@@ -233,7 +242,10 @@ fn frames_of_a_plugin_rebuilt_on_disk_stay_unresolved_with_a_warning() {
     let top = v["top"].as_str().unwrap_or("");
     // Not named from the wrong file (v2's functions), not named at all;
     // the samples are still there, as module+offset.
-    assert!(!top.contains("pricing_v2"), "named from the rebuilt file:\n{top}");
+    assert!(
+        !top.contains("pricing_v2"),
+        "named from the rebuilt file:\n{top}"
+    );
     assert!(!top.contains("pricing_v1_quote"), "{top}");
     assert!(top.contains("libpricing_v1.so+0x"), "{top}");
 }
