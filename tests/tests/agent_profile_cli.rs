@@ -158,13 +158,13 @@ fn output_files_replace_a_planted_symlink_or_hard_link_instead_of_writing_throug
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
-        std::fs::read_to_string(&victim).expect("victim"),
-        "#!/bin/sh\necho precious\n",
+        std::fs::read(&victim).expect("victim"),
+        b"#!/bin/sh\necho precious\n",
         "the profile was written through the symlink"
     );
     assert_eq!(
-        std::fs::read_to_string(&victim2).expect("victim2"),
-        "precious too\n",
+        std::fs::read(&victim2).expect("victim2"),
+        b"precious too\n",
         "the flamegraph was written through the hard link"
     );
     let meta = std::fs::symlink_metadata(&pb).expect("profile");
