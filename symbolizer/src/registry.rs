@@ -1365,7 +1365,15 @@ impl ModuleExport {
     fn of(m: &Module) -> ModuleExport {
         let kind = match &m.kind {
             ModuleKind::Elf(e) => ModuleExportKind::Elf(ElfExport {
-                path: e.path.to_string_lossy().into_owned(),
+                // A relative path means something else in the importer's
+                // working directory: made absolute here when it can be.
+                path: if e.path.is_relative() {
+                    canonical(&e.path)
+                } else {
+                    e.path.clone()
+                }
+                .to_string_lossy()
+                .into_owned(),
                 build_id: e.build_id.as_ref().map(BuildId::to_hex),
                 bias: e.bias.0,
                 segments: e
