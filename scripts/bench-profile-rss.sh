@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: rss.sh MODE   (MODE = cli: `hotpatch profile` (resolved in the CLI); target: the agent's `profile` command (resolved in the target))
+# usage: scripts/bench-profile-rss.sh MODE   (MODE = cli: `hotpatch profile` (resolved in the CLI); target: the agent's `profile` command (resolved in the target))
 set -euo pipefail
 F=/work/wt/prof-remote/target/fixtures/fixture
 export XDG_RUNTIME_DIR=$(mktemp -d)
@@ -23,6 +23,7 @@ PY
   fi
 done
 after=$(rss)
-echo "$1 before_kib=$before after_kib=$after growth_mib=$(( (after - before) / 1024 ))"
+peak=$(awk '/^VmHWM/{print $2}' /proc/$P/status)
+echo "$1 before_kib=$before after_kib=$after growth_mib=$(( (after - before) / 1024 )) peak_kib=$peak"
 kill $P; wait $P 2>/dev/null || true
 rm -rf "$XDG_RUNTIME_DIR"
