@@ -173,6 +173,7 @@ impl Control {
                 "host": self.status.as_ref().map_or(Value::Null, |f| f()),
                 "plugins": self.plugins.len(),
                 "sites": self.sites.len(),
+                "profiling": crate::profile::running(shared),
             })),
             Request::Load { path } => self.load(&path),
             Request::Unload { name } => self.unload(&name),
@@ -198,7 +199,7 @@ impl Control {
             Request::Revert { site } => self.revert(&site),
             Request::List => Ok(self.list()),
             Request::Inspect { target } => self.inspect(&target),
-            Request::Profile { .. } => Err(ErrorBody::new(
+            Request::Profile { .. } | Request::ProfileRaw { .. } => Err(ErrorBody::new(
                 crate::protocol::E_AGENT_INTERNAL,
                 "profile is dispatched separately",
             )),
@@ -736,6 +737,9 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
             flamegraph,
         } => {
             return crate::profile::run(shared, seconds, hz, top, flamegraph, w);
+        }
+        Request::ProfileRaw { seconds, hz } => {
+            return crate::profile::run_raw(shared, seconds, hz, w);
         }
         req => match shared.control().handle(req, shared) {
             Ok(v) => Reply::ok(v),

@@ -67,10 +67,15 @@ pub const E_AGENT_NOT_A_FUNCTION: &str = "E_AGENT_NOT_A_FUNCTION";
 pub const E_AGENT_UNTRUSTED: &str = "E_AGENT_UNTRUSTED";
 
 /// Every command name, for telling "unknown command" from "bad arguments".
+#[rustfmt::skip] // one line per few names, as before `profile_raw` came
 pub const COMMANDS: &[&str] = &[
     "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
-    "inspect", "profile",
+    "inspect", "profile", "profile_raw",
 ];
+
+/// The payload of a `profile_raw` reply: the capture as JSON
+/// (`hotpatch_profiler::RawProfile`), resolved by the client.
+pub const RAW_PROFILE_PAYLOAD: &str = "profile.raw.json";
 
 /// A request. Serialized with the command name in `"cmd"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,6 +154,16 @@ pub enum Request {
         /// Also send a flamegraph SVG.
         #[serde(default)]
         flamegraph: bool,
+    },
+    /// Sample the process and send the raw capture (addresses and module
+    /// history, [`RAW_PROFILE_PAYLOAD`]) for the client to resolve: the
+    /// host loads no debug info. What `hotpatch profile` uses.
+    ProfileRaw {
+        /// Duration in seconds (0 < s <= 600).
+        seconds: f64,
+        /// Sampling frequency (default 99).
+        #[serde(default)]
+        hz: Option<u32>,
     },
 }
 

@@ -30,6 +30,10 @@ pub enum Error {
     /// The flamegraph renderer failed.
     #[error("flamegraph: {0}")]
     Flamegraph(String),
+    /// A raw capture (`RawProfile`) received from another process is
+    /// malformed or over a limit.
+    #[error("bad raw profile: {0}")]
+    BadCapture(String),
 }
 
 impl Error {
@@ -42,6 +46,7 @@ impl Error {
             Error::Clock(_) => "E_PROF_CLOCK",
             Error::Io(_) => "E_PROF_IO",
             Error::Flamegraph(_) => "E_PROF_FLAMEGRAPH",
+            Error::BadCapture(_) => "E_PROF_BAD_CAPTURE",
         }
     }
 }

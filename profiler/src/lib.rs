@@ -88,6 +88,7 @@
 //! # Ok::<(), hotpatch_profiler::Error>(())
 //! ```
 
+pub mod capture;
 pub mod error;
 mod fallback;
 pub mod output;
@@ -96,6 +97,7 @@ mod sampler;
 mod session;
 mod unwind;
 
+pub use capture::RawProfile;
 pub use error::{Error, Result};
 pub use output::TopEntry;
 pub use output::proto;

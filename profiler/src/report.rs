@@ -141,6 +141,8 @@ pub struct Report {
     pub stats: Stats,
     /// Problems met while checkpointing (a failed snapshot, ...).
     pub errors: Vec<String>,
+    /// Set when resolved from a capture of another process.
+    pub(crate) origin: Option<std::sync::Arc<crate::capture::Origin>>,
 }
 
 /// `(registry module, address)` identifies a location; addresses no module
@@ -198,13 +200,51 @@ impl Report {
         let sym = Symbolizer::new(search.clone())
             .with_naming(hotpatch_symbolizer::resolve::Naming::Source);
         Self::resolve_with(
-            &sym, epochs, errors, inlines, frequency, start_time, duration, started,
+            &sym,
+            Registry::global(),
+            epochs,
+            errors,
+            inlines,
+            frequency,
+            start_time,
+            duration,
+            started,
         )
+    }
+
+    /// [`resolve`](Self::resolve) against `reg` rather than the global
+    /// registry (a detached one, see [`crate::capture`]).
+    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
+    pub(crate) fn resolve_in(
+        reg: &Registry,
+        epochs: Vec<Epoch>,
+        errors: Vec<String>,
+        search: &DebugSearch,
+        inlines: bool,
+        frequency: i32,
+        start_time: SystemTime,
+        duration: Duration,
+    ) -> Report {
+        let started = std::time::Instant::now();
+        let sym = Symbolizer::new(search.clone());
+        Self::resolve_with(
+            &sym, reg, epochs, errors, inlines, frequency, start_time, duration, started,
+        )
+    }
+
+    /// The registry the locations were resolved against: the global one,
+    /// or the detached one of a capture resolved in another process.
+    pub(crate) fn registry(&self) -> &Registry {
+        match &self.origin {
+            Some(o) => &o.registry,
+            None => Registry::global(),
+        }
     }
 
     #[allow(clippy::too_many_arguments, reason = "internal constructor")]
     fn resolve_with(
         sym: &Symbolizer,
+        reg: &Registry,
         epochs: Vec<Epoch>,
         errors: Vec<String>,
         inlines: bool,
@@ -213,7 +253,6 @@ impl Report {
         duration: Duration,
         started: std::time::Instant,
     ) -> Report {
-        let reg = Registry::global();
         let n_epochs = epochs.len();
         // Every distinct (lookup address, seq), resolved in one batch.
         let mut pair_index: IntMap<(u64, Seq), usize> = IntMap::default();
@@ -338,13 +377,14 @@ impl Report {
             inline_frames: inlines,
             stats,
             errors,
+            origin: None,
         }
     }
 
     /// Whether a location's module is an anonymous range.
     pub fn is_anonymous(&self, loc: &Location) -> bool {
         loc.module.as_ref().is_some_and(|m| {
-            Registry::global()
+            self.registry()
                 .module(m.id)
                 .is_some_and(|m| matches!(m.kind, ModuleKind::Anon(_)))
         })

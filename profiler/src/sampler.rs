@@ -72,6 +72,13 @@ impl Clock {
             Clock::ItimerProf => "itimer-prof",
         }
     }
+
+    /// The clock called `name` by [`name`](Self::name), if any.
+    pub fn from_name(name: &str) -> Option<Clock> {
+        [Clock::PerfEvent, Clock::ThreadTimer, Clock::ItimerProf]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
 }
 
 impl std::fmt::Display for Clock {
@@ -83,6 +90,12 @@ impl std::fmt::Display for Clock {
 const FREE: u32 = 0;
 const WRITING: u32 = 1;
 const READY: u32 = 2;
+
+/// Bytes of the sample buffer the handlers write into ([`SLOTS`] slots),
+/// allocated when sampling first starts and kept for the process's life.
+pub(crate) fn buffer_bytes() -> usize {
+    SLOTS * std::mem::size_of::<Slot>()
+}
 
 /// One sample as the handler writes it.
 struct Slot {

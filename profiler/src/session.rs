@@ -475,6 +475,46 @@ impl Session {
         Ok(report)
     }
 
+    /// Stops sampling without resolving: the samples and the module
+    /// history they need, to be resolved in another process
+    /// ([`RawProfile::resolve`](crate::RawProfile::resolve)). Nothing of
+    /// DWARF is loaded here.
+    ///
+    /// # Errors
+    /// None today (as [`stop`](Self::stop)).
+    pub fn stop_raw(mut self) -> Result<crate::RawProfile> {
+        let duration = self.started.elapsed();
+        let (epochs, errors) = self.finish();
+        let (dropped, skipped, abandoned) = unwind::gate_counts();
+        let (signals, lost) = sampler::counters();
+        let (clocked, failures) = {
+            let inner = self.shared.lock();
+            (inner.threads_clocked, inner.clock_failures)
+        };
+        // The session's aggregation maps were freed: give the pages back.
+        crate::capture::release_backtrace_cache();
+        Ok(crate::RawProfile::capture(
+            epochs,
+            errors,
+            self.shared.config.frequency,
+            self.shared.config.inline_frames,
+            self.started_at,
+            duration,
+            (
+                dropped - self.gate_at_start.0,
+                skipped - self.gate_at_start.1,
+            ),
+            self.shared.clock,
+            crate::capture::SamplerCounts {
+                handlers_left_by_jump: abandoned - self.gate_at_start.2,
+                signals: signals - self.counters_at_start.0,
+                lost_buffer_full: lost - self.counters_at_start.1,
+                threads_clocked: clocked,
+                thread_clock_failures: failures,
+            },
+        ))
+    }
+
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);

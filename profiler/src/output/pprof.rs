@@ -121,8 +121,8 @@ fn mapping_of(module: &Module, pc: Option<u64>) -> Option<(MapKey, MapInfo)> {
 /// `go tool pprof` takes the first `Mapping` for the main binary (the
 /// `File:` line, and the binary it re-symbolizes by default), so it goes
 /// first whether or not a sample landed in it.
-fn main_executable(reg: &Registry) -> Option<Module> {
-    let exe = std::env::current_exe().ok()?;
+fn main_executable(reg: &Registry, exe: Option<std::path::PathBuf>) -> Option<Module> {
+    let exe = exe.or_else(|| std::env::current_exe().ok())?;
     let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
     reg.modules().into_iter().find(|m| {
         m.unloaded_seq.is_none()
@@ -135,7 +135,7 @@ fn main_executable(reg: &Registry) -> Option<Module> {
 impl Report {
     /// The profile as `profile.proto` messages.
     pub fn to_profile(&self) -> proto::Profile {
-        let reg = Registry::global();
+        let reg = self.registry();
         let mut st = Strings::new();
         let mut mappings: Vec<MapInfo> = Vec::new();
         let mut map_ids: HashMap<MapKey, u64> = HashMap::new();
@@ -143,7 +143,9 @@ impl Report {
         let mut fn_ids: HashMap<(String, String), u64> = HashMap::new();
         let mut locations = Vec::with_capacity(self.locations.len());
         // Mapping id 1 is the main executable's (see `main_executable`).
-        if let Some((key, info)) = main_executable(reg).and_then(|m| mapping_of(&m, None)) {
+        if let Some((key, info)) =
+            main_executable(reg, self.main_executable()).and_then(|m| mapping_of(&m, None))
+        {
             mappings.push(info);
             map_ids.insert(key, 1);
         }

@@ -137,6 +137,7 @@ mod tests {
             inline_frames: true,
             stats: Stats::default(),
             errors: Vec::new(),
+            origin: None,
         };
         let order: Vec<(String, u64, u64)> = report
             .top_entries()
