@@ -535,10 +535,11 @@ mod tests {
     }
 
     #[test]
-    fn the_sampler_buffer_size_is_that_of_pprofs_collector() {
-        // 16 Ki entries of at least MAX_DEPTH 16-byte frames.
+    fn the_sampler_buffer_size_is_that_of_the_slot_buffer() {
+        // SLOTS slots of at least MAX_FRAMES 8-byte frames each.
         let n = sampler_buffer_bytes();
-        assert!(n >= (1 << 14) * pprof::MAX_DEPTH * 16, "{n}");
+        let floor = crate::sampler::SLOTS * crate::sampler::MAX_FRAMES * 8;
+        assert!(n >= floor, "{n} < {floor}");
         assert!(n < 1 << 30, "{n}");
     }
 
