@@ -966,3 +966,127 @@ fn a_padding_hole_reached_by_rel8_with_a_thread_parked_at_every_boundary() {
     unsafe { libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut()) };
     assert_no_wx("rel8 holes");
 }
+
+/// The rel8 route with a straggler: a thread that blocks the stop signal and
+/// sleeps in a system call makes install and remove write both places (the
+/// hole and the entry) through the int3 protocol; the thread runs the
+/// replacement after install and the original after remove, and both
+/// places are restored exactly.
+#[test]
+fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    let _s = serial();
+    let so = hotpatch_tests::fixtures::plugin("fx-foreign-jump");
+    let c = std::ffi::CString::new(so.to_str().expect("utf-8")).expect("no nul");
+    // SAFETY: our own fixture, built from source; no constructors.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen fixture");
+    // SAFETY: the fixture exports this function with this signature.
+    let function: extern "C" fn(u32) -> usize =
+        unsafe { std::mem::transmute(libc::dlsym(h, c"fx_fj_function".as_ptr())) };
+    let xor = function(3);
+    // SAFETY: `xor eax,eax; ret`, a `u64 -> u64` function of the fixture.
+    let f = unsafe { std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(xor) };
+    let before = code_at(xor - 13, 48);
+
+    // The stop signal exists after one install/remove.
+    let mut warm = ExecMem::new(1);
+    let (w, _) = plain(&mut warm, 0);
+    warm.seal();
+    // SAFETY: assembled with this signature.
+    let wf = unsafe { as_fn(w) };
+    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
+        .expect("warm-up")
+        .remove()
+        .expect("remove");
+    let sig = hotpatch_patcher::world::stop_signal().expect("stop signal");
+
+    let quit = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let sleeper = {
+        let (quit, results) = (quit.clone(), results.clone());
+        std::thread::spawn(move || {
+            // SAFETY: a local signal set; blocks only the stop signal for
+            // this thread.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            while !quit.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                results.lock().unwrap().push(f(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let opts = InstallOptions {
+        known_size: Some(3),
+        stop_timeout: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let st = stats();
+    let mut hook = None;
+    for _ in 0..20 {
+        match Hook::install_with(f, replacement as extern "C" fn(u64) -> u64, &opts) {
+            Ok(h) => {
+                hook = Some(h);
+                break;
+            }
+            // The sleeper may be between sleeps at the instant we look.
+            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+                std::thread::sleep(Duration::from_millis(7));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut hook = hook.expect("installed through the int3 protocol within 20 tries");
+    assert!(hook.site().hole().is_some(), "the rel8 route");
+    assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
+    let seen = results.lock().unwrap().len();
+    while results.lock().unwrap().len() < seen + 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *results.lock().unwrap().last().unwrap(),
+        replacement(10),
+        "the sleeper runs the replacement"
+    );
+    let st = stats();
+    let mut removed = false;
+    for _ in 0..20 {
+        match hook.remove() {
+            Ok(()) => {
+                removed = true;
+                break;
+            }
+            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+                std::thread::sleep(Duration::from_millis(7));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(removed, "removed through the int3 protocol within 20 tries");
+    assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
+    assert_eq!(
+        code_at(xor - 13, 48),
+        before,
+        "entry and hole restored exactly"
+    );
+    let seen = results.lock().unwrap().len();
+    while results.lock().unwrap().len() < seen + 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    quit.store(true, Ordering::Relaxed);
+    sleeper.join().expect("sleeper survived");
+    let r = results.lock().unwrap();
+    assert_eq!(*r.last().unwrap(), 0, "the sleeper runs the original again");
+    assert!(
+        r.iter().all(|&v| v == 0 || v == replacement(10)),
+        "only old or new results: {r:?}"
+    );
+    assert_no_wx("rel8 int3 protocol");
+}
