@@ -378,10 +378,11 @@ impl Site {
                     code::write(hp, h, &hj, stragglers, tramp.at)?;
                 }
                 let r = code::write(&entry_pages, patch_at, &jump, stragglers, tramp.at);
-                if r.is_err() {
-                    // Not written (or written with a protection left
-                    // changed): either way the hole is put back, so that no
-                    // byte stays changed by a failed install.
+                if r.is_err() && !holds(patch_at, &jump) {
+                    // The entry was not written: put the hole back, so that
+                    // no byte stays changed by a failed install. (If the
+                    // entry holds the jump and only a protection could not
+                    // be restored, the hole it jumps to must stay.)
                     if let (Some((h, orig)), Some(hp)) = (hole_original, hole_pages.as_ref()) {
                         let _ = code::write(hp, h, &orig, stragglers, tramp.at);
                     }
@@ -576,15 +577,20 @@ impl Site {
                 // A thread inside the trampoline between endbr and the first
                 // relocated instruction is at an address the map lacks only for
                 // the endbr itself, which stays valid code; leaving it is fine.
-                code::write(&pages, patch_at, original, stragglers, tramp.at)?;
+                let r = code::write(&pages, patch_at, original, stragglers, tramp.at);
                 // Then the hole: after the entry's bytes are back no new
                 // thread can reach it. A straggler that took the `jmp rel8`
                 // before and was preempted at the hole finds its first byte
                 // `int3` (from the protocol's first store on, and in the
                 // original bytes, `find_hole`) and is sent to the trampoline.
+                // Never while the entry still jumps to it (its write failed
+                // before storing).
                 match hole {
-                    Some(h) => code::write(&h.pages, h.at, &h.original, stragglers, tramp.at),
-                    None => Ok(()),
+                    Some(h) if holds(patch_at, original) => {
+                        let rh = code::write(&h.pages, h.at, &h.original, stragglers, tramp.at);
+                        r.and(rh)
+                    }
+                    _ => r,
                 }
             },
         )?;
@@ -667,6 +673,16 @@ impl Drop for Site {
             let _ = self.disable();
         }
     }
+}
+
+/// Whether the code at `addr` is `bytes` now. Stopped-world safe (volatile
+/// reads, no allocation).
+fn holds(addr: usize, bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, &b)| {
+        // SAFETY: `addr..addr+len` is code of this site, mapped and readable
+        // (its page protection is the original one or that plus write).
+        unsafe { std::ptr::read_volatile((addr + i) as *const u8) == b }
+    })
 }
 
 /// Stops the world, vets threads that would not park, runs `f` with the
