@@ -66,7 +66,7 @@ fn main() {
         let build = t0.elapsed();
         let mut by_code: BTreeMap<&'static str, usize> = BTreeMap::new();
         let mut ok = 0;
-        let (mut padded, mut calls) = (0usize, 0usize);
+        let (mut padded, mut calls, mut holes) = (0usize, 0usize, 0usize);
         let mut codes = BTreeSet::new();
         for (&addr, (name, size)) in &funcs {
             let r = hotpatch_patcher::preflight_in_image(
@@ -78,6 +78,9 @@ fn main() {
             .expect("preflight");
             if r.padding > 0 {
                 padded += 1;
+            }
+            if r.hole.is_some() {
+                holes += 1;
             }
             if r.overwritten
                 .iter()
@@ -117,7 +120,11 @@ fn main() {
                 codes.join(", ")
             },
             calls,
-            padded,
+            if holes == 0 {
+                padded.to_string()
+            } else {
+                format!("{padded} ({holes} by jmp rel8 to a hole)")
+            },
             build.as_secs_f64() * 1e3,
             idx.decoded_bytes / 1024,
             idx.branch_count(),

@@ -24,7 +24,7 @@ pub enum Error {
     },
     /// The function is shorter than the 5-byte entry jump.
     #[error(
-        "E_TOO_SHORT: the function at {addr:#x} has {available} byte(s) of instructions before it ends or leaves (ret/jmp) and {padding} byte(s) of int3/nop padding after them up to the next 16-byte boundary; a patch needs 5"
+        "E_TOO_SHORT: the function at {addr:#x} has {available} byte(s) of instructions before it ends or leaves (ret/jmp) and {padding} byte(s) of int3/nop padding after them up to the next 16-byte boundary; a patch needs 5, or at least 2 and a free 5-byte int3 padding hole of its module within jmp rel8 reach after them (looked for only with the module's branch index)"
     )]
     TooShort {
         /// The target address.

@@ -36,6 +36,10 @@ pub struct PreflightReport {
     /// Bytes of alignment padding after a function shorter than 5 bytes
     /// that the patch extends into.
     pub padding: usize,
+    /// A function too short for 5 bytes even with its padding: the padding
+    /// hole (5 `int3`s of no symbol, no branch target) that gets the
+    /// `jmp rel32`, reached by a 2-byte `jmp rel8` at `patch_at`.
+    pub hole: Option<usize>,
     /// The module whose every direct branch and function entry was checked
     /// (`None`: anonymous code or an unreadable file; only the function's
     /// own branches were checked).
@@ -86,6 +90,13 @@ impl fmt::Display for PreflightReport {
         }
         if self.padding > 0 {
             writeln!(f, "  + {} byte(s) of alignment padding", self.padding)?;
+        }
+        if let Some(h) = self.hole {
+            writeln!(
+                f,
+                "hole        {h:#x} (jmp rel8 at {:#x} to it; the jmp rel32 to the relay goes there)",
+                self.patch_at
+            )?;
         }
         match &self.verdict {
             Ok(()) => writeln!(f, "verdict     patchable"),
@@ -214,6 +225,7 @@ fn report_for(
         patch_at: a.patch_at,
         patch_len: a.patch_len,
         padding: a.padding,
+        hole: a.hole,
         module: module.map(|m| {
             format!(
                 "{} ({} direct branches, {} function entries)",

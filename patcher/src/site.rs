@@ -131,9 +131,11 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, maps::Lo
 }
 
 /// How many bytes to read for analysing a function of `known_size`: the
-/// function and up to 16 bytes of alignment padding after it.
+/// function and up to 16 bytes of alignment padding after it; at least
+/// enough for a forward padding hole in `jmp rel8` reach of a function
+/// shorter than 5 bytes (`decode::find_hole`).
 pub(crate) fn read_len(known_size: Option<usize>) -> usize {
-    known_size.map_or(decode::MAX_HEURISTIC_SCAN, |n| n + 16)
+    known_size.map_or(decode::MAX_HEURISTIC_SCAN, |n| (n + 16).max(160))
 }
 
 /// Reads `buf.len()` bytes at `addr` of this process with
@@ -163,7 +165,8 @@ pub struct Site {
     entry: usize,
     patch_at: usize,
     original: Vec<u8>,
-    written: [u8; 5],
+    /// The entry's jump: 5 bytes (`jmp rel32`) or 2 (`jmp rel8` to `hole`).
+    written: Vec<u8>,
     cell: Cell,
     tramp: Trampoline,
     replacement: usize,
@@ -174,6 +177,17 @@ pub struct Site {
     /// The pages holding the 5 jump bytes and their protections at install:
     /// remove restores exactly these (and needs no `/proc/self/maps` read).
     entry_pages: Pages,
+    /// The padding hole holding the `jmp rel32` of a short function.
+    hole: Option<Hole>,
+}
+
+/// A padding hole written by a site (`decode::find_hole`).
+#[derive(Debug, Clone, Copy)]
+struct Hole {
+    at: usize,
+    original: [u8; decode::HOLE_LEN],
+    written: [u8; decode::HOLE_LEN],
+    pages: Pages,
 }
 
 impl Site {
@@ -207,11 +221,11 @@ impl Site {
         let g = guard.get_or_insert_with(Global::default);
 
         let (bytes, maps) = read_code(target, read_len(opts.known_size))?;
-        if overlapping(g, target, 5 + 4).is_some() {
+        if overlapping(g, target, 1).is_some() {
             return Err(Error::AlreadyPatched { addr: target });
         }
         let module = branches::module_of(target);
-        let (a, refusal) = decode::analyse_in(target, &bytes, opts.known_size, module.as_ref());
+        let (mut a, refusal) = decode::analyse_in(target, &bytes, opts.known_size, module.as_ref());
         // Our own jump at the entry (a site of an earlier process image, or
         // one leaked by a failed remove) is also "already patched".
         let off = a.patch_at - target;
@@ -226,7 +240,35 @@ impl Site {
         if let Some(e) = refusal {
             return Err(e);
         }
+        // The bytes from the entry to the patch's end (the written ones among
+        // them) must be no live site's bytes: neither its entry nor its hole.
+        if overlapping(g, target, a.patch_end() - target).is_some() {
+            return Err(Error::AlreadyPatched { addr: target });
+        }
+        // A padding hole is used by one site at a time: when a live site
+        // holds the one found, look for the next free one.
+        if let (Some(h), Some(m)) = (a.hole, module.as_ref()) {
+            if overlapping(g, h, decode::HOLE_LEN).is_some() {
+                let taken = |lo: usize, hi: usize| overlapping(g, lo, hi - lo).is_some();
+                a.hole = decode::find_hole(&a, &bytes, m, &taken);
+                if a.hole.is_none() {
+                    return Err(Error::TooShort {
+                        addr: target,
+                        available: a.patch_len - a.padding,
+                        padding: a.padding,
+                    });
+                }
+            }
+        }
         let original = bytes[off..off + a.patch_len].to_vec();
+        // The hole's bytes (all int3, checked by `find_hole`), restored by
+        // remove.
+        let hole_original: Option<(usize, [u8; decode::HOLE_LEN])> = a.hole.map(|h| {
+            let o = h - target;
+            let mut b = [0u8; decode::HOLE_LEN];
+            b.copy_from_slice(&bytes[o..o + decode::HOLE_LEN]);
+            (h, b)
+        });
 
         // Memory and code, all built before anything is stopped.
         let mut cached = match g.cells.get(&target) {
@@ -252,8 +294,22 @@ impl Site {
         let cell = cached.cell;
         let relay = encode::jmp_indirect_rip(cell.relay, cell.slot)
             .ok_or(Error::NoNearMemory { addr: target })?;
-        let jump = encode::jmp_rel32(a.patch_at, cell.relay)
-            .ok_or(Error::NoNearMemory { addr: target })?;
+        // The entry's jump: `jmp rel32` to the relay, or (a short function)
+        // `jmp rel8` to the hole, which gets the `jmp rel32`.
+        let (jump, hole_jump): (Vec<u8>, Option<[u8; decode::HOLE_LEN]>) = match a.hole {
+            None => (
+                encode::jmp_rel32(a.patch_at, cell.relay)
+                    .ok_or(Error::NoNearMemory { addr: target })?
+                    .to_vec(),
+                None,
+            ),
+            Some(h) => (
+                encode::jmp_rel8(a.patch_at, h)
+                    .ok_or(Error::NoNearMemory { addr: target })?
+                    .to_vec(),
+                Some(encode::jmp_rel32(h, cell.relay).ok_or(Error::NoNearMemory { addr: target })?),
+            ),
+        };
         let mut cell_code = Vec::with_capacity(TRAMPOLINE_OFFSET + cached.tramp.bytes.len());
         cell_code.extend_from_slice(&relay);
         cell_code.resize(TRAMPOLINE_OFFSET, 0xCC);
@@ -265,7 +321,11 @@ impl Site {
             maps::Lookup::Snapshot(_) if !cached.written => maps::Lookup::new()?,
             m => m,
         };
-        let entry_pages = Pages::covering(&maps_now, a.patch_at, 5)?;
+        let entry_pages = Pages::covering(&maps_now, a.patch_at, jump.len())?;
+        let hole_pages = match a.hole {
+            Some(h) => Some(Pages::covering(&maps_now, h, decode::HOLE_LEN)?),
+            None => None,
+        };
         let cell_pages = Pages::covering(&maps_now, cell.relay, cell_code.len())?;
         cell.slot().store(replacement, Ordering::Release);
 
@@ -273,6 +333,7 @@ impl Site {
         let patch_end = a.patch_end();
         let tramp = cached.tramp.clone();
         let write_cell = !cached.written;
+        let hole = a.hole;
         let mut stuck = None;
         with_world_stopped(
             opts.stop_timeout,
@@ -285,7 +346,12 @@ impl Site {
                 // Threads parked strictly inside the bytes move to the same
                 // point of the trampoline.
                 parked.for_each_parked(|rip| {
-                    if rip > patch_at && rip < patch_end {
+                    if hole.is_some_and(|h| rip >= h && rip < h + decode::HOLE_LEN) {
+                        // Padding no code reaches (find_hole): a thread
+                        // here means the index is wrong. Write nothing.
+                        stuck = Some(rip);
+                        rip
+                    } else if rip > patch_at && rip < patch_end {
                         match tramp.forward(rip) {
                             Some(to) => {
                                 stats::bump(&stats::FIXUPS_FORWARD);
@@ -305,7 +371,23 @@ impl Site {
                     // (formatting allocates).
                     return Ok(());
                 }
-                code::write(&entry_pages, patch_at, &jump, stragglers, tramp.at)
+                // The hole first: nothing executes it until the entry's
+                // `jmp rel8` exists, which `write` publishes after a core
+                // sync (with stragglers, through the int3 protocol).
+                if let (Some(h), Some(hj), Some(hp)) = (hole, hole_jump, hole_pages.as_ref()) {
+                    code::write(hp, h, &hj, stragglers, tramp.at)?;
+                }
+                let r = code::write(&entry_pages, patch_at, &jump, stragglers, tramp.at);
+                if r.is_err() && !holds(patch_at, &jump) {
+                    // The entry was not written: put the hole back, so that
+                    // no byte stays changed by a failed install. (If the
+                    // entry holds the jump and only a protection could not
+                    // be restored, the hole it jumps to must stay.)
+                    if let (Some((h, orig)), Some(hp)) = (hole_original, hole_pages.as_ref()) {
+                        let _ = code::write(hp, h, &orig, stragglers, tramp.at);
+                    }
+                }
+                r
             },
         )?;
         if let Some(rip) = stuck {
@@ -338,6 +420,18 @@ impl Site {
         cached.written = true;
         g.cells.insert(target, cached.clone());
         g.live.insert(patch_at, (patch_end, target));
+        if let Some(h) = hole {
+            g.live.insert(h, (h + decode::HOLE_LEN, target));
+        }
+        let hole = match (hole_original, hole_jump, hole_pages) {
+            (Some((at, original)), Some(written), Some(pages)) => Some(Hole {
+                at,
+                original,
+                written,
+                pages,
+            }),
+            _ => None,
+        };
         Ok(Site {
             entry: target,
             patch_at,
@@ -351,6 +445,7 @@ impl Site {
             name,
             stop_timeout: opts.stop_timeout,
             entry_pages,
+            hole,
         })
     }
 
@@ -426,24 +521,45 @@ impl Site {
         // instructions were left in place), so only they are restored, on
         // the pages recorded at install.
         let mut now = [0u8; 5];
-        if !read_self(self.patch_at, &mut now) || now != self.written {
+        let now = &mut now[..self.written.len()];
+        if !read_self(self.patch_at, now) || *now != self.written[..] {
             return Err(Error::CodeChanged {
                 addr: self.patch_at,
             });
+        }
+        if let Some(h) = &self.hole {
+            let mut now = [0u8; decode::HOLE_LEN];
+            if !read_self(h.at, &mut now) || now != h.written {
+                return Err(Error::CodeChanged { addr: h.at });
+            }
         }
         let pages = self.entry_pages;
         let patch_at = self.patch_at;
         let patch_end = patch_at + self.original.len();
         let tramp = &self.tramp;
-        let original = &self.original[..5];
+        let original = &self.original[..self.written.len()];
         let body_end = tramp.jmp_back_at;
+        let hole = self.hole;
+        let mut stuck = None;
         with_world_stopped(
             self.stop_timeout,
             patch_at,
             patch_end,
             |parked, stragglers| {
                 parked.for_each_parked(|rip| {
-                    if rip >= tramp.at && rip < body_end {
+                    if let Some(h) = hole.filter(|h| rip >= h.at && rip < h.at + decode::HOLE_LEN) {
+                        if rip == h.at {
+                            // Took the entry's `jmp rel8`, not yet the hole's
+                            // jump: nothing of the function has run. Resume
+                            // at the entry's restored bytes.
+                            stats::bump(&stats::FIXUPS_BACKWARD);
+                            patch_at
+                        } else {
+                            // Not an instruction boundary of ours.
+                            stuck = Some(rip);
+                            rip
+                        }
+                    } else if rip >= tramp.at && rip < body_end {
                         match tramp.backward(rip) {
                             Some(to) => {
                                 stats::bump(&stats::FIXUPS_BACKWARD);
@@ -455,14 +571,40 @@ impl Site {
                         rip
                     }
                 });
+                if stuck.is_some() {
+                    return Ok(());
+                }
                 // A thread inside the trampoline between endbr and the first
                 // relocated instruction is at an address the map lacks only for
                 // the endbr itself, which stays valid code; leaving it is fine.
-                code::write(&pages, patch_at, original, stragglers, tramp.at)
+                let r = code::write(&pages, patch_at, original, stragglers, tramp.at);
+                // Then the hole: after the entry's bytes are back no new
+                // thread can reach it. A straggler that took the `jmp rel8`
+                // before and was preempted at the hole finds its first byte
+                // `int3` (from the protocol's first store on, and in the
+                // original bytes, `find_hole`) and is sent to the trampoline.
+                // Never while the entry still jumps to it (its write failed
+                // before storing).
+                match hole {
+                    Some(h) if holds(patch_at, original) => {
+                        let rh = code::write(&h.pages, h.at, &h.original, stragglers, tramp.at);
+                        r.and(rh)
+                    }
+                    _ => r,
+                }
             },
         )?;
+        if let Some(rip) = stuck {
+            return Err(Error::ThreadUnstoppable {
+                tid: 0,
+                detail: format!("parked at {rip:#x}, inside a padding hole's jump"),
+            });
+        }
         self.installed = false;
         g.live.remove(&self.patch_at);
+        if let Some(h) = &self.hole {
+            g.live.remove(&h.at);
+        }
         Ok(())
     }
 
@@ -484,6 +626,13 @@ impl Site {
     /// The bytes the jump overwrote (restored by `remove`).
     pub fn original_bytes(&self) -> &[u8] {
         &self.original
+    }
+
+    /// The padding hole holding the 5-byte jump of a short function
+    /// (reached by the entry's `jmp rel8`), and its original bytes
+    /// (restored by `remove`).
+    pub fn hole(&self) -> Option<(usize, &[u8])> {
+        self.hole.as_ref().map(|h| (h.at, &h.original[..]))
     }
 
     /// The relay address.
@@ -524,6 +673,16 @@ impl Drop for Site {
             let _ = self.disable();
         }
     }
+}
+
+/// Whether the code at `addr` is `bytes` now. Stopped-world safe (volatile
+/// reads, no allocation).
+fn holds(addr: usize, bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, &b)| {
+        // SAFETY: `addr..addr+len` is code of this site, mapped and readable
+        // (its page protection is the original one or that plus write).
+        unsafe { std::ptr::read_volatile((addr + i) as *const u8) == b }
+    })
 }
 
 /// Stops the world, vets threads that would not park, runs `f` with the

@@ -281,6 +281,13 @@ where
         let bytes_before =
             unsafe { std::slice::from_raw_parts(addr as *const u8, patch_len) }.to_vec();
         let prot_before = page_prots(addr, patch_len);
+        // A short function's padding hole (the other written place).
+        let hole = report.preflight.as_ref().and_then(|p| p.hole);
+        let hole_len = crate::x86_64::decode::HOLE_LEN;
+        // SAFETY: the hole is 5 bytes of the same executable mapping, read
+        // by the preflight.
+        let hole_before =
+            hole.map(|h| unsafe { std::slice::from_raw_parts(h as *const u8, hole_len) }.to_vec());
         let fixups_before = crate::counters::stats();
 
         let quit = AtomicBool::new(false);
@@ -374,7 +381,10 @@ where
                 check_wx(&mut report.wx_seen);
                 // SAFETY: as for `bytes_before`.
                 let now = unsafe { std::slice::from_raw_parts(addr as *const u8, patch_len) };
-                if now != bytes_before.as_slice() {
+                // SAFETY: as for `hole_before`.
+                let hole_now =
+                    hole.map(|h| unsafe { std::slice::from_raw_parts(h as *const u8, hole_len) });
+                if now != bytes_before.as_slice() || hole_now != hole_before.as_deref() {
                     report.bytes_mismatches += 1;
                 }
                 if page_prots(addr, patch_len) != prot_before {

@@ -611,6 +611,39 @@ fn parked_at(
     t.join().expect("the parked thread survived")
 }
 
+/// Sets up single-step parking: the stop signal chosen (one install and
+/// remove), and `on_trap` as the SIGTRAP handler. Returns the old
+/// disposition, to put back.
+fn step_handler() -> libc::sigaction {
+    // The stop signal is chosen at the first stop: one install/remove.
+    let mut warm = ExecMem::new(1);
+    let (w, _) = plain(&mut warm, 0);
+    warm.seal();
+    // SAFETY: assembled with this signature.
+    let wf = unsafe { as_fn(w) };
+    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
+        .expect("warm-up")
+        .remove()
+        .expect("remove");
+    STOP_SIG.store(
+        hotpatch_patcher::world::stop_signal().expect("stop signal"),
+        Ordering::Release,
+    );
+
+    // SAFETY: a zeroed sigaction filled below; the caller puts the old one back.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction =
+            on_trap as extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaddset(&mut sa.sa_mask, STOP_SIG.load(Ordering::Relaxed));
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
+        old
+    }
+}
+
 /// The boundaries (original, trampoline) of the overwritten instructions.
 fn boundaries(report: &hotpatch_patcher::PreflightReport, original: usize) -> Vec<(usize, usize)> {
     use iced_x86::{Decoder, DecoderOptions};
@@ -651,34 +684,7 @@ fn new_shapes_with_a_thread_parked_at_every_instruction_boundary() {
         .map(|(i, s)| (s.1)(&mut mem, i * 128))
         .collect();
     mem.seal();
-
-    // The stop signal is chosen at the first stop: one install/remove.
-    let mut warm = ExecMem::new(1);
-    let (w, _) = plain(&mut warm, 0);
-    warm.seal();
-    // SAFETY: assembled with this signature.
-    let wf = unsafe { as_fn(w) };
-    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
-        .expect("warm-up")
-        .remove()
-        .expect("remove");
-    STOP_SIG.store(
-        hotpatch_patcher::world::stop_signal().expect("stop signal"),
-        Ordering::Release,
-    );
-
-    // SAFETY: a zeroed sigaction filled below; the old one is put back at the end.
-    let old = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction =
-            on_trap as extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, STOP_SIG.load(Ordering::Relaxed));
-        let mut old: libc::sigaction = std::mem::zeroed();
-        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
-        old
-    };
+    let old = step_handler();
 
     let x = 7;
     for ((name, _, model, calls), &(f, size)) in shapes.iter().zip(&built) {
@@ -755,4 +761,332 @@ fn ret_padding(m: &mut ExecMem, off: usize) -> (usize, Option<usize>) {
     let mut a = asm();
     a.ret().unwrap();
     (m.put(off, &mut a), Some(1))
+}
+
+/// Reads `n` bytes of code at `addr` (a mapped function of the fixture).
+fn code_at(addr: usize, n: usize) -> Vec<u8> {
+    // SAFETY: `addr..addr+n` lies in the fixture's mapped text (its
+    // functions and the padding after them, well inside the segment).
+    unsafe { std::slice::from_raw_parts(addr as *const u8, n) }.to_vec()
+}
+
+/// Issue 14's "padding hole reached by rel8": functions of a real ELF
+/// module (the branch index needs its file) too short for the 5-byte jump
+/// even with their padding get a 2-byte `jmp rel8` to an `int3` hole that
+/// holds the `jmp rel32`. A thread is parked at every instruction boundary
+/// of the function on install, and on remove at the trampoline's
+/// equivalents and at the hole itself (between the two jumps); both written
+/// places are restored exactly.
+#[test]
+fn a_padding_hole_reached_by_rel8_with_a_thread_parked_at_every_boundary() {
+    let _s = serial();
+    let so = hotpatch_tests::fixtures::plugin("fx-foreign-jump");
+    let c = std::ffi::CString::new(so.to_str().expect("utf-8")).expect("no nul");
+    // SAFETY: our own fixture, built from source; no constructors.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen fixture");
+    // SAFETY: the fixture exports this function with this signature.
+    let function: extern "C" fn(u32) -> usize =
+        unsafe { std::mem::transmute(libc::dlsym(h, c"fx_fj_function".as_ptr())) };
+    let (xor, ret) = (function(3), function(4));
+    // The fixture's layout (see its source): a 16-byte boundary 13 bytes
+    // before `fx_r8_xor`, the free padding 36..48 bytes after it.
+    let base = xor - 13;
+    assert_eq!(base % 16, 0, "fixture layout");
+    assert_eq!(ret, base + 30, "fixture layout");
+    let (hole_a, hole_b) = (base + 36, base + 41);
+    assert_eq!(code_at(base + 36, 12), vec![0xCC; 12], "fixture padding");
+
+    let mut mem = ExecMem::new(1);
+    let launch = launcher(&mut mem, 0);
+    mem.seal();
+    let old = step_handler();
+
+    #[allow(clippy::type_complexity, reason = "a table")]
+    let shapes: [(&str, usize, usize, fn(u64) -> u64); 2] = [
+        ("xor eax,eax; ret (no padding)", xor, 3, |_| 0),
+        ("ret + 1 byte of int3 padding", ret, 1, |_| 0x5a5a),
+    ];
+    let x = 7;
+    for &(name, f, size, model) in &shapes {
+        // SAFETY: a `u64 -> u64` function of the fixture (it ignores x).
+        let target: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(f) };
+        let report = preflight(f as *const u8, Some(size)).expect("preflight");
+        assert!(report.is_patchable(), "{name}: {report}");
+        assert_eq!(report.patch_len, 2, "{name}: {report}");
+        assert_eq!(
+            report.hole,
+            Some(hole_a),
+            "{name}: the first free hole\n{report}"
+        );
+        // The bytes around the entry and the hole, and the pages' maps lines.
+        let before = code_at(f, 4);
+        let hole_before = code_at(hole_a, 5);
+        // Protections (not VMA bounds: a written private page of a file
+        // mapping is no longer mergeable with its neighbours).
+        let prots = || -> Vec<String> {
+            maps_lines(f, 64)
+                .iter()
+                .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+                .collect()
+        };
+        let maps_before = prots();
+        let opts = InstallOptions {
+            known_size: Some(size),
+            name: Some(name.into()),
+            stop_timeout: std::time::Duration::from_secs(10),
+        };
+        // Every instruction boundary of the function: the overwritten ones
+        // and (xor) the `ret` left in place after the 2 bytes.
+        let mut points: Vec<usize> = report.overwritten.iter().map(|i| i.addr).collect();
+        if size == 3 {
+            points.push(f + 2);
+        }
+        for &at in &points {
+            let st = stats();
+            let mut hook = None;
+            let got = parked_at(launch, f, x, at, || {
+                hook = Some(
+                    Hook::install_with(target, replacement as extern "C" fn(u64) -> u64, &opts)
+                        .expect("install"),
+                );
+            });
+            assert_eq!(
+                stats().fixups_forward - st.fixups_forward,
+                0,
+                "{name}: parked at {at:#x}: a boundary, not strictly inside the 2 bytes"
+            );
+            let want = if at == f { replacement(x) } else { model(x) };
+            assert_eq!(got, want, "{name}: parked at {at:#x} on install");
+            let mut hook = hook.expect("installed");
+            assert_eq!(
+                hook.site().hole().map(|(a, b)| (a, b.to_vec())),
+                Some((hole_a, hole_before.clone()))
+            );
+            assert_eq!(
+                code_at(f, 2),
+                vec![0xEB, (hole_a - f - 2) as u8],
+                "{name}: jmp rel8"
+            );
+            assert_eq!(
+                code_at(hole_a, 1),
+                vec![0xE9],
+                "{name}: jmp rel32 in the hole"
+            );
+            assert_eq!(target(x), replacement(x), "{name}: patched");
+            if size == 3 {
+                // `xor eax,eax; ret` returns 0 whoever calls it.
+                assert_eq!((hook.original())(x), 0, "{name}: original()");
+            }
+
+            // Remove with a thread parked at each point it can be: the
+            // trampoline's equivalents of the overwritten instructions, and
+            // the hole (it took the entry's jmp rel8, not yet the hole's jmp).
+            hook.disable().expect("disable");
+            let map = boundaries(&report, hook.original() as usize);
+            let back_at = map.iter().find(|&&(o, _)| o == at).map_or(at, |&(_, n)| n);
+            for park in [back_at, hole_a] {
+                let st = stats();
+                let mut removed = false;
+                let got = parked_at(launch, f, x, park, || {
+                    hook.remove().expect("remove");
+                    removed = true;
+                });
+                assert!(removed);
+                let moved = park == hole_a || map.iter().any(|&(_, n)| n == park);
+                assert_eq!(
+                    stats().fixups_backward - st.fixups_backward,
+                    u64::from(moved),
+                    "{name}: parked at {park:#x} on remove: moved iff in the trampoline or the hole"
+                );
+                assert_eq!(got, model(x), "{name}: parked at {park:#x} on remove");
+                assert_eq!(
+                    code_at(f, 4),
+                    before,
+                    "{name}: entry bytes restored exactly"
+                );
+                assert_eq!(
+                    code_at(hole_a, 5),
+                    hole_before,
+                    "{name}: hole restored exactly"
+                );
+                assert_eq!(prots(), maps_before, "{name}: protections restored");
+                if park == back_at {
+                    // Install again for the hole case.
+                    hook =
+                        Hook::install_with(target, replacement as extern "C" fn(u64) -> u64, &opts)
+                            .expect("reinstall");
+                    hook.disable().expect("disable");
+                }
+            }
+        }
+    }
+
+    // Both at once: the second site takes the next free hole, never the
+    // first one's bytes; each is restored.
+    let before = code_at(base, 48);
+    // SAFETY: `u64 -> u64` functions of the fixture.
+    let (tx, tr): (extern "C" fn(u64) -> u64, extern "C" fn(u64) -> u64) = unsafe {
+        (
+            std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(xor),
+            std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(ret),
+        )
+    };
+    let mut a = Hook::install_with(
+        tx,
+        replacement as extern "C" fn(u64) -> u64,
+        &InstallOptions {
+            known_size: Some(3),
+            ..Default::default()
+        },
+    )
+    .expect("install xor");
+    let mut b = Hook::install_with(
+        tr,
+        replacement as extern "C" fn(u64) -> u64,
+        &InstallOptions {
+            known_size: Some(1),
+            ..Default::default()
+        },
+    )
+    .expect("install ret");
+    assert_eq!(a.site().hole().map(|h| h.0), Some(hole_a));
+    assert_eq!(b.site().hole().map(|h| h.0), Some(hole_b));
+    assert_eq!((tx(x), tr(x)), (replacement(x), replacement(x)));
+    a.remove().expect("remove xor");
+    assert_eq!(tr(x), replacement(x), "the other site still works");
+    b.remove().expect("remove ret");
+    assert_eq!(
+        code_at(base, 48),
+        before,
+        "both places of both sites restored"
+    );
+
+    // SAFETY: restoring the disposition saved above.
+    unsafe { libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut()) };
+    assert_no_wx("rel8 holes");
+}
+
+/// The rel8 route with a straggler: a thread that blocks the stop signal and
+/// sleeps in a system call makes install and remove write both places (the
+/// hole and the entry) through the int3 protocol; the thread runs the
+/// replacement after install and the original after remove, and both
+/// places are restored exactly.
+#[test]
+fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    let _s = serial();
+    let so = hotpatch_tests::fixtures::plugin("fx-foreign-jump");
+    let c = std::ffi::CString::new(so.to_str().expect("utf-8")).expect("no nul");
+    // SAFETY: our own fixture, built from source; no constructors.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen fixture");
+    // SAFETY: the fixture exports this function with this signature.
+    let function: extern "C" fn(u32) -> usize =
+        unsafe { std::mem::transmute(libc::dlsym(h, c"fx_fj_function".as_ptr())) };
+    let xor = function(3);
+    // SAFETY: `xor eax,eax; ret`, a `u64 -> u64` function of the fixture.
+    let f = unsafe { std::mem::transmute::<usize, extern "C" fn(u64) -> u64>(xor) };
+    let before = code_at(xor - 13, 48);
+
+    // The stop signal exists after one install/remove.
+    let mut warm = ExecMem::new(1);
+    let (w, _) = plain(&mut warm, 0);
+    warm.seal();
+    // SAFETY: assembled with this signature.
+    let wf = unsafe { as_fn(w) };
+    Hook::install(wf, replacement as extern "C" fn(u64) -> u64)
+        .expect("warm-up")
+        .remove()
+        .expect("remove");
+    let sig = hotpatch_patcher::world::stop_signal().expect("stop signal");
+
+    let quit = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let sleeper = {
+        let (quit, results) = (quit.clone(), results.clone());
+        std::thread::spawn(move || {
+            // SAFETY: a local signal set; blocks only the stop signal for
+            // this thread.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            while !quit.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                results.lock().unwrap().push(f(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let opts = InstallOptions {
+        known_size: Some(3),
+        stop_timeout: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let st = stats();
+    let mut hook = None;
+    for _ in 0..20 {
+        match Hook::install_with(f, replacement as extern "C" fn(u64) -> u64, &opts) {
+            Ok(h) => {
+                hook = Some(h);
+                break;
+            }
+            // The sleeper may be between sleeps at the instant we look.
+            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+                std::thread::sleep(Duration::from_millis(7));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut hook = hook.expect("installed through the int3 protocol within 20 tries");
+    assert!(hook.site().hole().is_some(), "the rel8 route");
+    assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
+    let seen = results.lock().unwrap().len();
+    while results.lock().unwrap().len() < seen + 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *results.lock().unwrap().last().unwrap(),
+        replacement(10),
+        "the sleeper runs the replacement"
+    );
+    let st = stats();
+    let mut removed = false;
+    for _ in 0..20 {
+        match hook.remove() {
+            Ok(()) => {
+                removed = true;
+                break;
+            }
+            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+                std::thread::sleep(Duration::from_millis(7));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(removed, "removed through the int3 protocol within 20 tries");
+    assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
+    assert_eq!(
+        code_at(xor - 13, 48),
+        before,
+        "entry and hole restored exactly"
+    );
+    let seen = results.lock().unwrap().len();
+    while results.lock().unwrap().len() < seen + 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    quit.store(true, Ordering::Relaxed);
+    sleeper.join().expect("sleeper survived");
+    let r = results.lock().unwrap();
+    assert_eq!(*r.last().unwrap(), 0, "the sleeper runs the original again");
+    assert!(
+        r.iter().all(|&v| v == 0 || v == replacement(10)),
+        "only old or new results: {r:?}"
+    );
+    assert_no_wx("rel8 int3 protocol");
 }

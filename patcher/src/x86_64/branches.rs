@@ -33,6 +33,10 @@ pub struct BranchIndex {
     branches: Vec<(u64, u64)>,
     /// Starts of function symbols (`.symtab` and `.dynsym`), sorted, unique.
     entries: Vec<u64>,
+    /// `[start, end)` of every symbol with a size in an executable section
+    /// (functions and others), sorted by start: bytes in none of them are
+    /// padding candidates (`decode::find_hole`).
+    ranges: Vec<(u64, u64)>,
     /// Executable bytes decoded.
     pub decoded_bytes: u64,
     /// Microseconds the decode took (parse, sweep, sort).
@@ -82,6 +86,14 @@ impl BranchIndex {
             .collect();
         entries.sort_unstable();
         entries.dedup();
+        let mut ranges: Vec<(u64, u64)> = elf
+            .symbols()
+            .chain(elf.dynamic_symbols())
+            .filter(|s| s.address() != 0 && s.size() != 0 && !s.is_undefined())
+            .map(|s| (s.address(), s.address() + s.size()))
+            .collect();
+        ranges.sort_unstable();
+        ranges.dedup();
         let mut index = BranchIndex {
             build_id: elf.build_id().ok().flatten().map(<[u8]>::to_vec),
             ..BranchIndex::default()
@@ -113,6 +125,7 @@ impl BranchIndex {
         index.branches.dedup();
         index.branches.shrink_to_fit();
         index.entries = entries;
+        index.ranges = ranges;
         index.build_micros = t0.elapsed().as_micros() as u64;
         Ok(index)
     }
@@ -132,6 +145,35 @@ impl BranchIndex {
     pub fn entry_in(&self, lo: u64, hi: u64) -> Option<u64> {
         let i = self.entries.partition_point(|&e| e < lo);
         self.entries.get(i).copied().filter(|&e| e < hi)
+    }
+
+    /// An index of the given `(target, source)` branches, entries and symbol
+    /// ranges (unit tests of the analysis).
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        mut branches: Vec<(u64, u64)>,
+        entries: Vec<u64>,
+        ranges: Vec<(u64, u64)>,
+    ) -> BranchIndex {
+        branches.sort_unstable();
+        BranchIndex {
+            branches,
+            entries,
+            ranges,
+            ..BranchIndex::default()
+        }
+    }
+
+    /// A symbol (with a size) whose bytes overlap `[lo, hi)`: its start.
+    pub fn symbol_over(&self, lo: u64, hi: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|&(s, _)| s < hi);
+        // Sizes differ, so every earlier symbol may reach `lo`; this is only
+        // asked for a handful of candidate holes per too-short function.
+        self.ranges[..i]
+            .iter()
+            .rev()
+            .find(|&&(_, e)| e > lo)
+            .map(|&(s, _)| s)
     }
 
     /// Number of direct branches indexed.
@@ -230,6 +272,15 @@ impl ModuleView {
             .entry_in((lo as u64).wrapping_sub(b), (hi as u64).wrapping_sub(b))
             .map(|e| e.wrapping_add(b) as usize)
     }
+
+    /// A symbol (with a size) overlapping `[lo, hi)` (runtime addresses):
+    /// its start.
+    pub fn symbol_over(&self, lo: usize, hi: usize) -> Option<usize> {
+        let b = self.bias;
+        self.index
+            .symbol_over((lo as u64).wrapping_sub(b), (hi as u64).wrapping_sub(b))
+            .map(|e| e.wrapping_add(b) as usize)
+    }
 }
 
 /// The module holding `addr` in this process, with its index, when it is a
@@ -289,6 +340,15 @@ mod tests {
         assert_eq!(idx.branch_into(0x109, 0x10b), Some((0x10a, 0x10a)));
         assert_eq!(idx.entry_in(0x201, 0x300), None);
         assert_eq!(idx.entry_in(0x201, 0x301), Some(0x300));
+        let idx = BranchIndex::for_test(vec![], vec![], vec![(0x100, 0x140), (0x110, 0x112)]);
+        assert_eq!(
+            idx.symbol_over(0x13f, 0x145),
+            Some(0x100),
+            "a long earlier symbol"
+        );
+        assert_eq!(idx.symbol_over(0x140, 0x145), None, "end is exclusive");
+        assert_eq!(idx.symbol_over(0xfb, 0x100), None);
+        assert_eq!(idx.symbol_over(0xfc, 0x101), Some(0x100));
     }
 
     #[test]

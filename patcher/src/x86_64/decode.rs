@@ -10,7 +10,7 @@ use iced_x86::{
 };
 
 use super::branches::{ModuleView, direct_target};
-use super::{ENDBR64, JMP_REL32_LEN};
+use super::{ENDBR64, JMP_REL8_LEN, JMP_REL32_LEN};
 use crate::error::Error;
 
 /// How far the back-jump scan looked.
@@ -59,6 +59,10 @@ pub struct Analysis {
     pub padding: usize,
     /// How far the back-jump scan went.
     pub scan: ScanExtent,
+    /// A function too short even with its padding: the entry gets a 2-byte
+    /// `jmp rel8` (over `patch_len` >= 2 bytes) to this padding hole, which
+    /// gets the 5-byte `jmp rel32` (see [`find_hole`]).
+    pub hole: Option<usize>,
 }
 
 impl Analysis {
@@ -120,6 +124,7 @@ pub fn analyse_in(
         patch_len: 0,
         padding: 0,
         scan: ScanExtent::Heuristic(0),
+        hole: None,
     };
 
     if code.starts_with(&ENDBR64) {
@@ -134,7 +139,9 @@ pub fn analyse_in(
         if !decoder.can_decode() {
             // The function (known size) or the readable bytes end first.
             if let Err(e) = extend_into_padding(&mut a, full) {
-                return (a, Some(e));
+                if !short_route(&mut a, full, module, &|_, _| false) {
+                    return (a, Some(e));
+                }
             }
             break;
         }
@@ -165,7 +172,9 @@ pub fn analyse_in(
             // The function ends (or leaves for good) before 5 bytes: only
             // alignment padding after it can hold the rest of the jump.
             if let Err(e) = extend_into_padding(&mut a, full) {
-                return (a, Some(e));
+                if !short_route(&mut a, full, module, &|_, _| false) {
+                    return (a, Some(e));
+                }
             }
             break;
         }
@@ -276,6 +285,118 @@ fn extend_into_padding(a: &mut Analysis, full: &[u8]) -> Result<(), Error> {
     a.padding = p - func_end;
     a.patch_len = p - a.patch_at;
     Ok(())
+}
+
+/// Bytes of the hole: the 5-byte `jmp rel32` to the relay.
+pub const HOLE_LEN: usize = JMP_REL32_LEN;
+
+/// The 2-byte route for a function whose instructions and padding hold
+/// fewer than 5 bytes: a `jmp rel8` over whole instructions (and padding
+/// after a terminator) covering at least 2 bytes at `patch_at`, to a
+/// padding hole found by [`find_hole`]. Only with the module's index (which
+/// knows every symbol's bytes and every direct branch target); anonymous
+/// code keeps `E_TOO_SHORT`. On success `a` describes the 2-byte patch and
+/// its hole; on failure `a` is unchanged.
+fn short_route(
+    a: &mut Analysis,
+    full: &[u8],
+    module: Option<&ModuleView>,
+    taken: &dyn Fn(usize, usize) -> bool,
+) -> bool {
+    let Some(m) = module else { return false };
+    let mut b = a.clone();
+    // Whole instructions covering the 2 bytes (the rest stay in place).
+    let mut len = 0;
+    let mut n = 0;
+    for ins in &b.overwritten {
+        if len >= JMP_REL8_LEN {
+            break;
+        }
+        len += ins.len();
+        n += 1;
+    }
+    b.overwritten.truncate(n);
+    b.patch_len = len;
+    b.padding = 0;
+    if len < JMP_REL8_LEN {
+        // A lone 1-byte instruction: only padding after a terminator can
+        // hold the second byte.
+        let Some(last) = b.overwritten.last() else {
+            return false;
+        };
+        if !is_terminator(last) {
+            return false;
+        }
+        let func_end = b.patch_end();
+        let boundary = (func_end + 15) & !15;
+        let mut p = func_end;
+        while p < b.patch_at + JMP_REL8_LEN {
+            let off = p - b.entry;
+            let end_off = boundary.min(b.entry + full.len()) - b.entry;
+            let Some(rest) = full.get(off..end_off) else {
+                return false;
+            };
+            let ins = Decoder::with_ip(64, rest, p as u64, DecoderOptions::NONE).decode();
+            if !is_padding(&ins) || ins.next_ip() as usize > boundary {
+                return false;
+            }
+            p = ins.next_ip() as usize;
+        }
+        b.padding = p - func_end;
+        b.patch_len = p - b.patch_at;
+    }
+    match find_hole(&b, full, m, taken) {
+        Some(h) => {
+            b.hole = Some(h);
+            *a = b;
+            true
+        }
+        None => false,
+    }
+}
+
+/// A padding hole for the 5-byte jump of a short patch `a`: 5 bytes, all
+/// `int3` (`0xCC`), at or after `a.patch_end()` and within `jmp rel8` reach
+/// of `a.patch_at + 2`, inside `full` (the bytes from the entry on), that
+/// belong to no symbol of the module, in which no symbol starts, and at or
+/// into which no direct branch of the module lands; and not `taken` (a live
+/// site's bytes, `taken(lo, hi)`). Only forward holes are looked for (the
+/// bytes before the entry are not read).
+///
+/// Why this is safe to write and restore: no instruction falls into these
+/// bytes (they follow a symbol's end or precede its start with nothing
+/// covering them; an `int3` run that were reached by falling through would
+/// trap anyway), no direct branch targets them, so no thread executes them
+/// before the patch; the only way in after the patch is the entry's `jmp
+/// rel8`. `int3` only (not `nop`): after remove, a thread that had taken the
+/// `jmp rel8` and was preempted before the hole's jump traps on the restored
+/// `int3` and is sent to the trampoline (int3 protocol, `code.rs`).
+pub fn find_hole(
+    a: &Analysis,
+    full: &[u8],
+    m: &ModuleView,
+    taken: &dyn Fn(usize, usize) -> bool,
+) -> Option<usize> {
+    let from = a.patch_at + JMP_REL8_LEN;
+    let last = from + i8::MAX as usize;
+    let mut h = a.patch_end();
+    while h <= last {
+        let off = h - a.entry;
+        let bytes = full.get(off..off + HOLE_LEN)?;
+        if let Some(k) = bytes.iter().rposition(|&b| b != 0xCC) {
+            h += k + 1;
+            continue;
+        }
+        let free = m.symbol_over(h, h + HOLE_LEN).is_none()
+            && m.entry_in(h, h + HOLE_LEN).is_none()
+            && m.branch_into(h - 1, h + HOLE_LEN).is_none()
+            && !taken(h, h + HOLE_LEN);
+        if free {
+            return Some(h);
+        }
+        h += 1;
+    }
+    None
 }
 
 /// An overwritten instruction that must not be moved. `write_end` is one
@@ -428,5 +549,107 @@ mod tests {
         assert_eq!(verdict(&[0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], None), Some("E_UNRELOCATABLE"));
         // empty
         assert_eq!(verdict(&[], None), Some("E_TOO_SHORT"));
+    }
+
+    fn view(branches: Vec<(u64, u64)>, ranges: Vec<(u64, u64)>) -> ModuleView {
+        let entries = ranges.iter().map(|r| r.0).collect();
+        ModuleView {
+            path: "test".into(),
+            index: std::sync::Arc::new(super::super::branches::BranchIndex::for_test(
+                branches, entries, ranges,
+            )),
+            bias: 0,
+        }
+    }
+
+    /// 0x100e: `ret`; 0x100f: int3 (to the boundary); 0x1010: `mov rax,rdi;
+    /// ret` (a symbol of 4 bytes); 0x1014..0x1020: int3 padding; then more.
+    fn short_layout() -> Vec<u8> {
+        let mut c = vec![0xC3, 0xCC, 0x48, 0x89, 0xF8, 0xC3];
+        c.resize(0x1020 - 0x100e, 0xCC);
+        c.resize(200, 0x90);
+        c
+    }
+
+    #[test]
+    fn a_short_function_jumps_by_rel8_to_a_padding_hole() {
+        let code = short_layout();
+        let syms = vec![(0x100e, 0x100f), (0x1010, 0x1014)];
+        let m = view(vec![], syms.clone());
+        let (a, e) = analyse_in(0x100e, &code, Some(1), Some(&m));
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!((a.patch_len, a.padding, a.hole), (2, 1, Some(0x1014)));
+        // Without a module index: no hole is looked for.
+        let (_, e) = analyse_in(0x100e, &code, Some(1), None);
+        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        // A branch of the module into the padding (0x1016): the hole starts after it.
+        let m2 = view(vec![(0x1016, 0x5000)], syms.clone());
+        assert_eq!(
+            analyse_in(0x100e, &code, Some(1), Some(&m2)).0.hole,
+            Some(0x1017)
+        );
+        // ... and a branch to the hole's first byte counts too.
+        let m2 = view(vec![(0x1014, 0x5000)], syms.clone());
+        assert_eq!(
+            analyse_in(0x100e, &code, Some(1), Some(&m2)).0.hole,
+            Some(0x1015)
+        );
+        // int3 bytes inside a symbol (an object, or a function's own body) are not a hole.
+        let mut s3 = syms.clone();
+        s3.push((0x1012, 0x101a));
+        assert_eq!(
+            analyse_in(0x100e, &code, Some(1), Some(&view(vec![], s3)))
+                .0
+                .hole,
+            Some(0x101a)
+        );
+        // Holes taken by live sites are skipped.
+        let (a, _) = analyse_in(0x100e, &code, Some(1), Some(&m));
+        let taken = |lo: usize, hi: usize| lo < 0x1019 && hi > 0x1014;
+        assert_eq!(find_hole(&a, &code, &m, &taken), Some(0x1019));
+        let all = |_: usize, _: usize| true;
+        assert_eq!(find_hole(&a, &code, &m, &all), None);
+        // A lone `ret` with no padding at all (next symbol right after): 1 byte, refused.
+        let mut c = code.clone();
+        c[1] = 0x55; // push rbp
+        let m4 = view(vec![], vec![(0x100e, 0x100f), (0x100f, 0x1014)]);
+        let (_, e) = analyse_in(0x100e, &c[..], Some(1), Some(&m4));
+        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        // ... and when that next function starts with a nop, its entry is
+        // found in the 2 bytes.
+        c[1] = 0x90;
+        let (_, e) = analyse_in(0x100e, &c[..], Some(1), Some(&m4));
+        assert_eq!(e.map(|e| e.code()), Some("E_FOREIGN_JUMP_IN_PATCH"));
+        // xor eax,eax; ret at 0x100d (0 bytes of padding): the jmp rel8
+        // overwrites the xor only; the ret stays.
+        let mut c = vec![0x31, 0xC0, 0xC3];
+        c.extend_from_slice(&code[2..]);
+        let m5 = view(vec![], vec![(0x100d, 0x1010), (0x1010, 0x1014)]);
+        let (a, e) = analyse_in(0x100d, &c, Some(3), Some(&m5));
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!(
+            (a.patch_len, a.padding, a.overwritten.len(), a.hole),
+            (2, 0, 1, Some(0x1014))
+        );
+        // No int3 hole within rel8 reach (nops are not holes): refused.
+        let mut far = code.clone();
+        for b in &mut far[6..] {
+            *b = 0x90;
+        }
+        far[150..160].fill(0xCC);
+        let (_, e) = analyse_in(0x100e, &far, Some(1), Some(&m));
+        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        // The rel8 reach: 127 bytes after the jmp's end (0x1010) is the last start.
+        let mut edge = far.clone();
+        edge[150..160].fill(0x90);
+        let at = 0x1010 + 127 - 0x100e;
+        edge[at..at + 5].fill(0xCC);
+        assert_eq!(
+            analyse_in(0x100e, &edge, Some(1), Some(&m)).0.hole,
+            Some(0x1010 + 127)
+        );
+        edge[at] = 0x90;
+        edge[at + 5] = 0xCC;
+        assert_eq!(analyse_in(0x100e, &edge, Some(1), Some(&m)).0.hole, None);
     }
 }

@@ -13,6 +13,14 @@ pub fn jmp_rel32(from: usize, to: usize) -> Option<[u8; JMP_REL32_LEN]> {
     Some([0xE9, r[0], r[1], r[2], r[3]])
 }
 
+/// `jmp rel8` at `from` to `to` (`EB rel8`), or `None` when `to` is out of
+/// -128..=127 range.
+pub fn jmp_rel8(from: usize, to: usize) -> Option<[u8; super::JMP_REL8_LEN]> {
+    let delta = (to as i64).wrapping_sub((from + super::JMP_REL8_LEN) as i64);
+    let rel = i8::try_from(delta).ok()?;
+    Some([0xEB, rel.to_le_bytes()[0]])
+}
+
 /// `jmp qword ptr [rip+disp32]` at `from` reading its destination from `slot`
 /// (`FF 25 disp32`), or `None` when `slot` is out of range.
 pub fn jmp_indirect_rip(from: usize, slot: usize) -> Option<[u8; RELAY_LEN]> {

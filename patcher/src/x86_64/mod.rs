@@ -12,5 +12,7 @@ pub mod relocate;
 
 /// Length of the entry jump (`jmp rel32`).
 pub const JMP_REL32_LEN: usize = 5;
+/// Length of the short entry jump to a padding hole (`jmp rel8`).
+pub const JMP_REL8_LEN: usize = 2;
 /// `endbr64`.
 pub const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
