@@ -352,10 +352,8 @@ fn patching_works_beside_a_sigev_thread_timer_helper() {
         },
     };
     // SAFETY: a live timer id and a valid itimerspec.
-    assert_eq!(
-        unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) },
-        0
-    );
+    let rc = unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TICKS.load(Ordering::Relaxed) < 20 {
         assert!(Instant::now() < deadline, "timer never fired");
@@ -460,9 +458,8 @@ fn child_expect_denied(needle: &str) {
         ..Default::default()
     };
     let t0 = Instant::now();
-    let err = Hook::install_with(f, v2 as extern "C" fn(u64) -> u64, &opts)
-        .err()
-        .expect("install refused");
+    let err =
+        Hook::install_with(f, v2 as extern "C" fn(u64) -> u64, &opts).expect_err("install refused");
     let took = t0.elapsed();
     let msg = err.to_string();
     println!("refusal after {took:?}: {msg}");
@@ -584,6 +581,10 @@ fn refused_when_already_traced() {
     let out_path = std::env::temp_dir().join(format!("hotpatch-traced-{}.out", std::process::id()));
     let file = std::fs::File::create(&out_path).unwrap();
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    #[allow(
+        clippy::zombie_processes,
+        reason = "reaped by the tracer loop's waitpid(-1, __WALL) below"
+    )]
     let child = cmd.spawn().expect("spawn traced child");
     let pid = child.id() as i32;
     // The tracer loop: continue every stop, forwarding real signals.
