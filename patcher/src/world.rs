@@ -974,6 +974,10 @@ impl std::fmt::Display for Readiness {
         for t in &self.threads {
             let how = match (&t.denial, self.ptrace_enabled) {
                 (_, false) => "ptrace path off: a straggler (int3 protocol or refusal)".to_string(),
+                (None, true) if self.permission.seccomp == 2 => {
+                    "stopped with ptrace, unless the seccomp filter (Seccomp: 2) denies it (only trying tells)"
+                        .to_string()
+                }
                 (None, true) => "stopped with ptrace".to_string(),
                 (Some(d), true) if t.blocks_sigtrap => {
                     format!(
