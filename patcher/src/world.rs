@@ -701,7 +701,12 @@ fn wait_for_stops(
                 let Some(st) = status::task_status(tid) else {
                     continue;
                 };
-                if !st.blocks(sig) {
+                // Blocked *and still pending*: a thread that is inside our
+                // handler right now (whose `sa_mask` blocks the signal too)
+                // has had it delivered, so it is not pending; moving that
+                // thread to ptrace would stop it inside the handler, away
+                // from the context the fix-up must see.
+                if !(st.blocks(sig) && st.pending(sig)) {
                     continue;
                 }
                 e.mask.store(st.sig_blk, Ordering::Relaxed);
