@@ -701,7 +701,12 @@ fn wait_for_stops(
                 let Some(st) = status::task_status(tid) else {
                     continue;
                 };
-                if !st.blocks(sig) {
+                // Blocked *and still pending*: a thread that is inside our
+                // handler right now (whose `sa_mask` blocks the signal too)
+                // has had it delivered, so it is not pending; moving that
+                // thread to ptrace would stop it inside the handler, away
+                // from the context the fix-up must see.
+                if !(st.blocks(sig) && st.pending(sig)) {
                     continue;
                 }
                 e.mask.store(st.sig_blk, Ordering::Relaxed);
@@ -974,6 +979,10 @@ impl std::fmt::Display for Readiness {
         for t in &self.threads {
             let how = match (&t.denial, self.ptrace_enabled) {
                 (_, false) => "ptrace path off: a straggler (int3 protocol or refusal)".to_string(),
+                (None, true) if self.permission.seccomp == 2 => {
+                    "stopped with ptrace, unless the seccomp filter (Seccomp: 2) denies it (only trying tells)"
+                        .to_string()
+                }
                 (None, true) => "stopped with ptrace".to_string(),
                 (Some(d), true) if t.blocks_sigtrap => {
                     format!(

@@ -9,6 +9,9 @@ use crate::raw;
 pub struct TaskStatus {
     /// `SigBlk`: the thread's blocked-signal mask (bit `n-1` = signal `n`).
     pub sig_blk: u64,
+    /// `SigPnd`: signals pending for this thread (not the process-wide
+    /// `ShdPnd`). Read under the same lock as `SigBlk`.
+    pub sig_pnd: u64,
     /// `TracerPid`: the pid tracing this thread, 0 if none.
     pub tracer_pid: i32,
     /// `Seccomp`: 0 none, 1 strict, 2 filter.
@@ -19,6 +22,11 @@ impl TaskStatus {
     /// Whether the mask blocks signal `sig` (1..=64).
     pub fn blocks(&self, sig: i32) -> bool {
         (1..=64).contains(&sig) && self.sig_blk & (1u64 << (sig - 1)) != 0
+    }
+
+    /// Whether signal `sig` (1..=64) is pending for this thread.
+    pub fn pending(&self, sig: i32) -> bool {
+        (1..=64).contains(&sig) && self.sig_pnd & (1u64 << (sig - 1)) != 0
     }
 }
 
@@ -132,6 +140,9 @@ fn parse_radix(v: &[u8], radix: u32) -> Option<u64> {
 /// Parses the fields of a status file's text.
 pub fn parse(text: &[u8]) -> Option<TaskStatus> {
     let sig_blk = parse_radix(field(text, b"SigBlk:")?, 16)?;
+    let sig_pnd = field(text, b"SigPnd:")
+        .and_then(|v| parse_radix(v, 16))
+        .unwrap_or(0);
     let tracer_pid = field(text, b"TracerPid:")
         .and_then(|v| parse_radix(v, 10))
         .unwrap_or(0) as i32;
@@ -140,6 +151,7 @@ pub fn parse(text: &[u8]) -> Option<TaskStatus> {
         .unwrap_or(0) as u32;
     Some(TaskStatus {
         sig_blk,
+        sig_pnd,
         tracer_pid,
         seccomp,
     })

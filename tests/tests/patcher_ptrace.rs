@@ -352,10 +352,8 @@ fn patching_works_beside_a_sigev_thread_timer_helper() {
         },
     };
     // SAFETY: a live timer id and a valid itimerspec.
-    assert_eq!(
-        unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) },
-        0
-    );
+    let rc = unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TICKS.load(Ordering::Relaxed) < 20 {
         assert!(Instant::now() < deadline, "timer never fired");
@@ -433,7 +431,7 @@ fn child_case() -> Option<String> {
 /// In a child: a thread blocking every signal sleeps; install must be refused
 /// with `E_PTRACE_DENIED` at once (long before the 60 s stop timeout), the
 /// message naming the thread, its mask and `needle`; nothing is written.
-fn child_expect_denied(needle: &str) {
+fn child_expect_denied(needle: &str, predicted: bool) {
     let mut mem = ExecMem::new(1);
     let f = many_small_instructions(&mut mem, 0);
     mem.seal();
@@ -455,14 +453,31 @@ fn child_expect_denied(needle: &str) {
         std::thread::yield_now();
     }
     let tid = tid.load(Ordering::Acquire);
+    // What `hotpatch inspect` shows before a patch is tried.
+    let ready = hotpatch_patcher::world::readiness();
+    println!("readiness:\n{ready}");
+    assert!(
+        ready
+            .threads
+            .iter()
+            .any(|t| t.tid as u64 == tid && t.blocks_sigtrap),
+        "lists the blocking thread: {ready:?}"
+    );
+    if predicted {
+        let e = ready.refusal().expect("refusal predicted");
+        assert_eq!(e.code(), "E_PTRACE_DENIED");
+        assert!(e.to_string().contains(needle), "{e}");
+    } else {
+        // A seccomp filter is only found by trying.
+        assert!(ready.refusal().is_none());
+    }
     let opts = InstallOptions {
         stop_timeout: Duration::from_secs(60),
         ..Default::default()
     };
     let t0 = Instant::now();
-    let err = Hook::install_with(f, v2 as extern "C" fn(u64) -> u64, &opts)
-        .err()
-        .expect("install refused");
+    let err =
+        Hook::install_with(f, v2 as extern "C" fn(u64) -> u64, &opts).expect_err("install refused");
     let took = t0.elapsed();
     let msg = err.to_string();
     println!("refusal after {took:?}: {msg}");
@@ -517,7 +532,7 @@ fn refused_when_not_dumpable() {
         drop_cap_sys_ptrace();
         // SAFETY: prctl with a value argument.
         assert_eq!(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, 0);
-        child_expect_denied("not dumpable");
+        child_expect_denied("not dumpable", true);
         return;
     }
     if child_case().is_some() {
@@ -564,7 +579,7 @@ fn drop_cap_sys_ptrace() {
 fn refused_when_already_traced() {
     const NAME: &str = "refused_when_already_traced";
     if child_case().as_deref() == Some("traced") {
-        child_expect_denied("already traced by pid");
+        child_expect_denied("already traced by pid", true);
         return;
     }
     if child_case().is_some() {
@@ -584,6 +599,10 @@ fn refused_when_already_traced() {
     let out_path = std::env::temp_dir().join(format!("hotpatch-traced-{}.out", std::process::id()));
     let file = std::fs::File::create(&out_path).unwrap();
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    #[allow(
+        clippy::zombie_processes,
+        reason = "reaped by the tracer loop's waitpid(-1, __WALL) below"
+    )]
     let child = cmd.spawn().expect("spawn traced child");
     let pid = child.id() as i32;
     // The tracer loop: continue every stop, forwarding real signals.
@@ -637,7 +656,7 @@ fn refused_under_a_seccomp_filter_denying_ptrace() {
     const NAME: &str = "refused_under_a_seccomp_filter_denying_ptrace";
     if child_case().as_deref() == Some("seccomp") {
         deny_ptrace_with_seccomp();
-        child_expect_denied("seccomp");
+        child_expect_denied("seccomp", false);
         return;
     }
     if child_case().is_some() {
