@@ -67,7 +67,7 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Runs the checks in DESIGN.md's order: file, integrity, ELF, descriptor,
+/// Runs the checks in the crate docs' order: file, integrity, ELF, descriptor,
 /// entry points.
 pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     let p = || path.to_path_buf();

@@ -53,8 +53,8 @@
 //! # Which unwinder
 //!
 //! backtrace-rs over libgcc's `_Unwind_Backtrace` (as pprof-rs's default),
-//! not a frame-pointer walk. Measured on this machine (DESIGN.md,
-//! "profiler"; BENCHMARKS.md, "profiler"): the frame-pointer walker starts
+//! not a frame-pointer walk. Measured on this machine (BENCHMARKS.md,
+//! "profiler"): the frame-pointer walker starts
 //! at RBP and never records the interrupted RIP, so a sample inside a plugin
 //! function is charged to its caller — wrong attribution, which no
 //! resolution can fix. The default records the leaf, found FDEs through
