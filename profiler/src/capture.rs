@@ -115,6 +115,17 @@ pub struct SamplerCounts {
     pub thread_clock_failures: u64,
 }
 
+/// What a stopping session knows of itself beyond its samples.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionFacts {
+    /// Samples dropped at the gate and registrations skipped.
+    pub(crate) gate: (u64, u64),
+    /// The clock that drove sampling.
+    pub(crate) clock: Clock,
+    /// The sampler's counters.
+    pub(crate) sampler: SamplerCounts,
+}
+
 /// Caps applied to a capture read from another process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -174,10 +185,13 @@ impl RawProfile {
         inline_frames: bool,
         start_time: SystemTime,
         duration: Duration,
-        gate: (u64, u64),
-        clock: Clock,
-        sampler: SamplerCounts,
+        facts: SessionFacts,
     ) -> RawProfile {
+        let SessionFacts {
+            gate,
+            clock,
+            sampler,
+        } = facts;
         let reg = Registry::global();
         let now = reg.current_seq();
         let from = epochs.iter().map(|e| e.seq).min().unwrap_or(now);
@@ -483,9 +497,11 @@ mod tests {
             true,
             SystemTime::now(),
             Duration::from_millis(5),
-            (0, 0),
-            Clock::PerfEvent,
-            SamplerCounts::default(),
+            SessionFacts {
+                gate: (0, 0),
+                clock: Clock::PerfEvent,
+                sampler: SamplerCounts::default(),
+            },
         )
     }
 

@@ -500,17 +500,19 @@ impl Session {
             self.shared.config.inline_frames,
             self.started_at,
             duration,
-            (
-                dropped - self.gate_at_start.0,
-                skipped - self.gate_at_start.1,
-            ),
-            self.shared.clock,
-            crate::capture::SamplerCounts {
-                handlers_left_by_jump: abandoned - self.gate_at_start.2,
-                signals: signals - self.counters_at_start.0,
-                lost_buffer_full: lost - self.counters_at_start.1,
-                threads_clocked: clocked,
-                thread_clock_failures: failures,
+            crate::capture::SessionFacts {
+                gate: (
+                    dropped - self.gate_at_start.0,
+                    skipped - self.gate_at_start.1,
+                ),
+                clock: self.shared.clock,
+                sampler: crate::capture::SamplerCounts {
+                    handlers_left_by_jump: abandoned - self.gate_at_start.2,
+                    signals: signals - self.counters_at_start.0,
+                    lost_buffer_full: lost - self.counters_at_start.1,
+                    threads_clocked: clocked,
+                    thread_clock_failures: failures,
+                },
             },
         ))
     }
