@@ -57,6 +57,13 @@ struct Entry {
     pt_err: AtomicI32,
     /// Signal to re-inject at detach (a signal-delivery-stop), or 0.
     pt_sig: AtomicI32,
+    /// 2 when the ptrace stop interrupted a restartable system call (the
+    /// kernel rewinds RIP by 2 on resume; `rip` holds the rewound address),
+    /// else 0.
+    pt_restart: AtomicU64,
+    /// `tgkill` could not queue the stop signal (EAGAIN: RLIMIT_SIGPENDING):
+    /// the probe hands the thread to ptrace whatever its mask.
+    unsent: AtomicBool,
 }
 
 fn pack(tid: i32, state: u32) -> u64 {
@@ -96,6 +103,8 @@ const ENTRY: Entry = Entry {
     seized: AtomicBool::new(false),
     pt_err: AtomicI32::new(0),
     pt_sig: AtomicI32::new(0),
+    pt_restart: AtomicU64::new(0),
+    unsent: AtomicBool::new(false),
 };
 
 static TABLE: [Entry; MAX_THREADS] = [ENTRY; MAX_THREADS];
@@ -529,6 +538,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     // running may have created one).
     for _round in 0..1000 {
         let mut new = 0;
+        let mut pre = 0;
         for_each_tid(dirfd, &mut buf, |tid| {
             if tid == me {
                 return;
@@ -547,16 +557,43 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
             e.seized.store(false, Ordering::Relaxed);
             e.pt_err.store(0, Ordering::Relaxed);
             e.pt_sig.store(0, Ordering::Relaxed);
+            e.pt_restart.store(0, Ordering::Relaxed);
+            e.unsent.store(false, Ordering::Relaxed);
             new += 1;
+            // A thread that blocked the stop signal at an earlier stop and
+            // still has it pending goes straight to ptrace: sending again
+            // would queue one more real-time instance per stop until
+            // RLIMIT_SIGPENDING is reached (tgkill: EAGAIN).
+            if use_ptrace && was_blocker(tid) {
+                if let Some(st) = status::task_status(tid) {
+                    if st.blocks(sig) && st.pending(sig) {
+                        e.mask.store(st.sig_blk, Ordering::Relaxed);
+                        e.tracer.store(st.tracer_pid, Ordering::Relaxed);
+                        e.word.store(pack(tid, PT_WANT), Ordering::Release);
+                        COUNT.store(n + 1, Ordering::Release);
+                        pre += 1;
+                        return;
+                    }
+                }
+            }
             e.word.store(pack(tid, SENT), Ordering::Release);
             COUNT.store(n + 1, Ordering::Release);
-            if raw::tgkill(pid, tid, sig).is_err() {
-                // ESRCH: the thread exited. Nothing to wait for.
-                e.word.store(pack(tid, EMPTY), Ordering::Release);
+            match raw::tgkill(pid, tid, sig) {
+                Ok(_) => {}
+                // The thread exited. Nothing to wait for.
+                Err(libc::ESRCH) => e.word.store(pack(tid, EMPTY), Ordering::Release),
+                // Any other error (EAGAIN: RLIMIT_SIGPENDING reached, the
+                // real-time signal could not be queued) leaves the slot
+                // `SENT`, never "gone": the probe hands the thread to ptrace
+                // (or, with ptrace off, it is a straggler).
+                Err(_) => e.unsent.store(true, Ordering::Release),
             }
         })?;
         if overflow || new == 0 {
             break;
+        }
+        if pre > 0 {
+            start_ptrace_batch(&mut stopped, timeout);
         }
         let deadline = Instant::now() + timeout;
         wait_for_stops(&mut stopped, sig, use_ptrace, timeout, deadline);
@@ -620,6 +657,23 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
         });
     }
     Ok(stopped)
+}
+
+/// Tids that blocked the stop signal with it pending at an earlier stop
+/// (a small ring; a reused tid is harmless: its status is read first).
+static BLOCKERS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+static BLOCKERS_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn remember_blocker(tid: i32) {
+    if was_blocker(tid) {
+        return;
+    }
+    let i = BLOCKERS_NEXT.fetch_add(1, Ordering::Relaxed) % BLOCKERS.len();
+    BLOCKERS[i].store(tid, Ordering::Relaxed);
+}
+
+fn was_blocker(tid: i32) -> bool {
+    BLOCKERS.iter().any(|t| t.load(Ordering::Relaxed) == tid)
 }
 
 /// `pt_err` of a thread the helper was to seize when the helper died.
@@ -706,7 +760,9 @@ fn wait_for_stops(
                 // has had it delivered, so it is not pending; moving that
                 // thread to ptrace would stop it inside the handler, away
                 // from the context the fix-up must see.
-                if !(st.blocks(sig) && st.pending(sig)) {
+                // A thread the signal could not be queued to is taken
+                // whatever its mask.
+                if !(e.unsent.load(Ordering::Acquire) || st.blocks(sig) && st.pending(sig)) {
                     continue;
                 }
                 e.mask.store(st.sig_blk, Ordering::Relaxed);
@@ -714,6 +770,9 @@ fn wait_for_stops(
                 // The signal stays pending; if the thread unblocks it later,
                 // the handler finds no `SENT` slot and returns at once.
                 if e.transition(tid, SENT, PT_WANT) {
+                    if st.blocks(sig) && st.pending(sig) {
+                        remember_blocker(tid);
+                    }
                     moved += 1;
                 }
             }
@@ -818,8 +877,18 @@ fn trace_batch() {
                     e.pt_sig.store(signal, Ordering::Relaxed);
                     let mut regs = ptrace::zeroed_regs();
                     if ptrace::getregs(tid, &mut regs).is_ok() {
-                        e.rip.store(regs.rip, Ordering::Relaxed);
-                        e.new_rip.store(regs.rip, Ordering::Relaxed);
+                        // Stopped inside a system call that the kernel will
+                        // restart on resume: it rewinds RIP by 2 (the
+                        // `syscall` instruction) then, so that is where the
+                        // thread is, as the signal path sees it.
+                        let adj = restart_rewind(&regs);
+                        if adj != 0 {
+                            stats::bump(&stats::PTRACE_RESTARTS);
+                        }
+                        e.pt_restart.store(adj, Ordering::Relaxed);
+                        e.rip.store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);
+                        e.new_rip
+                            .store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);
                         e.transition(tid, PT_WANT, STOPPED);
                         stats::bump(&stats::PTRACE_STOPS);
                     } else {
@@ -849,6 +918,23 @@ fn trace_batch() {
     }
 }
 
+/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`,
+/// `-ERESTART_RESTARTBLOCK` (include/linux/errno.h): a system call
+/// interrupted by our ptrace stop that the kernel restarts on resume by
+/// rewinding RIP over the 2-byte `syscall` (also `int 0x80`, `sysenter`'s
+/// vDSO path re-enters through a 2-byte instruction as well).
+const RESTART_CODES: [i64; 4] = [-512, -513, -514, -516];
+
+/// How far the kernel will rewind RIP when this stopped tracee resumes: 2
+/// inside a restartable system call, else 0.
+fn restart_rewind(regs: &ptrace::Regs) -> u64 {
+    if (regs.orig_rax as i64) >= 0 && RESTART_CODES.contains(&(regs.rax as i64)) {
+        2
+    } else {
+        0
+    }
+}
+
 /// After the release: writes each moved RIP, detaches every tracee with the
 /// signal it was stopped for. Runs in the helper.
 fn resume_all() {
@@ -864,7 +950,13 @@ fn resume_all() {
             if new_rip != rip {
                 let mut regs = ptrace::zeroed_regs();
                 if ptrace::getregs(tid, &mut regs).is_ok() {
-                    regs.rip = new_rip;
+                    // Keep the restart: write the address *after* the
+                    // relocated `syscall`, the kernel rewinds onto it and
+                    // the call restarts there exactly as it would have in
+                    // place (or, if a re-injected signal's handler ends it
+                    // with EINTR instead, the thread continues after the
+                    // relocated `syscall`: also equivalent).
+                    regs.rip = new_rip.wrapping_add(e.pt_restart.load(Ordering::Relaxed));
                     let _ = ptrace::setregs(tid, &regs);
                 }
             }
