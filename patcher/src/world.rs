@@ -414,6 +414,14 @@ impl Stopped {
         }
     }
 
+    /// Whether every thread counted as parked is still stopped: false if
+    /// the ptrace helper died since [`stop`] returned (the kernel then
+    /// detached its tracees and they run again). A writer should check this
+    /// right before writing and, if false, release and retry.
+    pub fn still_stopped(&self) -> bool {
+        !self.helper.as_ref().is_some_and(Helper::exited)
+    }
+
     /// Releases the parked threads and waits until each has left the handler.
     pub fn release(mut self) {
         self.release_inner();
@@ -427,6 +435,10 @@ impl Stopped {
         RELEASE.store(1, Ordering::Release);
         futex_wake(&RELEASE, i32::MAX);
         // The helper writes any moved RIP, detaches its tracees and exits.
+        // PT_GO too: a helper still waiting for it (never told to go) must
+        // not wait forever.
+        PT_GO.store(1, Ordering::Release);
+        futex_wake(&PT_GO, 1);
         PT_REQ.fetch_add(1, Ordering::AcqRel);
         futex_wake(&PT_REQ, 1);
         loop {
@@ -634,6 +646,11 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
         } else {
             e.transition(tid, PT_FAILED, SENT);
         }
+    }
+    // Re-check: a helper that died after stopping threads let them run
+    // again (the kernel detached them); they are stragglers, not parked.
+    if stopped.helper.as_ref().is_some_and(Helper::exited) {
+        helper_died_after_stops();
     }
     give_up_on_unparked(&mut stopped);
     if let Some((tid, mask, errno, tracer)) = denied {
@@ -873,6 +890,16 @@ fn trace_batch() {
             }
             match ptrace::wait(tid, false) {
                 Ok(ptrace::Wait::NotYet) => pending = pending.saturating_add(1),
+                Ok(ptrace::Wait::Stopped { signal })
+                    if raw::tgkill(raw::getppid(), tid, 0) == Err(libc::ESRCH) =>
+                {
+                    // The tid is no longer a thread of ours (it exited and
+                    // the number was reused by another process between the
+                    // listing and the seize): let it go, it is not ours.
+                    let _ = ptrace::detach(tid, signal);
+                    e.seized.store(false, Ordering::Release);
+                    e.transition(tid, PT_WANT, EMPTY);
+                }
                 Ok(ptrace::Wait::Stopped { signal }) => {
                     e.pt_sig.store(signal, Ordering::Relaxed);
                     let mut regs = ptrace::zeroed_regs();
@@ -968,6 +995,22 @@ fn resume_all() {
             let _ = ptrace::detach(tid, signal);
         }
         e.seized.store(false, Ordering::Release);
+    }
+}
+
+/// The helper is gone: the threads it had stopped run again. Their
+/// `STOPPED` entries become `GAVE_UP` (stragglers for the caller to vet).
+fn helper_died_after_stops() {
+    let n = COUNT.load(Ordering::Acquire);
+    for e in &TABLE[..n] {
+        let tid = e.tid();
+        if e.seized.load(Ordering::Acquire) && e.transition(tid, STOPPED, GAVE_UP) {
+            e.seized.store(false, Ordering::Release);
+            if raw::tgkill(raw::getpid(), tid, 0).is_ok() {
+                // Listed by `give_up_on_unparked`'s pass below via `SENT`.
+                e.word.store(pack(tid, SENT), Ordering::Release);
+            }
+        }
     }
 }
 

@@ -1034,3 +1034,66 @@ fn a_thread_stopped_in_a_restartable_syscall_is_reported_at_the_syscall() {
         run_child(NAME, c, &mut child_command(NAME, c));
     }
 }
+
+/// If the ptrace helper dies after the stop (killed from outside), the
+/// kernel detaches its tracees and they run again: `still_stopped` says so
+/// (a writer checks it right before writing). Killed for real with SIGKILL.
+#[test]
+fn a_dead_helper_is_reported_before_the_write() {
+    const NAME: &str = "a_dead_helper_is_reported_before_the_write";
+    if child_case().as_deref() == Some("helper-dies") {
+        let quit = Arc::new(AtomicBool::new(false));
+        let spins = Arc::new(AtomicU64::new(0));
+        let t = {
+            let (quit, spins) = (quit.clone(), spins.clone());
+            std::thread::spawn(move || {
+                block_all_signals();
+                while !quit.load(Ordering::Relaxed) {
+                    spins.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        while spins.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let mut scratch = ExecMem::new(1);
+        let f = many_small_instructions(&mut scratch, 0);
+        scratch.seal();
+        stop_signal(f);
+        let before = stats();
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        let stopped = hotpatch_patcher::world::stop(Duration::from_secs(30)).expect("stop");
+        assert!(stats().ptrace_stops > before.ptrace_stops, "by ptrace");
+        assert!(stopped.still_stopped());
+        // The helper is this thread's child.
+        let children =
+            std::fs::read_to_string(format!("/proc/self/task/{me}/children")).unwrap_or_default();
+        let helper: i32 = children
+            .split_whitespace()
+            .next()
+            .expect("a helper child")
+            .parse()
+            .unwrap();
+        // SAFETY: kills the helper process this stop started.
+        assert_eq!(unsafe { libc::kill(helper, libc::SIGKILL) }, 0);
+        while stopped.still_stopped() {
+            std::thread::yield_now();
+        }
+        // The thread runs again, as `still_stopped` said.
+        let s0 = spins.load(Ordering::Relaxed);
+        while spins.load(Ordering::Relaxed) == s0 {
+            std::thread::yield_now();
+        }
+        stopped.release();
+        quit.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        println!("CHILD-OK");
+        return;
+    }
+    if child_case().is_some() {
+        return;
+    }
+    let _s = serial();
+    run_child(NAME, "helper-dies", &mut child_command(NAME, "helper-dies"));
+}
