@@ -11,6 +11,7 @@ pub(crate) static PTRACE_STOPS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PTRACE_HELPERS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static REFUSED_PTRACE: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PTRACE_RESTARTS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FRAME_FIXUPS: AtomicU64 = AtomicU64::new(0);
 
 /// Process-wide counters since start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +35,9 @@ pub struct Stats {
     /// ptrace stops that caught a thread inside a restartable system call
     /// (its RIP is taken as the `syscall` instruction's, see world.rs).
     pub ptrace_restarts: u64,
+    /// Saved RIPs moved inside signal frames on a stopped thread's stack
+    /// (it was running a handler when stopped).
+    pub frame_fixups: u64,
 }
 
 /// The current counters.
@@ -48,6 +52,7 @@ pub fn stats() -> Stats {
         ptrace_helpers: PTRACE_HELPERS.load(Ordering::Relaxed),
         refused_ptrace: REFUSED_PTRACE.load(Ordering::Relaxed),
         ptrace_restarts: PTRACE_RESTARTS.load(Ordering::Relaxed),
+        frame_fixups: FRAME_FIXUPS.load(Ordering::Relaxed),
     }
 }
 

@@ -61,6 +61,9 @@ struct Entry {
     /// kernel rewinds RIP by 2 on resume; `rip` holds the rewound address),
     /// else 0.
     pt_restart: AtomicU64,
+    /// The stack pointer at the stop (interrupted context), for the scan of
+    /// signal frames below it ([`scan_signal_frames`]).
+    rsp: AtomicU64,
     /// `tgkill` could not queue the stop signal (EAGAIN: RLIMIT_SIGPENDING):
     /// the probe hands the thread to ptrace whatever its mask.
     unsent: AtomicBool,
@@ -105,6 +108,7 @@ const ENTRY: Entry = Entry {
     pt_sig: AtomicI32::new(0),
     pt_restart: AtomicU64::new(0),
     unsent: AtomicBool::new(false),
+    rsp: AtomicU64::new(0),
 };
 
 static TABLE: [Entry; MAX_THREADS] = [ENTRY; MAX_THREADS];
@@ -200,9 +204,99 @@ fn install_handler() -> Result<()> {
             return Err(Error::os("sigaction(stop signal)"));
         }
     }
+    // The kernel stored glibc's `__restore_rt` as our `sa_restorer`: the
+    // return address of every signal frame glibc's `sigaction` sets up.
+    // SAFETY: reads back the action just installed into a zeroed struct.
+    unsafe {
+        let mut cur: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut cur) == 0 && cur.sa_flags & SA_RESTORER != 0
+        {
+            RESTORER.store(cur.sa_restorer.map_or(0, |r| r as usize), Ordering::Release);
+        }
+    }
     SIGNAL.store(sig, Ordering::Release);
     INSTALLED.store(true, Ordering::Release);
     Ok(())
+}
+
+/// `SA_RESTORER` (asm/signal.h, x86-64).
+const SA_RESTORER: i32 = 0x0400_0000;
+/// glibc's `__restore_rt` (0 if unknown).
+static RESTORER: AtomicUsize = AtomicUsize::new(0);
+/// How far above a stopped thread's stack pointer signal frames are sought.
+const FRAME_SCAN: usize = 64 * 1024;
+
+/// Reads `buf.len()` bytes at `addr` of our own memory; false if any part
+/// is unmapped (`process_vm_readv` reports it instead of faulting).
+fn read_own(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` covers `buf`, writable; the kernel checks `remote`.
+    let n = unsafe { libc::process_vm_readv(raw::getpid(), &local, 1, &remote, 1, 0) };
+    n == buf.len() as isize
+}
+
+/// Writes `bytes` at `addr` of our own memory (a stopped thread's stack).
+fn write_own(addr: usize, bytes: &[u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: `local` covers `bytes` (only read); the kernel checks `remote`.
+    let n = unsafe { libc::process_vm_writev(raw::getpid(), &local, 1, &remote, 1, 0) };
+    n == bytes.len() as isize
+}
+
+/// Looks for signal frames (a word equal to `__restore_rt`: the handler's
+/// return address, followed by the `ucontext_t`) in the `FRAME_SCAN` bytes
+/// above `rsp` (stopping at an unreadable page), and passes each frame's
+/// saved RIP through `f`; a moved RIP is written back into the frame, so
+/// that `rt_sigreturn` resumes at the equivalent address. With every
+/// thread stopped; no allocation (a 4 KiB stack buffer).
+fn scan_signal_frames(rsp: u64, f: &mut impl FnMut(usize) -> usize) {
+    let restorer = RESTORER.load(Ordering::Acquire);
+    if restorer == 0 || rsp == 0 {
+        return;
+    }
+    // rt_sigframe: pretcode, then the ucontext_t.
+    let rip_off =
+        8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) + libc::REG_RIP as usize * 8;
+    let mut buf = [0u8; 4096];
+    let start = (rsp as usize) & !7;
+    let mut at = start;
+    while at < start + FRAME_SCAN {
+        let len = (4096 - (at & 4095)).min(buf.len());
+        if !read_own(at, &mut buf[..len]) {
+            return;
+        }
+        for (i, w) in buf[..len].chunks_exact(8).enumerate() {
+            if usize::from_ne_bytes(w.try_into().unwrap_or([0; 8])) != restorer {
+                continue;
+            }
+            let slot = at + i * 8 + rip_off;
+            let mut saved = [0u8; 8];
+            if !read_own(slot, &mut saved) {
+                continue;
+            }
+            let rip = usize::from_ne_bytes(saved);
+            let to = f(rip);
+            if to != rip {
+                stats::bump(&stats::FRAME_FIXUPS);
+                write_own(slot, &to.to_ne_bytes());
+            }
+        }
+        at += len;
+    }
 }
 
 fn gettid() -> i32 {
@@ -265,6 +359,9 @@ extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
     // interrupted context as the third argument; it lives on this thread's
     // (signal) stack until the handler returns.
     let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    // SAFETY: as above.
+    let rsp = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RSP as usize] } as u64;
+    e.rsp.store(rsp, Ordering::Relaxed);
     e.rip.store(rip, Ordering::Relaxed);
     e.new_rip.store(rip, Ordering::Relaxed);
     if !e.transition(tid, SENT, STOPPED) {
@@ -410,6 +507,10 @@ impl Stopped {
                 let rip = e.new_rip.load(Ordering::Acquire) as usize;
                 let to = f(rip);
                 e.new_rip.store(to as u64, Ordering::Release);
+                // A context the thread returns to later: interrupted by a
+                // signal whose handler (blocking the stop signal, or below
+                // our own handler) it is running now.
+                scan_signal_frames(e.rsp.load(Ordering::Acquire), &mut f);
             }
         }
     }
@@ -571,6 +672,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
             e.pt_sig.store(0, Ordering::Relaxed);
             e.pt_restart.store(0, Ordering::Relaxed);
             e.unsent.store(false, Ordering::Relaxed);
+            e.rsp.store(0, Ordering::Relaxed);
             new += 1;
             // A thread that blocked the stop signal at an earlier stop and
             // still has it pending goes straight to ptrace: sending again
@@ -913,6 +1015,7 @@ fn trace_batch() {
                             stats::bump(&stats::PTRACE_RESTARTS);
                         }
                         e.pt_restart.store(adj, Ordering::Relaxed);
+                        e.rsp.store(regs.rsp, Ordering::Relaxed);
                         e.rip.store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);
                         e.new_rip
                             .store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);

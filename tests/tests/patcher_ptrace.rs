@@ -744,16 +744,13 @@ fn sigpending_limit_does_not_make_a_blocking_thread_look_gone() {
             rlim_cur: 8,
             rlim_max: libc::RLIM_INFINITY,
         };
-        // SAFETY: a valid rlimit for this process.
         let mut old = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         // SAFETY: `old` is a valid out-pointer.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_SIGPENDING, &mut old) },
-            0
-        );
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_SIGPENDING, &mut old) };
+        assert_eq!(rc, 0);
         let lim = libc::rlimit {
             rlim_max: old.rlim_max,
             ..lim
@@ -893,10 +890,8 @@ fn a_thread_in_a_syscall_ending_at_the_patch_address_resumes_correctly() {
         };
         let put = |b: u8| {
             // SAFETY: writes one byte from a live local to the pipe.
-            assert_eq!(
-                unsafe { libc::write(fds[1], &b as *const u8 as *const c_void, 1) },
-                1
-            );
+            let n = unsafe { libc::write(fds[1], &b as *const u8 as *const c_void, 1) };
+            assert_eq!(n, 1);
         };
         let before = stats();
         // Install while it sleeps in read(2) with RIP == target.
@@ -1014,10 +1009,8 @@ fn a_thread_stopped_in_a_restartable_syscall_is_reported_at_the_syscall() {
         }
         let b = 0x77u8;
         // SAFETY: writes one byte from a live local to the pipe.
-        assert_eq!(
-            unsafe { libc::write(fds[1], &b as *const u8 as *const c_void, 1) },
-            1
-        );
+        let n = unsafe { libc::write(fds[1], &b as *const u8 as *const c_void, 1) };
+        assert_eq!(n, 1);
         assert_eq!(
             t.join().expect("reader survived"),
             (1001, 0x77),
@@ -1096,4 +1089,132 @@ fn a_dead_helper_is_reported_before_the_write() {
     }
     let _s = serial();
     run_child(NAME, "helper-dies", &mut child_command(NAME, "helper-dies"));
+}
+
+static HOST_RIP: AtomicU64 = AtomicU64::new(0);
+static HOST_GO: AtomicBool = AtomicBool::new(false);
+
+/// A host handler whose `sa_mask` blocks every signal (so the stop signal
+/// too): records where it interrupted the thread, then waits for `HOST_GO`.
+extern "C" fn host_handler(_: i32, _: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted context.
+    let rip =
+        unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] };
+    HOST_RIP.store(rip as u64, Ordering::Release);
+    while !HOST_GO.load(Ordering::Acquire) {
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+/// A thread running a host signal handler that blocks the stop signal is
+/// stopped with ptrace *inside the handler*; the context it returns to (in
+/// the signal frame on its stack) is inside the patched bytes. The fix-up
+/// must move the saved RIP in the frame, else `rt_sigreturn` resumes in the
+/// middle of the entry jump. Retried until the handler interrupted the
+/// thread strictly inside the bytes (the verdict is never timing). In a
+/// child: before the fix this crashes.
+#[test]
+fn a_thread_in_a_host_handler_interrupted_inside_the_bytes_is_moved() {
+    const NAME: &str = "a_thread_in_a_host_handler_interrupted_inside_the_bytes_is_moved";
+    if child_case().as_deref() != Some("frame") {
+        if child_case().is_none() {
+            let _s = serial();
+            run_child(NAME, "frame", &mut child_command(NAME, "frame"));
+        }
+        return;
+    }
+    // SAFETY: installs a handler for SIGUSR1 with every signal blocked in it.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = host_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigfillset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let mut mem = ExecMem::new(1);
+    let flag = Box::leak(Box::new(0u8)) as *mut u8 as usize;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    for _ in 0..5 {
+        a.nop().unwrap();
+    }
+    a.mov(rax, flag as u64).unwrap();
+    a.cmp(byte_ptr(rax), 0).unwrap();
+    a.je(top).unwrap();
+    a.mov(eax, 1).unwrap();
+    a.ret().unwrap();
+    let f = mem.put(0, &mut a);
+    mem.seal();
+    // SAFETY: assembled with this signature.
+    let target: extern "C" fn(u64) -> u64 = unsafe { as_fn(f) };
+    extern "C" fn two(_: u64) -> u64 {
+        2
+    }
+    let mut scratch = ExecMem::new(1);
+    let g = many_small_instructions(&mut scratch, 0);
+    scratch.seal();
+    stop_signal(g);
+    let opts = InstallOptions {
+        stop_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(tries < 10_000, "never interrupted inside the bytes");
+        // SAFETY: a leaked, live byte read by the spinner.
+        unsafe { std::ptr::write_volatile(flag as *mut u8, 0) };
+        HOST_RIP.store(0, Ordering::Release);
+        HOST_GO.store(false, Ordering::Release);
+        let tid = Arc::new(AtomicU64::new(0));
+        let t2 = tid.clone();
+        let spinner = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            t2.store(unsafe { libc::gettid() } as u64, Ordering::Release);
+            target(0)
+        });
+        while tid.load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        // SAFETY: signals a live thread of this process.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                tid.load(Ordering::Acquire) as i32,
+                libc::SIGUSR1,
+            )
+        };
+        while HOST_RIP.load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+        let rip = HOST_RIP.load(Ordering::Acquire) as usize;
+        if !(rip > f && rip < f + 5) {
+            HOST_GO.store(true, Ordering::Release);
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(flag as *mut u8, 1) };
+            assert_eq!(spinner.join().unwrap(), 1);
+            continue;
+        }
+        let before = stats();
+        let mut h =
+            Hook::install_with(target, two as extern "C" fn(u64) -> u64, &opts).expect("install");
+        let after = stats();
+        assert!(
+            after.ptrace_stops > before.ptrace_stops,
+            "stopped by ptrace"
+        );
+        assert!(after.frame_fixups > before.frame_fixups, "frame moved");
+        HOST_GO.store(true, Ordering::Release);
+        // It returns from the handler into the trampoline, loops back to the
+        // entry, now the jump to `two`.
+        assert_eq!(spinner.join().expect("spinner"), 2);
+        h.remove().expect("remove");
+        println!("caught after {tries} tries at {rip:#x}");
+        break;
+    }
+    println!("CHILD-OK");
 }
