@@ -10,6 +10,8 @@ pub(crate) static REFUSED_UNSTOPPABLE: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PTRACE_STOPS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PTRACE_HELPERS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static REFUSED_PTRACE: AtomicU64 = AtomicU64::new(0);
+pub(crate) static PTRACE_RESTARTS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FRAME_FIXUPS: AtomicU64 = AtomicU64::new(0);
 
 /// Process-wide counters since start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,6 +32,12 @@ pub struct Stats {
     pub ptrace_helpers: u64,
     /// Installs/removes refused with `E_PTRACE_DENIED`.
     pub refused_ptrace: u64,
+    /// ptrace stops that caught a thread inside a restartable system call
+    /// (its RIP is taken as the `syscall` instruction's, see world.rs).
+    pub ptrace_restarts: u64,
+    /// Saved RIPs moved inside signal frames on a stopped thread's stack
+    /// (it was running a handler when stopped).
+    pub frame_fixups: u64,
 }
 
 /// The current counters.
@@ -43,6 +51,8 @@ pub fn stats() -> Stats {
         ptrace_stops: PTRACE_STOPS.load(Ordering::Relaxed),
         ptrace_helpers: PTRACE_HELPERS.load(Ordering::Relaxed),
         refused_ptrace: REFUSED_PTRACE.load(Ordering::Relaxed),
+        ptrace_restarts: PTRACE_RESTARTS.load(Ordering::Relaxed),
+        frame_fixups: FRAME_FIXUPS.load(Ordering::Relaxed),
     }
 }
 

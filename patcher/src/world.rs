@@ -57,6 +57,16 @@ struct Entry {
     pt_err: AtomicI32,
     /// Signal to re-inject at detach (a signal-delivery-stop), or 0.
     pt_sig: AtomicI32,
+    /// 2 when the ptrace stop interrupted a restartable system call (the
+    /// kernel rewinds RIP by 2 on resume; `rip` holds the rewound address),
+    /// else 0.
+    pt_restart: AtomicU64,
+    /// The stack pointer at the stop (interrupted context), for the scan of
+    /// signal frames below it ([`scan_signal_frames`]).
+    rsp: AtomicU64,
+    /// `tgkill` could not queue the stop signal (EAGAIN: RLIMIT_SIGPENDING):
+    /// the probe hands the thread to ptrace whatever its mask.
+    unsent: AtomicBool,
 }
 
 fn pack(tid: i32, state: u32) -> u64 {
@@ -96,6 +106,9 @@ const ENTRY: Entry = Entry {
     seized: AtomicBool::new(false),
     pt_err: AtomicI32::new(0),
     pt_sig: AtomicI32::new(0),
+    pt_restart: AtomicU64::new(0),
+    unsent: AtomicBool::new(false),
+    rsp: AtomicU64::new(0),
 };
 
 static TABLE: [Entry; MAX_THREADS] = [ENTRY; MAX_THREADS];
@@ -191,9 +204,99 @@ fn install_handler() -> Result<()> {
             return Err(Error::os("sigaction(stop signal)"));
         }
     }
+    // The kernel stored glibc's `__restore_rt` as our `sa_restorer`: the
+    // return address of every signal frame glibc's `sigaction` sets up.
+    // SAFETY: reads back the action just installed into a zeroed struct.
+    unsafe {
+        let mut cur: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut cur) == 0 && cur.sa_flags & SA_RESTORER != 0
+        {
+            RESTORER.store(cur.sa_restorer.map_or(0, |r| r as usize), Ordering::Release);
+        }
+    }
     SIGNAL.store(sig, Ordering::Release);
     INSTALLED.store(true, Ordering::Release);
     Ok(())
+}
+
+/// `SA_RESTORER` (asm/signal.h, x86-64).
+const SA_RESTORER: i32 = 0x0400_0000;
+/// glibc's `__restore_rt` (0 if unknown).
+static RESTORER: AtomicUsize = AtomicUsize::new(0);
+/// How far above a stopped thread's stack pointer signal frames are sought.
+const FRAME_SCAN: usize = 64 * 1024;
+
+/// Reads `buf.len()` bytes at `addr` of our own memory; false if any part
+/// is unmapped (`process_vm_readv` reports it instead of faulting).
+fn read_own(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` covers `buf`, writable; the kernel checks `remote`.
+    let n = unsafe { libc::process_vm_readv(raw::getpid(), &local, 1, &remote, 1, 0) };
+    n == buf.len() as isize
+}
+
+/// Writes `bytes` at `addr` of our own memory (a stopped thread's stack).
+fn write_own(addr: usize, bytes: &[u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: `local` covers `bytes` (only read); the kernel checks `remote`.
+    let n = unsafe { libc::process_vm_writev(raw::getpid(), &local, 1, &remote, 1, 0) };
+    n == bytes.len() as isize
+}
+
+/// Looks for signal frames (a word equal to `__restore_rt`: the handler's
+/// return address, followed by the `ucontext_t`) in the `FRAME_SCAN` bytes
+/// above `rsp` (stopping at an unreadable page), and passes each frame's
+/// saved RIP through `f`; a moved RIP is written back into the frame, so
+/// that `rt_sigreturn` resumes at the equivalent address. With every
+/// thread stopped; no allocation (a 4 KiB stack buffer).
+fn scan_signal_frames(rsp: u64, f: &mut impl FnMut(usize) -> usize) {
+    let restorer = RESTORER.load(Ordering::Acquire);
+    if restorer == 0 || rsp == 0 {
+        return;
+    }
+    // rt_sigframe: pretcode, then the ucontext_t.
+    let rip_off =
+        8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) + libc::REG_RIP as usize * 8;
+    let mut buf = [0u8; 4096];
+    let start = (rsp as usize) & !7;
+    let mut at = start;
+    while at < start + FRAME_SCAN {
+        let len = (4096 - (at & 4095)).min(buf.len());
+        if !read_own(at, &mut buf[..len]) {
+            return;
+        }
+        for (i, w) in buf[..len].chunks_exact(8).enumerate() {
+            if usize::from_ne_bytes(w.try_into().unwrap_or([0; 8])) != restorer {
+                continue;
+            }
+            let slot = at + i * 8 + rip_off;
+            let mut saved = [0u8; 8];
+            if !read_own(slot, &mut saved) {
+                continue;
+            }
+            let rip = usize::from_ne_bytes(saved);
+            let to = f(rip);
+            if to != rip {
+                stats::bump(&stats::FRAME_FIXUPS);
+                write_own(slot, &to.to_ne_bytes());
+            }
+        }
+        at += len;
+    }
 }
 
 fn gettid() -> i32 {
@@ -256,6 +359,9 @@ extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
     // interrupted context as the third argument; it lives on this thread's
     // (signal) stack until the handler returns.
     let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    // SAFETY: as above.
+    let rsp = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RSP as usize] } as u64;
+    e.rsp.store(rsp, Ordering::Relaxed);
     e.rip.store(rip, Ordering::Relaxed);
     e.new_rip.store(rip, Ordering::Relaxed);
     if !e.transition(tid, SENT, STOPPED) {
@@ -401,8 +507,20 @@ impl Stopped {
                 let rip = e.new_rip.load(Ordering::Acquire) as usize;
                 let to = f(rip);
                 e.new_rip.store(to as u64, Ordering::Release);
+                // A context the thread returns to later: interrupted by a
+                // signal whose handler (blocking the stop signal, or below
+                // our own handler) it is running now.
+                scan_signal_frames(e.rsp.load(Ordering::Acquire), &mut f);
             }
         }
+    }
+
+    /// Whether every thread counted as parked is still stopped: false if
+    /// the ptrace helper died since [`stop`] returned (the kernel then
+    /// detached its tracees and they run again). A writer should check this
+    /// right before writing and, if false, release and retry.
+    pub fn still_stopped(&self) -> bool {
+        !self.helper.as_ref().is_some_and(Helper::exited)
     }
 
     /// Releases the parked threads and waits until each has left the handler.
@@ -418,6 +536,10 @@ impl Stopped {
         RELEASE.store(1, Ordering::Release);
         futex_wake(&RELEASE, i32::MAX);
         // The helper writes any moved RIP, detaches its tracees and exits.
+        // PT_GO too: a helper still waiting for it (never told to go) must
+        // not wait forever.
+        PT_GO.store(1, Ordering::Release);
+        futex_wake(&PT_GO, 1);
         PT_REQ.fetch_add(1, Ordering::AcqRel);
         futex_wake(&PT_REQ, 1);
         loop {
@@ -529,6 +651,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     // running may have created one).
     for _round in 0..1000 {
         let mut new = 0;
+        let mut pre = 0;
         for_each_tid(dirfd, &mut buf, |tid| {
             if tid == me {
                 return;
@@ -547,16 +670,44 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
             e.seized.store(false, Ordering::Relaxed);
             e.pt_err.store(0, Ordering::Relaxed);
             e.pt_sig.store(0, Ordering::Relaxed);
+            e.pt_restart.store(0, Ordering::Relaxed);
+            e.unsent.store(false, Ordering::Relaxed);
+            e.rsp.store(0, Ordering::Relaxed);
             new += 1;
+            // A thread that blocked the stop signal at an earlier stop and
+            // still has it pending goes straight to ptrace: sending again
+            // would queue one more real-time instance per stop until
+            // RLIMIT_SIGPENDING is reached (tgkill: EAGAIN).
+            if use_ptrace && was_blocker(tid) {
+                if let Some(st) = status::task_status(tid) {
+                    if st.blocks(sig) && st.pending(sig) {
+                        e.mask.store(st.sig_blk, Ordering::Relaxed);
+                        e.tracer.store(st.tracer_pid, Ordering::Relaxed);
+                        e.word.store(pack(tid, PT_WANT), Ordering::Release);
+                        COUNT.store(n + 1, Ordering::Release);
+                        pre += 1;
+                        return;
+                    }
+                }
+            }
             e.word.store(pack(tid, SENT), Ordering::Release);
             COUNT.store(n + 1, Ordering::Release);
-            if raw::tgkill(pid, tid, sig).is_err() {
-                // ESRCH: the thread exited. Nothing to wait for.
-                e.word.store(pack(tid, EMPTY), Ordering::Release);
+            match raw::tgkill(pid, tid, sig) {
+                Ok(_) => {}
+                // The thread exited. Nothing to wait for.
+                Err(libc::ESRCH) => e.word.store(pack(tid, EMPTY), Ordering::Release),
+                // Any other error (EAGAIN: RLIMIT_SIGPENDING reached, the
+                // real-time signal could not be queued) leaves the slot
+                // `SENT`, never "gone": the probe hands the thread to ptrace
+                // (or, with ptrace off, it is a straggler).
+                Err(_) => e.unsent.store(true, Ordering::Release),
             }
         })?;
         if overflow || new == 0 {
             break;
+        }
+        if pre > 0 {
+            start_ptrace_batch(&mut stopped, timeout);
         }
         let deadline = Instant::now() + timeout;
         wait_for_stops(&mut stopped, sig, use_ptrace, timeout, deadline);
@@ -598,6 +749,11 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
             e.transition(tid, PT_FAILED, SENT);
         }
     }
+    // Re-check: a helper that died after stopping threads let them run
+    // again (the kernel detached them); they are stragglers, not parked.
+    if stopped.helper.as_ref().is_some_and(Helper::exited) {
+        helper_died_after_stops();
+    }
     give_up_on_unparked(&mut stopped);
     if let Some((tid, mask, errno, tracer)) = denied {
         // Release first: the message allocates.
@@ -620,6 +776,23 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
         });
     }
     Ok(stopped)
+}
+
+/// Tids that blocked the stop signal with it pending at an earlier stop
+/// (a small ring; a reused tid is harmless: its status is read first).
+static BLOCKERS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+static BLOCKERS_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn remember_blocker(tid: i32) {
+    if was_blocker(tid) {
+        return;
+    }
+    let i = BLOCKERS_NEXT.fetch_add(1, Ordering::Relaxed) % BLOCKERS.len();
+    BLOCKERS[i].store(tid, Ordering::Relaxed);
+}
+
+fn was_blocker(tid: i32) -> bool {
+    BLOCKERS.iter().any(|t| t.load(Ordering::Relaxed) == tid)
 }
 
 /// `pt_err` of a thread the helper was to seize when the helper died.
@@ -706,7 +879,9 @@ fn wait_for_stops(
                 // has had it delivered, so it is not pending; moving that
                 // thread to ptrace would stop it inside the handler, away
                 // from the context the fix-up must see.
-                if !(st.blocks(sig) && st.pending(sig)) {
+                // A thread the signal could not be queued to is taken
+                // whatever its mask.
+                if !(e.unsent.load(Ordering::Acquire) || st.blocks(sig) && st.pending(sig)) {
                     continue;
                 }
                 e.mask.store(st.sig_blk, Ordering::Relaxed);
@@ -714,6 +889,9 @@ fn wait_for_stops(
                 // The signal stays pending; if the thread unblocks it later,
                 // the handler finds no `SENT` slot and returns at once.
                 if e.transition(tid, SENT, PT_WANT) {
+                    if st.blocks(sig) && st.pending(sig) {
+                        remember_blocker(tid);
+                    }
                     moved += 1;
                 }
             }
@@ -814,12 +992,33 @@ fn trace_batch() {
             }
             match ptrace::wait(tid, false) {
                 Ok(ptrace::Wait::NotYet) => pending = pending.saturating_add(1),
+                Ok(ptrace::Wait::Stopped { signal })
+                    if raw::tgkill(raw::getppid(), tid, 0) == Err(libc::ESRCH) =>
+                {
+                    // The tid is no longer a thread of ours (it exited and
+                    // the number was reused by another process between the
+                    // listing and the seize): let it go, it is not ours.
+                    let _ = ptrace::detach(tid, signal);
+                    e.seized.store(false, Ordering::Release);
+                    e.transition(tid, PT_WANT, EMPTY);
+                }
                 Ok(ptrace::Wait::Stopped { signal }) => {
                     e.pt_sig.store(signal, Ordering::Relaxed);
                     let mut regs = ptrace::zeroed_regs();
                     if ptrace::getregs(tid, &mut regs).is_ok() {
-                        e.rip.store(regs.rip, Ordering::Relaxed);
-                        e.new_rip.store(regs.rip, Ordering::Relaxed);
+                        // Stopped inside a system call that the kernel will
+                        // restart on resume: it rewinds RIP by 2 (the
+                        // `syscall` instruction) then, so that is where the
+                        // thread is, as the signal path sees it.
+                        let adj = restart_rewind(&regs);
+                        if adj != 0 {
+                            stats::bump(&stats::PTRACE_RESTARTS);
+                        }
+                        e.pt_restart.store(adj, Ordering::Relaxed);
+                        e.rsp.store(regs.rsp, Ordering::Relaxed);
+                        e.rip.store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);
+                        e.new_rip
+                            .store(regs.rip.wrapping_sub(adj), Ordering::Relaxed);
                         e.transition(tid, PT_WANT, STOPPED);
                         stats::bump(&stats::PTRACE_STOPS);
                     } else {
@@ -849,6 +1048,23 @@ fn trace_batch() {
     }
 }
 
+/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`,
+/// `-ERESTART_RESTARTBLOCK` (include/linux/errno.h): a system call
+/// interrupted by our ptrace stop that the kernel restarts on resume by
+/// rewinding RIP over the 2-byte `syscall` (also `int 0x80`, `sysenter`'s
+/// vDSO path re-enters through a 2-byte instruction as well).
+const RESTART_CODES: [i64; 4] = [-512, -513, -514, -516];
+
+/// How far the kernel will rewind RIP when this stopped tracee resumes: 2
+/// inside a restartable system call, else 0.
+fn restart_rewind(regs: &ptrace::Regs) -> u64 {
+    if (regs.orig_rax as i64) >= 0 && RESTART_CODES.contains(&(regs.rax as i64)) {
+        2
+    } else {
+        0
+    }
+}
+
 /// After the release: writes each moved RIP, detaches every tracee with the
 /// signal it was stopped for. Runs in the helper.
 fn resume_all() {
@@ -864,7 +1080,13 @@ fn resume_all() {
             if new_rip != rip {
                 let mut regs = ptrace::zeroed_regs();
                 if ptrace::getregs(tid, &mut regs).is_ok() {
-                    regs.rip = new_rip;
+                    // Keep the restart: write the address *after* the
+                    // relocated `syscall`, the kernel rewinds onto it and
+                    // the call restarts there exactly as it would have in
+                    // place (or, if a re-injected signal's handler ends it
+                    // with EINTR instead, the thread continues after the
+                    // relocated `syscall`: also equivalent).
+                    regs.rip = new_rip.wrapping_add(e.pt_restart.load(Ordering::Relaxed));
                     let _ = ptrace::setregs(tid, &regs);
                 }
             }
@@ -876,6 +1098,22 @@ fn resume_all() {
             let _ = ptrace::detach(tid, signal);
         }
         e.seized.store(false, Ordering::Release);
+    }
+}
+
+/// The helper is gone: the threads it had stopped run again. Their
+/// `STOPPED` entries become `GAVE_UP` (stragglers for the caller to vet).
+fn helper_died_after_stops() {
+    let n = COUNT.load(Ordering::Acquire);
+    for e in &TABLE[..n] {
+        let tid = e.tid();
+        if e.seized.load(Ordering::Acquire) && e.transition(tid, STOPPED, GAVE_UP) {
+            e.seized.store(false, Ordering::Release);
+            if raw::tgkill(raw::getpid(), tid, 0).is_ok() {
+                // Listed by `give_up_on_unparked`'s pass below via `SENT`.
+                e.word.store(pack(tid, SENT), Ordering::Release);
+            }
+        }
     }
 }
 
