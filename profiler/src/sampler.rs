@@ -388,6 +388,8 @@ const ATTR_EXCLUDE_HV: u64 = 1 << 6;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 /// `PERF_EVENT_IOC_ENABLE` = `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+/// `PERF_EVENT_IOC_DISABLE` = `_IO('$', 1)`.
+const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 const F_SETSIG: libc::c_int = 10;
 const F_SETOWN_EX: libc::c_int = 15;
 const F_OWNER_TID: libc::c_int = 0;
@@ -427,8 +429,16 @@ unsafe impl Send for ThreadClock {}
 impl Drop for ThreadClock {
     fn drop(&mut self) {
         match *self {
-            // SAFETY: our own fd, closed once.
+            // Disable before closing: a child forked (without exec) while
+            // the session ran holds copies of the fd, and the event lives
+            // while any fd refers to it; enabled, it would go on signalling
+            // our thread after the session ended (EINTR in its
+            // non-restarting calls). Disabling stops the event for every fd.
+            // Timers need no such care: timer_create's timers are not
+            // inherited by fork.
+            // SAFETY: our own fd, disabled and closed once.
             ThreadClock::Perf(fd) => unsafe {
+                libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0);
                 libc::close(fd);
             },
             // SAFETY: our own timer, deleted once.
