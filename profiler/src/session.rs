@@ -217,8 +217,10 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
         };
         match probe {
             Ok(c) => {
-                let mut clocks = Clocks::default();
-                clocks.by_tid.insert(me, c);
+                // The listing gives every thread (this one included) its
+                // clock, keyed by which thread it is.
+                drop(c);
+                let mut clocks = Clocks::new();
                 clocks.sync(clock, period_ns);
                 return Ok((clock, clocks));
             }
