@@ -169,6 +169,8 @@ fn buffer_if_any() -> Option<&'static [Slot]> {
 
 /// `si_code` of a signal sent by `tgkill` (our gate's probe): not a sample.
 const SI_TKILL: i32 = -6;
+/// `si_code` of a POSIX timer's signal.
+const SI_TIMER: i32 = -2;
 
 /// The SIGPROF handler. Async-signal-safe (see the module docs).
 pub(crate) extern "C" fn on_sigprof(
@@ -195,7 +197,9 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
     let Some(buf) = buffer_if_any() else { return };
     let period = PERIOD_NS.load(Ordering::Relaxed);
-    let periods = if CLOCK.load(Ordering::Relaxed) == Clock::ThreadTimer as u32 {
+    // A thread timer's signal (SI_TIMER) may stand for several periods; a
+    // session on perf events may have timers too (threads that got no fd).
+    let periods = if code == SI_TIMER {
         // SAFETY: for a POSIX timer's signal the kernel fills the `_timer`
         // member: si_tid (int) at offset 16, si_overrun (int) at 20; the
         // siginfo_t is 128 bytes.
@@ -601,6 +605,20 @@ fn list_threads(dir: Option<&std::os::fd::OwnedFd>) -> Option<Vec<(i32, u64)>> {
     }
 }
 
+/// The lowest fd number a perf clock may keep: perf clocks (one fd per
+/// thread) leave the host at least an eighth of its `RLIMIT_NOFILE` (at
+/// most 64 fds) free; threads beyond that get a thread CPU timer.
+fn fd_ceiling() -> i64 {
+    // SAFETY: rlimit is plain data; getrlimit writes it.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return i64::MAX;
+    }
+    let cur = i64::try_from(lim.rlim_cur).unwrap_or(i64::MAX);
+    cur.saturating_sub((cur / 8).clamp(1, 64))
+}
+
 /// Per-thread clocks of a session, keyed by thread id.
 #[derive(Debug, Default)]
 pub(crate) struct Clocks {
@@ -609,6 +627,10 @@ pub(crate) struct Clocks {
     pub(crate) by_tid: HashMap<i32, (u64, ThreadClock)>,
     /// Threads whose clock could not be set up (e.g. exited meanwhile).
     pub(crate) failed: u64,
+    /// Threads that got a thread CPU timer instead of a perf event because
+    /// the process was out of file descriptors (EMFILE/ENFILE, or the
+    /// reserve of [`fd_ceiling`] reached).
+    pub(crate) fallbacks: u64,
     /// `/proc/self/task`, opened once.
     task_dir: Option<std::os::fd::OwnedFd>,
 }
@@ -651,13 +673,34 @@ impl Clocks {
         // same id (another inode): the new one gets its own clock below.
         self.by_tid
             .retain(|tid, (ino, _)| live.contains(&(*tid, *ino)));
+        let ceiling = fd_ceiling();
         let mut added = 0;
         for &(tid, ino) in now {
             if self.by_tid.contains_key(&tid) {
                 continue;
             }
             let c = match clock {
-                Clock::PerfEvent => perf_clock(tid, period_ns),
+                Clock::PerfEvent => match perf_clock(tid, period_ns) {
+                    // fds are handed out lowest first: an fd at the ceiling
+                    // means fewer than FD_RESERVE are left for the host.
+                    Ok(ThreadClock::Perf(fd)) if i64::from(fd) >= ceiling => {
+                        let t = timer_clock(tid, period_ns);
+                        if t.is_ok() {
+                            self.fallbacks += 1;
+                        }
+                        t
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                        // Out of fds: this thread gets a thread CPU timer
+                        // (no fd needed).
+                        let t = timer_clock(tid, period_ns);
+                        if t.is_ok() {
+                            self.fallbacks += 1;
+                        }
+                        t
+                    }
+                    other => other,
+                },
                 _ => timer_clock(tid, period_ns),
             };
             match c {

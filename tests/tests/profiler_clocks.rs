@@ -3,6 +3,11 @@
 //! * `no_sigprof_after_stop_while_a_forked_child_holds_the_perf_fds`: a
 //!   child forked (no exec) during a session holds copies of the perf
 //!   event fds; after `stop()` the parent's thread must get no SIGPROF.
+//! * `every_thread_is_sampled_when_out_of_file_descriptors`: in a child
+//!   process with `RLIMIT_NOFILE` just above its open fds and 50 threads,
+//!   the session starts, threads without an fd get a thread CPU timer
+//!   (`Stats::thread_clock_fallbacks`, said in `Report::top`), the host can
+//!   still open a file, and every thread is sampled.
 //!
 //! Verdicts count signals and samples over a fixed amount of the thread's
 //! own CPU time, never wall-clock time. The sampler is process-wide: the
@@ -107,4 +112,90 @@ fn no_sigprof_after_stop_while_a_forked_child_holds_the_perf_fds() {
     let _g = serial();
     fork_check(Clock::PerfEvent);
     fork_check(Clock::ThreadTimer);
+}
+
+const CHILD_ENV: &str = "HOTPATCH_TEST_CLOCKS_CHILD";
+const WORKERS: usize = 50;
+
+/// Run by `every_thread_is_sampled_when_out_of_file_descriptors` in a child
+/// process (it lowers RLIMIT_NOFILE); ignored otherwise.
+#[test]
+#[ignore = "run in a child process by every_thread_is_sampled_when_out_of_file_descriptors"]
+fn low_nofile_child() {
+    assert_eq!(
+        std::env::var(CHILD_ENV).as_deref(),
+        Ok("1"),
+        "run by the parent test only"
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(WORKERS + 1));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|i| {
+            let b = std::sync::Arc::clone(&barrier);
+            std::thread::Builder::new()
+                .name(format!("w{i:02}"))
+                .spawn(move || {
+                    b.wait();
+                    burn(Duration::from_millis(40));
+                })
+                .unwrap()
+        })
+        .collect();
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: open + 6,
+        rlim_max: open + 6,
+    };
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let session = ProfilerBuilder::new().frequency(999).start().unwrap();
+    assert_eq!(session.clock(), Clock::PerfEvent);
+    // The perf clocks leave the host a file descriptor to work with.
+    std::fs::File::open("/proc/self/stat").expect("the host can still open a file");
+    barrier.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let report = session.stop().unwrap();
+    let s = &report.stats;
+    println!(
+        "open fds {open}, limit {}: threads clocked {}, fallbacks {}, failures {}, samples {}",
+        open + 6,
+        s.threads_clocked,
+        s.thread_clock_fallbacks,
+        s.thread_clock_failures,
+        s.samples
+    );
+    assert!(s.thread_clock_fallbacks >= (WORKERS as u64) - 6, "{s:?}");
+    assert!(
+        report
+            .top(5)
+            .contains("thread(s) sampled by a thread CPU timer"),
+        "{}",
+        report.top(5)
+    );
+    let sampled: std::collections::HashSet<&str> =
+        report.samples.iter().map(|x| x.thread.as_str()).collect();
+    let missing: Vec<String> = (0..WORKERS)
+        .map(|i| format!("w{i:02}"))
+        .filter(|n| !sampled.contains(n.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "threads never sampled: {missing:?}");
+    println!("CHILD-OK");
+}
+
+#[test]
+fn every_thread_is_sampled_when_out_of_file_descriptors() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "low_nofile_child", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CHILD-OK"),
+        "child failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
 }
