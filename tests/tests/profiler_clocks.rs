@@ -93,7 +93,7 @@ fn fork_check(clock: Clock) {
     // One raised before the block (delivered, or pending now) is not the
     // question.
     while take_pending_sigprof() {}
-    burn(Duration::from_millis(300));
+    burn(Duration::from_millis(150));
     let got = take_pending_sigprof();
     // SAFETY: undoes the block above; kills and reaps our own child.
     unsafe {
@@ -103,7 +103,7 @@ fn fork_check(clock: Clock) {
     }
     assert!(
         !got,
-        "{clock}: SIGPROF arrived after stop() (300 ms of CPU; 999 Hz) while a forked child held the clocks"
+        "{clock}: SIGPROF arrived after stop() (150 ms of CPU; 999 Hz) while a forked child held the clocks"
     );
 }
 
