@@ -93,6 +93,10 @@ pub struct Stats {
     pub threads_clocked: u64,
     /// Threads whose clock could not be set up (most exited first).
     pub thread_clock_failures: u64,
+    /// Threads sampled by a thread CPU timer instead of a perf event
+    /// because the process was out of file descriptors (`EMFILE`, e.g. a
+    /// low `RLIMIT_NOFILE`: a perf clock takes one fd per thread).
+    pub thread_clock_fallbacks: u64,
     /// Sample handlers that left by a jump (`siglongjmp` out of SIGPROF)
     /// and whose gate entry was reclaimed.
     pub handlers_left_by_jump: u64,
@@ -356,6 +360,7 @@ impl Report {
             lost_buffer_full: 0,
             threads_clocked: 0,
             thread_clock_failures: 0,
+            thread_clock_fallbacks: 0,
             handlers_left_by_jump: 0,
             stacks: samples.len(),
             locations: locations.len(),

@@ -182,6 +182,8 @@ fn buffer_if_any() -> Option<&'static [Slot]> {
 
 /// `si_code` of a signal sent by `tgkill` (our gate's probe): not a sample.
 const SI_TKILL: i32 = -6;
+/// `si_code` of a POSIX timer's signal.
+const SI_TIMER: i32 = -2;
 
 /// The SIGPROF handler. Async-signal-safe (see the module docs).
 pub(crate) extern "C" fn on_sigprof(
@@ -208,7 +210,9 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
     let Some(buf) = buffer_if_any() else { return };
     let period = PERIOD_NS.load(Ordering::Relaxed);
-    let periods = if CLOCK.load(Ordering::Relaxed) == Clock::ThreadTimer as u32 {
+    // A thread timer's signal (SI_TIMER) may stand for several periods; a
+    // session on perf events may have timers too (threads that got no fd).
+    let periods = if code == SI_TIMER {
         // SAFETY: for a POSIX timer's signal the kernel fills the `_timer`
         // member: si_tid (int) at offset 16, si_overrun (int) at 20; the
         // siginfo_t is 128 bytes.
@@ -401,6 +405,8 @@ const ATTR_EXCLUDE_HV: u64 = 1 << 6;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 /// `PERF_EVENT_IOC_ENABLE` = `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+/// `PERF_EVENT_IOC_DISABLE` = `_IO('$', 1)`.
+const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 const F_SETSIG: libc::c_int = 10;
 const F_SETOWN_EX: libc::c_int = 15;
 const F_OWNER_TID: libc::c_int = 0;
@@ -440,8 +446,16 @@ unsafe impl Send for ThreadClock {}
 impl Drop for ThreadClock {
     fn drop(&mut self) {
         match *self {
-            // SAFETY: our own fd, closed once.
+            // Disable before closing: a child forked (without exec) while
+            // the session ran holds copies of the fd, and the event lives
+            // while any fd refers to it; enabled, it would go on signalling
+            // our thread after the session ended (EINTR in its
+            // non-restarting calls). Disabling stops the event for every fd.
+            // Timers need no such care: timer_create's timers are not
+            // inherited by fork.
+            // SAFETY: our own fd, disabled and closed once.
             ThreadClock::Perf(fd) => unsafe {
+                libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0);
                 libc::close(fd);
             },
             // SAFETY: our own timer, deleted once.
@@ -548,49 +562,293 @@ pub(crate) fn itimer(period_ns: Option<u64>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The ids of this process's threads.
-pub(crate) fn threads() -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
+/// The threads of this process: (thread id, inode of its
+/// `/proc/self/task/<tid>` entry). The inode tells a thread from a later one
+/// that got the same id (procfs gives a new task a new inode), so a clock
+/// is never kept for a dead thread whose id was reused. `None` if the
+/// directory cannot be read.
+fn list_threads(dir: Option<&std::os::fd::OwnedFd>) -> Option<Vec<(i32, u64)>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::DirEntryExt;
+    let Some(dir) = dir else {
+        let d = std::fs::read_dir("/proc/self/task").ok()?;
+        return Some(
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                Some((e.file_name().to_str()?.parse().ok()?, e.ino()))
+            })
+            .collect(),
+        );
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    // A directory fd kept open for the session: listing needs no new fd
+    // when the process is at its RLIMIT_NOFILE.
+    let fd = dir.as_raw_fd();
+    // SAFETY: lseek on our own directory fd.
+    if unsafe { libc::lseek(fd, 0, libc::SEEK_SET) } != 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return None;
+        }
+        if n == 0 {
+            return Some(out);
+        }
+        let n = n as usize;
+        let mut off = 0;
+        // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen,
+        // u8 d_type, then the NUL-terminated name.
+        while off + 19 < n {
+            let ino = u64::from_ne_bytes(buf[off..off + 8].try_into().unwrap_or_default());
+            let reclen = u16::from_ne_bytes(buf[off + 16..off + 18].try_into().unwrap_or_default());
+            if reclen == 0 {
+                return None;
+            }
+            let name = &buf[off + 19..(off + reclen as usize).min(n)];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(tid) = std::str::from_utf8(name).ok().and_then(|t| t.parse().ok()) {
+                out.push((tid, ino));
+            }
+            off += reclen as usize;
+        }
+    }
+}
+
+/// The lowest fd number a perf clock may keep: perf clocks (one fd per
+/// thread) leave the host at least an eighth of its `RLIMIT_NOFILE` (at
+/// most 64 fds) free; threads beyond that get a thread CPU timer.
+fn fd_ceiling() -> i64 {
+    // SAFETY: rlimit is plain data; getrlimit writes it.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return i64::MAX;
+    }
+    let cur = i64::try_from(lim.rlim_cur).unwrap_or(i64::MAX);
+    cur.saturating_sub((cur / 8).clamp(1, 64))
 }
 
 /// Per-thread clocks of a session, keyed by thread id.
 #[derive(Debug, Default)]
 pub(crate) struct Clocks {
-    pub(crate) by_tid: HashMap<i32, ThreadClock>,
+    /// Per thread id: the inode of its `/proc/self/task` entry (which
+    /// thread it is) and its clock.
+    pub(crate) by_tid: HashMap<i32, (u64, ThreadClock)>,
     /// Threads whose clock could not be set up (e.g. exited meanwhile).
     pub(crate) failed: u64,
+    /// Threads that got a thread CPU timer instead of a perf event because
+    /// the process was out of file descriptors (EMFILE/ENFILE, or the
+    /// reserve of [`fd_ceiling`] reached).
+    pub(crate) fallbacks: u64,
+    /// `/proc/self/task`, opened once.
+    task_dir: Option<std::os::fd::OwnedFd>,
 }
 
 impl Clocks {
+    /// No clocks yet; keeps `/proc/self/task` open for the listings.
+    pub(crate) fn new() -> Clocks {
+        use std::os::fd::FromRawFd;
+        // SAFETY: open with a NUL-terminated path; a valid fd is owned by
+        // the OwnedFd alone.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/task".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        Clocks {
+            // SAFETY: `fd` is a fresh fd we own.
+            task_dir: (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+            ..Clocks::default()
+        }
+    }
+
     /// Gives every thread not yet known its clock and forgets threads that
     /// are gone. Returns how many were added.
     pub(crate) fn sync(&mut self, clock: Clock, period_ns: u64) -> usize {
         if clock == Clock::ItimerProf {
             return 0;
         }
-        let now = threads();
-        self.by_tid.retain(|tid, _| now.contains(tid));
+        match list_threads(self.task_dir.as_ref()) {
+            Some(now) => self.sync_with(&now, clock, period_ns),
+            None => 0,
+        }
+    }
+
+    /// [`Clocks::sync`] against the listing `now` of (tid, inode).
+    pub(crate) fn sync_with(&mut self, now: &[(i32, u64)], clock: Clock, period_ns: u64) -> usize {
+        let live: std::collections::HashSet<(i32, u64)> = now.iter().copied().collect();
+        // A clock whose thread is gone goes, also when a new thread got the
+        // same id (another inode): the new one gets its own clock below.
+        self.by_tid
+            .retain(|tid, (ino, _)| live.contains(&(*tid, *ino)));
+        let ceiling = fd_ceiling();
         let mut added = 0;
-        for tid in now {
+        for &(tid, ino) in now {
             if self.by_tid.contains_key(&tid) {
                 continue;
             }
             let c = match clock {
-                Clock::PerfEvent => perf_clock(tid, period_ns),
+                Clock::PerfEvent => match perf_clock(tid, period_ns) {
+                    // fds are handed out lowest first: an fd at the ceiling
+                    // means fewer than FD_RESERVE are left for the host.
+                    Ok(ThreadClock::Perf(fd)) if i64::from(fd) >= ceiling => {
+                        let t = timer_clock(tid, period_ns);
+                        if t.is_ok() {
+                            self.fallbacks += 1;
+                        }
+                        t
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                        // Out of fds: this thread gets a thread CPU timer
+                        // (no fd needed).
+                        let t = timer_clock(tid, period_ns);
+                        if t.is_ok() {
+                            self.fallbacks += 1;
+                        }
+                        t
+                    }
+                    other => other,
+                },
                 _ => timer_clock(tid, period_ns),
             };
             match c {
                 Ok(c) => {
-                    self.by_tid.insert(tid, c);
+                    self.by_tid.insert(tid, (ino, c));
                     added += 1;
                 }
                 Err(_) => self.failed += 1,
             }
         }
         added
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+
+    fn gettid() -> i32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    }
+
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn sigprof_set() -> libc::sigset_t {
+        // SAFETY: plain data, initialized by sigemptyset/sigaddset.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGPROF);
+            set
+        }
+    }
+
+    /// A thread that exits and a new thread that gets its id (here: threads
+    /// are spawned until the kernel's pid allocator wraps back to it) is a
+    /// new thread: the dead one's clock is dropped and the new one gets its
+    /// own, which signals it. Verdict: a SIGPROF is pending after the new
+    /// thread spent 200 ms of its own CPU time with SIGPROF blocked.
+    #[test]
+    fn a_new_thread_with_a_dead_threads_id_gets_its_own_clock() {
+        let set = sigprof_set();
+        let mut old = sigprof_set();
+        // SAFETY: blocks SIGPROF on this thread; spawned threads inherit it.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let a = std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            let _ = go_rx.recv();
+        });
+        let a_tid = tid_rx.recv().unwrap();
+        let a_entry = *list_threads(None)
+            .unwrap()
+            .iter()
+            .find(|(t, _)| *t == a_tid)
+            .unwrap();
+        let mut clocks = Clocks::new();
+        assert_eq!(clocks.sync_with(&[a_entry], Clock::PerfEvent, 1_000_000), 1);
+        drop(go_tx);
+        a.join().unwrap();
+
+        let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Arc::new(Mutex::new(go_rx));
+        let mut b = None;
+        for _ in 0..2 * pid_max {
+            let (m_tx, m_rx) = mpsc::sync_channel(1);
+            let go_rx = Arc::clone(&go_rx);
+            let h = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    if gettid() != a_tid {
+                        m_tx.send(false).unwrap();
+                        return false;
+                    }
+                    m_tx.send(true).unwrap();
+                    let _ = go_rx.lock().unwrap().recv();
+                    let end = thread_cpu() + Duration::from_millis(200);
+                    let mut x = 0u64;
+                    while thread_cpu() < end {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                    let zero = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    // SAFETY: valid set and timeout.
+                    let sig =
+                        unsafe { libc::sigtimedwait(&sigprof_set(), std::ptr::null_mut(), &zero) };
+                    sig == libc::SIGPROF
+                })
+                .unwrap();
+            if m_rx.recv().unwrap() {
+                b = Some(h);
+                break;
+            }
+            h.join().unwrap();
+        }
+        let b = b.expect("the thread id never came back within 2 * pid_max threads");
+        let b_entry = *list_threads(None)
+            .unwrap()
+            .iter()
+            .find(|(t, _)| *t == a_tid)
+            .unwrap();
+        assert_ne!(
+            a_entry.1, b_entry.1,
+            "procfs gave the new thread the old inode"
+        );
+        clocks.sync_with(&[b_entry], Clock::PerfEvent, 1_000_000);
+        drop(go_tx);
+        let signalled = b.join().unwrap();
+        drop(clocks);
+        // SAFETY: restores this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        assert!(
+            signalled,
+            "the new thread with id {a_tid} got no SIGPROF: the dead thread's clock was kept"
+        );
     }
 }

@@ -140,6 +140,7 @@ impl ProfilerBuilder {
                 errors: Vec::new(),
                 threads_clocked: clocks.by_tid.len() as u64,
                 clock_failures: clocks.failed,
+                clock_fallbacks: clocks.fallbacks,
                 clocked: clocks.by_tid.keys().copied().collect(),
                 stopped: false,
             }),
@@ -217,8 +218,10 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
         };
         match probe {
             Ok(c) => {
-                let mut clocks = Clocks::default();
-                clocks.by_tid.insert(me, c);
+                // The listing gives every thread (this one included) its
+                // clock, keyed by which thread it is.
+                drop(c);
+                let mut clocks = Clocks::new();
                 clocks.sync(clock, period_ns);
                 return Ok((clock, clocks));
             }
@@ -244,6 +247,7 @@ fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<(
         let mut inner = shared.lock();
         inner.threads_clocked += added as u64;
         inner.clock_failures = clocks.failed;
+        inner.clock_fallbacks = clocks.fallbacks;
         inner.clocked = clocks.by_tid.keys().copied().collect();
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
@@ -318,6 +322,8 @@ struct Inner {
     threads_clocked: u64,
     /// Threads whose clock could not be set up.
     clock_failures: u64,
+    /// Threads on a thread timer for want of a file descriptor.
+    clock_fallbacks: u64,
     /// The threads that have their own clock now.
     clocked: Vec<i32>,
     stopped: bool,
@@ -450,9 +456,13 @@ impl Session {
         let (epochs, errors) = self.finish();
         let (dropped, skipped, abandoned) = unwind::gate_counts();
         let (signals, lost) = sampler::counters();
-        let (clocked, failures) = {
+        let (clocked, failures, fallbacks) = {
             let inner = self.shared.lock();
-            (inner.threads_clocked, inner.clock_failures)
+            (
+                inner.threads_clocked,
+                inner.clock_failures,
+                inner.clock_fallbacks,
+            )
         };
         let mut report = Report::resolve(
             epochs,
@@ -472,6 +482,7 @@ impl Session {
         report.stats.lost_buffer_full = lost - self.counters_at_start.1;
         report.stats.threads_clocked = clocked;
         report.stats.thread_clock_failures = failures;
+        report.stats.thread_clock_fallbacks = fallbacks;
         Ok(report)
     }
 

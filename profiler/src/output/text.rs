@@ -63,6 +63,14 @@ impl Report {
             self.duration.as_secs_f64(),
             self.stats.epochs
         );
+        if self.stats.thread_clock_fallbacks > 0 {
+            let _ = writeln!(
+                s,
+                "note: {} thread(s) sampled by a thread CPU timer instead of a perf event: \
+                 out of file descriptors (RLIMIT_NOFILE; a perf clock takes one fd per thread)",
+                self.stats.thread_clock_fallbacks
+            );
+        }
         let _ = writeln!(
             s,
             "{:>8} {:>7} {:>8} {:>7}  function",

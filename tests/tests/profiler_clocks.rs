@@ -1,0 +1,201 @@
+//! The per-thread sampling clocks' lifetime and limits.
+//!
+//! * `no_sigprof_after_stop_while_a_forked_child_holds_the_perf_fds`: a
+//!   child forked (no exec) during a session holds copies of the perf
+//!   event fds; after `stop()` the parent's thread must get no SIGPROF.
+//! * `every_thread_is_sampled_when_out_of_file_descriptors`: in a child
+//!   process with `RLIMIT_NOFILE` just above its open fds and 50 threads,
+//!   the session starts, threads without an fd get a thread CPU timer
+//!   (`Stats::thread_clock_fallbacks`, said in `Report::top`), the host can
+//!   still open a file, and every thread is sampled.
+//!
+//! Verdicts count signals and samples over a fixed amount of the thread's
+//! own CPU time, never wall-clock time. The sampler is process-wide: the
+//! tests take turns.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use hotpatch_profiler::{Clock, ProfilerBuilder};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Spins until this thread has used `d` more CPU time.
+fn burn(d: Duration) {
+    let end = thread_cpu() + d;
+    let mut x = 0u64;
+    while thread_cpu() < end {
+        for i in 0..1000 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+}
+
+fn sigprof_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPROF);
+        set
+    }
+}
+
+/// Takes a pending SIGPROF of this thread (or the process), if any.
+fn take_pending_sigprof() -> bool {
+    let set = sigprof_set();
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid set and timeout; a null siginfo is allowed.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGPROF }
+}
+
+fn fork_check(clock: Clock) {
+    let session = ProfilerBuilder::new()
+        .frequency(999)
+        .clock(Some(clock))
+        .start()
+        .unwrap();
+    burn(Duration::from_millis(20));
+    // SAFETY: the child only calls async-signal-safe functions (pause,
+    // _exit) and is killed by its pid below.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+    if child == 0 {
+        loop {
+            // SAFETY: async-signal-safe; the parent SIGKILLs us.
+            unsafe { libc::pause() };
+        }
+    }
+    let report = session.stop().unwrap();
+    assert_eq!(report.stats.clock, Some(clock));
+    let set = sigprof_set();
+    // SAFETY: blocks SIGPROF on this thread only.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // One raised before the block (delivered, or pending now) is not the
+    // question.
+    while take_pending_sigprof() {}
+    burn(Duration::from_millis(150));
+    let got = take_pending_sigprof();
+    // SAFETY: undoes the block above; kills and reaps our own child.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    assert!(
+        !got,
+        "{clock}: SIGPROF arrived after stop() (150 ms of CPU; 999 Hz) while a forked child held the clocks"
+    );
+}
+
+#[test]
+fn no_sigprof_after_stop_while_a_forked_child_holds_the_perf_fds() {
+    let _g = serial();
+    fork_check(Clock::PerfEvent);
+    fork_check(Clock::ThreadTimer);
+}
+
+const CHILD_ENV: &str = "HOTPATCH_TEST_CLOCKS_CHILD";
+const WORKERS: usize = 50;
+
+/// Run by `every_thread_is_sampled_when_out_of_file_descriptors` in a child
+/// process (it lowers RLIMIT_NOFILE); ignored otherwise.
+#[test]
+#[ignore = "run in a child process by every_thread_is_sampled_when_out_of_file_descriptors"]
+fn low_nofile_child() {
+    assert_eq!(
+        std::env::var(CHILD_ENV).as_deref(),
+        Ok("1"),
+        "run by the parent test only"
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(WORKERS + 1));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|i| {
+            let b = std::sync::Arc::clone(&barrier);
+            std::thread::Builder::new()
+                .name(format!("w{i:02}"))
+                .spawn(move || {
+                    b.wait();
+                    burn(Duration::from_millis(40));
+                })
+                .unwrap()
+        })
+        .collect();
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: open + 6,
+        rlim_max: open + 6,
+    };
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let session = ProfilerBuilder::new().frequency(999).start().unwrap();
+    assert_eq!(session.clock(), Clock::PerfEvent);
+    // The perf clocks leave the host a file descriptor to work with.
+    std::fs::File::open("/proc/self/stat").expect("the host can still open a file");
+    barrier.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let report = session.stop().unwrap();
+    let s = &report.stats;
+    println!(
+        "open fds {open}, limit {}: threads clocked {}, fallbacks {}, failures {}, samples {}",
+        open + 6,
+        s.threads_clocked,
+        s.thread_clock_fallbacks,
+        s.thread_clock_failures,
+        s.samples
+    );
+    assert!(s.thread_clock_fallbacks >= (WORKERS as u64) - 6, "{s:?}");
+    assert!(
+        report
+            .top(5)
+            .contains("thread(s) sampled by a thread CPU timer"),
+        "{}",
+        report.top(5)
+    );
+    let sampled: std::collections::HashSet<&str> =
+        report.samples.iter().map(|x| x.thread.as_str()).collect();
+    let missing: Vec<String> = (0..WORKERS)
+        .map(|i| format!("w{i:02}"))
+        .filter(|n| !sampled.contains(n.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "threads never sampled: {missing:?}");
+    println!("CHILD-OK");
+}
+
+#[test]
+fn every_thread_is_sampled_when_out_of_file_descriptors() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "low_nofile_child", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CHILD-OK"),
+        "child failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+}
