@@ -44,8 +44,11 @@ pub enum Error {
         source: hotpatch_patcher::Error,
     },
     /// Removing a site failed; it was disabled instead (calls run the
-    /// original allocator) and the session is over.
-    #[error("could not restore {symbol}: {source} (the site was disabled instead)")]
+    /// original allocator), the session is over, and the next `start`
+    /// retries the removal first.
+    #[error(
+        "could not restore {symbol}: {source} (the site was disabled instead; the next start removes it first)"
+    )]
     Restore {
         /// The entry point.
         symbol: String,

@@ -110,19 +110,20 @@ impl LeakReport {
 /// Allocation plumbing of the Rust runtime, skipped when naming the
 /// leaking function (as pprof drops runtime frames).
 fn is_runtime(name: &str) -> bool {
-    const PREFIXES: [&str; 10] = [
+    const PREFIXES: [&str; 7] = [
         "alloc::",
         "core::",
         "std::",
-        "<alloc::",
-        "<core::",
-        "<std::",
         "__rust",
         "__rdl",
         "__rg",
         "hashbrown::",
     ];
-    PREFIXES.iter().any(|p| name.starts_with(p))
+    let n = name.trim_start_matches('<');
+    PREFIXES.iter().any(|p| n.starts_with(p))
+        || [" as alloc::", " as core::", " as std::"]
+            .iter()
+            .any(|t| name.contains(t))
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -67,6 +67,10 @@ struct Running {
 }
 
 static STATE: Mutex<Option<Running>> = Mutex::new(None);
+/// Sites whose removal failed (a thread could not be stopped in time): kept
+/// disabled — calls run the original allocator — and removed again at the
+/// next `start` before anything is installed.
+static LEFTOVER: Mutex<Vec<(String, Site)>> = Mutex::new(Vec::new());
 static SNAPSHOTTING: AtomicBool = AtomicBool::new(false);
 
 fn state() -> std::sync::MutexGuard<'static, Option<Running>> {
@@ -141,6 +145,19 @@ pub fn start(rate: u64) -> Result<()> {
         return Err(Error::AlreadyStarted);
     }
     let module = malloc_module()?;
+    {
+        let mut left = LEFTOVER.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((symbol, mut site)) = left.pop() {
+            if let Err(e) = site.remove() {
+                left.push((symbol.clone(), site));
+                return Err(Error::Patch {
+                    symbol,
+                    module,
+                    source: e,
+                });
+            }
+        }
+    }
     sampler::ensure_tables().map_err(Error::NoMemory)?;
     sampler::learn_main_stack();
     let reg = hotpatch_symbolizer::Registry::global();
@@ -211,11 +228,17 @@ fn remove_all(sites: Vec<(String, Site)>) -> Result<()> {
     // Reverse install order: the allocation entry points first, free last.
     for (symbol, mut site) in sites.into_iter().rev() {
         if let Err(e) = site.remove() {
-            let _ = site.disable();
             // The entry keeps a jump to a disabled relay (calls run the
-            // original); keep the cell, forget the handle.
-            site.leak();
-            first.get_or_insert(Error::Restore { symbol, source: e });
+            // original); the next `start` removes it first.
+            let _ = site.disable();
+            first.get_or_insert(Error::Restore {
+                symbol: symbol.clone(),
+                source: e,
+            });
+            LEFTOVER
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((symbol, site));
         }
     }
     match first {
@@ -281,6 +304,31 @@ pub fn snapshot() -> Result<HeapProfile> {
     }
     let _clear = Clear;
     Ok(sampler::unsampled(|| profile::collect(rate, started)))
+}
+
+/// [`snapshot`], then `during` while the snapshot still counts as in
+/// progress: lets a test show that `stop` then is refused with
+/// `E_HEAP_BUSY` without depending on timing.
+///
+/// # Errors
+/// As [`snapshot`].
+#[doc(hidden)]
+pub fn snapshot_then<R>(during: impl FnOnce() -> R) -> Result<(HeapProfile, R)> {
+    let (rate, started) = {
+        let st = state();
+        let run = st.as_ref().ok_or(Error::NotStarted)?;
+        if SNAPSHOTTING
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(Error::Busy);
+        }
+        (run.rate, run.started)
+    };
+    let p = sampler::unsampled(|| profile::collect(rate, started));
+    let r = during();
+    SNAPSHOTTING.store(false, Ordering::SeqCst);
+    Ok((p, r))
 }
 
 /// A running session (RAII): dropping it stops sampling.
