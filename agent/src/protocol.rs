@@ -56,8 +56,22 @@ pub const E_AGENT_INTERNAL: &str = "E_AGENT_INTERNAL";
 
 /// Every command name, for telling "unknown command" from "bad arguments".
 pub const COMMANDS: &[&str] = &[
-    "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
-    "inspect", "profile",
+    "ping",
+    "status",
+    "load",
+    "unload",
+    "patch",
+    "swap",
+    "disable",
+    "enable",
+    "revert",
+    "list",
+    "inspect",
+    "profile",
+    "heap_start",
+    "heap_snapshot",
+    "heap_stop",
+    "leak_check",
 ];
 
 /// A request. Serialized with the command name in `"cmd"`.
@@ -137,6 +151,33 @@ pub enum Request {
         /// Also send a flamegraph SVG.
         #[serde(default)]
         flamegraph: bool,
+    },
+    /// Start heap sampling (allocator entry points patched).
+    HeapStart {
+        /// Mean bytes between samples (default 512 KiB).
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// A pprof heap profile of what was sampled, sent as a payload.
+    HeapSnapshot,
+    /// Stop heap sampling; the allocator's entry points are restored.
+    HeapStop,
+    /// Load a plugin, run it, unload it, `cycles` times; report what it
+    /// left in use.
+    LeakCheck {
+        /// Path of the `.so` (absolute, or relative to the host's cwd).
+        path: String,
+        /// Load/unload cycles.
+        cycles: u32,
+        /// An `extern "C" fn()` of the plugin to call after `on_init`.
+        #[serde(default)]
+        entry: Option<String>,
+        /// How many times to call `entry` per cycle (default 1).
+        #[serde(default)]
+        calls: Option<u32>,
+        /// Sampling rate when no heap session is running.
+        #[serde(default)]
+        rate: Option<u64>,
     },
 }
 
