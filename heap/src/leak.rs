@@ -202,12 +202,19 @@ fn attribute(
     cycles: u32,
 ) -> LeakReport {
     let locs = p.locations();
-    let in_plugin = |l: usize| {
-        locs.get(l)
-            .and_then(|l| l.module.as_ref())
-            .and_then(|m| m.path.as_deref())
-            .is_some_and(|m| same_file(m, path))
-    };
+    // Which locations lie in the plugin's file (decided once per module
+    // path: `same_file` canonicalizes).
+    let mut by_path: std::collections::HashMap<&Path, bool> = std::collections::HashMap::new();
+    let flags: Vec<bool> = locs
+        .iter()
+        .map(|l| {
+            l.module
+                .as_ref()
+                .and_then(|m| m.path.as_deref())
+                .is_some_and(|m| *by_path.entry(m).or_insert_with(|| same_file(m, path)))
+        })
+        .collect();
+    let in_plugin = |l: usize| flags.get(l).copied().unwrap_or(false);
     let mut bytes = 0;
     let mut objects = 0;
     let mut var = 0.0;

@@ -191,6 +191,7 @@ pub fn start(rate: u64) -> Result<()> {
             name: Some(format!("heap::{symbol}")),
             stop_timeout: Duration::from_millis(500),
         };
+        sampler::patching(f);
         // SAFETY: the hook has the C signature of `symbol` (sampler.rs,
         // one per entry point); the allocator's module stays loaded for
         // the life of the process (libc, or an allocator the process

@@ -375,6 +375,6 @@ pub fn diff_profiles(before: &proto::Profile, after: &proto::Profile) -> Vec<Hea
             })
         })
         .collect();
-    out.sort_by(|x, y| y.inuse_space.abs().cmp(&x.inuse_space.abs()));
+    out.sort_by_key(|r| std::cmp::Reverse(r.inuse_space.abs()));
     out
 }

@@ -98,6 +98,15 @@ pub(crate) enum Fn {
 /// caches cells per target), so they never change back to 0.
 static ORIG: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
 
+/// Entry points whose install has begun (bit per [`Fn`]): a bootstrap path
+/// may call an entry point directly only while its bit is clear.
+static PATCHING: AtomicU32 = AtomicU32::new(0);
+
+/// Marks `f`'s entry as about to be patched.
+pub(crate) fn patching(f: Fn) {
+    PATCHING.fetch_or(1 << f as u32, SeqCst);
+}
+
 pub(crate) fn set_original(f: Fn, addr: usize) {
     ORIG[f as usize].store(addr, Release);
 }
@@ -662,14 +671,17 @@ unsafe fn real_free(p: *mut c_void) {
 
 unsafe fn real_posix_memalign(out: *mut *mut c_void, align: size_t, size: size_t) -> c_int {
     match orig(Fn::PosixMemalign) {
-        // SAFETY: posix_memalign is installed last: unpatched while its
-        // original is unknown, except during its own first install, when
-        // memalign's original is known (or the allocator lacks memalign and
-        // the call fails cleanly).
+        0 if PATCHING.load(Acquire) & (1 << Fn::PosixMemalign as u32) == 0 => {
+            // SAFETY: posix_memalign's entry is not patched (its install has
+            // not begun): this is the allocator's own function.
+            unsafe { libc::posix_memalign(out, align, size) }
+        }
+        // Its own first install: through memalign's original (installed
+        // before it), else a clean failure for that instant.
         0 => match orig(Fn::Memalign) {
-            0 => unsafe { libc::posix_memalign(out, align, size) },
+            0 => libc::ENOMEM,
             m => {
-                // SAFETY: see `fnptr`; `out` is the caller's.
+                // SAFETY: see `fnptr`.
                 let p = unsafe { fnptr!(m, AlignFn)(align, size) };
                 if p.is_null() {
                     libc::ENOMEM
