@@ -41,9 +41,13 @@ fn heap_test_churn() -> u64 {
     sum
 }
 
+/// An entry point: address, bytes in the file, bytes in memory, the
+/// mapping's permissions.
+type Entry = (usize, Vec<u8>, Vec<u8>, String);
+
 /// The entry bytes of `symbol` in libc as the file has them, and the
 /// mapping's permissions in memory now.
-fn file_and_memory(symbol: &str) -> (usize, Vec<u8>, Vec<u8>, String) {
+fn file_and_memory(symbol: &str) -> Entry {
     use object::{Object, ObjectSection, ObjectSymbol};
     let t = by_name::find(Some("libc.so.6"), symbol).expect("find");
     let data = std::fs::read(&t.module).expect("read libc");
@@ -79,8 +83,7 @@ fn file_and_memory(symbol: &str) -> (usize, Vec<u8>, Vec<u8>, String) {
 
 #[test]
 fn sampled_estimates_match_a_known_pattern_and_stop_restores_the_allocator() {
-    let before: HashMap<&str, (usize, Vec<u8>, Vec<u8>, String)> =
-        SYMBOLS.iter().map(|s| (*s, file_and_memory(s))).collect();
+    let before: HashMap<&str, Entry> = SYMBOLS.iter().map(|s| (*s, file_and_memory(s))).collect();
     for (s, (_, file, mem, _)) in &before {
         assert_eq!(file, mem, "{s}: memory differs from the file before start");
     }
