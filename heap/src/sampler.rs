@@ -215,6 +215,9 @@ pub(crate) fn reset() {
         b.hash.store(u64::MAX, Relaxed);
         b.ready.store(1, Release);
     }
+    for f in &FILTER {
+        f.store(0, Relaxed);
+    }
     for c in [&SAMPLES, &UNTRACKED, &OVERFLOWED, &TRUNCATED] {
         c.store(0, Relaxed);
     }
@@ -481,6 +484,29 @@ fn bucket_for(frames: &[u64], seq: u64) -> usize {
     OVERFLOW_BUCKET
 }
 
+/// A counting filter over the live table: per hash of a sampled block's
+/// address, how many live records may have it (255 sticks). A `free` of a
+/// block whose counter is 0 was not sampled: it skips the table probe, so
+/// the common free touches one byte of this 64 KiB array instead of a
+/// random line of the 10 MiB table.
+const FILTER_BITS: u32 = 16;
+static FILTER: [std::sync::atomic::AtomicU8; 1 << FILTER_BITS] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; 1 << FILTER_BITS];
+
+#[inline(always)]
+fn filter_slot(addr: usize) -> &'static std::sync::atomic::AtomicU8 {
+    let h = ((addr as u64 >> 4).wrapping_mul(0xc4ce_b9fe_1a85_ec53) >> (64 - FILTER_BITS)) as usize;
+    &FILTER[h & ((1 << FILTER_BITS) - 1)]
+}
+
+fn filter_add(addr: usize) {
+    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c < 255).then(|| c + 1));
+}
+
+fn filter_remove(addr: usize) {
+    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c > 0 && c < 255).then(|| c - 1));
+}
+
 fn live_slot(addr: usize) -> usize {
     ((addr as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize
 }
@@ -578,6 +604,9 @@ fn live_insert(p: usize, bucket: u32, size: u64, w: u64, b: u64) -> bool {
             e.size.store(size, Relaxed);
             e.w.store(w, Relaxed);
             e.b.store(b, Relaxed);
+            // Counted before the key is published: a free that finds the
+            // key has seen the count.
+            filter_add(p);
             e.key.store(p, Release);
             return true;
         }
@@ -589,6 +618,9 @@ fn live_insert(p: usize, bucket: u32, size: u64, w: u64, b: u64) -> bool {
 /// before the block is handed back, so no other thread can own the address.
 #[inline(always)]
 fn unrecord(p: usize) {
+    if filter_slot(p).load(Acquire) == 0 {
+        return;
+    }
     let table = live();
     if table.is_empty() || p == 0 {
         return;
@@ -612,6 +644,7 @@ fn unrecord(p: usize) {
 fn take(e: &LiveEntry, p: usize) {
     IN_RECORD.fetch_add(1, SeqCst);
     if ACTIVE.load(SeqCst) && e.key.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok() {
+        filter_remove(p);
         let idx = e.bucket.load(Relaxed) as usize;
         if let Some(b) = buckets().get(idx) {
             b.free_n.fetch_add(1, Relaxed);
@@ -831,6 +864,9 @@ struct Saved {
 }
 
 fn forget(p: usize) -> Option<Saved> {
+    if filter_slot(p).load(Acquire) == 0 {
+        return None;
+    }
     let table = live();
     if table.is_empty() {
         return None;
