@@ -199,9 +199,14 @@ impl Control {
             Request::Revert { site } => self.revert(&site),
             Request::List => Ok(self.list()),
             Request::Inspect { target } => self.inspect(&target),
-            Request::Profile { .. } | Request::ProfileRaw { .. } => Err(ErrorBody::new(
+            Request::Profile { .. }
+            | Request::ProfileRaw { .. }
+            | Request::HeapStart { .. }
+            | Request::HeapSnapshot
+            | Request::HeapStop
+            | Request::LeakCheck { .. } => Err(ErrorBody::new(
                 crate::protocol::E_AGENT_INTERNAL,
-                "profile is dispatched separately",
+                "profile and heap commands are dispatched separately",
             )),
         }
     }
@@ -741,6 +746,10 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         Request::ProfileRaw { seconds, hz } => {
             return crate::profile::run_raw(shared, seconds, hz, w);
         }
+        req @ (Request::HeapStart { .. }
+        | Request::HeapSnapshot
+        | Request::HeapStop
+        | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
         req => match shared.control().handle(req, shared) {
             Ok(v) => Reply::ok(v),
             Err(e) => Reply::err(e),

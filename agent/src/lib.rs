@@ -29,6 +29,7 @@ pub mod cli;
 pub mod client;
 mod control;
 mod error;
+mod heap;
 pub mod paths;
 mod profile;
 pub mod protocol;

@@ -70,7 +70,8 @@ pub const E_AGENT_UNTRUSTED: &str = "E_AGENT_UNTRUSTED";
 #[rustfmt::skip] // one line per few names, as before `profile_raw` came
 pub const COMMANDS: &[&str] = &[
     "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
-    "inspect", "profile", "profile_raw",
+    "inspect", "profile", "profile_raw", "heap_start", "heap_snapshot", "heap_stop",
+    "leak_check",
 ];
 
 /// The payload of a `profile_raw` reply: the capture as JSON
@@ -164,6 +165,33 @@ pub enum Request {
         /// Sampling frequency (default 99).
         #[serde(default)]
         hz: Option<u32>,
+    },
+    /// Start heap sampling (allocator entry points patched).
+    HeapStart {
+        /// Mean bytes between samples (default 512 KiB).
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// A pprof heap profile of what was sampled, sent as a payload.
+    HeapSnapshot,
+    /// Stop heap sampling; the allocator's entry points are restored.
+    HeapStop,
+    /// Load a plugin, run it, unload it, `cycles` times; report what it
+    /// left in use.
+    LeakCheck {
+        /// Path of the `.so` (absolute, or relative to the host's cwd).
+        path: String,
+        /// Load/unload cycles.
+        cycles: u32,
+        /// An `extern "C" fn()` of the plugin to call after `on_init`.
+        #[serde(default)]
+        entry: Option<String>,
+        /// How many times to call `entry` per cycle (default 1).
+        #[serde(default)]
+        calls: Option<u32>,
+        /// Sampling rate when no heap session is running.
+        #[serde(default)]
+        rate: Option<u64>,
     },
 }
 

@@ -113,6 +113,8 @@ pub struct SamplerCounts {
     pub threads_clocked: u64,
     /// See [`Stats::thread_clock_failures`](crate::Stats::thread_clock_failures).
     pub thread_clock_failures: u64,
+    /// See [`Stats::thread_clock_fallbacks`](crate::Stats::thread_clock_fallbacks).
+    pub thread_clock_fallbacks: u64,
 }
 
 /// What a stopping session knows of itself beyond its samples.
@@ -397,6 +399,7 @@ impl RawProfile {
         report.stats.lost_buffer_full = self.sampler.lost_buffer_full;
         report.stats.threads_clocked = self.sampler.threads_clocked;
         report.stats.thread_clock_failures = self.sampler.thread_clock_failures;
+        report.stats.thread_clock_fallbacks = self.sampler.thread_clock_fallbacks;
         let doubtful: HashMap<_, &str> = imported
             .unverified
             .iter()

@@ -441,4 +441,41 @@ impl Report {
             Duration::ZERO,
         )
     }
+
+    /// Builds a report from raw stacks each captured at its own registry
+    /// sequence number: `(seq, stack, label)`, stack leaf first (leaf exact,
+    /// callers return addresses). Each stack counts once; stacks with equal
+    /// resolved locations and equal labels merge (give distinct labels to
+    /// keep them apart). For samplers other than SIGPROF, e.g. the heap
+    /// sampler, whose samples span several sequence numbers.
+    pub fn from_raw_samples(
+        samples: impl IntoIterator<Item = (Seq, Vec<u64>, String)>,
+        search: &DebugSearch,
+    ) -> Report {
+        let mut by_seq: std::collections::BTreeMap<Seq, Vec<RawSample>> =
+            std::collections::BTreeMap::new();
+        for (seq, stack, thread) in samples {
+            by_seq.entry(seq).or_default().push(RawSample {
+                stack,
+                count: 1,
+                // One sample at the report's 1 Hz: one second.
+                value_ns: 1_000_000_000,
+                thread,
+                anchored: true,
+            });
+        }
+        let epochs = by_seq
+            .into_iter()
+            .map(|(seq, samples)| Epoch { seq, samples })
+            .collect();
+        Report::resolve(
+            epochs,
+            Vec::new(),
+            search,
+            true,
+            1,
+            SystemTime::now(),
+            Duration::ZERO,
+        )
+    }
 }

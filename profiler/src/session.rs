@@ -498,9 +498,13 @@ impl Session {
         let (epochs, errors) = self.finish();
         let (dropped, skipped, abandoned) = unwind::gate_counts();
         let (signals, lost) = sampler::counters();
-        let (clocked, failures) = {
+        let (clocked, failures, fallbacks) = {
             let inner = self.shared.lock();
-            (inner.threads_clocked, inner.clock_failures)
+            (
+                inner.threads_clocked,
+                inner.clock_failures,
+                inner.clock_fallbacks,
+            )
         };
         // The session's aggregation maps were freed: give the pages back.
         crate::capture::release_backtrace_cache();
@@ -523,6 +527,7 @@ impl Session {
                     lost_buffer_full: lost - self.counters_at_start.1,
                     threads_clocked: clocked,
                     thread_clock_failures: failures,
+                    thread_clock_fallbacks: fallbacks,
                 },
             },
         ))

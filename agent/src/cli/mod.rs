@@ -5,6 +5,7 @@
 //! `--json`, the error object on stdout; 2 for usage errors and offline
 //! failures of `symbolize`.
 
+pub mod heap;
 pub mod inspect;
 pub mod profile;
 pub mod ps;
@@ -71,6 +72,11 @@ pub enum Command {
     /// Sample the process for N seconds; write a gzipped pprof profile (and
     /// a flamegraph) and print the top functions.
     Profile(profile::Args),
+    /// Heap profiles of the process: sampling start/stop, snapshots, diffs.
+    Heap(heap::Args),
+    /// Load a plugin into the process, run it, unload it, N times; report
+    /// the memory it left in use.
+    LeakCheck(heap::LeakCheck),
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
@@ -102,6 +108,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::List(a) => remote::list(&a, &mut out),
         Command::Inspect(a) => inspect::run(&a, &mut out),
         Command::Profile(a) => profile::run(&a, &mut out),
+        Command::Heap(a) => heap::run(&a, &mut out),
+        Command::LeakCheck(a) => heap::leak_check(&a, &mut out),
     };
     match result {
         Ok(()) => 0,

@@ -1,0 +1,105 @@
+//! Malloc-heavy workload for BENCHMARKS.md: 8 threads, random sizes 16 B -
+//! 64 KiB, each keeping a ring of live blocks; sampling off, or on at the
+//! given rate. Prints wall time, and the in-use estimate against the true
+//! figure and glibc's `mallinfo2`.
+//!
+//! ```text
+//! malloc_bench off|RATE_BYTES [OPS_PER_THREAD]
+//! ```
+
+use std::time::Instant;
+
+const THREADS: usize = 8;
+const RING: usize = 512;
+
+fn work(id: u64, ops: usize) -> (Vec<(usize, usize)>, u64) {
+    let mut ring: Vec<(usize, usize)> = vec![(0, 0); RING];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ id.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let mut sum = 0u64;
+    for _ in 0..ops {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let i = (x % RING as u64) as usize;
+        let len = 16 + ((x >> 16) % (64 * 1024 - 16)) as usize;
+        let (p, _) = ring[i];
+        if p != 0 {
+            // SAFETY: a live block from malloc, freed once.
+            unsafe { libc::free(p as *mut libc::c_void) };
+        }
+        // SAFETY: plain malloc; the first byte is written only when non-null.
+        let q = unsafe { libc::malloc(len) }.cast::<u8>();
+        assert!(!q.is_null());
+        // SAFETY: `q` has `len` >= 16 bytes.
+        unsafe {
+            *q = x as u8;
+            sum += u64::from(*q);
+        }
+        ring[i] = (q as usize, len);
+    }
+    (ring, sum)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("off");
+    let ops: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let rate = match mode {
+        "off" => None,
+        r => Some(r.parse::<u64>().expect("rate in bytes or 'off'")),
+    };
+    if let Some(r) = rate {
+        hotpatch_heap::start(r).expect("start");
+    }
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..THREADS)
+        .map(|i| std::thread::spawn(move || work(i as u64, ops)))
+        .collect();
+    let rings: Vec<(Vec<(usize, usize)>, u64)> = handles
+        .into_iter()
+        .map(|h| h.join().expect("worker"))
+        .collect();
+    let secs = t0.elapsed().as_secs_f64();
+    let truth: usize = rings
+        .iter()
+        .flat_map(|(r, _)| r.iter())
+        .filter(|(p, _)| *p != 0)
+        .map(|(_, l)| l)
+        .sum();
+    // SAFETY: mallinfo2 has no preconditions.
+    let mi = unsafe { libc::mallinfo2() };
+    let glibc = mi.uordblks + mi.hblkhd;
+    let est = if rate.is_some() {
+        let p = hotpatch_heap::snapshot().expect("snapshot");
+        let (_, _, _, inuse) = p.totals();
+        let ring_only: i64 = p
+            .samples
+            .iter()
+            .filter(|s| {
+                s.stack.iter().any(|&l| {
+                    p.locations()[l]
+                        .function_names()
+                        .iter()
+                        .any(|n| n.ends_with("malloc_bench::work"))
+                })
+            })
+            .map(|s| s.inuse_space)
+            .sum();
+        hotpatch_heap::stop().expect("stop");
+        format!("estimate_total={inuse} estimate_in_work={ring_only}")
+    } else {
+        String::from("estimate_total=- estimate_in_work=-")
+    };
+    println!(
+        "mode={mode} threads={THREADS} ops/thread={ops} secs={secs:.4} true_inuse={truth} mallinfo2_inuse={glibc} {est}"
+    );
+    for (r, s) in rings {
+        std::hint::black_box(s);
+        for (p, _) in r {
+            if p != 0 {
+                // SAFETY: live blocks, freed once.
+                unsafe { libc::free(p as *mut libc::c_void) };
+            }
+        }
+    }
+}

@@ -1,0 +1,968 @@
+//! The allocation sampler: the allocator hooks, the per-thread byte
+//! countdown, the frame-pointer stack walk and the two lock-free tables.
+//!
+//! Everything reachable from a hook is allocation-free and lock-free: plain
+//! atomics on memory mapped once (never unmapped), a `#[thread_local]`
+//! without destructor (static TLS: this crate is linked into the
+//! executable), `log`/`exp` from libm, and reads of the current thread's
+//! own stack. See SAFETY.md, "heap".
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize};
+
+use libc::{c_int, c_void, size_t};
+
+/// Most frames kept per sample (innermost first).
+pub(crate) const MAX_DEPTH: usize = 64;
+/// Stack buckets (distinct stack × registry sequence).
+pub(crate) const BUCKETS: usize = 1 << 14;
+/// Sampled live blocks tracked at once.
+pub(crate) const LIVE: usize = 1 << 18;
+/// Probe window of both open-addressing tables.
+const PROBES: usize = 32;
+/// Fixed point of the scaled object counts.
+pub(crate) const FP_ONE: u64 = 1 << 16;
+/// Bucket 0 collects samples whose stack found no bucket (table full).
+pub(crate) const OVERFLOW_BUCKET: usize = 0;
+
+const EMPTY: usize = 0;
+const TOMB: usize = 1;
+const RESERVED: usize = 2;
+
+/// One stack's counters. All fields atomics so that a snapshot may read
+/// while hooks write; frames are written once, before `ready`.
+#[repr(C)]
+pub(crate) struct Bucket {
+    pub(crate) hash: AtomicU64,
+    pub(crate) ready: AtomicU32,
+    pub(crate) depth: AtomicU32,
+    pub(crate) seq: AtomicU64,
+    pub(crate) alloc_n: AtomicU64,
+    pub(crate) free_n: AtomicU64,
+    pub(crate) alloc_w: AtomicU64,
+    pub(crate) alloc_b: AtomicU64,
+    pub(crate) free_w: AtomicU64,
+    pub(crate) free_b: AtomicU64,
+    pub(crate) frames: [AtomicU64; MAX_DEPTH],
+}
+
+/// One sampled live block.
+#[repr(C)]
+pub(crate) struct LiveEntry {
+    pub(crate) key: AtomicUsize,
+    pub(crate) bucket: AtomicU32,
+    pub(crate) size: AtomicU64,
+    pub(crate) w: AtomicU64,
+    pub(crate) b: AtomicU64,
+}
+
+static BUCKET_TABLE: AtomicPtr<Bucket> = AtomicPtr::new(std::ptr::null_mut());
+static LIVE_TABLE: AtomicPtr<LiveEntry> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Whether hooks record samples (and unrecord frees).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Hooks inside `record`/`take` right now (the reset waits for 0).
+static IN_RECORD: AtomicUsize = AtomicUsize::new(0);
+/// Session generation: a thread whose state is older redraws its countdown.
+static GEN: AtomicU64 = AtomicU64::new(0);
+/// Mean sampling interval in bytes.
+static RATE: AtomicU64 = AtomicU64::new(512 * 1024);
+/// The main thread's stack: `[lo, hi)` (from `/proc/self/maps` and the
+/// stack rlimit, read at start).
+static MAIN_LO: AtomicUsize = AtomicUsize::new(0);
+static MAIN_HI: AtomicUsize = AtomicUsize::new(0);
+
+/// Counters of a session.
+pub(crate) static SAMPLES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static UNTRACKED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static OVERFLOWED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BOOT_LEAKED_FREES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static TRUNCATED: AtomicU64 = AtomicU64::new(0);
+
+/// The hooked entry points, in install order (see [`HOOKS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fn {
+    Free = 0,
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Valloc = 4,
+    Memalign = 5,
+    AlignedAlloc = 6,
+    PosixMemalign = 7,
+}
+
+/// The trampolines (callable originals), by [`Fn`]. Set after each site's
+/// first install; a re-install reuses the same trampoline (the patcher
+/// caches cells per target), so they never change back to 0.
+static ORIG: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+
+/// Entry points whose install has begun (bit per [`Fn`]): a bootstrap path
+/// may call an entry point directly only while its bit is clear.
+static PATCHING: AtomicU32 = AtomicU32::new(0);
+
+/// Marks `f`'s entry as about to be patched.
+pub(crate) fn patching(f: Fn) {
+    PATCHING.fetch_or(1 << f as u32, SeqCst);
+}
+
+pub(crate) fn set_original(f: Fn, addr: usize) {
+    ORIG[f as usize].store(addr, Release);
+}
+
+/// `(symbol, required, hook)` in install order: `free` first, then the
+/// allocation functions each of whose bootstrap fallbacks (below) calls
+/// only functions not patched yet or already patched with a known original.
+pub(crate) const HOOKS: [(&str, bool, Fn); 8] = [
+    ("free", true, Fn::Free),
+    ("malloc", true, Fn::Malloc),
+    ("calloc", true, Fn::Calloc),
+    ("realloc", true, Fn::Realloc),
+    ("valloc", false, Fn::Valloc),
+    ("memalign", false, Fn::Memalign),
+    ("aligned_alloc", false, Fn::AlignedAlloc),
+    ("posix_memalign", false, Fn::PosixMemalign),
+];
+
+/// The hook function for `f`.
+pub(crate) fn hook_addr(f: Fn) -> *const u8 {
+    match f {
+        Fn::Free => hk_free as *const u8,
+        Fn::Malloc => hk_malloc as *const u8,
+        Fn::Calloc => hk_calloc as *const u8,
+        Fn::Realloc => hk_realloc as *const u8,
+        Fn::Valloc => hk_valloc as *const u8,
+        Fn::Memalign => hk_memalign as *const u8,
+        Fn::AlignedAlloc => hk_aligned_alloc as *const u8,
+        Fn::PosixMemalign => hk_posix_memalign as *const u8,
+    }
+}
+
+// ---------------------------------------------------------------- tables
+
+fn map_table<T>(n: usize) -> std::io::Result<*mut T> {
+    // SAFETY: a fresh private anonymous mapping; no existing memory changes.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            n * std::mem::size_of::<T>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// Maps both tables once for the life of the process (never unmapped: a
+/// hook that was already running when a session stopped may still read).
+pub(crate) fn ensure_tables() -> std::io::Result<()> {
+    if BUCKET_TABLE.load(Acquire).is_null() {
+        BUCKET_TABLE.store(map_table::<Bucket>(BUCKETS)?, Release);
+    }
+    if LIVE_TABLE.load(Acquire).is_null() {
+        LIVE_TABLE.store(map_table::<LiveEntry>(LIVE)?, Release);
+    }
+    Ok(())
+}
+
+pub(crate) fn buckets() -> &'static [Bucket] {
+    let p = BUCKET_TABLE.load(Acquire);
+    if p.is_null() {
+        return &[];
+    }
+    // SAFETY: mapped once by `ensure_tables` with BUCKETS zeroed entries,
+    // never unmapped; all-zero bytes are valid atomics.
+    unsafe { std::slice::from_raw_parts(p, BUCKETS) }
+}
+
+pub(crate) fn live() -> &'static [LiveEntry] {
+    let p = LIVE_TABLE.load(Acquire);
+    if p.is_null() {
+        return &[];
+    }
+    // SAFETY: as `buckets`.
+    unsafe { std::slice::from_raw_parts(p, LIVE) }
+}
+
+/// Empties both tables for a new session. Call with the sampler inactive.
+pub(crate) fn reset() {
+    debug_assert!(!ACTIVE.load(SeqCst));
+    wait_quiet();
+    for (p, n) in [
+        (
+            BUCKET_TABLE.load(Acquire).cast::<c_void>(),
+            BUCKETS * std::mem::size_of::<Bucket>(),
+        ),
+        (
+            LIVE_TABLE.load(Acquire).cast::<c_void>(),
+            LIVE * std::mem::size_of::<LiveEntry>(),
+        ),
+    ] {
+        if !p.is_null() {
+            // SAFETY: our own private anonymous mapping of `n` bytes;
+            // MADV_DONTNEED makes it read back as zeros (empty tables) and
+            // never makes it inaccessible, so a straggling reader is safe.
+            unsafe { libc::madvise(p, n, libc::MADV_DONTNEED) };
+        }
+    }
+    if let Some(b) = buckets().get(OVERFLOW_BUCKET) {
+        b.hash.store(u64::MAX, Relaxed);
+        b.ready.store(1, Release);
+    }
+    for f in &FILTER {
+        f.store(0, Relaxed);
+    }
+    for c in [&SAMPLES, &UNTRACKED, &OVERFLOWED, &TRUNCATED] {
+        c.store(0, Relaxed);
+    }
+}
+
+/// Waits until no hook is inside `record`/`take` (they never block, so this
+/// is short; bounded at ~1 s in case a thread was descheduled there).
+pub(crate) fn wait_quiet() {
+    for _ in 0..100_000 {
+        if IN_RECORD.load(SeqCst) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(10));
+    }
+}
+
+/// Starts or stops recording. Starting begins a new generation: every
+/// thread draws a fresh interval at the new rate.
+pub(crate) fn set_active(on: bool, rate: u64) {
+    if on {
+        RATE.store(rate, Relaxed);
+        GEN.fetch_add(1, SeqCst);
+    }
+    ACTIVE.store(on, SeqCst);
+}
+
+/// Reads the main thread's stack bounds (called at start, not in a hook).
+pub(crate) fn learn_main_stack() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let Some(line) = maps.lines().find(|l| l.ends_with("[stack]")) else {
+        return;
+    };
+    let Some((lo, hi)) = line
+        .split_whitespace()
+        .next()
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+    else {
+        return;
+    };
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: writes the struct we pass.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut rl) } == 0 {
+        (rl.rlim_cur as usize).min(64 << 20)
+    } else {
+        8 << 20
+    };
+    // The VMA grows down to at most `hi - limit`; only what is mapped when
+    // a thread runs there matters, and the thread's own sp is above that.
+    MAIN_LO.store(lo.min(hi.saturating_sub(limit)), Relaxed);
+    MAIN_HI.store(hi, Relaxed);
+}
+
+// ---------------------------------------------------------------- thread state
+
+struct Tl {
+    countdown: i64,
+    generation: u64,
+    rng: u64,
+    busy: bool,
+}
+
+thread_local! {
+    static TL: UnsafeCell<Tl> = const {
+        UnsafeCell::new(Tl { countdown: 0, generation: 0, rng: 0, busy: false })
+    };
+}
+
+#[inline(always)]
+fn tl() -> *mut Tl {
+    // `Tl` needs no drop: the slot is a plain `#[thread_local]`, valid for
+    // the thread's whole life, never lazily registered (no allocation).
+    TL.with(|t| t.get())
+}
+
+/// Runs `f` with this thread's allocations not sampled (the sampler's own
+/// work: snapshots).
+pub(crate) fn unsampled<R>(f: impl FnOnce() -> R) -> R {
+    let t = tl();
+    // SAFETY: `t` is this thread's own slot; hooks on this thread run only
+    // inside calls made by `f`, never concurrently with these accesses.
+    let was = unsafe { std::mem::replace(&mut (*t).busy, true) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { (*t).busy = was };
+    r
+}
+
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: reads the TCB self-pointer at %fs:0 (x86-64 TLS ABI), always
+    // mapped for a running thread; no memory is written.
+    unsafe {
+        std::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
+    tp
+}
+
+fn next_interval(t: &mut Tl) -> i64 {
+    if t.rng == 0 {
+        t.rng = (thread_pointer() as u64 ^ 0x9e37_79b9_7f4a_7c15)
+            .wrapping_mul(0xff51_afd7_ed55_8ccd)
+            ^ GEN.load(Relaxed).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+            | 1;
+    }
+    // xorshift64*
+    let mut x = t.rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    t.rng = x;
+    let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64; // (0, 1]
+    let mean = RATE.load(Relaxed) as f64;
+    let v = -u.ln() * mean;
+    v.clamp(1.0, (i64::MAX / 4) as f64) as i64
+}
+
+// ---------------------------------------------------------------- accounting
+
+#[inline(always)]
+fn frame_address() -> usize {
+    let fp: usize;
+    // SAFETY: copies a register.
+    unsafe {
+        std::arch::asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags))
+    };
+    fp
+}
+
+#[inline(always)]
+fn stack_pointer() -> usize {
+    let sp: usize;
+    // SAFETY: copies a register.
+    unsafe {
+        std::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    sp
+}
+
+/// The fast path of every allocation hook: one thread-local decrement.
+#[inline(always)]
+fn account(p: *mut c_void, size: usize, fp: usize) {
+    if p.is_null() {
+        return;
+    }
+    let t = tl();
+    // SAFETY: this thread's own slot; a hook is not reentered on one thread
+    // except through `slow`, which sets `busy` and keeps no reference.
+    unsafe {
+        let c = (*t)
+            .countdown
+            .saturating_sub(size.min(i64::MAX as usize) as i64);
+        if c > 0 && (*t).generation == GEN.load(Relaxed) {
+            (*t).countdown = c;
+            return;
+        }
+        slow(t, p, size, fp, c);
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn slow(t: *mut Tl, p: *mut c_void, size: usize, fp: usize, c: i64) {
+    // SAFETY: the caller's contract (`t` is this thread's slot).
+    let tl = unsafe { &mut *t };
+    if tl.busy {
+        tl.countdown = c;
+        return;
+    }
+    let cur = GEN.load(Acquire);
+    if tl.generation != cur {
+        tl.generation = cur;
+        tl.countdown = next_interval(tl);
+        let c = tl
+            .countdown
+            .saturating_sub(size.min(i64::MAX as usize) as i64);
+        if c > 0 {
+            tl.countdown = c;
+            return;
+        }
+    }
+    tl.countdown = next_interval(tl);
+    if size == 0 {
+        return;
+    }
+    tl.busy = true;
+    record(p as usize, size, fp);
+    tl.busy = false;
+}
+
+/// The probability weight of a sampled block: 1 / P(sampled) =
+/// 1 / (1 - e^(-size/rate)) (the exponential scheme's inclusion
+/// probability; Go's `scaleHeapSample` applies the same factor per bucket).
+pub(crate) fn weight(size: u64, rate: u64) -> f64 {
+    if rate <= 1 {
+        return 1.0;
+    }
+    let p = -(-(size as f64) / rate as f64).exp_m1();
+    if p <= 0.0 { 1.0 } else { 1.0 / p }
+}
+
+fn hash_stack(frames: &[u64], seq: u64) -> u64 {
+    let mut h = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ frames.len() as u64;
+    for &f in frames {
+        h = (h.rotate_left(5) ^ f).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    // 0 marks empty, u64::MAX the overflow bucket.
+    match h {
+        0 | u64::MAX => 2,
+        h => h,
+    }
+}
+
+fn bucket_for(frames: &[u64], seq: u64) -> usize {
+    let table = buckets();
+    if table.is_empty() {
+        return OVERFLOW_BUCKET;
+    }
+    let h = hash_stack(frames, seq);
+    let mask = BUCKETS - 1;
+    for i in 0..PROBES {
+        let idx = (h as usize).wrapping_add(i) & mask;
+        if idx == OVERFLOW_BUCKET {
+            continue;
+        }
+        let b = &table[idx];
+        let cur = b.hash.load(Acquire);
+        if cur == h {
+            if b.ready.load(Acquire) == 1
+                && b.seq.load(Relaxed) == seq
+                && b.depth.load(Relaxed) as usize == frames.len()
+                && frames
+                    .iter()
+                    .zip(&b.frames)
+                    .all(|(f, s)| s.load(Relaxed) == *f)
+            {
+                return idx;
+            }
+            // Being written by another thread, or a collision: do not wait.
+            continue;
+        }
+        if cur == 0 && b.hash.compare_exchange(0, h, AcqRel, Acquire).is_ok() {
+            for (s, f) in b.frames.iter().zip(frames) {
+                s.store(*f, Relaxed);
+            }
+            b.depth.store(frames.len() as u32, Relaxed);
+            b.seq.store(seq, Relaxed);
+            b.ready.store(1, Release);
+            return idx;
+        }
+    }
+    OVERFLOWED.fetch_add(1, Relaxed);
+    OVERFLOW_BUCKET
+}
+
+/// A counting filter over the live table: per hash of a sampled block's
+/// address, how many live records may have it (255 sticks). A `free` of a
+/// block whose counter is 0 was not sampled: it skips the table probe, so
+/// the common free touches one byte of this 64 KiB array instead of a
+/// random line of the 10 MiB table.
+const FILTER_BITS: u32 = 16;
+static FILTER: [std::sync::atomic::AtomicU8; 1 << FILTER_BITS] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; 1 << FILTER_BITS];
+
+#[inline(always)]
+fn filter_slot(addr: usize) -> &'static std::sync::atomic::AtomicU8 {
+    let h = ((addr as u64 >> 4).wrapping_mul(0xc4ce_b9fe_1a85_ec53) >> (64 - FILTER_BITS)) as usize;
+    &FILTER[h & ((1 << FILTER_BITS) - 1)]
+}
+
+fn filter_add(addr: usize) {
+    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c < 255).then(|| c + 1));
+}
+
+fn filter_remove(addr: usize) {
+    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c > 0 && c < 255).then(|| c - 1));
+}
+
+fn live_slot(addr: usize) -> usize {
+    ((addr as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize
+}
+
+/// Walks frame pointers from the hook's frame `fp`: return addresses,
+/// innermost first (the first is `return address - 1`, the call itself).
+/// Reads only `[sp, hi)` of the current thread's stack: the main thread's
+/// `[stack]` VMA, or up to the thread pointer for a `pthread` stack (glibc
+/// puts `struct pthread` at the top of the stack block). Elsewhere (a
+/// `sigaltstack`, a user stack) only the hook's own frame is read.
+fn walk(fp0: usize, out: &mut [u64; MAX_DEPTH]) -> usize {
+    let sp = stack_pointer();
+    let (lo, hi) = (MAIN_LO.load(Relaxed), MAIN_HI.load(Relaxed));
+    let hi = if sp >= lo && sp < hi {
+        hi
+    } else {
+        let tp = thread_pointer();
+        if tp > sp && tp - sp <= 64 << 20 {
+            tp
+        } else {
+            fp0.saturating_add(16)
+        }
+    };
+    let mut fp = fp0;
+    let mut n = 0;
+    while n < MAX_DEPTH && fp >= sp && fp & 7 == 0 && fp.saturating_add(16) <= hi {
+        // SAFETY: [fp, fp+16) lies in [sp, hi), this thread's mapped stack
+        // (see above); reading a stale or garbage frame there is a plain
+        // load of stack memory.
+        let (next, ret) = unsafe {
+            (
+                std::ptr::read_volatile(fp as *const usize),
+                std::ptr::read_volatile((fp + 8) as *const usize),
+            )
+        };
+        if ret == 0 {
+            break;
+        }
+        out[n] = if n == 0 { ret as u64 - 1 } else { ret as u64 };
+        n += 1;
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+    if n == MAX_DEPTH {
+        TRUNCATED.fetch_add(1, Relaxed);
+    }
+    n
+}
+
+fn record(p: usize, size: usize, fp: usize) {
+    IN_RECORD.fetch_add(1, SeqCst);
+    if ACTIVE.load(SeqCst) {
+        let mut frames = [0u64; MAX_DEPTH];
+        let n = walk(fp, &mut frames);
+        let seq = hotpatch_symbolizer::Registry::global().current_seq().0;
+        let w = weight(size as u64, RATE.load(Relaxed));
+        let wfp = (w * FP_ONE as f64).round() as u64;
+        let wb = (w * size as f64).round() as u64;
+        let idx = bucket_for(&frames[..n], seq);
+        if let Some(b) = buckets().get(idx) {
+            b.alloc_n.fetch_add(1, Relaxed);
+            b.alloc_w.fetch_add(wfp, Relaxed);
+            b.alloc_b.fetch_add(wb, Relaxed);
+            SAMPLES.fetch_add(1, Relaxed);
+            if !live_insert(p, idx as u32, size as u64, wfp, wb) {
+                // Cannot match its free: count it freed now rather than
+                // report a leak that may not be one.
+                UNTRACKED.fetch_add(1, Relaxed);
+                b.free_n.fetch_add(1, Relaxed);
+                b.free_w.fetch_add(wfp, Relaxed);
+                b.free_b.fetch_add(wb, Relaxed);
+            }
+        }
+    }
+    IN_RECORD.fetch_sub(1, SeqCst);
+}
+
+fn live_insert(p: usize, bucket: u32, size: u64, w: u64, b: u64) -> bool {
+    let table = live();
+    if table.is_empty() {
+        return false;
+    }
+    let h = live_slot(p);
+    for i in 0..PROBES {
+        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
+        let k = e.key.load(Relaxed);
+        if (k == EMPTY || k == TOMB)
+            && e.key
+                .compare_exchange(k, RESERVED, Acquire, Relaxed)
+                .is_ok()
+        {
+            e.bucket.store(bucket, Relaxed);
+            e.size.store(size, Relaxed);
+            e.w.store(w, Relaxed);
+            e.b.store(b, Relaxed);
+            // Counted before the key is published: a free that finds the
+            // key has seen the count.
+            filter_add(p);
+            e.key.store(p, Release);
+            return true;
+        }
+    }
+    false
+}
+
+/// Forgets a sampled block that is being freed (or reallocated). Called
+/// before the block is handed back, so no other thread can own the address.
+#[inline(always)]
+fn unrecord(p: usize) {
+    if filter_slot(p).load(Acquire) == 0 {
+        return;
+    }
+    let table = live();
+    if table.is_empty() || p == 0 {
+        return;
+    }
+    let h = live_slot(p);
+    for i in 0..PROBES {
+        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
+        let k = e.key.load(Acquire);
+        if k == EMPTY {
+            return;
+        }
+        if k == p {
+            take(e, p);
+            return;
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn take(e: &LiveEntry, p: usize) {
+    IN_RECORD.fetch_add(1, SeqCst);
+    if ACTIVE.load(SeqCst) && e.key.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok() {
+        filter_remove(p);
+        let idx = e.bucket.load(Relaxed) as usize;
+        if let Some(b) = buckets().get(idx) {
+            b.free_n.fetch_add(1, Relaxed);
+            b.free_w.fetch_add(e.w.load(Relaxed), Relaxed);
+            b.free_b.fetch_add(e.b.load(Relaxed), Relaxed);
+        }
+    }
+    IN_RECORD.fetch_sub(1, SeqCst);
+}
+
+// ---------------------------------------------------------------- hooks
+
+type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type CallocFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type ReallocFn = unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void;
+type AlignFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type PosixFn = unsafe extern "C" fn(*mut *mut c_void, size_t, size_t) -> c_int;
+
+#[inline(always)]
+fn orig(f: Fn) -> usize {
+    ORIG[f as usize].load(Acquire)
+}
+
+/// The original as a function pointer; use inside `unsafe`: ORIG holds
+/// the trampoline of the function of this exact signature (set from its
+/// site's `original()`).
+macro_rules! fnptr {
+    ($addr:expr, $ty:ty) => {
+        std::mem::transmute::<usize, $ty>($addr)
+    };
+}
+
+/// `malloc` through its trampoline; before malloc's site has one (its first
+/// install, between the world's release and `set_original`): `calloc`,
+/// whose entry is not patched yet (install order, [`HOOKS`]).
+unsafe fn real_malloc(size: size_t) -> *mut c_void {
+    match orig(Fn::Malloc) {
+        // SAFETY: see `fnptr`; calloc is the allocator's, unpatched here.
+        0 => unsafe { libc::calloc(1, size) },
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, MallocFn)(size) },
+    }
+}
+
+/// `free` through its trampoline; before free's first install completes,
+/// the block is leaked (counted): no unpatched equivalent exists.
+unsafe fn real_free(p: *mut c_void) {
+    match orig(Fn::Free) {
+        0 => {
+            BOOT_LEAKED_FREES.fetch_add(1, Relaxed);
+        }
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, FreeFn)(p) },
+    }
+}
+
+unsafe fn real_posix_memalign(out: *mut *mut c_void, align: size_t, size: size_t) -> c_int {
+    match orig(Fn::PosixMemalign) {
+        0 if PATCHING.load(Acquire) & (1 << Fn::PosixMemalign as u32) == 0 => {
+            // SAFETY: posix_memalign's entry is not patched (its install has
+            // not begun): this is the allocator's own function.
+            unsafe { libc::posix_memalign(out, align, size) }
+        }
+        // Its own first install: through memalign's original (installed
+        // before it), else a clean failure for that instant.
+        0 => match orig(Fn::Memalign) {
+            0 => libc::ENOMEM,
+            m => {
+                // SAFETY: see `fnptr`.
+                let p = unsafe { fnptr!(m, AlignFn)(align, size) };
+                if p.is_null() {
+                    libc::ENOMEM
+                } else {
+                    // SAFETY: `out` is the caller's out-pointer.
+                    unsafe { *out = p };
+                    0
+                }
+            }
+        },
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, PosixFn)(out, align, size) },
+    }
+}
+
+unsafe fn real_align(f: Fn, align: size_t, size: size_t) -> *mut c_void {
+    match orig(f) {
+        0 => {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local out-pointer.
+            if unsafe { real_posix_memalign(&mut p, align, size) } == 0 {
+                p
+            } else {
+                std::ptr::null_mut()
+            }
+        }
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, AlignFn)(align, size) },
+    }
+}
+
+/// The `malloc` hook.
+///
+/// # Safety
+/// As `malloc`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_malloc(size: size_t) -> *mut c_void {
+    let fp = frame_address();
+    // SAFETY: forwarded to the allocator.
+    let p = unsafe { real_malloc(size) };
+    account(p, size, fp);
+    p
+}
+
+/// The `free` hook.
+///
+/// # Safety
+/// As `free`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_free(p: *mut c_void) {
+    unrecord(p as usize);
+    // SAFETY: forwarded to the allocator.
+    unsafe { real_free(p) }
+}
+
+/// The `calloc` hook.
+///
+/// # Safety
+/// As `calloc`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_calloc(n: size_t, m: size_t) -> *mut c_void {
+    let fp = frame_address();
+    let size = n.saturating_mul(m);
+    let p = match orig(Fn::Calloc) {
+        0 => match n.checked_mul(m) {
+            None => std::ptr::null_mut(),
+            Some(size) => {
+                // SAFETY: malloc's original is known (installed earlier).
+                let p = unsafe { real_malloc(size) };
+                if !p.is_null() {
+                    // SAFETY: `p` has `size` writable bytes.
+                    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, size) };
+                }
+                p
+            }
+        },
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, CallocFn)(n, m) },
+    };
+    account(p, size, fp);
+    p
+}
+
+/// The `realloc` hook: `realloc(NULL, n)` is a malloc (sampled here, not
+/// by glibc's internal call to its own malloc entry); otherwise the old
+/// block is forgotten before it is handed back and the result sampled as a
+/// new allocation.
+///
+/// # Safety
+/// As `realloc`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_realloc(old: *mut c_void, size: size_t) -> *mut c_void {
+    let fp = frame_address();
+    if old.is_null() {
+        // SAFETY: forwarded to the allocator.
+        let p = unsafe { real_malloc(size) };
+        account(p, size, fp);
+        return p;
+    }
+    let saved = forget(old as usize);
+    let p = match orig(Fn::Realloc) {
+        0 => {
+            if size == 0 {
+                // SAFETY: forwarded to the allocator.
+                unsafe { real_free(old) };
+                std::ptr::null_mut()
+            } else {
+                // SAFETY: `old` is a live block of this allocator.
+                let have = unsafe { libc::malloc_usable_size(old) };
+                // SAFETY: forwarded to the allocator.
+                let p = unsafe { real_malloc(size) };
+                if !p.is_null() {
+                    // SAFETY: both blocks hold at least `have.min(size)` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            old.cast::<u8>(),
+                            p.cast::<u8>(),
+                            have.min(size),
+                        );
+                        real_free(old);
+                    }
+                }
+                p
+            }
+        }
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, ReallocFn)(old, size) },
+    };
+    if p.is_null() && size != 0 {
+        // Failed: the old block lives on, and so does its record.
+        if let Some(s) = saved {
+            restore(old as usize, s);
+        }
+        return p;
+    }
+    account(p, size, fp);
+    p
+}
+
+/// A forgotten record, kept so a failed `realloc` can put it back.
+#[derive(Clone, Copy)]
+struct Saved {
+    bucket: u32,
+    size: u64,
+    w: u64,
+    b: u64,
+}
+
+fn forget(p: usize) -> Option<Saved> {
+    if filter_slot(p).load(Acquire) == 0 {
+        return None;
+    }
+    let table = live();
+    if table.is_empty() {
+        return None;
+    }
+    let h = live_slot(p);
+    for i in 0..PROBES {
+        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
+        let k = e.key.load(Acquire);
+        if k == EMPTY {
+            return None;
+        }
+        if k == p {
+            let s = Saved {
+                bucket: e.bucket.load(Relaxed),
+                size: e.size.load(Relaxed),
+                w: e.w.load(Relaxed),
+                b: e.b.load(Relaxed),
+            };
+            take(e, p);
+            return Some(s);
+        }
+    }
+    None
+}
+
+fn restore(p: usize, s: Saved) {
+    IN_RECORD.fetch_add(1, SeqCst);
+    if ACTIVE.load(SeqCst) && live_insert(p, s.bucket, s.size, s.w, s.b) {
+        if let Some(b) = buckets().get(s.bucket as usize) {
+            b.free_n.fetch_sub(1, Relaxed);
+            b.free_w.fetch_sub(s.w, Relaxed);
+            b.free_b.fetch_sub(s.b, Relaxed);
+        }
+    }
+    IN_RECORD.fetch_sub(1, SeqCst);
+}
+
+/// The `valloc` hook.
+///
+/// # Safety
+/// As `valloc`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_valloc(size: size_t) -> *mut c_void {
+    let fp = frame_address();
+    let p = match orig(Fn::Valloc) {
+        // SAFETY: forwarded to the allocator (page alignment).
+        0 => unsafe { real_align(Fn::Valloc, 4096, size) },
+        // SAFETY: see `fnptr`.
+        o => unsafe { fnptr!(o, MallocFn)(size) },
+    };
+    account(p, size, fp);
+    p
+}
+
+/// The `memalign` hook.
+///
+/// # Safety
+/// As `memalign`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_memalign(align: size_t, size: size_t) -> *mut c_void {
+    let fp = frame_address();
+    // SAFETY: forwarded to the allocator.
+    let p = unsafe { real_align(Fn::Memalign, align, size) };
+    account(p, size, fp);
+    p
+}
+
+/// The `aligned_alloc` hook.
+///
+/// # Safety
+/// As `aligned_alloc`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_aligned_alloc(align: size_t, size: size_t) -> *mut c_void {
+    let fp = frame_address();
+    // SAFETY: forwarded to the allocator.
+    let p = unsafe { real_align(Fn::AlignedAlloc, align, size) };
+    account(p, size, fp);
+    p
+}
+
+/// The `posix_memalign` hook.
+///
+/// # Safety
+/// As `posix_memalign`.
+#[inline(never)]
+pub(crate) unsafe extern "C" fn hk_posix_memalign(
+    out: *mut *mut c_void,
+    align: size_t,
+    size: size_t,
+) -> c_int {
+    let fp = frame_address();
+    // SAFETY: forwarded to the allocator.
+    let r = unsafe { real_posix_memalign(out, align, size) };
+    if r == 0 && !out.is_null() {
+        // SAFETY: on success the allocator wrote `*out`.
+        account(unsafe { *out }, size, fp);
+    }
+    r
+}
