@@ -978,6 +978,17 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
     let _s = serial();
+    // A thread blocking the stop signal is stopped with ptrace now
+    // (patcher_ptrace.rs); with the ptrace path off it is a straggler again,
+    // which is what sends this install and remove through the int3 protocol.
+    struct PtraceOff;
+    impl Drop for PtraceOff {
+        fn drop(&mut self) {
+            hotpatch_patcher::world::set_ptrace_enabled(true);
+        }
+    }
+    hotpatch_patcher::world::set_ptrace_enabled(false);
+    let _ptrace_off = PtraceOff;
     let so = hotpatch_tests::fixtures::plugin("fx-foreign-jump");
     let c = std::ffi::CString::new(so.to_str().expect("utf-8")).expect("no nul");
     // SAFETY: our own fixture, built from source; no constructors.
