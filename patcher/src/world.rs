@@ -1300,42 +1300,12 @@ pub enum Whereabouts {
 
 /// Reads where a non-parked thread is, without allocating.
 pub fn whereabouts(tid: i32) -> Whereabouts {
-    let mut path = [0u8; 64];
-    let prefix = b"/proc/self/task/";
-    path[..prefix.len()].copy_from_slice(prefix);
-    let mut i = prefix.len();
-    let mut digits = [0u8; 12];
-    let mut d = 0;
-    let mut t = tid.max(0) as u32;
-    loop {
-        digits[d] = b'0' + (t % 10) as u8;
-        d += 1;
-        t /= 10;
-        if t == 0 {
-            break;
-        }
-    }
-    while d > 0 {
-        d -= 1;
-        path[i] = digits[d];
-        i += 1;
-    }
-    let suffix = b"/syscall\0";
-    path[i..i + suffix.len()].copy_from_slice(suffix);
-    // SAFETY: `path` is NUL-terminated within its 64 bytes.
-    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Whereabouts::Unknown;
-    }
     let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its length; `fd` is ours.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    // SAFETY: we own `fd`.
-    unsafe { libc::close(fd) };
-    if n <= 0 {
-        return Whereabouts::Unknown;
-    }
-    let text = &buf[..n as usize];
+    let n = match hotpatch_sys::status::read_task_file(tid, b"syscall", &mut buf) {
+        Some(n) if n > 0 => n,
+        _ => return Whereabouts::Unknown,
+    };
+    let text = &buf[..n];
     if text.starts_with(b"running") {
         return Whereabouts::Running;
     }

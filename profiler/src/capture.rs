@@ -387,19 +387,14 @@ impl RawProfile {
             start_time,
             Duration::from_nanos(self.duration_ns),
         );
-        report.stats.gate_dropped_samples = self.gate_dropped_samples;
-        report.stats.unwind_registrations_skipped = self.unwind_registrations_skipped;
-        let clock = Clock::from_name(&self.clock);
-        if let Some(c) = clock {
-            report.clock = c;
+        report.apply_facts(&SessionFacts {
+            gate: (self.gate_dropped_samples, self.unwind_registrations_skipped),
+            clock: Clock::from_name(&self.clock).unwrap_or(report.clock),
+            sampler: self.sampler,
+        });
+        if Clock::from_name(&self.clock).is_none() {
+            report.stats.clock = None;
         }
-        report.stats.clock = clock;
-        report.stats.handlers_left_by_jump = self.sampler.handlers_left_by_jump;
-        report.stats.signals = self.sampler.signals;
-        report.stats.lost_buffer_full = self.sampler.lost_buffer_full;
-        report.stats.threads_clocked = self.sampler.threads_clocked;
-        report.stats.thread_clock_failures = self.sampler.thread_clock_failures;
-        report.stats.thread_clock_fallbacks = self.sampler.thread_clock_fallbacks;
         let doubtful: HashMap<_, &str> = imported
             .unverified
             .iter()
@@ -460,6 +455,20 @@ pub fn sampler_buffer_bytes() -> usize {
 }
 
 impl Report {
+    /// Copies what the session knew of itself into the report.
+    pub(crate) fn apply_facts(&mut self, facts: &SessionFacts) {
+        self.clock = facts.clock;
+        self.stats.clock = Some(facts.clock);
+        self.stats.gate_dropped_samples = facts.gate.0;
+        self.stats.unwind_registrations_skipped = facts.gate.1;
+        self.stats.handlers_left_by_jump = facts.sampler.handlers_left_by_jump;
+        self.stats.signals = facts.sampler.signals;
+        self.stats.lost_buffer_full = facts.sampler.lost_buffer_full;
+        self.stats.threads_clocked = facts.sampler.threads_clocked;
+        self.stats.thread_clock_failures = facts.sampler.thread_clock_failures;
+        self.stats.thread_clock_fallbacks = facts.sampler.thread_clock_fallbacks;
+    }
+
     /// The profiled executable, when resolved from a capture of another
     /// process (else `None`: this process's).
     pub(crate) fn main_executable(&self) -> Option<PathBuf> {

@@ -454,16 +454,7 @@ impl Session {
     pub fn stop(mut self) -> Result<Report> {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
-        let (dropped, skipped, abandoned) = unwind::gate_counts();
-        let (signals, lost) = sampler::counters();
-        let (clocked, failures, fallbacks) = {
-            let inner = self.shared.lock();
-            (
-                inner.threads_clocked,
-                inner.clock_failures,
-                inner.clock_fallbacks,
-            )
-        };
+        let facts = self.facts();
         let mut report = Report::resolve(
             epochs,
             errors,
@@ -473,16 +464,7 @@ impl Session {
             self.started_at,
             duration,
         );
-        report.clock = self.shared.clock;
-        report.stats.clock = Some(self.shared.clock);
-        report.stats.gate_dropped_samples = dropped - self.gate_at_start.0;
-        report.stats.unwind_registrations_skipped = skipped - self.gate_at_start.1;
-        report.stats.handlers_left_by_jump = abandoned - self.gate_at_start.2;
-        report.stats.signals = signals - self.counters_at_start.0;
-        report.stats.lost_buffer_full = lost - self.counters_at_start.1;
-        report.stats.threads_clocked = clocked;
-        report.stats.thread_clock_failures = failures;
-        report.stats.thread_clock_fallbacks = fallbacks;
+        report.apply_facts(&facts);
         Ok(report)
     }
 
@@ -496,16 +478,7 @@ impl Session {
     pub fn stop_raw(mut self) -> Result<crate::RawProfile> {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
-        let (dropped, skipped, abandoned) = unwind::gate_counts();
-        let (signals, lost) = sampler::counters();
-        let (clocked, failures, fallbacks) = {
-            let inner = self.shared.lock();
-            (
-                inner.threads_clocked,
-                inner.clock_failures,
-                inner.clock_fallbacks,
-            )
-        };
+        let facts = self.facts();
         // The session's aggregation maps were freed: give the pages back.
         crate::capture::release_backtrace_cache();
         Ok(crate::RawProfile::capture(
@@ -515,22 +488,30 @@ impl Session {
             self.shared.config.inline_frames,
             self.started_at,
             duration,
-            crate::capture::SessionFacts {
-                gate: (
-                    dropped - self.gate_at_start.0,
-                    skipped - self.gate_at_start.1,
-                ),
-                clock: self.shared.clock,
-                sampler: crate::capture::SamplerCounts {
-                    handlers_left_by_jump: abandoned - self.gate_at_start.2,
-                    signals: signals - self.counters_at_start.0,
-                    lost_buffer_full: lost - self.counters_at_start.1,
-                    threads_clocked: clocked,
-                    thread_clock_failures: failures,
-                    thread_clock_fallbacks: fallbacks,
-                },
-            },
+            facts,
         ))
+    }
+
+    /// The clock and the sampler's and the gate's counters since start.
+    fn facts(&self) -> crate::capture::SessionFacts {
+        let (dropped, skipped, abandoned) = unwind::gate_counts();
+        let (signals, lost) = sampler::counters();
+        let inner = self.shared.lock();
+        crate::capture::SessionFacts {
+            gate: (
+                dropped - self.gate_at_start.0,
+                skipped - self.gate_at_start.1,
+            ),
+            clock: self.shared.clock,
+            sampler: crate::capture::SamplerCounts {
+                handlers_left_by_jump: abandoned - self.gate_at_start.2,
+                signals: signals - self.counters_at_start.0,
+                lost_buffer_full: lost - self.counters_at_start.1,
+                threads_clocked: inner.threads_clocked,
+                thread_clock_failures: inner.clock_failures,
+                thread_clock_fallbacks: inner.clock_fallbacks,
+            },
+        }
     }
 
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {

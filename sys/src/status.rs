@@ -62,6 +62,15 @@ fn task_path(tid: i32, leaf: &[u8], path: &mut [u8; 64]) -> Option<usize> {
     Some(end)
 }
 
+/// Reads `/proc/self/task/<tid>/<leaf>` into `buf` with raw system calls
+/// (no allocation, no `errno`: usable while the world is stopped); the
+/// bytes read, or `None` when the thread is gone or the file unreadable.
+pub fn read_task_file(tid: i32, leaf: &[u8], buf: &mut [u8]) -> Option<usize> {
+    let mut path = [0u8; 64];
+    task_path(tid, leaf, &mut path)?;
+    read_small(&path, buf)
+}
+
 /// Reads a small `/proc` file into `buf`; the bytes read.
 fn read_small(path: &[u8; 64], buf: &mut [u8]) -> Option<usize> {
     // SAFETY: `path` is NUL-terminated (task_path); open reads it only.

@@ -8,4 +8,5 @@
 pub mod agent_bins;
 pub mod exec;
 pub mod fixtures;
+pub mod load;
 pub mod loader_fixtures;

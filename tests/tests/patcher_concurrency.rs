@@ -232,14 +232,7 @@ fn thread_blocking_the_stop_signal_gets_the_int3_protocol() {
     let _s = serial();
     // Such a thread is stopped with ptrace now (patcher_ptrace.rs); with the
     // ptrace path off it is a straggler again, which this test is about.
-    struct PtraceOff;
-    impl Drop for PtraceOff {
-        fn drop(&mut self) {
-            hotpatch_patcher::world::set_ptrace_enabled(true);
-        }
-    }
-    hotpatch_patcher::world::set_ptrace_enabled(false);
-    let _ptrace_off = PtraceOff;
+    let _ptrace_off = hotpatch_tests::load::PtraceOff::new();
     let mut mem = ExecMem::new(1);
     let f = many_small_instructions(&mut mem, 0);
     mem.seal();

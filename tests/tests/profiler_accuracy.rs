@@ -16,12 +16,13 @@
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hotpatch_profiler::{Clock, ProfilerBuilder};
+use hotpatch_tests::load::Hog;
 use hotpatch_tests::loader_fixtures::TempDir;
 
 #[path = "../../profiler/examples/accuracy/workload.rs"]
@@ -34,32 +35,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Busy child processes, killed (by their own pids) on drop.
-struct Hog(Vec<Child>);
-
-impl Hog {
-    fn per_core(n: usize) -> Hog {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Hog((0..cores * n)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .unwrap()
-            })
-            .collect())
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[test]

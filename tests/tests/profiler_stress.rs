@@ -26,6 +26,7 @@ use hotpatch_profiler::ProfilerBuilder;
 use hotpatch_symbolizer::{Registry, RuntimeAddr};
 use hotpatch_tests::exec::ExecMem;
 use hotpatch_tests::fixtures;
+use hotpatch_tests::load::thread_cpu;
 
 static SAMPLER: Mutex<()> = Mutex::new(());
 
@@ -60,17 +61,6 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-/// This thread's CPU time.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// CPU time this process has used (what `ITIMER_PROF` counts).

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use hotpatch_profiler::ProfilerBuilder;
 use hotpatch_symbolizer::{Registry, RuntimeAddr};
 use hotpatch_tests::exec::ExecMem;
+use hotpatch_tests::load::Hog;
 
 unsafe extern "C" {
     /// libgcc: start of the function (FDE) containing `pc`, or null.
@@ -59,32 +60,6 @@ fn heap_in_use() -> usize {
 }
 
 const CHILD: &str = "HOTPATCH_TEST_UNWIND_CHILD";
-
-/// Busy child processes, killed (by their own pids) on drop.
-struct Hog(Vec<std::process::Child>);
-
-impl Hog {
-    fn per_core(n: usize) -> Hog {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Hog((0..cores * n)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .unwrap()
-            })
-            .collect())
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// The sampler is process-wide: one session at a time in this binary.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
