@@ -7,6 +7,7 @@
 #   gcc        -> C fixtures for the loader tests
 #   libc6-dbg  -> detached debug info under /usr/lib/debug/.build-id
 #   zlib1g, libbz2-1.0 -> real libraries patched by tests/tests/patcher_libraries.rs
+#   llvm       -> `llvm-symbolizer`, the reference for C names (profiler_names.rs)
 # Plugins and fixtures are built from source by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,7 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ -d /usr/lib/debug/.build-id ] || need+=(libc6-dbg)
 [ -e /lib/x86_64-linux-gnu/libz.so.1 ] || need+=(zlib1g)
 [ -e /lib/x86_64-linux-gnu/libbz2.so.1.0 ] || need+=(libbz2-1.0)
+command -v llvm-symbolizer >/dev/null 2>&1 || need+=(llvm)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "test.sh: installing ${need[*]}" >&2
