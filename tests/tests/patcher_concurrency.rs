@@ -93,10 +93,11 @@ fn stress_install_remove_swap_under_8_threads() {
         "workers made progress: {} calls",
         report.calls
     );
-    assert!(
-        report.fixups > 0,
-        "some thread was stopped inside the prologue and moved"
-    );
+    // Whether a thread happens to be stopped inside the prologue depends on
+    // the scheduler (a CPU hog made it 0 of 10,000 cycles once): no verdict
+    // on it here. The fix-up itself is proven deterministically, a thread
+    // parked at every boundary (patcher_corpus.rs, patcher_ptrace.rs).
+    println!("fix-ups in this run: {}", report.fixups);
 }
 
 #[inline(never)]
