@@ -128,21 +128,29 @@ impl Builder {
                 });
             }
         }
-        let listener = UnixListener::bind(&path).map_err(|source| Error::Socket {
+        // Bound and listening under a name no client looks for, then renamed
+        // into place: a socket file at `<pid>.sock` is always one that
+        // accepts (`bind` creates the file before `listen`, and a client
+        // connecting in between was refused).
+        let staging = dir.join(format!(".{}.sock.staging", std::process::id()));
+        let _ = fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging).map_err(|source| Error::Socket {
             what: "bind",
-            path: path.clone(),
+            path: staging.clone(),
             source,
         })?;
         // The directory is 0700 already; 0600 on the socket as well, so a
         // looser directory mode later does not open it up.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-            let _ = fs::remove_file(&path);
-            Error::Socket {
-                what: "chmod 0600",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o600))
+            .and_then(|()| fs::rename(&staging, &path))
+            .map_err(|source| {
+                let _ = fs::remove_file(&staging);
+                Error::Socket {
+                    what: "chmod 0600 and move into place",
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
