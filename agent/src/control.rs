@@ -10,12 +10,13 @@ use hotpatch_loader::{Plugin, Policy, UnloadOutcome};
 use hotpatch_patcher::{InstallOptions, Site};
 use hotpatch_symbolizer::signature::Signature;
 use hotpatch_symbolizer::{DebugSearch, ModuleId, Registry, RuntimeAddr, Symbolizer};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::protocol::{
     E_AGENT_BAD_ARGS, E_AGENT_BAD_SYMBOL, E_AGENT_NO_SUCH_MODULE, E_AGENT_NO_SUCH_PLUGIN,
     E_AGENT_NO_SUCH_SITE, E_AGENT_NOT_A_FUNCTION, E_AGENT_PATCH_CYCLE, E_AGENT_SIGNATURE_MISMATCH,
-    ErrorBody, Reply, Request,
+    ErrorBody, InspectReport, ListInfo, PingInfo, PluginInfo, Reply, Request, SignatureCheck,
+    SiteInfo, SiteState, StatusInfo, UnloadInfo, reply,
 };
 use crate::server::{Shared, StatusFn, write_reply};
 
@@ -52,18 +53,24 @@ struct SiteEntry {
 }
 
 impl SiteEntry {
-    fn describe(&self) -> Value {
-        json!({
-            "id": self.id,
-            "name": self.name,
-            "target": self.target.spec(),
-            "target_addr": format!("{:#x}", self.target.addr),
-            "target_size": self.target.size,
-            "with": self.with.spec(),
-            "with_addr": format!("{:#x}", self.with.addr),
-            "state": if self.site.is_enabled() { "enabled" } else { "disabled" },
-            "trampoline": format!("{:#x}", self.site.original()),
-        })
+    fn describe(&self) -> SiteInfo {
+        SiteInfo {
+            id: self.id,
+            name: self.name.clone(),
+            target: self.target.spec(),
+            target_addr: format!("{:#x}", self.target.addr),
+            target_size: self.target.size,
+            with: self.with.spec(),
+            with_addr: format!("{:#x}", self.with.addr),
+            state: if self.site.is_enabled() {
+                SiteState::Enabled
+            } else {
+                SiteState::Disabled
+            },
+            trampoline: format!("{:#x}", self.site.original()),
+            signature: None,
+            previous: None,
+        }
     }
 }
 
@@ -154,7 +161,7 @@ impl Control {
         }
     }
 
-    pub(crate) fn handle(&mut self, req: Request, shared: &Shared) -> Fallible<Value> {
+    pub(crate) fn handle(&mut self, req: Request, shared: &Shared) -> Fallible<Reply> {
         if self.closed {
             return Err(ErrorBody::new(
                 crate::protocol::E_AGENT_BUSY,
@@ -162,31 +169,33 @@ impl Control {
             ));
         }
         match req {
-            Request::Ping => Ok(json!({
-                "pid": std::process::id(),
-                "exe": std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
-                "agent_version": env!("CARGO_PKG_VERSION"),
-                "uptime_s": shared.started.elapsed().as_secs_f64(),
-            })),
-            Request::Status => Ok(json!({
-                "pid": std::process::id(),
-                "host": self.status.as_ref().map_or(Value::Null, |f| f()),
-                "plugins": self.plugins.len(),
-                "sites": self.sites.len(),
-                "profiling": crate::profile::running(shared),
-            })),
-            Request::Load { path } => self.load(&path),
-            Request::Unload { name } => self.unload(&name),
+            Request::Ping => Reply::typed(&PingInfo {
+                pid: std::process::id(),
+                exe: std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_s: shared.started.elapsed().as_secs_f64(),
+            }),
+            Request::Status => Reply::typed(&StatusInfo {
+                pid: std::process::id(),
+                host: self.status.as_ref().map_or(Value::Null, |f| f()),
+                plugins: self.plugins.len(),
+                sites: self.sites.len(),
+                profiling: crate::profile::running(shared),
+            }),
+            Request::Load { path } => Reply::typed(&self.load(&path)?),
+            Request::Unload { name } => Reply::typed(&self.unload(&name)?),
             Request::Patch {
                 target,
                 with,
                 force,
-            } => self.patch(&target, &with, force),
-            Request::Swap { site, with, force } => self.swap(&site, &with, force),
+            } => Reply::typed(&self.patch(&target, &with, force)?),
+            Request::Swap { site, with, force } => Reply::typed(&self.swap(&site, &with, force)?),
             Request::Disable { site } => {
                 let s = self.site_mut(&site)?;
                 s.site.disable().map_err(|e| patch_err(&e))?;
-                Ok(s.describe())
+                Reply::typed(&s.describe())
             }
             Request::Enable { site } => {
                 let i = self.site_index(&site)?;
@@ -194,11 +203,11 @@ impl Control {
                 self.refuse_cycle(target, with, Some(i))?;
                 let s = &mut self.sites[i];
                 s.site.enable().map_err(|e| patch_err(&e))?;
-                Ok(s.describe())
+                Reply::typed(&s.describe())
             }
-            Request::Revert { site } => self.revert(&site),
-            Request::List => Ok(self.list()),
-            Request::Inspect { target } => self.inspect(&target),
+            Request::Revert { site } => Reply::typed(&self.revert(&site)?),
+            Request::List => Reply::typed(&self.list()),
+            Request::Inspect { target } => Reply::typed(&self.inspect(&target)?),
             Request::Profile { .. }
             | Request::ProfileRaw { .. }
             | Request::HeapStart { .. }
@@ -211,7 +220,7 @@ impl Control {
         }
     }
 
-    fn load(&mut self, path: &str) -> Fallible<Value> {
+    fn load(&mut self, path: &str) -> Fallible<PluginInfo> {
         if path.is_empty() {
             return Err(ErrorBody::new(E_AGENT_BAD_ARGS, "empty plugin path"));
         }
@@ -223,7 +232,7 @@ impl Control {
         Ok(v)
     }
 
-    fn unload(&mut self, name: &str) -> Fallible<Value> {
+    fn unload(&mut self, name: &str) -> Fallible<UnloadInfo> {
         let users: Vec<String> = self
             .sites
             .iter()
@@ -249,16 +258,18 @@ impl Control {
         match p.unload() {
             Ok(u) => {
                 let (outcome, reason) = match &u.outcome {
-                    UnloadOutcome::Unmapped => ("unmapped", None),
-                    UnloadOutcome::Retained(r) => ("retained", Some(r.to_string())),
+                    UnloadOutcome::Unmapped => (reply::UnloadOutcome::Unmapped, None),
+                    UnloadOutcome::Retained(r) => {
+                        (reply::UnloadOutcome::Retained, Some(r.to_string()))
+                    }
                 };
-                Ok(json!({
-                    "name": u.name,
-                    "outcome": outcome,
-                    "reason": reason,
-                    "shutdown_error": u.shutdown_error.as_ref().map(ToString::to_string),
-                    "dlclose_error": u.dlclose_error,
-                }))
+                Ok(UnloadInfo {
+                    name: u.name,
+                    outcome,
+                    reason,
+                    shutdown_error: u.shutdown_error.as_ref().map(ToString::to_string),
+                    dlclose_error: u.dlclose_error,
+                })
             }
             Err(r) => {
                 let e = plg_err(&r.error);
@@ -503,7 +514,7 @@ impl Control {
         Ok(())
     }
 
-    fn patch(&mut self, target: &str, with: &str, force: bool) -> Fallible<Value> {
+    fn patch(&mut self, target: &str, with: &str, force: bool) -> Fallible<SiteInfo> {
         let t = self.find(target, false)?;
         let w = self.find(with, true)?;
         self.refuse_cycle(&t, &w, None)?;
@@ -547,12 +558,12 @@ impl Control {
         };
         self.next_site += 1;
         let mut v = entry.describe();
-        v["signature"] = signature;
+        v.signature = Some(signature);
         self.sites.push(entry);
         Ok(v)
     }
 
-    fn swap(&mut self, site: &str, with: &str, force: bool) -> Fallible<Value> {
+    fn swap(&mut self, site: &str, with: &str, force: bool) -> Fallible<SiteInfo> {
         let i = self.site_index(site)?;
         let w = self.find(with, true)?;
         self.refuse_cycle(&self.sites[i].target, &w, Some(i))?;
@@ -570,29 +581,29 @@ impl Control {
         let old = std::mem::replace(&mut s.with, w);
         Self::unpin_found(&old);
         let mut v = s.describe();
-        v["previous"] = json!(old.spec());
-        v["signature"] = signature;
+        v.previous = Some(old.spec());
+        v.signature = Some(signature);
         Ok(v)
     }
 
-    fn revert(&mut self, site: &str) -> Fallible<Value> {
+    fn revert(&mut self, site: &str) -> Fallible<SiteInfo> {
         let i = self.site_index(site)?;
         self.sites[i].site.remove().map_err(|e| patch_err(&e))?;
         let s = self.sites.remove(i);
         self.unpin(&s);
         let mut v = s.describe();
-        v["state"] = json!("reverted");
+        v.state = SiteState::Reverted;
         Ok(v)
     }
 
-    fn list(&self) -> Value {
-        json!({
-            "plugins": self.plugins.values().map(describe_plugin).collect::<Vec<_>>(),
-            "sites": self.sites.iter().map(SiteEntry::describe).collect::<Vec<_>>(),
-        })
+    fn list(&self) -> ListInfo {
+        ListInfo {
+            plugins: self.plugins.values().map(describe_plugin).collect(),
+            sites: self.sites.iter().map(SiteEntry::describe).collect(),
+        }
     }
 
-    fn inspect(&self, target: &str) -> Fallible<Value> {
+    fn inspect(&self, target: &str) -> Fallible<InspectReport> {
         let t = self.find(target, false)?;
         let known = (t.size > 0).then_some(t.size as usize);
         let r =
@@ -603,18 +614,29 @@ impl Control {
             .ok()
             .flatten()
             .map(|s| s.to_string());
-        Ok(json!({
-            "target": t.spec(),
-            "signature": signature,
-            "addr": format!("{:#x}", t.addr),
-            "size": t.size,
-            "patchable": r.is_patchable() && stop_refusal.is_none(),
-            "code": r.verdict.as_ref().err().map(|x| x.code)
-                .or(stop_refusal.as_ref().map(|e| e.code())),
-            "message": r.verdict.as_ref().err().map(|x| x.message.clone())
+        Ok(InspectReport {
+            target: t.spec(),
+            signature,
+            addr: format!("{:#x}", t.addr),
+            size: t.size,
+            patchable: r.is_patchable() && stop_refusal.is_none(),
+            code: r
+                .verdict
+                .as_ref()
+                .err()
+                .map(|x| x.code.to_owned())
+                .or(stop_refusal.as_ref().map(|e| e.code().to_owned())),
+            message: r
+                .verdict
+                .as_ref()
+                .err()
+                .map(|x| x.message.clone())
                 .or(stop_refusal.as_ref().map(|e| e.to_string())),
-            "report": format!("{r}{stop_report}"),
-        }))
+            report: format!("{r}{stop_report}"),
+            file: None,
+            local: None,
+            warnings: None,
+        })
     }
 }
 
@@ -673,7 +695,7 @@ fn signature_reader() -> &'static Symbolizer {
 /// (every difference in the message) unless `force`. Either undescribed (no
 /// DWARF, a stripped module, a symbol DWARF does not start a function at):
 /// allowed, and the reply says it was not checked and why.
-fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible<Value> {
+fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible<SignatureCheck> {
     let sym = signature_reader();
     let reg = Registry::global();
     let read = |f: &Found| -> Result<Signature, String> {
@@ -686,7 +708,7 @@ fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible
     let (t, w) = match (read(target), read(replacement)) {
         (Ok(t), Ok(w)) => (t, w),
         (Err(why), _) | (_, Err(why)) => {
-            return Ok(json!({ "checked": false, "why": why }));
+            return Ok(SignatureCheck::not_checked(why));
         }
     };
     let mismatches = t.abi_mismatches(&w);
@@ -701,7 +723,7 @@ fn check_signature(target: &Found, replacement: &Found, force: bool) -> Fallible
             ),
         ));
     }
-    Ok(json!({ "checked": true, "forced_over": mismatches }))
+    Ok(SignatureCheck::checked(mismatches))
 }
 
 fn host_module() -> Option<ModuleId> {
@@ -716,20 +738,20 @@ fn host_name(reg: &Registry, id: ModuleId) -> String {
         .map_or_else(|| "host".to_owned(), |m| m.name())
 }
 
-fn describe_plugin(p: &Plugin) -> Value {
+fn describe_plugin(p: &Plugin) -> PluginInfo {
     let pins = p
         .module_id()
         .and_then(|id| Registry::global().module(id))
         .map_or(0, |m| m.pins);
-    json!({
-        "name": p.name(),
-        "version": p.version(),
-        "path": p.path().display().to_string(),
-        "base": format!("{:#x}", p.base()),
-        "module_id": p.module_id().map(|m| m.0),
-        "tls": p.tls().is_some(),
-        "pins": pins,
-    })
+    PluginInfo {
+        name: p.name().to_owned(),
+        version: p.version().to_owned(),
+        path: p.path().display().to_string(),
+        base: format!("{:#x}", p.base()),
+        module_id: p.module_id().map(|m| m.0),
+        tls: p.tls().is_some(),
+        pins,
+    }
 }
 
 /// Runs one request and writes its reply (and payloads).
@@ -750,10 +772,10 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         | Request::HeapSnapshot
         | Request::HeapStop
         | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
-        req => match shared.control().handle(req, shared) {
-            Ok(v) => Reply::ok(v),
-            Err(e) => Reply::err(e),
-        },
+        req => shared
+            .control()
+            .handle(req, shared)
+            .unwrap_or_else(Reply::err),
     };
     write_reply(w, &reply)
 }

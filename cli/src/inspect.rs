@@ -4,12 +4,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::{Conn, Failure, Outcome, print_json, remote};
+use crate::protocol::{InspectReport, Request};
 use hotpatch_symbolizer::{DebugSearch, ElfSymbolizer};
 use object::{Object, ObjectSegment, SegmentFlags};
-use serde_json::{Value, json};
-
-use super::{Conn, Failure, Outcome, remote};
-use crate::protocol::Request;
 
 /// Arguments of `hotpatch inspect`.
 #[derive(Debug, clap::Args)]
@@ -62,28 +60,24 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             },
         )?,
     };
+    let v: InspectReport = v;
     let w = if a.json {
-        writeln!(out, "{v}")
+        print_json(out, &v)
     } else {
-        writeln!(
-            out,
-            "{}  ({} bytes)",
-            v["target"].as_str().unwrap_or("?"),
-            v["size"]
-        )
-        .and_then(|()| match v["signature"].as_str() {
-            Some(sig) => writeln!(out, "signature (DWARF): {sig}"),
-            None => writeln!(out, "signature: no DWARF for it"),
-        })
-        .and_then(|()| write!(out, "{}", v["report"].as_str().unwrap_or_default()))
+        writeln!(out, "{}  ({} bytes)", v.target, v.size)
+            .and_then(|()| match &v.signature {
+                Some(sig) => writeln!(out, "signature (DWARF): {sig}"),
+                None => writeln!(out, "signature: no DWARF for it"),
+            })
+            .and_then(|()| write!(out, "{}", v.report))
     };
     w.map_err(|e| Failure::io(&e))?;
-    if v["patchable"] == true {
+    if v.patchable {
         Ok(())
     } else {
         Err(Failure::new(
-            v["code"].as_str().unwrap_or("E_AGENT_INTERNAL"),
-            v["message"].as_str().unwrap_or("not patchable"),
+            v.code.as_deref().unwrap_or("E_AGENT_INTERNAL"),
+            v.message.as_deref().unwrap_or("not patchable"),
             false,
         ))
     }
@@ -98,7 +92,7 @@ type Offline<T> = Result<T, (String, String)>;
 /// # Errors
 /// `(code, message)`: the symbolizer's `E_SYM_*` codes, `E_NOT_EXECUTABLE`
 /// when the symbol is not in an executable segment.
-pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
+pub fn offline_report(file: &Path, symbol: &str) -> Offline<InspectReport> {
     let sym = ElfSymbolizer::open(file, &DebugSearch::default())
         .map_err(|e| (e.code().to_owned(), e.to_string()))?;
     let mut cands = sym.find_symbol(symbol);
@@ -156,17 +150,17 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     for w in &warnings {
         eprintln!("hotpatch: warning: {w}");
     }
-    Ok(json!({
-        "signature": signature,
-        "target": format!("{}:{}", file.display(), symbol),
-        "file": file.display().to_string(),
-        "addr": format!("{vaddr:#x}"),
-        "size": s.size,
-        "local": s.local,
-        "patchable": report.is_patchable(),
-        "code": report.verdict.as_ref().err().map(|x| x.code),
-        "message": report.verdict.as_ref().err().map(|x| x.message.clone()),
-        "report": report.to_string(),
-        "warnings": warnings,
-    }))
+    Ok(InspectReport {
+        signature,
+        target: format!("{}:{}", file.display(), symbol),
+        file: Some(file.display().to_string()),
+        addr: format!("{vaddr:#x}"),
+        size: s.size,
+        local: Some(s.local),
+        patchable: report.is_patchable(),
+        code: report.verdict.as_ref().err().map(|x| x.code.to_owned()),
+        message: report.verdict.as_ref().err().map(|x| x.message.clone()),
+        report: report.to_string(),
+        warnings: Some(warnings),
+    })
 }

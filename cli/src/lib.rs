@@ -138,6 +138,26 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Writes `v` as one line of JSON, keys sorted (as `serde_json::Value`
+/// prints them), so `--json` output does not depend on field order.
+///
+/// # Errors
+/// Writing fails.
+pub fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let v = serde_json::to_value(v).map_err(std::io::Error::other)?;
+    writeln!(out, "{v}")
+}
+
+/// A result with the files a command wrote (`--json` output).
+#[derive(Debug, serde::Serialize)]
+pub struct Written<'a, T: serde::Serialize, W: serde::Serialize> {
+    /// The agent's result.
+    #[serde(flatten)]
+    pub result: &'a T,
+    /// What was written.
+    pub written: W,
+}
+
 /// A failed command: its stable code and message.
 #[derive(Debug)]
 pub struct Failure {

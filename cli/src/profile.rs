@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use hotpatch_profiler::capture::Limits;
 use hotpatch_symbolizer::DebugSearch;
 
-use super::{Conn, Failure, Outcome};
+use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
-use crate::protocol::{E_AGENT_UNKNOWN_COMMAND, PayloadHeader, RAW_PROFILE_PAYLOAD, Request};
+use crate::protocol::{
+    E_AGENT_UNKNOWN_COMMAND, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD, RawProfileSummary,
+    Request,
+};
 
 /// Arguments of `hotpatch profile`.
 #[derive(Debug, clap::Args)]
@@ -104,9 +107,9 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         }
         other => other,
     };
-    let v = reply
+    let v: Result<RawProfileSummary, Failure> = reply
         .map_err(|e| fail(&e))
-        .and_then(|r| client::into_result(r).map_err(|e| fail(&e)));
+        .and_then(|r| client::into_typed(r).map_err(|e| fail(&e)));
     let v = match v {
         Ok(v) => v,
         Err(e) => {
@@ -145,26 +148,33 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         }
     }
     let s = &report.stats;
-    let mut v = v;
-    v["stacks"] = serde_json::json!(s.stacks);
-    v["locations"] = serde_json::json!(s.locations);
-    v["unnamed_locations"] = serde_json::json!(s.unnamed_locations);
-    v["resolve_s"] = serde_json::json!(s.resolve_time.as_secs_f64());
-    v["top"] = serde_json::json!(report.top(a.top));
-    v["warnings"] = serde_json::json!(warnings);
+    let v = ProfileSummary {
+        samples: v.samples,
+        frequency: v.frequency,
+        duration_s: v.duration_s,
+        stacks: s.stacks,
+        locations: s.locations,
+        unnamed_locations: s.unnamed_locations,
+        epochs: v.epochs,
+        errors: v.errors,
+        top: report.top(a.top),
+        payloads: Some(v.payloads),
+        modules: Some(v.modules),
+        resolve_s: Some(s.resolve_time.as_secs_f64()),
+        warnings: Some(warnings),
+    };
     print_result(a, &v, &written, out)
 }
 
 /// Reads and checks the one raw capture a `profile_raw` result announces.
 fn read_capture(
     c: &mut Client,
-    v: &serde_json::Value,
+    v: &RawProfileSummary,
     json: bool,
 ) -> Result<hotpatch_profiler::RawProfile, Failure> {
     let limits = Limits::default();
     let proto = |m: String| Failure::new("E_AGENT_PROTOCOL", m, json);
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| proto(format!("bad payload list: {e}")))?;
+    let headers = &v.payloads;
     let [h] = headers.as_slice() else {
         return Err(proto(format!(
             "expected one {RAW_PROFILE_PAYLOAD} payload, got {}",
@@ -208,9 +218,9 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
     let bar = progress(a.seconds);
     let reply = c.request(&req);
     stop_progress(bar);
-    let v = client::into_result(reply.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| Failure::new("E_AGENT_PROTOCOL", format!("bad payload list: {e}"), a.json))?;
+    let v: ProfileSummary =
+        client::into_typed(reply.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+    let headers: &[PayloadHeader] = v.payloads.as_deref().unwrap_or_default();
     let limit = Limits::default().max_bytes as u64;
     if let Some(h) = headers.iter().find(|h| h.len > limit) {
         return Err(Failure::new(
@@ -219,7 +229,7 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
             a.json,
         ));
     }
-    let bodies = c.read_payloads(&headers).map_err(|e| fail(&e))?;
+    let bodies = c.read_payloads(headers).map_err(|e| fail(&e))?;
     let mut written = Vec::new();
     for (h, b) in headers.iter().zip(&bodies) {
         let path = if h.name.ends_with(".svg") {
@@ -236,20 +246,13 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
     print_result(a, &v, &written, out)
 }
 
-fn print_result(
-    a: &Args,
-    v: &serde_json::Value,
-    written: &[String],
-    out: &mut dyn Write,
-) -> Outcome {
+fn print_result(a: &Args, v: &ProfileSummary, written: &[String], out: &mut dyn Write) -> Outcome {
     let w = if a.json {
-        let mut v = v.clone();
-        v["written"] = serde_json::json!(written);
-        writeln!(out, "{v}")
+        print_json(out, &Written { result: v, written })
     } else {
-        write!(out, "{}", v["top"].as_str().unwrap_or_default()).and_then(|()| {
-            if v["top"].as_str().is_none_or(str::is_empty) {
-                writeln!(out, "{} samples", v["samples"])?;
+        write!(out, "{}", v.top).and_then(|()| {
+            if v.top.is_empty() {
+                writeln!(out, "{} samples", v.samples)?;
             }
             for p in written {
                 writeln!(out, "wrote {p}")?;

@@ -26,6 +26,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod paths;
+pub mod reply;
+
+pub use reply::*;
 
 /// Longest request line accepted, newline excluded.
 pub const MAX_LINE: usize = 1 << 20;
@@ -282,6 +285,16 @@ impl Reply {
             result: Some(result),
             error: None,
         }
+    }
+
+    /// A success with a typed result ([`reply`]).
+    ///
+    /// # Errors
+    /// `E_AGENT_INTERNAL` when `result` does not serialize (a bug).
+    pub fn typed<T: Serialize>(result: &T) -> Result<Self, ErrorBody> {
+        serde_json::to_value(result)
+            .map(Reply::ok)
+            .map_err(|e| ErrorBody::new(E_AGENT_INTERNAL, format!("encoding a result: {e}")))
     }
 
     /// A failure.
