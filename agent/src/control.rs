@@ -13,7 +13,7 @@ use hotpatch_symbolizer::{DebugSearch, ModuleId, Registry, RuntimeAddr, Symboliz
 use serde_json::Value;
 
 use crate::protocol::{
-    E_AGENT_BAD_ARGS, E_AGENT_BAD_SYMBOL, E_AGENT_NO_SUCH_MODULE, E_AGENT_NO_SUCH_PLUGIN,
+    Coded, E_AGENT_BAD_ARGS, E_AGENT_BAD_SYMBOL, E_AGENT_NO_SUCH_MODULE, E_AGENT_NO_SUCH_PLUGIN,
     E_AGENT_NO_SUCH_SITE, E_AGENT_NOT_A_FUNCTION, E_AGENT_PATCH_CYCLE, E_AGENT_SIGNATURE_MISMATCH,
     ErrorBody, InspectReport, ListInfo, PingInfo, PluginInfo, Reply, Request, SignatureCheck,
     SiteInfo, SiteState, StatusInfo, UnloadInfo, reply,
@@ -92,18 +92,6 @@ pub(crate) struct Control {
 /// the module holding it is the host.
 #[inline(never)]
 fn host_marker() {}
-
-fn sym_err(e: &hotpatch_symbolizer::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
-
-fn patch_err(e: &hotpatch_patcher::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
-
-fn plg_err(e: &hotpatch_loader::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
 
 /// Splits `MODULE:SYMBOL` at a single colon (Rust paths' `::` do not count).
 pub fn split_spec(spec: &str) -> (Option<&str>, &str) {
@@ -194,7 +182,7 @@ impl Control {
             Request::Swap { site, with, force } => Reply::typed(&self.swap(&site, &with, force)?),
             Request::Disable { site } => {
                 let s = self.site_mut(&site)?;
-                s.site.disable().map_err(|e| patch_err(&e))?;
+                s.site.disable().map_err(|e| e.to_body())?;
                 Reply::typed(&s.describe())
             }
             Request::Enable { site } => {
@@ -202,7 +190,7 @@ impl Control {
                 let (target, with) = (&self.sites[i].target, &self.sites[i].with);
                 self.refuse_cycle(target, with, Some(i))?;
                 let s = &mut self.sites[i];
-                s.site.enable().map_err(|e| patch_err(&e))?;
+                s.site.enable().map_err(|e| e.to_body())?;
                 Reply::typed(&s.describe())
             }
             Request::Revert { site } => Reply::typed(&self.revert(&site)?),
@@ -224,7 +212,7 @@ impl Control {
         if path.is_empty() {
             return Err(ErrorBody::new(E_AGENT_BAD_ARGS, "empty plugin path"));
         }
-        let p = hotpatch_loader::load(path, &self.policy).map_err(|e| plg_err(&e))?;
+        let p = hotpatch_loader::load(path, &self.policy).map_err(|e| e.to_body())?;
         let v = describe_plugin(&p);
         // The loader refuses a second plugin of the same name
         // (E_PLG_ALREADY_LOADED), so names are unique here.
@@ -243,13 +231,11 @@ impl Control {
             .map(|s| s.name.clone())
             .collect();
         if !users.is_empty() {
-            return Err(ErrorBody::new(
-                "E_PLG_IN_USE",
-                format!(
-                    "plugin {name} is used by patch site(s) {}; revert them first",
-                    users.join(", ")
-                ),
-            ));
+            return Err(hotpatch_loader::Error::InUse {
+                name: name.to_owned(),
+                reason: format!("patch site(s) {} jump into it", users.join(", ")),
+            }
+            .to_body());
         }
         let p = self
             .plugins
@@ -272,7 +258,7 @@ impl Control {
                 })
             }
             Err(r) => {
-                let e = plg_err(&r.error);
+                let e = r.error.to_body();
                 let hotpatch_loader::Refused { plugin, .. } = *r;
                 self.plugins.insert(name.to_owned(), plugin);
                 Err(e)
@@ -299,7 +285,7 @@ impl Control {
     /// mapped ELF module. With `plugins_only`, only the agent's plugins.
     fn find(&self, spec: &str, plugins_only: bool) -> Fallible<Found> {
         let reg = Registry::global();
-        reg.refresh().map_err(|e| sym_err(&e))?;
+        reg.refresh().map_err(|e| e.to_body())?;
         let (module, name) = split_spec(spec);
         if name.is_empty() {
             return Err(ErrorBody::new(
@@ -386,18 +372,15 @@ impl Control {
                     });
                 }
                 Err(e) => {
-                    if first_err.is_none() || e.code() != "E_SYM_SYMBOL_NOT_FOUND" {
-                        first_err.get_or_insert_with(|| sym_err(&e));
+                    if first_err.is_none() || !not_found(&e) {
+                        first_err.get_or_insert(e);
                     }
                 }
             }
         }
         // The symbol tables searched above hold code symbols only: say so
         // when the name is data rather than "not found".
-        if first_err
-            .as_ref()
-            .is_none_or(|e| e.code == "E_SYM_SYMBOL_NOT_FOUND")
-        {
+        if first_err.as_ref().is_none_or(not_found) {
             for (mname, id) in &searched {
                 let Some(path) = reg
                     .module(*id)
@@ -417,18 +400,17 @@ impl Control {
             }
         }
         Err(match first_err {
-            Some(e) if e.code != "E_SYM_SYMBOL_NOT_FOUND" => e,
-            _ => ErrorBody::new(
-                "E_SYM_SYMBOL_NOT_FOUND",
-                format!(
-                    "no function {name:?} in {}",
-                    match module {
-                        Some(m) => m.to_owned(),
-                        None if plugins_only => "the loaded plugins".to_owned(),
-                        None => "the host, its plugins or any mapped module".to_owned(),
-                    }
-                ),
-            ),
+            Some(e) if !not_found(&e) => e.to_body(),
+            // Not found anywhere: say where was searched.
+            _ => hotpatch_symbolizer::Error::SymbolNotFound {
+                path: match module {
+                    Some(m) => m.into(),
+                    None if plugins_only => "the loaded plugins".into(),
+                    None => "the host, its plugins or any mapped module".into(),
+                },
+                name: name.to_owned(),
+            }
+            .to_body(),
         })
     }
 
@@ -465,7 +447,7 @@ impl Control {
         if f.plugin {
             Registry::global()
                 .pin(f.module_id)
-                .map_err(|e| sym_err(&e))?;
+                .map_err(|e| e.to_body())?;
         }
         Ok(())
     }
@@ -546,7 +528,7 @@ impl Control {
             Err(e) => {
                 Self::unpin_found(&t);
                 Self::unpin_found(&w);
-                return Err(patch_err(&e));
+                return Err(e.to_body());
             }
         };
         let entry = SiteEntry {
@@ -576,7 +558,7 @@ impl Control {
         // it, else (or when forced) it is the user's claim.
         if let Err(e) = unsafe { s.site.swap(w.addr as *const u8) } {
             Self::unpin_found(&w);
-            return Err(patch_err(&e));
+            return Err(e.to_body());
         }
         let old = std::mem::replace(&mut s.with, w);
         Self::unpin_found(&old);
@@ -588,7 +570,7 @@ impl Control {
 
     fn revert(&mut self, site: &str) -> Fallible<SiteInfo> {
         let i = self.site_index(site)?;
-        self.sites[i].site.remove().map_err(|e| patch_err(&e))?;
+        self.sites[i].site.remove().map_err(|e| e.to_body())?;
         let s = self.sites.remove(i);
         self.unpin(&s);
         let mut v = s.describe();
@@ -606,8 +588,7 @@ impl Control {
     fn inspect(&self, target: &str) -> Fallible<InspectReport> {
         let t = self.find(target, false)?;
         let known = (t.size > 0).then_some(t.size as usize);
-        let r =
-            hotpatch_patcher::preflight(t.addr as *const u8, known).map_err(|e| patch_err(&e))?;
+        let r = hotpatch_patcher::preflight(t.addr as *const u8, known).map_err(|e| e.to_body())?;
         let (stop_report, stop_refusal) = stop_the_world_report();
         let signature = signature_reader()
             .signature(Registry::global(), t.module_id, RuntimeAddr(t.addr as u64))
@@ -638,6 +619,12 @@ impl Control {
             warnings: None,
         })
     }
+}
+
+/// Whether `e` says only that a module lacks the symbol (another module
+/// may have it).
+fn not_found(e: &hotpatch_symbolizer::Error) -> bool {
+    matches!(e, hotpatch_symbolizer::Error::SymbolNotFound { .. })
 }
 
 /// Which threads block the patcher's stop signal and whether ptrace may stop

@@ -4,17 +4,13 @@
 use std::io::{self, Write};
 
 use crate::protocol::{
-    ErrorBody, HeapSnapshotInfo, HeapStartInfo, HeapStats, HeapStopInfo, LeakCheckInfo,
+    Coded, ErrorBody, HeapSnapshotInfo, HeapStartInfo, HeapStats, HeapStopInfo, LeakCheckInfo,
     PayloadHeader, Reply, Request,
 };
 use crate::server::write_reply;
 
 /// Most cycles a leak check runs.
 pub const MAX_CYCLES: u32 = 100_000;
-
-fn heap_err(e: &hotpatch_heap::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
 
 fn bad(msg: impl Into<String>) -> ErrorBody {
     ErrorBody::new(crate::protocol::E_AGENT_BAD_ARGS, msg)
@@ -39,13 +35,13 @@ fn handle(req: Request) -> Result<Reply, ErrorBody> {
     match req {
         Request::HeapStart { rate } => {
             let rate = rate.unwrap_or(hotpatch_heap::DEFAULT_RATE);
-            hotpatch_heap::start(rate).map_err(|e| heap_err(&e))?;
+            hotpatch_heap::start(rate).map_err(|e| e.to_body())?;
             let allocator = hotpatch_heap::running().map(|r| r.1).unwrap_or_default();
             Reply::typed(&HeapStartInfo { rate, allocator })
         }
         Request::HeapStop => {
             let stats = hotpatch_heap::sampler_counters();
-            hotpatch_heap::stop().map_err(|e| heap_err(&e))?;
+            hotpatch_heap::stop().map_err(|e| e.to_body())?;
             Reply::typed(&HeapStopInfo {
                 stopped: true,
                 stats: heap_stats(&stats)?,
@@ -69,7 +65,7 @@ fn handle(req: Request) -> Result<Reply, ErrorBody> {
                 entry: entry.map(|e| (e, calls.unwrap_or(1))),
                 rate: rate.unwrap_or(hotpatch_heap::LeakCheck::default().rate),
             };
-            let r = hotpatch_heap::leak_check(&path, &opts).map_err(|e| heap_err(&e))?;
+            let r = hotpatch_heap::leak_check(&path, &opts).map_err(|e| e.to_body())?;
             let report = match serde_json::to_value(&r) {
                 Ok(serde_json::Value::Object(m)) => m,
                 Ok(_) => return Err(internal("a leak report is not a JSON object")),
@@ -100,9 +96,9 @@ fn internal(msg: impl Into<String>) -> ErrorBody {
 }
 
 fn snapshot() -> Result<(Reply, Vec<u8>), ErrorBody> {
-    let p = hotpatch_heap::snapshot().map_err(|e| heap_err(&e))?;
+    let p = hotpatch_heap::snapshot().map_err(|e| e.to_body())?;
     let mut pb = Vec::new();
-    p.write_pprof(&mut pb).map_err(|e| heap_err(&e))?;
+    p.write_pprof(&mut pb).map_err(|e| e.to_body())?;
     let (ao, a, io, i) = p.totals();
     let v = Reply::typed(&HeapSnapshotInfo {
         rate: p.rate,

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::protocol::check_profile_args as check_args;
 use crate::protocol::{
-    E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD,
+    Coded, E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD,
     RawProfileSummary, Reply,
 };
 use crate::server::{Shared, write_reply};
@@ -44,11 +44,11 @@ fn sample_for<T>(
     let session = hotpatch_profiler::ProfilerBuilder::new()
         .frequency(hz)
         .start()
-        .map_err(|e| prof_err(&e))?;
+        .map_err(|e| e.to_body())?;
     SAMPLING.store(true, Ordering::SeqCst);
     std::thread::sleep(d);
     SAMPLING.store(false, Ordering::SeqCst);
-    stop(session).map_err(|e| prof_err(&e))
+    stop(session).map_err(|e| e.to_body())
 }
 
 /// The profile lock, or the busy error.
@@ -118,7 +118,7 @@ fn run_raw_locked(
         // that has the reply may start the next profile at once.
         drop(guard);
         let raw = raw?;
-        let body = raw.to_json().map_err(|e| prof_err(&e))?;
+        let body = raw.to_json().map_err(|e| e.to_body())?;
         let result = Reply::typed(&RawProfileSummary {
             samples: raw.samples(),
             frequency: raw.frequency,
@@ -136,10 +136,6 @@ fn run_raw_locked(
     send(w, outcome)
 }
 
-fn prof_err(e: &hotpatch_profiler::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
-
 /// Samples for `d` and returns the raw capture (nothing resolved).
 fn capture(d: Duration, hz: i32) -> Result<hotpatch_profiler::RawProfile, ErrorBody> {
     sample_for(d, hz, hotpatch_profiler::Session::stop_raw)
@@ -155,7 +151,7 @@ fn sample(
 ) -> Result<(Reply, Vec<Vec<u8>>), ErrorBody> {
     let report = sample_for(d, hz, hotpatch_profiler::Session::stop)?;
     let mut pb = Vec::new();
-    report.write_pprof(&mut pb).map_err(|e| prof_err(&e))?;
+    report.write_pprof(&mut pb).map_err(|e| e.to_body())?;
     let mut payloads = vec![pb];
     let mut headers = vec![PayloadHeader {
         name: "profile.pb.gz".into(),
@@ -176,7 +172,7 @@ fn sample(
             Err(e) if report.stats.samples == 0 => {
                 let _ = e;
             }
-            Err(e) => return Err(prof_err(&e)),
+            Err(e) => return Err(e.to_body()),
         }
     }
     let s = &report.stats;

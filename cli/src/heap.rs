@@ -10,6 +10,7 @@ use clap::Subcommand;
 use super::remote::call;
 use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
+use crate::error::{E_AGENT_IO, E_AGENT_PROTOCOL};
 use crate::protocol::{HeapSnapshotInfo, HeapStartInfo, HeapStopInfo, LeakCheckInfo, Request};
 
 /// Parses a byte size: `4096`, `64KiB`, `512k`, `1MiB`, `2M`.
@@ -186,10 +187,10 @@ fn snapshot(a: &Snapshot, out: &mut dyn Write) -> Outcome {
     let bodies = c.read_payloads(&v.payloads).map_err(|e| fail(&e))?;
     let body = bodies
         .first()
-        .ok_or_else(|| Failure::new("E_AGENT_PROTOCOL", "no profile payload", a.json))?;
+        .ok_or_else(|| Failure::new(E_AGENT_PROTOCOL, "no profile payload", a.json))?;
     std::fs::write(&a.output, body).map_err(|e| {
         Failure::new(
-            "E_AGENT_IO",
+            E_AGENT_IO,
             format!("writing {}: {e}", a.output.display()),
             a.json,
         )
@@ -219,8 +220,7 @@ fn snapshot(a: &Snapshot, out: &mut dyn Write) -> Outcome {
 
 fn diff(a: &Diff, out: &mut dyn Write) -> Outcome {
     let read = |p: &PathBuf| {
-        hotpatch_heap::read_heap_profile(p)
-            .map_err(|e| Failure::new(e.code(), e.to_string(), a.json))
+        hotpatch_heap::read_heap_profile(p).map_err(|e| Failure::from_error(&e, a.json))
     };
     let before = read(&a.before)?;
     let after = read(&a.after)?;

@@ -12,6 +12,7 @@ use hotpatch_symbolizer::DebugSearch;
 
 use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
+use crate::error::{E_AGENT_IO, E_AGENT_PROTOCOL};
 use crate::protocol::{
     E_AGENT_UNKNOWN_COMMAND, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD, RawProfileSummary,
     Request,
@@ -86,7 +87,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     // Every number is checked before anything is sent (a NaN used to
     // panic the CLI when it computed its read timeout).
     crate::protocol::check_profile_args(a.seconds, a.hz)
-        .map_err(|e| Failure::new(e.code, e.message, a.json))?;
+        .map_err(|e| Failure::from_error(&e, a.json))?;
     let socket = client::locate(a.conn.pid, a.conn.socket.as_deref()).map_err(|e| fail(&e))?;
     let mut c = Client::connect(&socket).map_err(|e| fail(&e))?;
     c.set_read_timeout(Some(Duration::from_secs_f64(a.seconds + 120.0)))
@@ -128,7 +129,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     let mut pb = Vec::new();
     report
         .write_pprof(&mut pb)
-        .map_err(|e| Failure::new(e.code(), e.to_string(), a.json))?;
+        .map_err(|e| Failure::from_error(&e, a.json))?;
     let mut written = Vec::new();
     write_atomic(&a.output, &pb).map_err(|e| io_fail(&a.output, &e, a.json))?;
     written.push(a.output.display().to_string());
@@ -144,7 +145,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             Err(_) if report.stats.samples == 0 => {
                 eprintln!("hotpatch: no samples: no flamegraph written");
             }
-            Err(e) => return Err(Failure::new(e.code(), e.to_string(), a.json)),
+            Err(e) => return Err(Failure::from_error(&e, a.json)),
         }
     }
     let s = &report.stats;
@@ -173,7 +174,7 @@ fn read_capture(
     json: bool,
 ) -> Result<hotpatch_profiler::RawProfile, Failure> {
     let limits = Limits::default();
-    let proto = |m: String| Failure::new("E_AGENT_PROTOCOL", m, json);
+    let proto = |m: String| Failure::new(E_AGENT_PROTOCOL, m, json);
     let headers = &v.payloads;
     let [h] = headers.as_slice() else {
         return Err(proto(format!(
@@ -199,7 +200,7 @@ fn read_capture(
         .map_err(|e| Failure::from_error(&e, json))?;
     let body = bodies.first().map_or(&[][..], Vec::as_slice);
     hotpatch_profiler::RawProfile::from_json(body, &limits)
-        .map_err(|e| Failure::new(e.code(), e.to_string(), json))
+        .map_err(|e| Failure::from_error(&e, json))
 }
 
 /// `profile` for an agent without `profile_raw`: resolved in the target.
@@ -224,7 +225,7 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
     let limit = Limits::default().max_bytes as u64;
     if let Some(h) = headers.iter().find(|h| h.len > limit) {
         return Err(Failure::new(
-            "E_AGENT_PROTOCOL",
+            E_AGENT_PROTOCOL,
             format!("payload {} of {} bytes is over the limit", h.name, h.len),
             a.json,
         ));
@@ -264,11 +265,7 @@ fn print_result(a: &Args, v: &ProfileSummary, written: &[String], out: &mut dyn 
 }
 
 fn io_fail(path: &Path, e: &std::io::Error, json: bool) -> Failure {
-    Failure::new(
-        "E_AGENT_IO",
-        format!("writing {}: {e}", path.display()),
-        json,
-    )
+    Failure::new(E_AGENT_IO, format!("writing {}: {e}", path.display()), json)
 }
 
 fn stop_progress(bar: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>) {
