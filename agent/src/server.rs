@@ -16,7 +16,8 @@ use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::paths;
 use crate::protocol::{
-    self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody, Reply,
+    self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody,
+    Reply, Request,
 };
 use hotpatch_sys::cred;
 
@@ -472,7 +473,7 @@ fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
             Line::Complete(l) => match protocol::parse_request(&l) {
                 Ok(req) => {
                     // A reply that cannot be written: the client went away.
-                    if crate::control::dispatch(shared, req, &mut writer).is_err() {
+                    if dispatch(shared, req, &mut writer).is_err() {
                         return;
                     }
                     shared.end_request(id);
@@ -509,6 +510,32 @@ fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
         shared.end_request(id);
         deadline = Instant::now() + shared.read_timeout;
     }
+}
+
+/// Runs one request and writes its reply (and payloads).
+pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io::Result<()> {
+    let reply = match req {
+        Request::Profile {
+            seconds,
+            hz,
+            top,
+            flamegraph,
+        } => {
+            return crate::profile::run(shared, seconds, hz, top, flamegraph, w);
+        }
+        Request::ProfileRaw { seconds, hz } => {
+            return crate::profile::run_raw(shared, seconds, hz, w);
+        }
+        req @ (Request::HeapStart { .. }
+        | Request::HeapSnapshot
+        | Request::HeapStop
+        | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
+        req => shared
+            .control()
+            .handle(req, shared)
+            .unwrap_or_else(Reply::err),
+    };
+    write_reply(w, &reply)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod dwarf_check;
 pub mod elf;
 pub mod error;
 mod files;
+pub mod find;
 pub mod perf_map;
 mod phdr;
 pub mod registry;
