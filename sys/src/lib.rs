@@ -36,6 +36,7 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
+pub mod cred;
 pub mod helper;
 pub mod maps;
 pub mod mem;
