@@ -199,6 +199,9 @@ impl Control {
             Request::Revert { site } => self.revert(&site),
             Request::List => Ok(self.list()),
             Request::Inspect { target } => self.inspect(&target),
+            req @ (Request::WatchApply { .. } | Request::WatchRevert | Request::WatchStatus) => {
+                crate::watch::handle(req)
+            }
             Request::Profile { .. }
             | Request::ProfileRaw { .. }
             | Request::HeapStart { .. }

@@ -28,6 +28,7 @@ mod hook;
 pub mod maps;
 mod near;
 mod preflight;
+pub mod quiesce;
 mod site;
 pub mod verify;
 pub mod world;
