@@ -25,6 +25,7 @@ mod phdr;
 pub mod registry;
 pub mod resolve;
 pub mod signature;
+pub mod signatures_in;
 
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;

@@ -1,10 +1,10 @@
 //! The part outside the target: from a process id to a patch bundle.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hotpatch_symbolizer::resolve::{DebugSearch, ElfSymbolizer};
+use hotpatch_symbolizer::signatures_in::signatures_in_crate;
 use serde::Serialize;
 
 use crate::bundle::{self, Bundle, Diff, display_name};
@@ -73,22 +73,28 @@ pub fn exe_of(pid: i32) -> Result<(PathBuf, String)> {
 /// # Errors
 /// Every `E_WATCH_*` refusal of the build-and-diff half.
 pub fn prepare(opts: &Options) -> Result<Prepared> {
+    let t = Instant::now();
     let (exe_path, exe_name) = exe_of(opts.pid)?;
     let exe = ExeSymbols::read(&exe_path)?;
+    trace("read the executable's symbols", t);
     let project = Project::find(
         opts.manifest_path.as_deref(),
         opts.package.as_deref(),
         &exe_name,
     )?;
     let baseline = project.baseline(&exe.build_id, &exe)?;
+    trace("cargo metadata + baseline", t);
     let t = Instant::now();
     project.build()?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let new = project.newest_objects()?;
+    trace("read new objects", t);
     let diff = bundle::diff(&baseline, &new);
+    trace("diff", t);
     check_statics(&diff, &exe)?;
-    check_signatures(&diff, &baseline, &exe_path, &project.binary(), &exe)?;
+    check_signatures(&diff, &baseline, &project, &exe_path, &exe)?;
+    trace("signatures", t);
     let diff_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let names: HashSet<String> = exe.syms.keys().cloned().collect();
@@ -110,6 +116,13 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
             link_ms,
         },
     })
+}
+
+/// With `HOTPATCH_WATCH_TRACE` set, prints the time since `t` to stderr.
+fn trace(what: &str, t: Instant) {
+    if std::env::var_os("HOTPATCH_WATCH_TRACE").is_some() {
+        eprintln!("hotpatch watch: {what}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
 }
 
 fn check_statics(diff: &Diff, exe: &ExeSymbols) -> Result<()> {
@@ -137,8 +150,8 @@ fn check_statics(diff: &Diff, exe: &ExeSymbols) -> Result<()> {
 fn check_signatures(
     diff: &Diff,
     baseline: &ObjSet,
+    project: &Project,
     old_exe: &Path,
-    new_exe: &Path,
     exe: &ExeSymbols,
 ) -> Result<()> {
     let changed: Vec<&String> = diff
@@ -149,46 +162,61 @@ fn check_signatures(
     if changed.is_empty() {
         return Ok(());
     }
-    let search = DebugSearch::default();
-    let (Ok(old), Ok(new)) = (
-        ElfSymbolizer::open(old_exe, &search),
-        ElfSymbolizer::open(new_exe, &search),
-    ) else {
-        return Ok(());
-    };
-    let sig = |s: &ElfSymbolizer, name: &str| {
-        let sym = s.find_symbol(name).into_iter().find(|x| x.func)?;
-        s.signature(sym.addr).ok().flatten()
-    };
     let changed_set: HashSet<&str> = changed.iter().map(|s| s.as_str()).collect();
-    for name in changed {
-        let (Some(a), Some(b)) = (sig(&old, name), sig(&new, name)) else {
-            continue;
-        };
-        let why = a.abi_mismatches(&b);
-        if why.is_empty() {
-            continue;
-        }
+    // Only functions with a caller in the process that did not change need
+    // the (DWARF) check.
+    let mut stale_callers: Vec<(&String, Vec<String>)> = Vec::new();
+    for name in &changed {
         let stale: Vec<String> = callers(baseline, name)
             .into_iter()
             .filter(|c| !changed_set.contains(c.as_str()) && exe.syms.contains_key(c))
-            .map(|c| display_name(&c))
             .collect();
         if !stale.is_empty() {
-            return Err(Error::new(
-                E_WATCH_SIGNATURE_CHANGED,
-                format!(
-                    "the signature of {} changed ({}) but its callers {} did not: they would pass the old arguments; nothing was applied",
-                    display_name(name),
-                    why.join("; ")
-                        .replace("the target", "the old")
-                        .replace("the replacement", "the new")
-                        .replace("target ", "old ")
-                        .replace("replacement ", "new "),
-                    stale.join(", ")
-                ),
-            ));
+            stale_callers.push((name, stale));
         }
+    }
+    if stale_callers.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let new_exe = project.binary();
+    let new_syms = ExeSymbols::read(&new_exe)?;
+    trace("  new executable's symbols", t);
+    let entries = |syms: &ExeSymbols| -> HashMap<String, u64> {
+        stale_callers
+            .iter()
+            .filter_map(|(n, _)| syms.syms.get(*n).map(|s| ((*n).clone(), s.value)))
+            .collect()
+    };
+    let sigs = |path: &Path, syms: &ExeSymbols| {
+        signatures_in_crate(path, &project.crate_name, &entries(syms)).unwrap_or_default()
+    };
+    let old = sigs(old_exe, exe);
+    trace("  old signatures", t);
+    let new = sigs(&new_exe, &new_syms);
+    trace("  new signatures", t);
+    for (name, stale) in &stale_callers {
+        let (Some(a), Some(b)) = (old.get(*name), new.get(*name)) else {
+            continue;
+        };
+        let why = a.abi_mismatches(b);
+        if why.is_empty() {
+            continue;
+        }
+        let stale: Vec<String> = stale.iter().map(|c| display_name(c)).collect();
+        return Err(Error::new(
+            E_WATCH_SIGNATURE_CHANGED,
+            format!(
+                "the signature of {} changed ({}) but its callers {} did not: they would pass the old arguments; nothing was applied",
+                display_name(name),
+                why.join("; ")
+                    .replace("the target", "the old")
+                    .replace("the replacement", "the new")
+                    .replace("target ", "old ")
+                    .replace("replacement ", "new "),
+                stale.join(", ")
+            ),
+        ));
     }
     Ok(())
 }
