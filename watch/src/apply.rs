@@ -23,9 +23,8 @@ use serde::Serialize;
 
 use crate::bundle::{BTarget, Bundle, unhex};
 use crate::error::{
-    E_WATCH_BAD_BUNDLE, E_WATCH_BASELINE_MISMATCH, E_WATCH_IO, E_WATCH_NO_MEMORY,
-    E_WATCH_NOTHING, E_WATCH_PATCH_REFUSED, E_WATCH_RELOCATION, E_WATCH_UNRESOLVED, Error,
-    Result,
+    E_WATCH_BAD_BUNDLE, E_WATCH_BASELINE_MISMATCH, E_WATCH_IO, E_WATCH_NO_MEMORY, E_WATCH_NOTHING,
+    E_WATCH_PATCH_REFUSED, E_WATCH_RELOCATION, E_WATCH_UNRESOLVED, Error, Result,
 };
 use crate::exe::ExeSymbols;
 use crate::objects::SecKind;
@@ -62,6 +61,10 @@ pub struct ApplyReport {
 struct Generation {
     id: u64,
     base: usize,
+    /// Bytes of code (and stubs) from `base`: what is unmapped on unload.
+    /// The data after it (constants, vtables, new statics) stays mapped:
+    /// new code may have stored pointers to it anywhere (a `&'static str`
+    /// in a map), which no scan can find.
     len: usize,
     /// Symbolizer modules of its functions.
     modules: Vec<ModuleId>,
@@ -110,7 +113,9 @@ fn process() -> Result<&'static Process> {
                 ModuleKind::Elf(e) if e.path == exe => Some(e.clone()),
                 _ => None,
             })
-            .ok_or_else(|| Error::new(E_WATCH_IO, "the executable is not in the module registry"))?;
+            .ok_or_else(|| {
+                Error::new(E_WATCH_IO, "the executable is not in the module registry")
+            })?;
         let syms = ExeSymbols::read(std::path::Path::new("/proc/self/exe"))?;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         for (a, b) in m.exec_ranges() {
@@ -191,7 +196,9 @@ impl Process {
         let tp: usize;
         // SAFETY: on x86-64 Linux `fs:0` holds the thread pointer itself
         // (the TCB's self pointer); reading it has no side effect.
-        unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+        unsafe {
+            std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
         Ok(addr as i64 - tp as i64)
     }
 }
@@ -303,8 +310,9 @@ enum Slot {
 }
 
 /// Places the bundle's sections, applies relocations, protects the pages.
-/// Returns the mapping and each section's address.
-fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>)> {
+/// Returns the mapping, each section's address and the length of the code
+/// part (page-aligned, from the mapping's start).
+fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
     // Layout: code (+ stubs) | read-only (+ GOT) | writable.
     let mut off = vec![0usize; b.sections.len()];
     let mut sizes = [0usize; 3];
@@ -319,7 +327,10 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>)> {
             return Err(bad(format!("section {}: bad alignment or size", s.name)));
         }
         if s.kind != SecKind::Bss && s.hex.len() as u64 != s.size * 2 {
-            return Err(bad(format!("section {}: bytes do not match its size", s.name)));
+            return Err(bad(format!(
+                "section {}: bytes do not match its size",
+                s.name
+            )));
         }
         let r = region(s.kind)?;
         sizes[r] = align(sizes[r], s.align as usize);
@@ -342,7 +353,10 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>)> {
             if r.offset.checked_add(8).is_none_or(|e| e > s.size) && r.r_type == R_64
                 || r.offset.checked_add(4).is_none_or(|e| e > s.size)
             {
-                return Err(bad(format!("section {}: a relocation past its end", s.name)));
+                return Err(bad(format!(
+                    "section {}: a relocation past its end",
+                    s.name
+                )));
             }
             match (r.r_type, &r.target) {
                 (R_PLT32 | R_PC32, BTarget::Symbol { name }) => {
@@ -439,7 +453,9 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>)> {
                 )
             };
             let rel32 = |v: i64| -> Result<[u8; 4]> {
-                i32::try_from(v).map(i32::to_le_bytes).map_err(|_| overflow())
+                i32::try_from(v)
+                    .map(i32::to_le_bytes)
+                    .map_err(|_| overflow())
             };
             match r.r_type {
                 R_64 => write(place, &(target_addr(&r.target)? as i64 + a).to_le_bytes()),
@@ -506,13 +522,16 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>)> {
         // SAFETY: a page-aligned range of our own mapping.
         let r = unsafe { libc::mprotect((base + start) as *mut libc::c_void, len, prot) };
         if r != 0 {
-            return Err(crate::error::io("mprotect", std::io::Error::last_os_error()));
+            return Err(crate::error::io(
+                "mprotect",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     };
     protect(starts[0], starts[1], libc::PROT_READ | libc::PROT_EXEC)?;
     protect(starts[1], starts[2] - starts[1], libc::PROT_READ)?;
-    Ok((map, addr_of))
+    Ok((map, addr_of, starts[1]))
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
@@ -569,7 +588,7 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
             return Err(refused(&f.display, r.code, &r.message));
         }
     }
-    let (mut map, addr_of) = place(p, b)?;
+    let (mut map, addr_of, code_len) = place(p, b)?;
     let gen_id = st.next.max(st.current) + 1;
     // Name the new code in the symbolizer: one range per function.
     let reg = Registry::global();
@@ -694,7 +713,7 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
     st.generations.push(Generation {
         id: gen_id,
         base: map.base,
-        len: map.len,
+        len: code_len,
         modules,
     });
     st.current = if b.functions.is_empty() && st.sites.is_empty() {
@@ -707,7 +726,11 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
     Ok(ApplyReport {
         generation: st.current,
         patched,
-        added: b.added.iter().map(|n| crate::bundle::display_name(n)).collect(),
+        added: b
+            .added
+            .iter()
+            .map(|n| crate::bundle::display_name(n))
+            .collect(),
         installed: installed.len(),
         swapped,
         reverted,
@@ -744,6 +767,23 @@ fn remove_sites(st: &mut State, names: &[String]) -> Vec<String> {
     out
 }
 
+/// Whether a thread runs in `[lo, hi)` or may return into it. A thread
+/// found there is usually about to leave (the old code finishes its call):
+/// asked a few times, 20 ms apart.
+fn in_use(lo: usize, hi: usize) -> bool {
+    for attempt in 0..5 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match hotpatch_patcher::quiesce::range_in_use(lo, hi, Duration::from_millis(200)) {
+            Ok(false) => return false,
+            Ok(true) => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
 /// Unmaps every older generation no site points into and no thread is in.
 fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
     let reg = Registry::global();
@@ -759,14 +799,7 @@ fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
             keep.push(g);
             continue;
         }
-        if pointed
-            || hotpatch_patcher::quiesce::range_in_use(
-                g.base,
-                g.base + g.len,
-                Duration::from_millis(200),
-            )
-            .unwrap_or(true)
-        {
+        if pointed || in_use(g.base, g.base + g.len) {
             retained.push(g.id);
             keep.push(g);
             continue;
@@ -774,9 +807,12 @@ fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
         for m in &g.modules {
             let _ = reg.unregister(*m);
         }
-        // SAFETY: no site points into the generation and no thread runs in
-        // it or holds a return address into it (checked with the world
-        // stopped just above; new entries into it come only through sites).
+        // SAFETY: no site points into the generation's code and no thread
+        // runs in it or holds a return address into it (checked with the
+        // world stopped just above; new entries into it come only through
+        // sites and direct calls from its own code, and pointers to its
+        // changed functions taken as values are their original entries).
+        // Its data part stays mapped.
         unsafe { libc::munmap(g.base as *mut libc::c_void, g.len) };
         unloaded.push(g.id);
     }
@@ -812,19 +848,29 @@ pub fn revert_all() -> Result<ApplyReport> {
     })
 }
 
-/// The live generation, its sites and the generations still mapped.
+/// The live generation, its sites and the generations still mapped (with
+/// their addresses). Older generations that have become unused since the
+/// last apply are unmapped first (listed in `"unloaded"`).
 pub fn status() -> serde_json::Value {
-    let guard = lock();
-    match guard.as_ref() {
-        None => serde_json::json!({ "generation": 0, "sites": [], "mapped": [] }),
-        Some(st) => serde_json::json!({
-            "generation": st.current,
-            "sites": st.sites.values().map(|w| serde_json::json!({
-                "function": w.display,
-                "generation": w.generation,
-                "enabled": w.site.is_enabled(),
-            })).collect::<Vec<_>>(),
-            "mapped": st.generations.iter().map(|g| g.id).collect::<Vec<_>>(),
-        }),
+    let mut guard = lock();
+    match guard.as_mut() {
+        None => serde_json::json!({ "generation": 0, "sites": [], "mapped": [], "unloaded": [] }),
+        Some(st) => {
+            let (unloaded, _) = retire(st);
+            serde_json::json!({
+                "generation": st.current,
+                "sites": st.sites.values().map(|w| serde_json::json!({
+                    "function": w.display,
+                    "generation": w.generation,
+                    "enabled": w.site.is_enabled(),
+                })).collect::<Vec<_>>(),
+                "mapped": st.generations.iter().map(|g| serde_json::json!({
+                    "generation": g.id,
+                    "base": g.base,
+                    "len": g.len,
+                })).collect::<Vec<_>>(),
+                "unloaded": unloaded,
+            })
+        }
     }
 }

@@ -134,6 +134,8 @@ pub fn display_name(mangled: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(mangled))
 }
 
+const R_X86_64_PLT32: u32 = 4;
+
 struct Builder<'a> {
     set: &'a ObjSet,
     exe: &'a HashSet<String>,
@@ -196,9 +198,27 @@ impl Builder<'_> {
         Ok(i)
     }
 
-    fn resolve(&mut self, obj: usize, sym: usize, addend: i64) -> Result<(BTarget, i64)> {
+    fn resolve(
+        &mut self,
+        obj: usize,
+        sym: usize,
+        addend: i64,
+        r_type: u32,
+    ) -> Result<(BTarget, i64)> {
         if let Some((name, a)) = self.set.named_target(obj, sym, addend) {
             let here = self.set.defs.get(&name).copied();
+            // The address of a changed function taken as a value (a `fn`
+            // pointer, a vtable entry) is its original entry, whose site
+            // leads to the live generation: a pointer stored by new code
+            // stays valid when this generation is unloaded. Only direct
+            // calls go straight to the new code.
+            if r_type != R_X86_64_PLT32
+                && self.patch.contains(&name)
+                && self.exe.contains(&name)
+                && here.is_some_and(|d| self.set.sym(d).kind == SymKind::Func)
+            {
+                return Ok((BTarget::Symbol { name }, a));
+            }
             let take = self.patch.contains(&name) || (here.is_some() && !self.exe.contains(&name));
             if let (true, Some(d)) = (take, here) {
                 let s = self.set.sym(d).clone();
@@ -292,7 +312,7 @@ pub fn build(
             .unwrap_or_default();
         let mut out = Vec::with_capacity(relocs.len());
         for r in relocs {
-            let (target, addend) = b.resolve(obj, r.sym, r.addend)?;
+            let (target, addend) = b.resolve(obj, r.sym, r.addend, r.r_type)?;
             out.push(BRel {
                 offset: r.offset,
                 r_type: r.r_type,

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{
-    E_WATCH_BASELINE_MISMATCH, E_WATCH_BUILD, E_WATCH_NO_OBJECTS, E_WATCH_NOTHING, Error,
-    Result, io,
+    E_WATCH_BASELINE_MISMATCH, E_WATCH_BUILD, E_WATCH_NO_OBJECTS, E_WATCH_NOTHING, Error, Result,
+    io,
 };
 use crate::exe::ExeSymbols;
 use crate::objects::{ObjSet, SymKind};
@@ -35,6 +35,9 @@ pub struct Project {
     pub target_dir: PathBuf,
     /// Profile directory under it (`debug`).
     pub profile_dir: String,
+    /// The binary's root source file (absolute), which names its DWARF
+    /// compile units.
+    pub src_path: PathBuf,
 }
 
 fn sh(what: &str, cmd: &mut Command) -> Result<std::process::Output> {
@@ -64,8 +67,8 @@ impl Project {
                 ),
             ));
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| io("cargo metadata output", e))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| io("cargo metadata output", e))?;
         let target_dir = PathBuf::from(v["target_directory"].as_str().unwrap_or("target"));
         for p in v["packages"].as_array().into_iter().flatten() {
             let name = p["name"].as_str().unwrap_or_default();
@@ -84,13 +87,16 @@ impl Project {
                         crate_name: exe_name.replace('-', "_"),
                         target_dir,
                         profile_dir: "debug".to_owned(),
+                        src_path: PathBuf::from(t["src_path"].as_str().unwrap_or_default()),
                     });
                 }
             }
         }
         Err(Error::new(
             E_WATCH_NOTHING,
-            format!("no binary target named {exe_name} in this cargo project (use --manifest-path/--package)"),
+            format!(
+                "no binary target named {exe_name} in this cargo project (use --manifest-path/--package)"
+            ),
         ))
     }
 
@@ -133,7 +139,11 @@ impl Project {
     /// # Errors
     /// `E_WATCH_NO_OBJECTS`, and those of [`ObjSet::read_dir`].
     pub fn newest_objects(&self) -> Result<ObjSet> {
-        let s = self.sessions().into_iter().next().ok_or_else(|| self.no_objects())?;
+        let s = self
+            .sessions()
+            .into_iter()
+            .next()
+            .ok_or_else(|| self.no_objects())?;
         ObjSet::read_dir(&s)
     }
 
@@ -143,7 +153,10 @@ impl Project {
             format!(
                 "no incremental objects of {} under {}: hotpatch watch needs a dev-profile build with incremental compilation (cargo's default)",
                 self.crate_name,
-                self.target_dir.join(&self.profile_dir).join("incremental").display()
+                self.target_dir
+                    .join(&self.profile_dir)
+                    .join("incremental")
+                    .display()
             ),
         )
     }
@@ -167,7 +180,11 @@ impl Project {
                 format!(
                     "the process runs build {build_id}, {} is build {} and no baseline was captured for the process's build: restart it (cargo run) and start hotpatch watch before editing",
                     self.binary().display(),
-                    if on_disk.is_empty() { "(none)" } else { &on_disk }
+                    if on_disk.is_empty() {
+                        "(none)"
+                    } else {
+                        &on_disk
+                    }
                 ),
             ));
         }
@@ -211,13 +228,23 @@ impl Project {
         cmd.arg("build")
             .arg("--manifest-path")
             .arg(&self.manifest)
-            .args(["-p", &self.package, "--bin", &self.bin, "--message-format", "short"]);
+            .args([
+                "-p",
+                &self.package,
+                "--bin",
+                &self.bin,
+                "--message-format",
+                "short",
+            ]);
         let out = sh("cargo build", &mut cmd)?;
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
             let msg: Vec<&str> = text
                 .lines()
-                .filter(|l| !l.trim_start().starts_with("Compiling") && !l.trim().is_empty())
+                .filter(|l| {
+                    let t = l.trim_start();
+                    !t.starts_with("Compiling") && !t.starts_with("Blocking") && !t.is_empty()
+                })
                 .collect();
             return Err(Error::new(
                 E_WATCH_BUILD,

@@ -4,12 +4,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hotpatch_symbolizer::signatures_in::signatures_in_crate;
+use hotpatch_symbolizer::signatures_in::{signatures_in_crate, types_in_crate};
 use serde::Serialize;
 
 use crate::bundle::{self, Bundle, Diff, display_name};
 use crate::error::{
-    E_WATCH_SIGNATURE_CHANGED, E_WATCH_STATIC_CHANGED, Error, Result, io,
+    E_WATCH_LAYOUT_CHANGED, E_WATCH_SIGNATURE_CHANGED, E_WATCH_STATIC_CHANGED, Error, Result, io,
 };
 use crate::exe::ExeSymbols;
 use crate::objects::ObjSet;
@@ -95,6 +95,8 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
     check_statics(&diff, &exe)?;
     check_signatures(&diff, &baseline, &project, &exe_path, &exe)?;
     trace("signatures", t);
+    check_layouts(&diff, &project, &exe_path, &exe)?;
+    trace("layouts", t);
     let diff_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let names: HashSet<String> = exe.syms.keys().cloned().collect();
@@ -121,7 +123,10 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
 /// With `HOTPATCH_WATCH_TRACE` set, prints the time since `t` to stderr.
 fn trace(what: &str, t: Instant) {
     if std::env::var_os("HOTPATCH_WATCH_TRACE").is_some() {
-        eprintln!("hotpatch watch: {what}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        eprintln!(
+            "hotpatch watch: {what}: {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
     }
 }
 
@@ -189,7 +194,7 @@ fn check_signatures(
             .collect()
     };
     let sigs = |path: &Path, syms: &ExeSymbols| {
-        signatures_in_crate(path, &project.crate_name, &entries(syms)).unwrap_or_default()
+        signatures_in_crate(path, &project.src_path, &entries(syms)).unwrap_or_default()
     };
     let old = sigs(old_exe, exe);
     trace("  old signatures", t);
@@ -215,6 +220,77 @@ fn check_signatures(
                     .replace("target ", "old ")
                     .replace("replacement ", "new "),
                 stale.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A type whose size or member offsets changed is refused while a function
+/// of the process that uses it (DWARF: parameters, variables, through
+/// pointers) did not change: it would read the new values with the old
+/// layout.
+fn check_layouts(diff: &Diff, project: &Project, old_exe: &Path, exe: &ExeSymbols) -> Result<()> {
+    if diff.changed.is_empty() {
+        return Ok(());
+    }
+    let (Ok(old), Ok(new)) = (
+        types_in_crate(old_exe, &project.src_path),
+        types_in_crate(&project.binary(), &project.src_path),
+    ) else {
+        return Ok(());
+    };
+    let changed: HashSet<&str> = diff.changed.iter().map(String::as_str).collect();
+    let mut names: Vec<&String> = old.layouts.keys().collect();
+    names.sort();
+    for q in names {
+        let (Some(a), Some(b)) = (old.layouts.get(q), new.layouts.get(q)) else {
+            continue;
+        };
+        if a == b {
+            continue;
+        }
+        if std::env::var_os("HOTPATCH_WATCH_TRACE").is_some() {
+            eprintln!(
+                "hotpatch watch: layout of {q} changed: {a:?} -> {b:?}; users {:?}",
+                old.users.get(q)
+            );
+        }
+        let mut users: Vec<String> = old
+            .users
+            .get(q)
+            .into_iter()
+            .flatten()
+            .filter(|f| !changed.contains(f.as_str()) && exe.syms.contains_key(*f))
+            .map(|f| display_name(f))
+            .collect();
+        // The crate's own functions first: what the user wrote.
+        let own = format!("{}::", project.crate_name);
+        users.sort_by_key(|u| (!u.starts_with(&own), u.clone()));
+        users.dedup();
+        if users.is_empty() {
+            continue;
+        }
+        let what = if a.size != b.size {
+            format!(
+                "its size went from {} to {} bytes",
+                a.size.map_or("?".into(), |s| s.to_string()),
+                b.size.map_or("?".into(), |s| s.to_string())
+            )
+        } else {
+            "its members moved".to_owned()
+        };
+        let shown: Vec<&str> = users.iter().take(3).map(String::as_str).collect();
+        return Err(Error::new(
+            E_WATCH_LAYOUT_CHANGED,
+            format!(
+                "the layout of {q} changed ({what}) but code that uses it did not change: {}{}; it would read the values with the old layout, so nothing was applied (restart to take it)",
+                shown.join(", "),
+                if users.len() > 3 {
+                    format!(" and {} more", users.len() - 3)
+                } else {
+                    String::new()
+                }
             ),
         ));
     }

@@ -27,6 +27,10 @@ pub struct Args {
     /// Put the original code back everywhere and exit.
     #[arg(long)]
     pub revert: bool,
+    /// Show the live generation, its sites and the generations still
+    /// mapped (unmapping those no longer used), and exit.
+    #[arg(long)]
+    pub status: bool,
     /// Print results as JSON (one object per applied save).
     #[arg(long)]
     pub json: bool,
@@ -59,6 +63,33 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             )
         });
     }
+    if a.status {
+        let v = call(&a.conn, a.json, &Request::WatchStatus)?;
+        return print(out, a.json, &v, |o| {
+            writeln!(o, "generation {}", v["generation"])?;
+            for s in v["sites"].as_array().into_iter().flatten() {
+                writeln!(
+                    o,
+                    "  {} (generation {}{})",
+                    s["function"].as_str().unwrap_or("?"),
+                    s["generation"],
+                    if s["enabled"] == true {
+                        ""
+                    } else {
+                        ", disabled"
+                    }
+                )?;
+            }
+            for g in v["mapped"].as_array().into_iter().flatten() {
+                writeln!(
+                    o,
+                    "  mapped: generation {} ({} bytes)",
+                    g["generation"], g["len"]
+                )?;
+            }
+            Ok(())
+        });
+    }
     let ping = call(&a.conn, a.json, &Request::Ping)?;
     let pid = ping["pid"].as_i64().unwrap_or(0) as i32;
     // Talk to exactly that process from now on.
@@ -75,7 +106,8 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         return once(&conn, &opts, a.json, out);
     }
     // Capture the baseline now, before the first edit is built over it.
-    let (exe_path, exe_name) = hotpatch_watch::session::exe_of(pid).map_err(|e| fail(&e, a.json))?;
+    let (exe_path, exe_name) =
+        hotpatch_watch::session::exe_of(pid).map_err(|e| fail(&e, a.json))?;
     let exe = hotpatch_watch::exe::ExeSymbols::read(&exe_path).map_err(|e| fail(&e, a.json))?;
     let project = hotpatch_watch::project::Project::find(
         opts.manifest_path.as_deref(),
@@ -183,7 +215,10 @@ fn once(
         if !names.is_empty() {
             writeln!(o, "  {}", names.join(", "))?;
         }
-        for (key, what) in [("reverted", "back to the original"), ("unloaded", "generations unloaded")] {
+        for (key, what) in [
+            ("reverted", "back to the original"),
+            ("unloaded", "generations unloaded"),
+        ] {
             let list: Vec<String> = v[key]
                 .as_array()
                 .into_iter()
@@ -204,6 +239,10 @@ fn print(
     v: &Value,
     human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Outcome {
-    let r = if json { writeln!(out, "{v}") } else { human(out) };
+    let r = if json {
+        writeln!(out, "{v}")
+    } else {
+        human(out)
+    };
     r.and_then(|()| out.flush()).map_err(|e| Failure::io(&e))
 }
