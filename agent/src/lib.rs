@@ -34,8 +34,8 @@ pub mod paths;
 mod profile;
 pub mod protocol;
 mod server;
-mod watch;
 pub mod sys;
+mod watch;
 
 pub use control::split_spec;
 pub use error::{Error, Result};
