@@ -57,7 +57,7 @@ fn copy_dir(from: &Path, to: &Path) {
 impl Fixture {
     fn new() -> Fixture {
         let root = fixtures::workspace_root();
-        let hotpatch = fixtures::build(&["hotpatch-agent"]).join("hotpatch");
+        let hotpatch = fixtures::build(&["hotpatch-cli"]).join("hotpatch");
         let dir = fresh_dir("watch", 0o700);
         let crate_dir = dir.join("fx");
         copy_dir(&root.join("tests/fixtures/watch-fixture"), &crate_dir);
@@ -461,7 +461,7 @@ fn watch_edit_save_live() {
     assert_eq!(mem, orig_mem);
 
     // A function the patcher refuses: `quote` already patched by hand to a
-    // plugin (E_ALREADY_PATCHED). Nothing of the edit is applied, not even
+    // plugin (E_PATCH_ALREADY_PATCHED). Nothing of the edit is applied, not even
     // `work`, which the patcher would take.
     let so = fixtures::plugin("pricing-v1");
     let so = so.display().to_string();
@@ -485,7 +485,7 @@ fn watch_edit_save_live() {
     let t = text(&r);
     assert!(t.contains("E_WATCH_PATCH_REFUSED"), "{t}");
     assert!(t.contains("watch_fixture::pricing::quote"), "{t}");
-    assert!(t.contains("E_ALREADY_PATCHED"), "{t}");
+    assert!(t.contains("E_PATCH_ALREADY_PATCHED"), "{t}");
     let st = fx.watch_status();
     assert_eq!(st["generation"], 0, "{st}");
     assert_eq!(st["sites"], serde_json::json!([]), "{st}");
