@@ -1,26 +1,27 @@
 #!/bin/bash
 # Edit-to-live latency of `hotpatch watch` (BENCHMARKS.md, "watch").
 #
-#   scripts/bench-watch.sh HOTPATCH_CLI CRATE_DIR FILE FROM_PREFIX N
+#   PID=<pid> scripts/bench-watch.sh HOTPATCH_CLI CRATE_DIR FILE SUFFIX STATUS_EXPR N
 #
-# CRATE_DIR is a cargo package whose binary runs with the agent (its pid
-# in $PID, XDG_RUNTIME_DIR set as for the CLI); FILE (relative to it)
-# contains "FROM_PREFIX<number>". Each of N rounds bumps the number by one
-# (a one-line edit), runs `hotpatch watch --once --json` and polls
-# `hotpatch status` until the process reports the new number's results
-# (status .host.results all >= the new number). Prints one line per round:
+# CRATE_DIR is the cargo package of the process PID (which runs the agent;
+# XDG_RUNTIME_DIR as for the CLI). FILE (relative to it) contains
+# "<number>SUFFIX" once. Each of N rounds adds 1000 to the number (a
+# one-line edit), runs `hotpatch watch --once --json` and polls `hotpatch
+# status --json` until the Python expression STATUS_EXPR (over `h`, the
+# host's status, and `n`, the new number) is true. One line per round:
 #   total_ms build_ms diff_ms link_ms apply_ms observed_ms
-# (observed: save -> first status showing the new code).
+# total: the CLI's own count (start to reply); observed: file saved -> the
+# first status showing the new code's results.
 set -euo pipefail
-H=$1; DIR=$2; FILE=$3; PREFIX=$4; N=$5
-cur=$(grep -o "${PREFIX}[0-9]*" "$DIR/$FILE" | head -1 | sed "s/^${PREFIX}//")
+H=$1; DIR=$2; FILE=$3; SUFFIX=$4; EXPR=$5; N=$6
+cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s/${SUFFIX}\$//")
 for i in $(seq 1 "$N"); do
   next=$((cur + 1000))
-  sed -i "s/${PREFIX}${cur}/${PREFIX}${next}/" "$DIR/$FILE"
+  sed -i "s/${cur}${SUFFIX}/${next}${SUFFIX}/" "$DIR/$FILE"
   t0=$(date +%s%N)
   out=$(cd "$DIR" && "$H" watch --once --json --pid "$PID")
   while :; do
-    ok=$("$H" status --json --pid "$PID" | python3 -c "import json,sys; r=json.load(sys.stdin)['host']['results']; print(all(x % 1000000 >= $next for x in r))")
+    ok=$("$H" status --json --pid "$PID" | python3 -c "import json,sys; h=json.load(sys.stdin)['host']; n=$next; print(bool($EXPR))")
     [ "$ok" = True ] && break
     sleep 0.01
   done

@@ -350,6 +350,12 @@ fn watch_edit_save_live() {
     let pid = fx.pid();
     let (orig_file, orig_mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(orig_file, orig_mem, "quote is not the file's code at start");
+    let s0 = patcher_refusal(&fx);
+    let (_, mem) = quote_bytes(&fx.exe(), pid);
+    assert_eq!(
+        mem, orig_mem,
+        "quote's bytes not restored after the refusal"
+    );
 
     // Generation 1: a local function's body and the function that counts
     // in the static and the thread-local.
@@ -459,10 +465,15 @@ fn watch_edit_save_live() {
     let (file, mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(file, mem, "quote's original bytes are not back");
     assert_eq!(mem, orig_mem);
+}
 
+/// A function the patcher refuses, by a real edit; returns the status after.
+fn patcher_refusal(fx: &Fixture) -> Value {
     // A function the patcher refuses: `quote` already patched by hand to a
-    // plugin (E_PATCH_ALREADY_PATCHED). Nothing of the edit is applied, not even
-    // `work`, which the patcher would take.
+    // plugin (E_PATCH_ALREADY_PATCHED): the edit is refused, with the
+    // function's name and the patcher's code, and nothing is applied. Done
+    // first, before any rebuild: the agent's own `patch` reads the
+    // executable's file, which a rebuild replaces (E_SYM_IO "(deleted)").
     let so = fixtures::plugin("pricing-v1");
     let so = so.display().to_string();
     let r = fx.hotpatch(&["load", &so]);
@@ -475,7 +486,9 @@ fn watch_edit_save_live() {
     ]);
     assert!(r.status.success(), "patch: {}", text(&r));
     let s6 = fx.wait_results(2000..3000);
-    fx.edit("pricing.rs", "3000 + (x % LIMIT)", "4000 + (x % LIMIT)");
+    let src = fx.crate_dir().join("src/pricing.rs");
+    let original = std::fs::read_to_string(&src).expect("read");
+    fx.edit("pricing.rs", "1000 + (x % LIMIT)", "4000 + (x % LIMIT)");
     let r = fx.watch_once();
     assert!(
         !r.status.success(),
@@ -493,5 +506,6 @@ fn watch_edit_save_live() {
     assert_kept(&s6, &s7);
     let r = fx.hotpatch(&["revert", "watch_fixture::pricing::quote"]);
     assert!(r.status.success(), "revert: {}", text(&r));
-    fx.wait_results(1000..1100);
+    std::fs::write(&src, original).expect("restore");
+    fx.wait_results(1000..1100)
 }
