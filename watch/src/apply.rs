@@ -102,7 +102,11 @@ struct Process {
 fn process() -> Result<&'static Process> {
     static P: OnceLock<std::result::Result<Process, Error>> = OnceLock::new();
     P.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| crate::error::io("current_exe", e))?;
+        // The executable is the module holding its entry point (AT_ENTRY).
+        // Not by path: once cargo has rebuilt the binary, `current_exe()`
+        // says "… (deleted)" and the registry may hold the path from before.
+        // SAFETY: getauxval only reads the auxiliary vector.
+        let here = unsafe { libc::getauxval(libc::AT_ENTRY) };
         let reg = Registry::global();
         let _ = reg.refresh();
         let m = reg
@@ -110,7 +114,14 @@ fn process() -> Result<&'static Process> {
             .into_iter()
             .filter(|m| m.unloaded_seq.is_none())
             .find_map(|m| match &m.kind {
-                ModuleKind::Elf(e) if e.path == exe => Some(e.clone()),
+                ModuleKind::Elf(e)
+                    if e.segments.iter().any(|s| {
+                        let a = e.bias.to_runtime(s.vaddr).0;
+                        s.is_exec() && a <= here && here < a + s.memsz
+                    }) =>
+                {
+                    Some(e.clone())
+                }
                 _ => None,
             })
             .ok_or_else(|| {
