@@ -346,7 +346,7 @@ fn watch_edit_save_live() {
     fx.build();
     fx.start();
     // The original code: 1000 + x % 100 + x / 1000 (x < 100).
-    let s0 = fx.wait_results(1000..1100);
+    fx.wait_results(1000..1100);
     let pid = fx.pid();
     let (orig_file, orig_mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(orig_file, orig_mem, "quote is not the file's code at start");

@@ -430,12 +430,8 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
         // `jmp qword ptr [rip+0]` then the 8-byte destination.
         let mut code = [0xccu8; STUB_LEN];
         code[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-        let dest = match p.addr(name) {
-            Ok(a) => a,
-            // Resolved lazily below only if needed; an unknown symbol is an
-            // error wherever it is used.
-            Err(e) => return Err(e),
-        };
+        // An unknown symbol is an error wherever it is used.
+        let dest = p.addr(name)?;
         code[6..14].copy_from_slice(&(dest as u64).to_le_bytes());
         write(at, &code);
         stub_addr.insert(name.as_str(), at);

@@ -29,15 +29,12 @@ pub fn diff(base: &ObjSet, new: &ObjSet) -> Diff {
         match base.defs.get(name) {
             None if kind == SymKind::Func => d.added.push(name.clone()),
             None => {}
-            Some(_) => {
-                if base.identity(name) != new.identity(name) {
-                    match kind {
-                        SymKind::Func => d.changed.push(name.clone()),
-                        SymKind::Data | SymKind::Tls => d.statics_changed.push(name.clone()),
-                        _ => {}
-                    }
-                }
-            }
+            Some(_) if base.identity(name) != new.identity(name) => match kind {
+                SymKind::Func => d.changed.push(name.clone()),
+                SymKind::Data | SymKind::Tls => d.statics_changed.push(name.clone()),
+                _ => {}
+            },
+            Some(_) => {}
         }
     }
     d.changed.sort();
