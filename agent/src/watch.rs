@@ -18,6 +18,19 @@ fn read_bundle(path: &str) -> Result<hotpatch_watch::bundle::Bundle, ErrorBody> 
     use hotpatch_watch::error::E_WATCH_BAD_BUNDLE;
     let bad = |m: String| ErrorBody::new(E_WATCH_BAD_BUNDLE, m);
     let f = std::fs::File::open(path).map_err(|e| bad(format!("{path}: {e}")))?;
+    // The bundle is code this process will run: like a plugin, it must be
+    // the user's own file, writable by no one else.
+    let meta = f.metadata().map_err(|e| bad(format!("{path}: {e}")))?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(bad(format!(
+                "{path}: not a regular file of uid {me} writable only by it"
+            )));
+        }
+    }
     let mut text = Vec::new();
     f.take(MAX_BUNDLE + 1)
         .read_to_end(&mut text)
