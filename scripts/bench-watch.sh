@@ -14,10 +14,10 @@
 # first status showing the new code's results.
 set -euo pipefail
 H=$1; DIR=$2; FILE=$3; SUFFIX=$4; EXPR=$5; N=$6
-cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s/${SUFFIX}\$//")
+cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s|${SUFFIX}\$||")
 for i in $(seq 1 "$N"); do
   next=$((cur + 1000))
-  sed -i "s/${cur}${SUFFIX}/${next}${SUFFIX}/" "$DIR/$FILE"
+  sed -i "s|${cur}${SUFFIX}|${next}${SUFFIX}|" "$DIR/$FILE"
   t0=$(date +%s%N)
   out=$(cd "$DIR" && "$H" watch --once --json --pid "$PID")
   while :; do
