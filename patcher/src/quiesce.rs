@@ -47,30 +47,19 @@ pub fn range_in_use(lo: usize, hi: usize, timeout: Duration) -> Result<bool> {
 }
 
 /// Whether an aligned word in `[from, to)` of our own memory lies in
-/// `[lo, hi)`. Reads with `process_vm_readv` into a stack buffer (no
-/// allocation, no fault on an unmapped page: the scan stops there).
+/// `[lo, hi)`. Reads page by page with `world::read_own` into a stack
+/// buffer (no allocation; an unmapped page ends the scan instead of
+/// faulting).
 fn stack_points_into(from: usize, to: usize, lo: usize, hi: usize) -> bool {
-    let mut buf = [0u8; 4096];
+    const PAGE: usize = 4096;
+    let mut buf = [0u8; PAGE];
     let mut at = from;
     while at < to {
-        let want = (to - at).min(buf.len());
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: want,
-        };
-        let remote = libc::iovec {
-            iov_base: at as *mut libc::c_void,
-            iov_len: want,
-        };
-        // SAFETY: `local` is our writable buffer of `want` bytes; the
-        // kernel validates `remote` and returns short or -1 instead of
-        // faulting on an unmapped address.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        if n <= 0 {
+        let want = (to - at).min(PAGE - at % PAGE);
+        if !world::read_own(at, &mut buf[..want]) {
             return false;
         }
-        let n = n as usize;
-        for w in buf[..n - n % 8].chunks_exact(8) {
+        for w in buf[..want - want % 8].chunks_exact(8) {
             let mut b = [0u8; 8];
             b.copy_from_slice(w);
             let v = usize::from_ne_bytes(b);
@@ -78,10 +67,7 @@ fn stack_points_into(from: usize, to: usize, lo: usize, hi: usize) -> bool {
                 return true;
             }
         }
-        if n < want {
-            return false;
-        }
-        at += n;
+        at += want;
     }
     false
 }

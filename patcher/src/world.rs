@@ -228,7 +228,7 @@ const FRAME_SCAN: usize = 64 * 1024;
 
 /// Reads `buf.len()` bytes at `addr` of our own memory; false if any part
 /// is unmapped (`process_vm_readv` reports it instead of faulting).
-fn read_own(addr: usize, buf: &mut [u8]) -> bool {
+pub(crate) fn read_own(addr: usize, buf: &mut [u8]) -> bool {
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),

@@ -42,6 +42,16 @@ fn target_call() -> u64 {
     black_box(10)
 }
 
+#[inline(never)]
+fn target_spin() -> u64 {
+    black_box(11)
+}
+
+/// Incremented by the spinning generation's code on each turn.
+static SPIN_COUNT: AtomicU64 = AtomicU64::new(0);
+/// The spinning code returns once this is non-zero.
+static SPIN_STOP: AtomicU64 = AtomicU64::new(0);
+
 /// One apply state per process: the tests take turns.
 fn serial() -> MutexGuard<'static, ()> {
     static M: Mutex<()> = Mutex::new(());
@@ -60,7 +70,7 @@ fn mangled(name: &str, tls: bool) -> String {
     // Legacy mangling: `<len><ident>` per path segment.
     let part = format!("{}{name}", name.len());
     let part = part.as_str();
-    let data_ok = name == "WATCH_STATE";
+    let data_ok = matches!(name, "WATCH_STATE" | "SPIN_COUNT" | "SPIN_STOP");
     let found: Vec<&String> = exe()
         .syms
         .iter()
@@ -115,7 +125,9 @@ fn generations_relocations_and_revert() {
         vec![("target_const", 0)],
     );
     let r = hotpatch_watch::apply::apply(&g1).expect("apply generation 1");
-    assert_eq!(r.generation, 1);
+    // Generations count per process (the tests share it).
+    let first = r.generation;
+    assert!(first >= 1);
     assert_eq!(call(target_const), 42);
 
     // Generation 2: target_const -> 43, plus the static, the thread-local
@@ -157,7 +169,7 @@ fn generations_relocations_and_revert() {
         ],
     );
     let r = hotpatch_watch::apply::apply(&g2).expect("apply generation 2");
-    assert_eq!(r.generation, 2);
+    assert_eq!(r.generation, first + 1);
     assert_eq!(r.swapped, 1, "{r:?}");
     assert_eq!(r.installed, 3, "{r:?}");
     assert_eq!(call(target_const), 43);
@@ -181,7 +193,10 @@ fn generations_relocations_and_revert() {
         .iter()
         .map(|m| m["generation"].as_u64().expect("generation"))
         .collect();
-    assert!(!mapped.contains(&1), "generation 1 still mapped: {st}");
+    assert!(
+        !mapped.contains(&first),
+        "generation {first} still mapped: {st}"
+    );
 
     // Generation 3 drops target_call: its site is removed (original code).
     let g3 = bundle(
@@ -327,4 +342,68 @@ fn malformed_bundles_are_refused_and_change_nothing() {
         );
         assert_eq!(call(target_const), 7, "case {i} changed the code");
     }
+}
+
+#[test]
+fn a_generation_a_thread_runs_in_stays_mapped_until_it_leaves() {
+    let _g = serial();
+    let rel = |offset: u64, name: &str| BRel {
+        offset,
+        r_type: 2,
+        target: BTarget::Symbol {
+            name: mangled(name, false),
+        },
+        addend: -4,
+    };
+    // loop: lock inc qword [rip+SPIN_COUNT]; mov rax, [rip+SPIN_STOP];
+    //       test rax, rax; jz loop; ret
+    let spin = [
+        0xf0, 0x48, 0xff, 0x05, 0, 0, 0, 0, 0x48, 0x8b, 0x05, 0, 0, 0, 0, 0x48, 0x85, 0xc0, 0x74,
+        0xec, 0xc3,
+    ];
+    let a = bundle(
+        vec![code(
+            "spin",
+            &spin,
+            vec![rel(4, "SPIN_COUNT"), rel(11, "SPIN_STOP")],
+        )],
+        vec![("target_spin", 0)],
+    );
+    let ra = hotpatch_watch::apply::apply(&a).expect("apply the spinning generation");
+    let gen_a = ra.generation;
+    let t = std::thread::spawn(|| call(target_spin));
+    let t0 = std::time::Instant::now();
+    while SPIN_COUNT.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "never spun"
+        );
+        std::thread::yield_now();
+    }
+    // The thread is inside generation A's code now, and stays there.
+    let b = bundle(
+        vec![code("five", &[0xb8, 5, 0, 0, 0, 0xc3], vec![])],
+        vec![("target_spin", 0)],
+    );
+    let rb = hotpatch_watch::apply::apply(&b).expect("apply over it");
+    assert!(
+        rb.retained.contains(&gen_a) && !rb.unloaded.contains(&gen_a),
+        "generation {gen_a} unmapped under a running thread: {rb:?}"
+    );
+    assert_eq!(
+        call(target_spin),
+        5,
+        "new calls do not take the new generation"
+    );
+    SPIN_STOP.store(1, Ordering::Relaxed);
+    assert_eq!(t.join().expect("spinner"), 1);
+    let st = hotpatch_watch::apply::status();
+    assert!(
+        st["unloaded"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|g| g.as_u64() == Some(gen_a))),
+        "generation {gen_a} not unloaded once the thread left: {st}"
+    );
+    hotpatch_watch::apply::revert_all().expect("revert");
+    assert_eq!(call(target_spin), 11);
 }
