@@ -214,6 +214,12 @@ fn once(
         )?;
         if !names.is_empty() {
             writeln!(o, "  {}", names.join(", "))?;
+        } else if p.diff.changed.is_empty() {
+            writeln!(
+                o,
+                "  no function of {} differs from the running build (only the binary crate's own code is patched, not other crates')",
+                p.project.crate_name
+            )?;
         }
         for (key, what) in [
             ("reverted", "back to the original"),
