@@ -33,6 +33,7 @@ mod heap;
 mod profile;
 mod server;
 pub mod sys;
+mod watch;
 
 pub use control::split_spec;
 pub use error::{E_AGENT_SOCKET, Error, Result};

@@ -14,6 +14,7 @@ pub mod profile;
 pub mod ps;
 pub mod remote;
 pub mod symbolize;
+pub mod watch;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,6 +86,10 @@ pub enum Command {
     /// Load a plugin into the process, run it, unload it, N times; report
     /// the memory it left in use.
     LeakCheck(heap::LeakCheck),
+    /// Edit, save, live: rebuild the process's crate on each save and patch
+    /// the changed functions into it (state kept); `--once` applies the
+    /// current edit and exits, `--revert` puts the original code back.
+    Watch(watch::Args),
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
@@ -118,6 +123,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Profile(a) => profile::run(&a, &mut out),
         Command::Heap(a) => heap::run(&a, &mut out),
         Command::LeakCheck(a) => heap::leak_check(&a, &mut out),
+        Command::Watch(a) => watch::run(&a, &mut out),
     };
     match result {
         Ok(()) => 0,

@@ -28,6 +28,7 @@ mod hook;
 pub mod maps;
 mod near;
 mod preflight;
+pub mod quiesce;
 mod site;
 #[cfg(feature = "verify")]
 pub mod verify;

@@ -456,6 +456,20 @@ impl Stopped {
         }
     }
 
+    /// Each parked thread's interrupted RIP and RSP, read only (for
+    /// [`crate::quiesce::range_in_use`]). Allocation-free.
+    pub fn for_each_parked_regs(&self, mut f: impl FnMut(usize, usize)) {
+        let n = COUNT.load(Ordering::Acquire);
+        for e in &TABLE[..n] {
+            if e.state() == STOPPED {
+                f(
+                    e.new_rip.load(Ordering::Acquire) as usize,
+                    e.rsp.load(Ordering::Acquire) as usize,
+                );
+            }
+        }
+    }
+
     /// Whether every thread counted as parked is still stopped: false if
     /// the ptrace helper died since [`stop`] returned (the kernel then
     /// detached its tracees and they run again). A writer should check this

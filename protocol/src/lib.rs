@@ -82,7 +82,7 @@ pub const E_AGENT_UNTRUSTED: &str = "E_AGENT_UNTRUSTED";
 pub const COMMANDS: &[&str] = &[
     "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
     "inspect", "profile", "profile_raw", "heap_start", "heap_snapshot", "heap_stop",
-    "leak_check",
+    "leak_check", "watch_apply", "watch_revert", "watch_status",
 ];
 
 /// The payload of a `profile_raw` reply: the capture as JSON
@@ -232,6 +232,16 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// `hotpatch watch`: apply a patch bundle (a JSON file written by
+    /// `hotpatch_watch::session::prepare`) as the next generation.
+    WatchApply {
+        /// Path of the bundle file (absolute).
+        bundle: String,
+    },
+    /// `hotpatch watch --revert`: the original code everywhere.
+    WatchRevert,
+    /// The live watch generation and its sites.
+    WatchStatus,
 }
 
 /// An error reply's body.

@@ -26,6 +26,7 @@ pub mod perf_map;
 pub mod registry;
 pub mod resolve;
 pub mod signature;
+pub mod signatures_in;
 
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;

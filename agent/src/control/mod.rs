@@ -129,6 +129,9 @@ impl Control {
             Request::Revert { site } => Reply::typed(&self.revert(&site)?),
             Request::List => Reply::typed(&self.list()),
             Request::Inspect { target } => Reply::typed(&self.inspect(&target)?),
+            req @ (Request::WatchApply { .. } | Request::WatchRevert | Request::WatchStatus) => {
+                Reply::typed(&crate::watch::handle(req)?)
+            }
             Request::Profile { .. }
             | Request::ProfileRaw { .. }
             | Request::HeapStart { .. }

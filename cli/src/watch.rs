@@ -1,0 +1,254 @@
+//! `hotpatch watch`: edit, save, live.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::remote::call;
+use super::{Conn, Failure, Outcome};
+use crate::protocol::Request;
+
+/// Arguments of `hotpatch watch`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    conn: Conn,
+    /// The package's `Cargo.toml` (default: found from this directory).
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+    /// The package, when the workspace has several with that binary.
+    #[arg(long, short = 'p')]
+    pub package: Option<String>,
+    /// Apply the current edit once and exit (no watching).
+    #[arg(long)]
+    pub once: bool,
+    /// Put the original code back everywhere and exit.
+    #[arg(long)]
+    pub revert: bool,
+    /// Show the live generation, its sites and the generations still
+    /// mapped (unmapping those no longer used), and exit.
+    #[arg(long)]
+    pub status: bool,
+    /// Print results as JSON (one object per applied save).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fail(e: &hotpatch_watch::Error, json: bool) -> Failure {
+    Failure::new(e.code(), e.message.clone(), json)
+}
+
+/// Runs `hotpatch watch`.
+///
+/// # Errors
+/// The agent's and watch's refusals, with their codes.
+pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
+    if a.revert {
+        let v: Value = call(&a.conn, a.json, &Request::WatchRevert)?;
+        return print(out, a.json, &v, |o| {
+            let names: Vec<&str> = v["reverted"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            writeln!(
+                o,
+                "reverted {} function(s) to the original code{}{}",
+                names.len(),
+                if names.is_empty() { "" } else { ": " },
+                names.join(", ")
+            )
+        });
+    }
+    if a.status {
+        let v: Value = call(&a.conn, a.json, &Request::WatchStatus)?;
+        return print(out, a.json, &v, |o| {
+            writeln!(o, "generation {}", v["generation"])?;
+            for s in v["sites"].as_array().into_iter().flatten() {
+                writeln!(
+                    o,
+                    "  {} (generation {}{})",
+                    s["function"].as_str().unwrap_or("?"),
+                    s["generation"],
+                    if s["enabled"] == true {
+                        ""
+                    } else {
+                        ", disabled"
+                    }
+                )?;
+            }
+            for g in v["mapped"].as_array().into_iter().flatten() {
+                writeln!(
+                    o,
+                    "  mapped: generation {} ({} bytes)",
+                    g["generation"], g["len"]
+                )?;
+            }
+            Ok(())
+        });
+    }
+    let ping: crate::protocol::PingInfo = call(&a.conn, a.json, &Request::Ping)?;
+    let pid = ping.pid as i32;
+    // Talk to exactly that process from now on.
+    let conn = Conn {
+        pid: Some(pid as u32),
+        socket: a.conn.socket.clone(),
+    };
+    let opts = hotpatch_watch::session::Options {
+        pid,
+        manifest_path: a.manifest_path.clone(),
+        package: a.package.clone(),
+    };
+    if a.once {
+        return once(&conn, &opts, a.json, out);
+    }
+    // Capture the baseline now, before the first edit is built over it.
+    let (exe_path, exe_name) =
+        hotpatch_watch::session::exe_of(pid).map_err(|e| fail(&e, a.json))?;
+    let exe = hotpatch_watch::exe::ExeSymbols::read(&exe_path).map_err(|e| fail(&e, a.json))?;
+    let project = hotpatch_watch::project::Project::find(
+        opts.manifest_path.as_deref(),
+        opts.package.as_deref(),
+        &exe_name,
+    )
+    .map_err(|e| fail(&e, a.json))?;
+    project
+        .baseline(&exe.build_id, &exe)
+        .map_err(|e| fail(&e, a.json))?;
+    let src = project
+        .manifest
+        .parent()
+        .map(|d| d.join("src"))
+        .unwrap_or_else(|| PathBuf::from("src"));
+    if !a.json {
+        let _ = writeln!(
+            out,
+            "watching {} (pid {pid}); save a file to patch, Ctrl-C to stop",
+            src.display()
+        );
+        let _ = out.flush();
+    }
+    let mut last = newest_mtime(&src);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = newest_mtime(&src);
+        if now <= last {
+            continue;
+        }
+        last = now;
+        if let Err(f) = once(&conn, &opts, a.json, out) {
+            // Keep watching: print the refusal like the CLI does on exit.
+            let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
+            let _ = out.flush();
+        }
+    }
+}
+
+fn newest_mtime(dir: &std::path::Path) -> SystemTime {
+    let mut best = SystemTime::UNIX_EPOCH;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if let Ok(t) = m.modified() {
+                best = best.max(t);
+            }
+        }
+    }
+    best
+}
+
+fn once(
+    conn: &Conn,
+    opts: &hotpatch_watch::session::Options,
+    json: bool,
+    out: &mut dyn Write,
+) -> Outcome {
+    let t0 = Instant::now();
+    let p = hotpatch_watch::session::prepare(opts).map_err(|e| fail(&e, json))?;
+    let t = Instant::now();
+    let req = Request::WatchApply {
+        bundle: p.bundle_path.display().to_string(),
+    };
+    let r = call(conn, json, &req);
+    let _ = std::fs::remove_file(&p.bundle_path);
+    let v: Value = r?;
+    let apply_ms = t.elapsed().as_secs_f64() * 1e3;
+    let total = t0.elapsed().as_secs_f64();
+    let tm = p.timings;
+    let v = json!({
+        "generation": v["generation"],
+        "patched": v["patched"],
+        "added": v["added"],
+        "reverted": v["reverted"],
+        "unloaded": v["unloaded"],
+        "retained": v["retained"],
+        "timings_ms": {
+            "build": tm.build_ms, "diff": tm.diff_ms, "link": tm.link_ms, "apply": apply_ms,
+            "total": total * 1e3,
+        },
+    });
+    print(out, json, &v, |o| {
+        let names: Vec<&str> = v["patched"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        writeln!(
+            o,
+            "patched {} function(s) in {:.2} s (build {:.2}, diff {:.3}, link {:.3}, apply {:.3}), generation {}{}",
+            names.len(),
+            total,
+            tm.build_ms / 1e3,
+            tm.diff_ms / 1e3,
+            tm.link_ms / 1e3,
+            apply_ms / 1e3,
+            v["generation"],
+            if names.is_empty() { "" } else { ":" }
+        )?;
+        if !names.is_empty() {
+            writeln!(o, "  {}", names.join(", "))?;
+        } else if p.diff.changed.is_empty() {
+            writeln!(
+                o,
+                "  no function of {} differs from the running build (only the binary crate's own code is patched, not other crates')",
+                p.project.crate_name
+            )?;
+        }
+        for (key, what) in [
+            ("reverted", "back to the original"),
+            ("unloaded", "generations unloaded"),
+        ] {
+            let list: Vec<String> = v[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                .collect();
+            if !list.is_empty() {
+                writeln!(o, "  {what}: {}", list.join(", "))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print(
+    out: &mut dyn Write,
+    json: bool,
+    v: &Value,
+    human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Outcome {
+    let r = if json {
+        writeln!(out, "{v}")
+    } else {
+        human(out)
+    };
+    r.and_then(|()| out.flush()).map_err(|e| Failure::io(&e))
+}

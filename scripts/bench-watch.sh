@@ -1,0 +1,31 @@
+#!/bin/bash
+# Edit-to-live latency of `hotpatch watch` (BENCHMARKS.md, "watch").
+#
+#   PID=<pid> scripts/bench-watch.sh HOTPATCH_CLI CRATE_DIR FILE SUFFIX STATUS_EXPR N
+#
+# CRATE_DIR is the cargo package of the process PID (which runs the agent;
+# XDG_RUNTIME_DIR as for the CLI). FILE (relative to it) contains
+# "<number>SUFFIX" once. Each of N rounds adds 1000 to the number (a
+# one-line edit), runs `hotpatch watch --once --json` and polls `hotpatch
+# status --json` until the Python expression STATUS_EXPR (over `h`, the
+# host's status, and `n`, the new number) is true. One line per round:
+#   total_ms build_ms diff_ms link_ms apply_ms observed_ms
+# total: the CLI's own count (start to reply); observed: file saved -> the
+# first status showing the new code's results.
+set -euo pipefail
+H=$1; DIR=$2; FILE=$3; SUFFIX=$4; EXPR=$5; N=$6
+cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s|${SUFFIX}\$||")
+for i in $(seq 1 "$N"); do
+  next=$((cur + 1000))
+  sed -i "s|${cur}${SUFFIX}|${next}${SUFFIX}|" "$DIR/$FILE"
+  t0=$(date +%s%N)
+  out=$(cd "$DIR" && "$H" watch --once --json --pid "$PID")
+  while :; do
+    ok=$("$H" status --json --pid "$PID" | python3 -c "import json,sys; h=json.load(sys.stdin)['host']; n=$next; print(bool($EXPR))")
+    [ "$ok" = True ] && break
+    sleep 0.01
+  done
+  t1=$(date +%s%N)
+  echo "$out" | python3 -c "import json,sys; t=json.load(sys.stdin)['timings_ms']; print('%.0f %.0f %.1f %.1f %.1f %.0f' % (t['total'], t['build'], t['diff'], t['link'], t['apply'], ($t1-$t0)/1e6))"
+  cur=$next
+done

@@ -1,0 +1,883 @@
+//! The part that runs inside the target (served by the agent): place a
+//! [`Bundle`] in memory within reach of the executable, resolve its
+//! references to the process's own symbols (statics and thread-locals keep
+//! their state), and redirect the changed functions — all as one step.
+//!
+//! Generations: every apply builds generation N+1 from everything that
+//! differs from the baseline; sites of functions already patched are
+//! swapped (one atomic store each), new ones installed, sites of functions
+//! back to their baseline code removed. Generation N is unmapped once no
+//! site points into it and no thread runs in or returns into it
+//! ([`hotpatch_patcher::quiesce::range_in_use`]); otherwise it is retried
+//! at the next apply or revert.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hotpatch_patcher::{InstallOptions, Site};
+use hotpatch_symbolizer::registry::ModuleKind;
+use hotpatch_symbolizer::{ModuleId, Registry, RuntimeAddr};
+use serde::Serialize;
+
+use crate::bundle::{BTarget, Bundle, unhex};
+use crate::error::{
+    E_WATCH_BAD_BUNDLE, E_WATCH_BASELINE_MISMATCH, E_WATCH_IO, E_WATCH_NO_MEMORY, E_WATCH_NOTHING,
+    E_WATCH_PATCH_REFUSED, E_WATCH_RELOCATION, E_WATCH_UNRESOLVED, Error, Result,
+};
+use crate::exe::ExeSymbols;
+use crate::objects::SecKind;
+
+const PAGE: usize = 4096;
+const STUB_LEN: usize = 16;
+
+/// What an apply or revert did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyReport {
+    /// The generation now live (0: the original code everywhere).
+    pub generation: u64,
+    /// Functions whose calls now go to the new generation (display names).
+    pub patched: Vec<String>,
+    /// New functions placed with it (display names).
+    pub added: Vec<String>,
+    /// Sites installed by this step.
+    pub installed: usize,
+    /// Sites swapped from the previous generation.
+    pub swapped: usize,
+    /// Functions put back to the original code by this step.
+    pub reverted: Vec<String>,
+    /// Generations unmapped by this step.
+    pub unloaded: Vec<u64>,
+    /// Older generations still mapped (a thread may still run in them).
+    pub retained: Vec<u64>,
+    /// Bytes of code and data mapped for this generation.
+    pub bytes: usize,
+    /// Time spent, microseconds.
+    pub micros: u64,
+}
+
+#[derive(Debug)]
+struct Generation {
+    id: u64,
+    base: usize,
+    /// Bytes of code (and stubs) from `base`: what is unmapped on unload.
+    /// The data after it (constants, vtables, new statics) stays mapped:
+    /// new code may have stored pointers to it anywhere (a `&'static str`
+    /// in a map), which no scan can find.
+    len: usize,
+    /// Symbolizer modules of its functions.
+    modules: Vec<ModuleId>,
+}
+
+#[derive(Debug)]
+struct WatchSite {
+    site: Site,
+    display: String,
+    generation: u64,
+    /// The module of the replacement (pinned while the site points to it).
+    module: Option<ModuleId>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next: u64,
+    current: u64,
+    sites: BTreeMap<String, WatchSite>,
+    generations: Vec<Generation>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// The running executable, as far as applying needs it.
+#[derive(Debug)]
+struct Process {
+    syms: ExeSymbols,
+    bias: u64,
+    lo: usize,
+    hi: usize,
+    tls_modid: u64,
+}
+
+fn process() -> Result<&'static Process> {
+    static P: OnceLock<std::result::Result<Process, Error>> = OnceLock::new();
+    P.get_or_init(|| {
+        // The executable is the module holding its entry point (AT_ENTRY).
+        // Not by path: once cargo has rebuilt the binary, `current_exe()`
+        // says "… (deleted)" and the registry may hold the path from before.
+        // SAFETY: getauxval only reads the auxiliary vector.
+        let here = unsafe { libc::getauxval(libc::AT_ENTRY) };
+        let reg = Registry::global();
+        let _ = reg.refresh();
+        let m = reg
+            .modules()
+            .into_iter()
+            .filter(|m| m.unloaded_seq.is_none())
+            .find_map(|m| match &m.kind {
+                ModuleKind::Elf(e)
+                    if e.segments.iter().any(|s| {
+                        let a = e.bias.to_runtime(s.vaddr).0;
+                        s.is_exec() && a <= here && here < a + s.memsz
+                    }) =>
+                {
+                    Some(e.clone())
+                }
+                _ => None,
+            })
+            .ok_or_else(|| {
+                Error::new(E_WATCH_IO, "the executable is not in the module registry")
+            })?;
+        let syms = ExeSymbols::read(std::path::Path::new("/proc/self/exe"))?;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for (a, b) in m.exec_ranges() {
+            lo = lo.min(a.0 as usize);
+            hi = hi.max(b.0 as usize);
+        }
+        for s in &m.segments {
+            let a = m.bias.to_runtime(s.vaddr).0 as usize;
+            lo = lo.min(a);
+            hi = hi.max(a + s.memsz as usize);
+        }
+        Ok(Process {
+            syms,
+            bias: m.bias.0,
+            lo,
+            hi,
+            tls_modid: m.tls.map_or(0, |t| t.modid),
+        })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+impl Process {
+    fn func(&self, name: &str) -> Option<(usize, usize)> {
+        self.syms
+            .syms
+            .get(name)
+            .filter(|s| s.func && !s.tls)
+            .map(|s| ((self.bias + s.value) as usize, s.size as usize))
+    }
+
+    fn addr(&self, name: &str) -> Result<usize> {
+        if let Some(s) = self.syms.syms.get(name).filter(|s| !s.tls) {
+            return Ok((self.bias + s.value) as usize);
+        }
+        let c = CString::new(name).map_err(|_| unresolved(name))?;
+        // SAFETY: `c` is a NUL-terminated string; dlsym only reads it.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+        if p.is_null() {
+            return Err(unresolved(name));
+        }
+        Ok(p as usize)
+    }
+
+    /// The offset of a thread-local of the executable from the thread
+    /// pointer (the same in every thread: the executable's block is in the
+    /// static TLS area).
+    fn tpoff(&self, name: &str) -> Result<i64> {
+        let s = self
+            .syms
+            .syms
+            .get(name)
+            .filter(|s| s.tls)
+            .ok_or_else(|| unresolved(name))?;
+        if self.tls_modid == 0 {
+            return Err(unresolved(name));
+        }
+        #[repr(C)]
+        struct TlsIndex {
+            module: u64,
+            offset: u64,
+        }
+        // SAFETY: a NUL-terminated literal; dlsym only reads it.
+        let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__tls_get_addr".as_ptr()) };
+        if f.is_null() {
+            return Err(unresolved("__tls_get_addr"));
+        }
+        // SAFETY: `__tls_get_addr` has this C signature on x86-64 (it takes
+        // a pointer to `tls_index` and returns the variable's address in the
+        // calling thread).
+        let get: extern "C" fn(*const TlsIndex) -> *mut u8 = unsafe { std::mem::transmute(f) };
+        let idx = TlsIndex {
+            module: self.tls_modid,
+            offset: s.value,
+        };
+        let addr = get(&idx) as usize;
+        let tp: usize;
+        // SAFETY: on x86-64 Linux `fs:0` holds the thread pointer itself
+        // (the TCB's self pointer); reading it has no side effect.
+        unsafe {
+            std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
+        Ok(addr as i64 - tp as i64)
+    }
+}
+
+fn unresolved(name: &str) -> Error {
+    Error::new(
+        E_WATCH_UNRESOLVED,
+        format!(
+            "the new code refers to {} ({name}), which the running process does not define",
+            crate::bundle::display_name(name)
+        ),
+    )
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::new(E_WATCH_BAD_BUNDLE, msg)
+}
+
+/// Memory mapped for one generation, unmapped on drop unless kept.
+struct Mapped {
+    base: usize,
+    len: usize,
+    keep: bool,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if !self.keep {
+            // SAFETY: `base..base+len` is a mapping we made and nothing
+            // refers to it (the step that made it failed before any site
+            // pointed into it).
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+/// Maps `len` bytes (read-write) within ±1 GiB of the executable.
+fn map_near(p: &Process, len: usize) -> Result<Mapped> {
+    const STEP: usize = 2 << 20;
+    let top = (p.hi + STEP - 1) & !(STEP - 1);
+    let bottom = p.lo & !(STEP - 1);
+    let mut hints = Vec::new();
+    for k in 1..512usize {
+        hints.push(top + k * STEP);
+        if let Some(h) = bottom.checked_sub(k * STEP + ((len + STEP - 1) & !(STEP - 1))) {
+            hints.push(h);
+        }
+    }
+    for h in hints {
+        let far = h.abs_diff(p.lo).max((h + len).abs_diff(p.hi));
+        if far > (1 << 30) + (p.hi - p.lo) {
+            continue;
+        }
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping;
+        // the result is checked.
+        let r = unsafe {
+            libc::mmap(
+                h as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            continue;
+        }
+        if r as usize != h {
+            // An old kernel ignoring MAP_FIXED_NOREPLACE placed it elsewhere.
+            // SAFETY: the mapping just made, unused.
+            unsafe { libc::munmap(r, len) };
+            continue;
+        }
+        return Ok(Mapped {
+            base: h,
+            len,
+            keep: false,
+        });
+    }
+    Err(Error::new(
+        E_WATCH_NO_MEMORY,
+        format!("no {len} bytes free within 1 GiB of the executable"),
+    ))
+}
+
+fn align(v: usize, a: usize) -> usize {
+    let a = a.max(1);
+    v.div_ceil(a) * a
+}
+
+const R_64: u32 = 1;
+const R_PC32: u32 = 2;
+const R_PLT32: u32 = 4;
+const R_GOTPCREL: u32 = 9;
+const R_32: u32 = 10;
+const R_32S: u32 = 11;
+const R_TPOFF64: u32 = 18;
+const R_GOTTPOFF: u32 = 22;
+const R_TPOFF32: u32 = 23;
+const R_PC64: u32 = 24;
+const R_GOTPCRELX: u32 = 41;
+const R_REX_GOTPCRELX: u32 = 42;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Slot {
+    Addr(BTarget),
+    Tpoff(String),
+}
+
+/// Places the bundle's sections, applies relocations, protects the pages.
+/// Returns the mapping, each section's address and the length of the code
+/// part (page-aligned, from the mapping's start).
+fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
+    // Layout: code (+ stubs) | read-only (+ GOT) | writable.
+    let mut off = vec![0usize; b.sections.len()];
+    let mut sizes = [0usize; 3];
+    let region = |k: SecKind| match k {
+        SecKind::Code => Ok(0),
+        SecKind::ReadOnly => Ok(1),
+        SecKind::Data | SecKind::Bss => Ok(2),
+        SecKind::Tls | SecKind::Other => Err(bad("a bundle section that cannot be placed")),
+    };
+    for (i, s) in b.sections.iter().enumerate() {
+        if !s.align.is_power_of_two() || s.align > PAGE as u64 || s.size > (1 << 30) {
+            return Err(bad(format!("section {}: bad alignment or size", s.name)));
+        }
+        if s.kind != SecKind::Bss && s.hex.len() as u64 != s.size * 2 {
+            return Err(bad(format!(
+                "section {}: bytes do not match its size",
+                s.name
+            )));
+        }
+        let r = region(s.kind)?;
+        sizes[r] = align(sizes[r], s.align as usize);
+        off[i] = sizes[r];
+        sizes[r] += s.size as usize;
+    }
+    let mut stubs: HashMap<String, usize> = HashMap::new();
+    let mut slots: HashMap<Slot, usize> = HashMap::new();
+    for s in &b.sections {
+        for r in &s.relocs {
+            if let BTarget::Section { index, offset } = &r.target {
+                let t = b
+                    .sections
+                    .get(*index)
+                    .ok_or_else(|| bad("a relocation to a section that does not exist"))?;
+                if *offset > t.size {
+                    return Err(bad("a relocation past the end of its target section"));
+                }
+            }
+            if r.offset.checked_add(8).is_none_or(|e| e > s.size) && r.r_type == R_64
+                || r.offset.checked_add(4).is_none_or(|e| e > s.size)
+            {
+                return Err(bad(format!(
+                    "section {}: a relocation past its end",
+                    s.name
+                )));
+            }
+            match (r.r_type, &r.target) {
+                (R_PLT32 | R_PC32, BTarget::Symbol { name }) => {
+                    let n = stubs.len();
+                    stubs.entry(name.clone()).or_insert(n);
+                }
+                (R_GOTPCREL | R_GOTPCRELX | R_REX_GOTPCRELX, t) => {
+                    let n = slots.len();
+                    slots.entry(Slot::Addr(t.clone())).or_insert(n);
+                }
+                (R_GOTTPOFF, BTarget::Symbol { name }) => {
+                    let n = slots.len();
+                    slots.entry(Slot::Tpoff(name.clone())).or_insert(n);
+                }
+                _ => {}
+            }
+        }
+    }
+    let stub_at = align(sizes[0], 16);
+    sizes[0] = stub_at + stubs.len() * STUB_LEN;
+    let got_at = align(sizes[1], 8);
+    sizes[1] = got_at + slots.len() * 8;
+    let starts = [
+        0,
+        align(sizes[0], PAGE),
+        align(sizes[0], PAGE) + align(sizes[1], PAGE),
+    ];
+    let total = (starts[2] + align(sizes[2], PAGE)).max(PAGE);
+    let map = map_near(p, total)?;
+    let base = map.base;
+    let addr_of: Vec<usize> = b
+        .sections
+        .iter()
+        .enumerate()
+        .map(|(i, s)| base + starts[region(s.kind).unwrap_or(0)] + off[i])
+        .collect();
+    // SAFETY (for the writes below): every address written lies in
+    // `base..base+total`, our fresh read-write mapping — checked offsets:
+    // sections were laid out within their region, relocation offsets
+    // were checked against their section's size above.
+    let write = |at: usize, bytes: &[u8]| {
+        debug_assert!(at >= base && at + bytes.len() <= base + total);
+        // SAFETY: see above.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
+    };
+    for (i, s) in b.sections.iter().enumerate() {
+        if s.kind != SecKind::Bss {
+            write(addr_of[i], &unhex(&s.hex)?);
+        }
+    }
+    let target_addr = |t: &BTarget| -> Result<usize> {
+        match t {
+            BTarget::Section { index, offset } => Ok(addr_of[*index] + *offset as usize),
+            BTarget::Symbol { name } => p.addr(name),
+        }
+    };
+    let mut stub_addr: HashMap<&str, usize> = HashMap::new();
+    for (name, n) in &stubs {
+        let at = base + stub_at + n * STUB_LEN;
+        // `jmp qword ptr [rip+0]` then the 8-byte destination.
+        let mut code = [0xccu8; STUB_LEN];
+        code[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+        // An unknown symbol is an error wherever it is used.
+        let dest = p.addr(name)?;
+        code[6..14].copy_from_slice(&(dest as u64).to_le_bytes());
+        write(at, &code);
+        stub_addr.insert(name.as_str(), at);
+    }
+    let mut slot_addr: HashMap<Slot, usize> = HashMap::new();
+    for (slot, n) in &slots {
+        let at = base + starts[1] + got_at + n * 8;
+        let v: u64 = match slot {
+            Slot::Addr(t) => target_addr(t)? as u64,
+            Slot::Tpoff(name) => p.tpoff(name)? as u64,
+        };
+        write(at, &v.to_le_bytes());
+        slot_addr.insert(slot.clone(), at);
+    }
+    for (i, s) in b.sections.iter().enumerate() {
+        for r in &s.relocs {
+            let place = addr_of[i] + r.offset as usize;
+            let a = r.addend;
+            let overflow = || {
+                Error::new(
+                    E_WATCH_RELOCATION,
+                    format!(
+                        "relocation type {} at {}+{:#x} does not fit",
+                        r.r_type, s.name, r.offset
+                    ),
+                )
+            };
+            let rel32 = |v: i64| -> Result<[u8; 4]> {
+                i32::try_from(v)
+                    .map(i32::to_le_bytes)
+                    .map_err(|_| overflow())
+            };
+            match r.r_type {
+                R_64 => write(place, &(target_addr(&r.target)? as i64 + a).to_le_bytes()),
+                R_PC64 => write(
+                    place,
+                    &(target_addr(&r.target)? as i64 + a - place as i64).to_le_bytes(),
+                ),
+                R_PC32 | R_PLT32 => {
+                    let mut s_addr = target_addr(&r.target)? as i64;
+                    let v = s_addr + a - place as i64;
+                    if i32::try_from(v).is_err() {
+                        if let BTarget::Symbol { name } = &r.target {
+                            if p.func(name).is_none() || r.r_type == R_PLT32 {
+                                s_addr = stub_addr[name.as_str()] as i64;
+                            }
+                        }
+                    }
+                    write(place, &rel32(s_addr + a - place as i64)?);
+                }
+                R_GOTPCREL | R_GOTPCRELX | R_REX_GOTPCRELX => {
+                    let g = slot_addr[&Slot::Addr(r.target.clone())] as i64;
+                    write(place, &rel32(g + a - place as i64)?);
+                }
+                R_GOTTPOFF => {
+                    let BTarget::Symbol { name } = &r.target else {
+                        return Err(bad("GOTTPOFF to a patch section"));
+                    };
+                    let g = slot_addr[&Slot::Tpoff(name.clone())] as i64;
+                    write(place, &rel32(g + a - place as i64)?);
+                }
+                R_TPOFF32 | R_TPOFF64 => {
+                    let BTarget::Symbol { name } = &r.target else {
+                        return Err(bad("TPOFF to a patch section"));
+                    };
+                    let v = p.tpoff(name)? + a;
+                    if r.r_type == R_TPOFF32 {
+                        write(place, &rel32(v)?);
+                    } else {
+                        write(place, &v.to_le_bytes());
+                    }
+                }
+                R_32 => {
+                    let v = target_addr(&r.target)? as i64 + a;
+                    let v = u32::try_from(v).map_err(|_| overflow())?;
+                    write(place, &v.to_le_bytes());
+                }
+                R_32S => write(place, &rel32(target_addr(&r.target)? as i64 + a)?),
+                t => {
+                    return Err(Error::new(
+                        E_WATCH_RELOCATION,
+                        format!(
+                            "relocation type {t} (in {}) is not supported: the patch is not applied",
+                            s.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let protect = |start: usize, len: usize, prot: i32| -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: a page-aligned range of our own mapping.
+        let r = unsafe { libc::mprotect((base + start) as *mut libc::c_void, len, prot) };
+        if r != 0 {
+            return Err(crate::error::io(
+                "mprotect",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    };
+    protect(starts[0], starts[1], libc::PROT_READ | libc::PROT_EXEC)?;
+    protect(starts[1], starts[2] - starts[1], libc::PROT_READ)?;
+    Ok((map, addr_of, starts[1]))
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refused(display: &str, code: &str, msg: &str) -> Error {
+    Error::new(
+        E_WATCH_PATCH_REFUSED,
+        format!("{display}: {code}: {msg}; nothing was applied"),
+    )
+}
+
+/// Applies a bundle as the next generation (see the module docs).
+///
+/// # Errors
+/// `E_WATCH_BASELINE_MISMATCH` (the bundle is for another executable),
+/// `E_WATCH_BAD_BUNDLE`, `E_WATCH_UNRESOLVED`, `E_WATCH_RELOCATION`,
+/// `E_WATCH_NO_MEMORY`, `E_WATCH_PATCH_REFUSED` (with the function's name
+/// and the patcher's code). On error nothing changed.
+pub fn apply(b: &Bundle) -> Result<ApplyReport> {
+    let t0 = Instant::now();
+    let p = process()?;
+    if b.build_id != p.syms.build_id {
+        return Err(Error::new(
+            E_WATCH_BASELINE_MISMATCH,
+            format!(
+                "the patch was built against executable {}, this process runs {}",
+                b.build_id, p.syms.build_id
+            ),
+        ));
+    }
+    let mut targets = Vec::new();
+    for f in &b.functions {
+        let (addr, size) = p.func(&f.name).ok_or_else(|| unresolved(&f.name))?;
+        let sec = b
+            .sections
+            .get(f.section)
+            .filter(|s| s.kind == SecKind::Code && f.offset < s.size)
+            .ok_or_else(|| bad(format!("{}: no code section", f.display)))?;
+        let _ = sec;
+        targets.push((f, addr, size));
+    }
+    let mut guard = lock();
+    let st = guard.get_or_insert_with(State::default);
+    // Preflight every new site before anything is written.
+    for (f, addr, size) in &targets {
+        if st.sites.contains_key(&f.name) {
+            continue;
+        }
+        let rep = hotpatch_patcher::preflight(*addr as *const u8, Some(*size))
+            .map_err(|e| refused(&f.display, e.code(), &e.to_string()))?;
+        if let Err(r) = rep.verdict {
+            return Err(refused(&f.display, r.code, &r.message));
+        }
+    }
+    let (mut map, addr_of, code_len) = place(p, b)?;
+    let gen_id = st.next.max(st.current) + 1;
+    // Name the new code in the symbolizer: one range per function.
+    let reg = Registry::global();
+    let mut modules = Vec::new();
+    let mut module_at: HashMap<usize, ModuleId> = HashMap::new();
+    for (i, s) in b.sections.iter().enumerate() {
+        if s.kind == SecKind::Code && s.size > 0 {
+            let name = format!(
+                "{} [hotpatch watch gen {gen_id}]",
+                s.function.as_deref().unwrap_or(&s.name)
+            );
+            if let Ok(id) = reg.register_anon(name, RuntimeAddr(addr_of[i] as u64), s.size) {
+                modules.push(id);
+                module_at.insert(i, id);
+            }
+        }
+    }
+    let unregister_all = |modules: &[ModuleId]| {
+        for m in modules {
+            let _ = reg.unregister(*m);
+        }
+    };
+    // Install new sites (all or nothing).
+    let mut installed: Vec<String> = Vec::new();
+    let mut failure = None;
+    for (f, addr, size) in &targets {
+        if st.sites.contains_key(&f.name) {
+            continue;
+        }
+        let to = addr_of[f.section] + f.offset as usize;
+        let opts = InstallOptions {
+            known_size: Some(*size),
+            name: Some(f.display.clone()),
+            ..InstallOptions::default()
+        };
+        // SAFETY: `addr` is the entry of the executable's function `f.name`
+        // (its symbol table), never unmapped; `to` is the entry of the new
+        // build of the same function (same signature: the client refused
+        // signature changes), in a mapping kept while a site points to it.
+        match unsafe { Site::install(*addr as *const u8, to as *const u8, &opts) } {
+            Ok(site) => {
+                let module = module_at.get(&f.section).copied();
+                if let Some(m) = module {
+                    let _ = reg.pin(m);
+                }
+                st.sites.insert(
+                    f.name.clone(),
+                    WatchSite {
+                        site,
+                        display: f.display.clone(),
+                        generation: gen_id,
+                        module,
+                    },
+                );
+                installed.push(f.name.clone());
+            }
+            Err(e) => {
+                failure = Some(refused(&f.display, e.code(), &e.to_string()));
+                break;
+            }
+        }
+    }
+    if let Some(err) = failure {
+        for name in installed {
+            if let Some(mut w) = st.sites.remove(&name) {
+                if w.site.remove().is_err() {
+                    // Could not stop the world: the site stays, disabled
+                    // (calls run the original), and its target code must
+                    // stay mapped.
+                    let _ = w.site.disable();
+                    map.keep = true;
+                    w.site.leak();
+                }
+                if let Some(m) = w.module {
+                    let _ = reg.unpin(m);
+                }
+            }
+        }
+        if !map.keep {
+            unregister_all(&modules);
+        }
+        return Err(err);
+    }
+    // Swap the sites of functions patched by an earlier generation.
+    let mut swapped = 0;
+    let mut patched = Vec::new();
+    for (f, _, _) in &targets {
+        patched.push(f.display.clone());
+        let w = st.sites.get_mut(&f.name).ok_or_else(|| bad("lost site"))?;
+        if w.generation == gen_id {
+            continue;
+        }
+        let to = addr_of[f.section] + f.offset as usize;
+        // SAFETY: as for the install above.
+        unsafe { w.site.swap(to as *const u8) }
+            .map_err(|e| refused(&f.display, e.code(), &e.to_string()))?;
+        let module = module_at.get(&f.section).copied();
+        if let Some(m) = module {
+            let _ = reg.pin(m);
+        }
+        if let Some(old) = w.module.replace(module.unwrap_or(ModuleId(u64::MAX))) {
+            let _ = reg.unpin(old);
+        }
+        if w.module == Some(ModuleId(u64::MAX)) {
+            w.module = None;
+        }
+        w.generation = gen_id;
+        swapped += 1;
+    }
+    // Functions back to their original code.
+    let keep: std::collections::HashSet<&str> =
+        b.functions.iter().map(|f| f.name.as_str()).collect();
+    let gone: Vec<String> = st
+        .sites
+        .keys()
+        .filter(|k| !keep.contains(k.as_str()))
+        .cloned()
+        .collect();
+    let reverted = remove_sites(st, &gone);
+    map.keep = true;
+    let bytes = map.len;
+    st.generations.push(Generation {
+        id: gen_id,
+        base: map.base,
+        len: code_len,
+        modules,
+    });
+    st.current = if b.functions.is_empty() && st.sites.is_empty() {
+        0
+    } else {
+        gen_id
+    };
+    st.next = gen_id;
+    let (unloaded, retained) = retire(st);
+    Ok(ApplyReport {
+        generation: st.current,
+        patched,
+        added: b
+            .added
+            .iter()
+            .map(|n| crate::bundle::display_name(n))
+            .collect(),
+        installed: installed.len(),
+        swapped,
+        reverted,
+        unloaded,
+        retained,
+        bytes,
+        micros: t0.elapsed().as_micros() as u64,
+    })
+}
+
+fn remove_sites(st: &mut State, names: &[String]) -> Vec<String> {
+    let reg = Registry::global();
+    let mut out = Vec::new();
+    for name in names {
+        let Some(mut w) = st.sites.remove(name) else {
+            continue;
+        };
+        match w.site.remove() {
+            Ok(()) => {
+                if let Some(m) = w.module {
+                    let _ = reg.unpin(m);
+                }
+                out.push(w.display.clone());
+            }
+            Err(_) => {
+                // Not removable now (a thread could not be stopped): calls go
+                // to the original through the trampoline; the site is kept and
+                // so is its generation (it stays pinned).
+                let _ = w.site.disable();
+                st.sites.insert(name.clone(), w);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a thread runs in `[lo, hi)` or may return into it. A thread
+/// found there is usually about to leave (the old code finishes its call):
+/// asked a few times, 20 ms apart.
+fn in_use(lo: usize, hi: usize) -> bool {
+    for attempt in 0..5 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match hotpatch_patcher::quiesce::range_in_use(lo, hi, Duration::from_millis(200)) {
+            Ok(false) => return false,
+            Ok(true) => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
+/// Unmaps every older generation no site points into and no thread is in.
+fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
+    let reg = Registry::global();
+    let (mut unloaded, mut retained) = (Vec::new(), Vec::new());
+    let current = st.next;
+    let mut keep = Vec::new();
+    for g in std::mem::take(&mut st.generations) {
+        let pointed = st.sites.values().any(|w| {
+            let r = w.site.replacement();
+            r >= g.base && r < g.base + g.len
+        });
+        if g.id == current && pointed {
+            keep.push(g);
+            continue;
+        }
+        if pointed || in_use(g.base, g.base + g.len) {
+            retained.push(g.id);
+            keep.push(g);
+            continue;
+        }
+        for m in &g.modules {
+            let _ = reg.unregister(*m);
+        }
+        // SAFETY: no site points into the generation's code and no thread
+        // runs in it or holds a return address into it (checked with the
+        // world stopped just above; new entries into it come only through
+        // sites and direct calls from its own code, and pointers to its
+        // changed functions taken as values are their original entries).
+        // Its data part stays mapped.
+        unsafe { libc::munmap(g.base as *mut libc::c_void, g.len) };
+        unloaded.push(g.id);
+    }
+    st.generations = keep;
+    (unloaded, retained)
+}
+
+/// Puts the original code back everywhere and unmaps what can be.
+///
+/// # Errors
+/// `E_WATCH_NOTHING` when nothing was ever applied.
+pub fn revert_all() -> Result<ApplyReport> {
+    let t0 = Instant::now();
+    let mut guard = lock();
+    let Some(st) = guard.as_mut() else {
+        return Err(Error::new(
+            E_WATCH_NOTHING,
+            "no patch of hotpatch watch was applied in this process",
+        ));
+    };
+    let names: Vec<String> = st.sites.keys().cloned().collect();
+    let reverted = remove_sites(st, &names);
+    st.current = 0;
+    st.next += 1;
+    let (unloaded, retained) = retire(st);
+    Ok(ApplyReport {
+        generation: 0,
+        reverted,
+        unloaded,
+        retained,
+        micros: t0.elapsed().as_micros() as u64,
+        ..ApplyReport::default()
+    })
+}
+
+/// The live generation, its sites and the generations still mapped (with
+/// their addresses). Older generations that have become unused since the
+/// last apply are unmapped first (listed in `"unloaded"`).
+pub fn status() -> serde_json::Value {
+    let mut guard = lock();
+    match guard.as_mut() {
+        None => serde_json::json!({ "generation": 0, "sites": [], "mapped": [], "unloaded": [] }),
+        Some(st) => {
+            let (unloaded, _) = retire(st);
+            serde_json::json!({
+                "generation": st.current,
+                "sites": st.sites.values().map(|w| serde_json::json!({
+                    "function": w.display,
+                    "generation": w.generation,
+                    "enabled": w.site.is_enabled(),
+                })).collect::<Vec<_>>(),
+                "mapped": st.generations.iter().map(|g| serde_json::json!({
+                    "generation": g.id,
+                    "base": g.base,
+                    "len": g.len,
+                })).collect::<Vec<_>>(),
+                "unloaded": unloaded,
+            })
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The per-function diff of two builds, and the patch bundle built from it:
+//! the changed functions' code, every new function and anonymous constant
+//! they reach, and relocations that name everything else (resolved to the
+//! running process's copies by [`crate::apply`]).
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{E_WATCH_BAD_BUNDLE, E_WATCH_NEW_TLS, Error, Result};
+use crate::objects::{ObjSet, SecKind, SymKind};
+
+/// What changed between the baseline's objects and the new build's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Diff {
+    /// Functions (mangled) in both builds whose code or references differ.
+    pub changed: Vec<String>,
+    /// Functions only in the new build.
+    pub added: Vec<String>,
+    /// Statics in both builds whose size, initializer or references differ.
+    pub statics_changed: Vec<String>,
+}
+
+/// Compares two builds of one crate, per symbol.
+pub fn diff(base: &ObjSet, new: &ObjSet) -> Diff {
+    let mut d = Diff::default();
+    for (name, def) in &new.defs {
+        let kind = new.sym(*def).kind;
+        match base.defs.get(name) {
+            None if kind == SymKind::Func => d.added.push(name.clone()),
+            None => {}
+            Some(_) if base.identity(name) != new.identity(name) => match kind {
+                SymKind::Func => d.changed.push(name.clone()),
+                SymKind::Data | SymKind::Tls => d.statics_changed.push(name.clone()),
+                _ => {}
+            },
+            Some(_) => {}
+        }
+    }
+    d.changed.sort();
+    d.added.sort();
+    d.statics_changed.sort();
+    d
+}
+
+/// A patch: sections to place in memory and the functions to redirect.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// Build-id (hex) of the executable the bundle is for; the agent
+    /// refuses a bundle for another one.
+    pub build_id: String,
+    /// Sections to place.
+    pub sections: Vec<BSec>,
+    /// Functions of the running process to redirect to new code.
+    pub functions: Vec<BFunc>,
+    /// New functions the new code reaches (mangled), placed but not
+    /// patched (the process has no copy).
+    pub added: Vec<String>,
+}
+
+/// A section of the patch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BSec {
+    /// Its name in the object (for messages).
+    pub name: String,
+    /// Code, read-only or writable data.
+    pub kind: SecKind,
+    /// Alignment (power of two).
+    pub align: u64,
+    /// Size in memory.
+    pub size: u64,
+    /// Its bytes, hex (empty for `Bss`).
+    pub hex: String,
+    /// Relocations to apply.
+    pub relocs: Vec<BRel>,
+    /// For a code section of a function: its display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+}
+
+/// A relocation of the patch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BRel {
+    /// Offset in the section.
+    pub offset: u64,
+    /// `R_X86_64_*`.
+    pub r_type: u32,
+    /// What it refers to.
+    pub target: BTarget,
+    /// Addend.
+    pub addend: i64,
+}
+
+/// What a relocation of the patch refers to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum BTarget {
+    /// A place in the patch itself.
+    Section {
+        /// Section index in [`Bundle::sections`].
+        index: usize,
+        /// Offset in it.
+        offset: u64,
+    },
+    /// A symbol of the running process, by name.
+    Symbol {
+        /// Mangled name.
+        name: String,
+    },
+}
+
+/// A function to redirect.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BFunc {
+    /// Mangled name (looked up in the process's symbol table).
+    pub name: String,
+    /// Demangled name, for messages.
+    pub display: String,
+    /// Section of the new code.
+    pub section: usize,
+    /// Offset of the entry in it.
+    pub offset: u64,
+}
+
+/// Demangles a Rust symbol without its hash (`my::path::f`).
+pub fn display_name(mangled: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(mangled))
+}
+
+const R_X86_64_PLT32: u32 = 4;
+
+struct Builder<'a> {
+    set: &'a ObjSet,
+    exe: &'a HashSet<String>,
+    patch: HashSet<String>,
+    placed: HashMap<(usize, usize), usize>,
+    sections: Vec<BSec>,
+    queue: Vec<(usize, usize)>,
+    added: Vec<String>,
+}
+
+impl Builder<'_> {
+    fn place(&mut self, obj: usize, sec: usize) -> Result<usize> {
+        if let Some(&i) = self.placed.get(&(obj, sec)) {
+            return Ok(i);
+        }
+        let o = &self.set.objs[obj];
+        let s = o
+            .sections
+            .get(sec)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                Error::new(
+                    E_WATCH_BAD_BUNDLE,
+                    format!("{}: section {sec} is not loadable", o.path.display()),
+                )
+            })?;
+        if s.kind == SecKind::Tls {
+            return Err(Error::new(
+                E_WATCH_NEW_TLS,
+                format!(
+                    "the new code needs thread-local data the running process does not have ({})",
+                    s.name
+                ),
+            ));
+        }
+        if s.kind == SecKind::Other {
+            return Err(Error::new(
+                E_WATCH_BAD_BUNDLE,
+                format!("the new code refers to the non-loaded section {}", s.name),
+            ));
+        }
+        let function = o.named_in.get(&sec).and_then(|v| {
+            v.iter()
+                .map(|&i| &o.symbols[i])
+                .find(|s| s.kind == SymKind::Func)
+                .map(|s| display_name(&s.name))
+        });
+        let i = self.sections.len();
+        self.sections.push(BSec {
+            name: s.name.clone(),
+            kind: s.kind,
+            align: s.align,
+            size: s.size,
+            hex: hex(&s.data),
+            relocs: Vec::new(),
+            function,
+        });
+        self.placed.insert((obj, sec), i);
+        self.queue.push((obj, sec));
+        Ok(i)
+    }
+
+    fn resolve(
+        &mut self,
+        obj: usize,
+        sym: usize,
+        addend: i64,
+        r_type: u32,
+    ) -> Result<(BTarget, i64)> {
+        if let Some((name, a)) = self.set.named_target(obj, sym, addend) {
+            let here = self.set.defs.get(&name).copied();
+            // The address of a changed function taken as a value (a `fn`
+            // pointer, a vtable entry) is its original entry, whose site
+            // leads to the live generation: a pointer stored by new code
+            // stays valid when this generation is unloaded. Only direct
+            // calls go straight to the new code.
+            if r_type != R_X86_64_PLT32
+                && self.patch.contains(&name)
+                && self.exe.contains(&name)
+                && here.is_some_and(|d| self.set.sym(d).kind == SymKind::Func)
+            {
+                return Ok((BTarget::Symbol { name }, a));
+            }
+            let take = self.patch.contains(&name) || (here.is_some() && !self.exe.contains(&name));
+            if let (true, Some(d)) = (take, here) {
+                let s = self.set.sym(d).clone();
+                if s.kind == SymKind::Tls {
+                    return Err(Error::new(
+                        E_WATCH_NEW_TLS,
+                        format!(
+                            "the new code needs the thread-local {}, which the running process does not have",
+                            display_name(&name)
+                        ),
+                    ));
+                }
+                if !self.patch.contains(&name) && s.kind == SymKind::Func {
+                    self.patch.insert(name.clone());
+                    self.added.push(name.clone());
+                }
+                let sec = s.section.unwrap_or(0);
+                let index = self.place(d.obj, sec)?;
+                return Ok((
+                    BTarget::Section {
+                        index,
+                        offset: s.value,
+                    },
+                    a,
+                ));
+            }
+            return Ok((BTarget::Symbol { name }, a));
+        }
+        let s = self.set.objs[obj].symbols[sym].clone();
+        match s.section {
+            Some(sec) => {
+                let index = self.place(obj, sec)?;
+                Ok((
+                    BTarget::Section {
+                        index,
+                        offset: s.value,
+                    },
+                    addend,
+                ))
+            }
+            None => Ok((BTarget::Symbol { name: s.name }, addend)),
+        }
+    }
+}
+
+/// Builds the patch for `changed` functions of the new build `set`.
+/// `exe` holds the names the running executable defines: a reference to one
+/// of them resolves to the process's copy (state kept); one it lacks comes
+/// along from the new build.
+///
+/// # Errors
+/// `E_WATCH_NEW_TLS`, `E_WATCH_BAD_BUNDLE`.
+pub fn build(
+    set: &ObjSet,
+    changed: &[String],
+    exe: &HashSet<String>,
+    build_id: &str,
+) -> Result<Bundle> {
+    let mut b = Builder {
+        set,
+        exe,
+        patch: changed.iter().cloned().collect(),
+        placed: HashMap::new(),
+        sections: Vec::new(),
+        queue: Vec::new(),
+        added: Vec::new(),
+    };
+    let mut functions = Vec::new();
+    for name in changed {
+        let Some(d) = set.defs.get(name).copied() else {
+            continue;
+        };
+        if !exe.contains(name) {
+            // Not linked into the process (unused there): nothing calls it.
+            continue;
+        }
+        let s = set.sym(d).clone();
+        let section = b.place(d.obj, s.section.unwrap_or(0))?;
+        functions.push(BFunc {
+            name: name.clone(),
+            display: display_name(name),
+            section,
+            offset: s.value,
+        });
+    }
+    while let Some((obj, sec)) = b.queue.pop() {
+        let idx = b.placed[&(obj, sec)];
+        let relocs = set.objs[obj].sections[sec]
+            .as_ref()
+            .map(|s| s.relocs.clone())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(relocs.len());
+        for r in relocs {
+            let (target, addend) = b.resolve(obj, r.sym, r.addend, r.r_type)?;
+            out.push(BRel {
+                offset: r.offset,
+                r_type: r.r_type,
+                target,
+                addend,
+            });
+        }
+        b.sections[idx].relocs = out;
+    }
+    Ok(Bundle {
+        build_id: build_id.to_owned(),
+        sections: b.sections,
+        functions,
+        added: b.added,
+    })
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hex string.
+///
+/// # Errors
+/// `E_WATCH_BAD_BUNDLE` for odd length or a non-hex digit.
+pub fn unhex(s: &str) -> Result<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return Err(Error::new(E_WATCH_BAD_BUNDLE, "odd-length hex"));
+    }
+    let digit = |c: u8| -> Result<u8> {
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| Error::new(E_WATCH_BAD_BUNDLE, "a non-hex digit"))
+    };
+    b.chunks(2)
+        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
