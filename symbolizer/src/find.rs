@@ -84,24 +84,27 @@ pub fn shared() -> &'static Symbolizer {
 /// `None` when none has it.
 ///
 /// # Errors
-/// When no module has it and one could not be searched (its file cannot be
-/// read, ...): the first such error.
+/// When no module has it and the first module could not be searched (its
+/// file cannot be read, ...): that error. Later modules that cannot be
+/// searched (`linux-vdso.so.1` has no file) do not hide "not found".
 pub fn find_in(
     reg: &Registry,
     modules: &[ModuleId],
     symbol: &str,
 ) -> Result<Option<(ModuleId, SymbolAddr)>> {
-    let mut unsearched: Option<Error> = None;
+    let mut first_err: Option<Error> = None;
     for &id in modules {
         match shared().find_symbol(reg, id, symbol) {
             Ok(s) => return Ok(Some((id, s))),
-            Err(e) if is_not_found(&e) => {}
             Err(e) => {
-                unsearched.get_or_insert(e);
+                first_err.get_or_insert(e);
             }
         }
     }
-    unsearched.map_or(Ok(None), Err)
+    match first_err {
+        Some(e) if !is_not_found(&e) => Err(e),
+        _ => Ok(None),
+    }
 }
 
 /// Whether `e` says only that a module lacks the symbol (another module
@@ -151,5 +154,41 @@ mod tests {
                 .any(|m| m.id == by_path[0].id)
         );
         assert!(modules_named(reg, "no-such-module-anywhere").is_empty());
+    }
+
+    #[inline(never)]
+    fn find_me_by_name() -> u32 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn find_in_finds_a_function_and_not_a_missing_one() {
+        assert_eq!(find_me_by_name(), 7);
+        let reg = Registry::global();
+        reg.refresh().expect("refresh");
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        let ids: Vec<ModuleId> = modules_named(reg, &exe.to_string_lossy())
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let (id, s) = find_in(
+            reg,
+            &ids,
+            "hotpatch_symbolizer::find::tests::find_me_by_name",
+        )
+        .expect("searched")
+        .expect("found");
+        assert_eq!(id, ids[0]);
+        assert_eq!(
+            s.addr,
+            crate::RuntimeAddr::of(find_me_by_name as fn() -> u32 as *const ())
+        );
+        assert!(
+            find_in(reg, &ids, "no_such_function_anywhere_at_all")
+                .expect("searched")
+                .is_none()
+        );
+        // Nothing to search: not found, not an error.
+        assert!(find_in(reg, &[], "x").expect("searched").is_none());
     }
 }

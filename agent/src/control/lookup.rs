@@ -121,8 +121,9 @@ impl Control {
                     "the finder returned a module that was not searched",
                 ));
             };
-            // An untyped (`STT_NOTYPE`) symbol: an assembler label or a
-            // linker marker (`__bss_start`), not known to be a function.
+            // An untyped (`STT_NOTYPE`) symbol, which the symbolizer's tables
+            // keep (`func == false`): not known to be a function. Kept as a
+            // guard; no test reaches it yet (see DESIGN-NOTES).
             if !s.symbol.func {
                 return Err(ErrorBody::new(
                     E_AGENT_BAD_SYMBOL,
