@@ -7,7 +7,7 @@ use crate::protocol::{
     Coded, ErrorBody, HeapSnapshotInfo, HeapStartInfo, HeapStats, HeapStopInfo, LeakCheckInfo,
     PayloadHeader, Reply, Request,
 };
-use crate::server::write_reply;
+use crate::wire::write_reply;
 
 /// Most cycles a leak check runs.
 pub const MAX_CYCLES: u32 = 100_000;

@@ -34,6 +34,7 @@ mod profile;
 mod server;
 pub mod sys;
 mod watch;
+mod wire;
 
 pub use control::split_spec;
 pub use error::{E_AGENT_SOCKET, Error, Result};

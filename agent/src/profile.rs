@@ -22,7 +22,7 @@ use crate::protocol::{
     Coded, E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD,
     RawProfileSummary, Reply,
 };
-use crate::server::{Shared, write_reply};
+use crate::wire::write_reply;
 
 /// Set while a session samples (between its start and its stop).
 static SAMPLING: AtomicBool = AtomicBool::new(false);
@@ -30,7 +30,7 @@ static SAMPLING: AtomicBool = AtomicBool::new(false);
 /// Whether a profile is sampling now (for `status`): from the moment the
 /// session started to the moment it stopped, so a module unloaded while
 /// this is seen true is unloaded during the profile.
-pub(crate) fn running(_shared: &Shared) -> bool {
+pub(crate) fn running() -> bool {
     SAMPLING.load(Ordering::SeqCst)
 }
 
@@ -78,7 +78,7 @@ fn send(w: &mut impl Write, outcome: Result<(Reply, Vec<Vec<u8>>), ErrorBody>) -
 }
 
 pub(crate) fn run(
-    shared: &Shared,
+    lock: &Mutex<()>,
     seconds: f64,
     hz: Option<u32>,
     top: Option<usize>,
@@ -86,7 +86,7 @@ pub(crate) fn run(
     w: &mut impl Write,
 ) -> io::Result<()> {
     let outcome = check_args(seconds, hz).and_then(|(d, hz)| {
-        let guard = take(&shared.profile)?;
+        let guard = take(lock)?;
         let r = sample(d, hz, top.unwrap_or(20), flamegraph);
         // Released before anything is written (issue #11, item 7).
         drop(guard);
@@ -96,12 +96,12 @@ pub(crate) fn run(
 }
 
 pub(crate) fn run_raw(
-    shared: &Shared,
+    lock: &Mutex<()>,
     seconds: f64,
     hz: Option<u32>,
     w: &mut impl Write,
 ) -> io::Result<()> {
-    run_raw_locked(&shared.profile, seconds, hz, w)
+    run_raw_locked(lock, seconds, hz, w)
 }
 
 /// `profile_raw` with the profile lock `lock`.

@@ -13,17 +13,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
+pub use crate::control::StatusFn;
 use crate::error::{Error, Result};
 use crate::paths;
 use crate::protocol::{
     self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody,
     Reply, Request,
 };
+use crate::wire::write_reply;
 use hotpatch_sys::cred;
-
-/// The host's status callback: whatever the host wants `hotpatch status` to
-/// show (a request counter, the workers' last results, …).
-pub type StatusFn = dyn Fn() -> serde_json::Value + Send + Sync;
 
 /// Configures and starts an agent. [`crate::start`] is
 /// `Builder::new().start()`.
@@ -352,13 +350,6 @@ fn reply_once(mut conn: &UnixStream, e: ErrorBody) -> io::Result<()> {
     write_reply(&mut conn, &Reply::err(e))
 }
 
-pub(crate) fn write_reply(w: &mut impl Write, reply: &Reply) -> io::Result<()> {
-    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line)?;
-    w.flush()
-}
-
 /// How reading one request line ended.
 enum Line {
     /// A complete line (newline stripped).
@@ -521,10 +512,10 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
             top,
             flamegraph,
         } => {
-            return crate::profile::run(shared, seconds, hz, top, flamegraph, w);
+            return crate::profile::run(&shared.profile, seconds, hz, top, flamegraph, w);
         }
         Request::ProfileRaw { seconds, hz } => {
-            return crate::profile::run_raw(shared, seconds, hz, w);
+            return crate::profile::run_raw(&shared.profile, seconds, hz, w);
         }
         req @ (Request::HeapStart { .. }
         | Request::HeapSnapshot
@@ -532,7 +523,7 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
         req => shared
             .control()
-            .handle(req, shared)
+            .handle(req, shared.started)
             .unwrap_or_else(Reply::err),
     };
     write_reply(w, &reply)

@@ -12,15 +12,19 @@ mod sites;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use hotpatch_loader::{Plugin, Policy};
 use hotpatch_symbolizer::Registry;
 use serde_json::Value;
 
 use crate::protocol::{Coded, ErrorBody, PingInfo, Reply, Request, StatusInfo};
-use crate::server::{Shared, StatusFn};
 
 pub use lookup::split_spec;
+
+/// What the host's `status` closure returns: any JSON value, shown under
+/// `host` by `hotpatch status`.
+pub type StatusFn = dyn Fn() -> serde_json::Value + Send + Sync;
 use sites::SiteEntry;
 
 type Fallible<T> = std::result::Result<T, ErrorBody>;
@@ -82,7 +86,7 @@ impl Control {
         }
     }
 
-    pub(crate) fn handle(&mut self, req: Request, shared: &Shared) -> Fallible<Reply> {
+    pub(crate) fn handle(&mut self, req: Request, started: Instant) -> Fallible<Reply> {
         if self.closed {
             return Err(ErrorBody::new(
                 crate::protocol::E_AGENT_BUSY,
@@ -96,14 +100,14 @@ impl Control {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                uptime_s: shared.started.elapsed().as_secs_f64(),
+                uptime_s: started.elapsed().as_secs_f64(),
             }),
             Request::Status => Reply::typed(&StatusInfo {
                 pid: std::process::id(),
                 host: self.status.as_ref().map_or(Value::Null, |f| f()),
                 plugins: self.plugins.len(),
                 sites: self.sites.len(),
-                profiling: crate::profile::running(shared),
+                profiling: crate::profile::running(),
             }),
             Request::Load { path } => Reply::typed(&self.load(&path)?),
             Request::Unload { name } => Reply::typed(&self.unload(&name)?),
