@@ -130,32 +130,7 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     };
     let unsafe_owner = ownership(path, &meta)?;
 
-    let digest = match &policy.allowlist {
-        None => None,
-        Some(list) => {
-            let actual = Sha256Digest::of_reader(&file).map_err(|e| io_error(path, e))?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            match list.check(&name, actual) {
-                AllowCheck::Allowed => Some(actual),
-                _ if unsafe_owner.is_some() => None,
-                AllowCheck::Tampered(expected) => {
-                    return Err(Error::Integrity {
-                        path: p(),
-                        expected,
-                        actual,
-                    });
-                }
-                AllowCheck::Unknown => return Err(Error::NotAllowed { path: p(), actual }),
-            }
-        }
-    };
-    // An allowlisted digest vouches for the content wherever it lies.
-    if let (Some(e), None) = (unsafe_owner, digest) {
-        return Err(e);
-    }
+    let digest = content(path, &file, policy, unsafe_owner)?;
 
     let cache = ReadCache::new(&file);
     let info = elf::parse(&cache, size, api::SECTION).map_err(|e| match e {
@@ -165,6 +140,9 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     })?;
     let descriptor = read_descriptor(path, &cache, &info)?;
     compare_descriptor(path, &descriptor)?;
+    if let Some(req) = crate::req::read_requirements(path, &file)? {
+        crate::req::check(path, &req, &policy.host)?;
+    }
     for symbol in [
         api::ENTRY_ON_LOAD,
         api::ENTRY_ON_INIT,
@@ -185,12 +163,84 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     })
 }
 
+/// The content checks: allowlist and signature, under the policy's rules
+/// (see [`Policy`]). Returns the digest when it was computed. An allowlisted
+/// digest or a valid trusted signature vouches for the content wherever it
+/// lies, so `unsafe_owner` is only returned when neither does.
+fn content(
+    path: &Path,
+    file: &File,
+    policy: &Policy,
+    unsafe_owner: Option<Error>,
+) -> Result<Option<Sha256Digest>> {
+    let p = || path.to_path_buf();
+    let sig = crate::sign::read_signature(path)?;
+    if policy.allowlist.is_none() && sig.is_none() && !policy.require_signature {
+        return match unsafe_owner {
+            Some(e) => Err(e),
+            None => Ok(None),
+        };
+    }
+    let actual = Sha256Digest::of_reader(file).map_err(|e| io_error(path, e))?;
+    // A present signature is always checked, whatever the policy requires.
+    let signed = match &sig {
+        Some(s) => {
+            crate::sign::verify(path, s, &actual, &policy.trusted)?;
+            true
+        }
+        None => false,
+    };
+    let allow = policy.allowlist.as_ref().map(|list| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        list.check(&name, actual)
+    });
+    let allowed = matches!(allow, Some(AllowCheck::Allowed));
+    let vouched = allowed || signed;
+    let allow_error = || match allow {
+        Some(AllowCheck::Tampered(expected)) => Some(Error::Integrity {
+            path: p(),
+            expected,
+            actual,
+        }),
+        Some(AllowCheck::Unknown) => Some(Error::NotAllowed { path: p(), actual }),
+        _ => None,
+    };
+    let sig_missing = |either: &'static str| Error::SigMissing {
+        path: p(),
+        sig: crate::sign::signature_path(path),
+        either,
+    };
+    if policy.either && policy.require_signature && policy.allowlist.is_some() {
+        if !vouched {
+            return Err(sig_missing(
+                " (or allowlist its SHA-256, which is not listed either)",
+            ));
+        }
+    } else {
+        if policy.require_signature && !signed {
+            return Err(sig_missing(""));
+        }
+        if let Some(e) = allow_error() {
+            // As before signatures: an unsafe location is reported first
+            // when the allowlist does not vouch for the file.
+            return Err(unsafe_owner.unwrap_or(e));
+        }
+    }
+    if let (Some(e), false) = (unsafe_owner, vouched) {
+        return Err(e);
+    }
+    Ok(Some(actual))
+}
+
 /// `E_PLG_UNSAFE_OWNER` when the file, or a directory on its resolved path,
 /// is owned by a user other than root and us, or is a directory others can
 /// write without the sticky bit (as sshd's `StrictModes`): such a user could
 /// replace the plugin between our checks and a later load. `None` when the
 /// path is safe.
-fn ownership(path: &Path, meta: &std::fs::Metadata) -> Result<Option<Error>> {
+pub(crate) fn ownership(path: &Path, meta: &std::fs::Metadata) -> Result<Option<Error>> {
     let me = euid();
     let problem = |culprit: &Path, reason: String| {
         Some(Error::UnsafeOwner {

@@ -138,9 +138,23 @@ pub(crate) enum AllowCheck {
 }
 
 /// How the loader decides whether to load a plugin.
+///
+/// Content rules: a signature file beside the plugin (`PLUGIN.sig`) is
+/// always checked against the trusted keys. [`with_allowlist`] requires an
+/// allowlisted digest, [`require_signature`] a valid signature by a trusted
+/// key; with both, both are required unless [`accept_either`] says one
+/// suffices.
+///
+/// [`with_allowlist`]: Policy::with_allowlist
+/// [`require_signature`]: Policy::require_signature
+/// [`accept_either`]: Policy::accept_either
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub(crate) allowlist: Option<Allowlist>,
+    pub(crate) trusted: Vec<crate::sign::PublicKey>,
+    pub(crate) require_signature: bool,
+    pub(crate) either: bool,
+    pub(crate) host: crate::req::HostManifest,
 }
 
 impl Policy {
@@ -153,6 +167,70 @@ impl Policy {
     pub fn with_allowlist(mut self, allowlist: Allowlist) -> Self {
         self.allowlist = Some(allowlist);
         self
+    }
+
+    /// Trusts signatures made by `key`.
+    pub fn trust_key(mut self, key: crate::sign::PublicKey) -> Self {
+        self.trusted.push(key);
+        self
+    }
+
+    /// Trusts every key in `dir` (see [`read_key_dir`](crate::read_key_dir)
+    /// for the ownership rules it must pass).
+    ///
+    /// # Errors
+    /// As [`read_key_dir`](crate::read_key_dir).
+    pub fn trust_key_dir(mut self, dir: impl AsRef<Path>) -> crate::Result<Self> {
+        self.trusted.extend(crate::sign::read_key_dir(dir)?);
+        Ok(self)
+    }
+
+    /// Trusts every key in `$XDG_CONFIG_HOME/hotpatch/trusted-keys/`
+    /// ([`default_key_dir`](crate::default_key_dir)); none when it does not
+    /// exist.
+    ///
+    /// # Errors
+    /// As [`read_key_dir`](crate::read_key_dir).
+    pub fn trust_default_key_dir(self) -> crate::Result<Self> {
+        match crate::sign::default_key_dir() {
+            Some(d) => self.trust_key_dir(d),
+            None => Ok(self),
+        }
+    }
+
+    /// The keys trusted so far.
+    pub fn trusted_keys(&self) -> &[crate::sign::PublicKey] {
+        &self.trusted
+    }
+
+    /// Requires a valid signature by a trusted key (`E_PLG_SIG_MISSING`
+    /// without one).
+    pub fn require_signature(mut self) -> Self {
+        self.require_signature = true;
+        self
+    }
+
+    /// With both an allowlist and [`require_signature`](Self::require_signature):
+    /// a file passes when it is allowlisted *or* validly signed. A signature
+    /// that is present is still checked (a bad one is refused even for an
+    /// allowlisted file).
+    pub fn accept_either(mut self) -> Self {
+        self.either = true;
+        self
+    }
+
+    /// The host's API version and shared crates, which plugins'
+    /// requirements are checked against (default: API
+    /// [`HOST_API_VERSION`](crate::plugin_api::HOST_API_VERSION), no shared
+    /// crates recorded).
+    pub fn with_host(mut self, host: crate::req::HostManifest) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The host manifest in force.
+    pub fn host(&self) -> &crate::req::HostManifest {
+        &self.host
     }
 }
 
