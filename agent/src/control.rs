@@ -204,9 +204,10 @@ impl Control {
             | Request::HeapStart { .. }
             | Request::HeapSnapshot
             | Request::HeapStop
-            | Request::LeakCheck { .. } => Err(ErrorBody::new(
+            | Request::LeakCheck { .. }
+            | Request::Stats => Err(ErrorBody::new(
                 crate::protocol::E_AGENT_INTERNAL,
-                "profile and heap commands are dispatched separately",
+                "profile, heap and stats commands are dispatched separately",
             )),
         }
     }
@@ -750,10 +751,17 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         | Request::HeapSnapshot
         | Request::HeapStop
         | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
-        req => match shared.control().handle(req, shared) {
-            Ok(v) => Reply::ok(v),
-            Err(e) => Reply::err(e),
-        },
+        Request::Stats => Reply::ok(crate::stats::reply()),
+        req => {
+            let op = crate::stats::SiteOp::of(&req);
+            match shared.control().handle(req, shared) {
+                Ok(v) => {
+                    crate::stats::observe(op, &v);
+                    Reply::ok(v)
+                }
+                Err(e) => Reply::err(e),
+            }
+        }
     };
     write_reply(w, &reply)
 }

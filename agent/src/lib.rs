@@ -34,6 +34,7 @@ pub mod paths;
 mod profile;
 pub mod protocol;
 mod server;
+mod stats;
 pub mod sys;
 
 pub use control::split_spec;

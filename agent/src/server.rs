@@ -102,12 +102,32 @@ impl Builder {
         self
     }
 
+    /// Trusts plugin signatures by `key` (in addition to the keys in
+    /// `$XDG_CONFIG_HOME/hotpatch/trusted-keys/`, read at [`start`](Self::start)).
+    pub fn trusted_key(mut self, key: hotpatch_loader::PublicKey) -> Self {
+        self.policy = self.policy.trust_key(key);
+        self
+    }
+
     /// Creates the socket and starts serving on a background thread.
+    ///
+    /// The keys in `$XDG_CONFIG_HOME/hotpatch/trusted-keys/` are added to the
+    /// policy's trusted keys. A directory that fails the loader's ownership
+    /// rules (another user could write it) contributes no key, and a warning
+    /// is logged: signatures by its keys are then refused as untrusted.
     ///
     /// # Errors
     /// `E_AGENT_SOCKET` when the directory or the socket cannot be set up
     /// (e.g. the directory belongs to another user).
-    pub fn start(self) -> Result<Agent> {
+    pub fn start(mut self) -> Result<Agent> {
+        match self.policy.clone().trust_default_key_dir() {
+            Ok(p) => self.policy = p,
+            Err(e) => tracing::warn!(
+                target: hotpatch_loader::TARGET,
+                code = e.code(),
+                "not trusting the keys of the trusted-keys directory: {e}"
+            ),
+        }
         let dir = self.dir.clone().unwrap_or_else(paths::socket_dir);
         paths::ensure_private_dir(&dir).map_err(|source| Error::Socket {
             what: "prepare the socket directory",

@@ -62,6 +62,7 @@ mod plugin;
 mod policy;
 mod req;
 mod sign;
+pub mod stats;
 mod symbol;
 
 pub use elf::TlsSegment;
