@@ -6,9 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use hotpatch_plugin_api as api;
+use object::elf::FileHeader64;
 use object::read::ReadCache;
-use object::read::elf::{ElfFile64, FileHeader as _};
-use object::{Object as _, ObjectSection as _};
+use object::read::elf::{FileHeader as _, SectionHeader as _};
 
 use crate::error::{Error, Result};
 
@@ -189,31 +189,37 @@ impl HostManifest {
 }
 
 /// Reads the section `name` of the ELF file open as `file`: `Ok(None)` when
-/// it has none.
+/// it has none. Only the header, the section table and that section are
+/// read (not the symbol tables).
 pub(crate) fn read_section(
     path: &Path,
     file: &std::fs::File,
     name: &str,
 ) -> Result<Option<Vec<u8>>> {
     let cache = ReadCache::new(file);
-    let elf = ElfFile64::<object::Endianness, _>::parse(&cache).map_err(|e| Error::NotElf {
+    let not_elf = |e: object::read::Error| Error::NotElf {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    let _ = elf.elf_header().e_type(elf.endian());
-    let Some(section) = elf.section_by_name(name) else {
+    };
+    let header = FileHeader64::<object::Endianness>::parse(&cache).map_err(not_elf)?;
+    let endian = header.endian().map_err(not_elf)?;
+    let sections = header.sections(endian, &cache).map_err(not_elf)?;
+    let Some((_, section)) = sections.section_by_name(endian, name.as_bytes()) else {
         return Ok(None);
     };
-    if section.size() > MAX_SECTION {
+    let size = section.sh_size(endian);
+    if size > MAX_SECTION {
         return Err(Error::ReqMalformed {
             path: path.to_path_buf(),
-            reason: format!("section {name} is {} bytes", section.size()),
+            reason: format!("section {name} is {size} bytes"),
         });
     }
-    let data = section.data().map_err(|e| Error::ReqMalformed {
-        path: path.to_path_buf(),
-        reason: format!("section {name} cannot be read: {e}"),
-    })?;
+    let data = section
+        .data(endian, &cache)
+        .map_err(|_| Error::ReqMalformed {
+            path: path.to_path_buf(),
+            reason: format!("section {name} lies outside the file"),
+        })?;
     Ok(Some(data.to_vec()))
 }
 
@@ -292,7 +298,7 @@ impl DriftTable {
 
 fn describe(c: &SharedCrate) -> String {
     match &c.checksum {
-        Some(s) => format!("{} ({})", c.version, &s[..s.len().min(12)]),
+        Some(s) => format!("{} ({})", c.version, s.chars().take(12).collect::<String>()),
         None => c.version.clone(),
     }
 }
