@@ -163,7 +163,8 @@ fn prometheus(map: &BTreeMap<String, SiteFigures>, now: Instant) -> String {
     let mut e = Exposition::new();
     hotpatch_loader::stats::write_prometheus(&mut e);
     let ids: Vec<(String, &SiteFigures)> = map.values().map(|f| (f.id.to_string(), f)).collect();
-    let counters: [(&str, &str, fn(&SiteFigures) -> u64); 5] = [
+    type Counter = (&'static str, &'static str, fn(&SiteFigures) -> u64);
+    let counters: [Counter; 5] = [
         (
             "hotpatch_site_installs_total",
             "Patch sites installed.",
