@@ -120,6 +120,40 @@ fn stats_prometheus_from_a_live_process_parses() {
     let json: serde_json::Value =
         serde_json::from_slice(&ok(s.run(&["stats", "--json"])).stdout).expect("json");
     assert!(json.get("prometheus").is_none(), "{json}");
+    let plugin = json["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .find(|p| p["path"] == v1)
+        .unwrap_or_else(|| panic!("no figures for {v1}: {json}"));
+    assert_eq!(plugin["name"], "pricing-v1");
+    assert_eq!(plugin["loads"], 1);
+    assert_eq!(plugin["failures"]["E_PLG_ALREADY_LOADED"], 1);
+    assert_eq!(plugin["success_rate"], 0.5);
+    assert_eq!(plugin["state"], "loaded");
+    let p50 = plugin["load_seconds_p50"].as_f64().expect("p50");
+    let p99 = plugin["load_seconds_p99"].as_f64().expect("p99");
+    assert!(p50 > 0.0 && p99 >= p50, "{plugin}");
+    let site = json["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .find(|x| x["name"] == "demo_price")
+        .unwrap_or_else(|| panic!("no site figures: {json}"));
+    for (k, n) in [
+        ("installs", 1),
+        ("disables", 1),
+        ("enables", 1),
+        ("reverts", 1),
+        ("swaps", 0),
+    ] {
+        assert_eq!(site[k], n, "{k}: {site}");
+    }
+    assert_eq!(site["state"], "reverted");
+    assert!(
+        site["enabled_seconds"].as_f64().expect("seconds") > 0.0,
+        "{site}"
+    );
     let prom = stdout(&ok(s.run(&["stats", "--prometheus"])));
     let scrape = Scrape::parse(prom.lines().map(|l| Ok(l.to_owned()))).expect("parses");
     let value = |name: &str, want: &[(&str, &str)]| -> f64 {
