@@ -111,6 +111,10 @@ impl Builder {
 
     /// Creates the socket and starts serving on a background thread.
     ///
+    /// When the policy names no host (`Policy::with_host`), the host facts
+    /// come from this executable's `.hotpatch_host` section
+    /// (`hotpatch_plugin_api::declare_host!`), if it has one.
+    ///
     /// The keys in `$XDG_CONFIG_HOME/hotpatch/trusted-keys/` are added to the
     /// policy's trusted keys. A directory that fails the loader's ownership
     /// rules (another user could write it) contributes no key, and a warning
@@ -120,6 +124,20 @@ impl Builder {
     /// `E_AGENT_SOCKET` when the directory or the socket cannot be set up
     /// (e.g. the directory belongs to another user).
     pub fn start(mut self) -> Result<Agent> {
+        // A host built with `declare_host!` carries its API version and
+        // shared crates in `.hotpatch_host`: plugins are checked against
+        // them unless the builder's policy named a host itself.
+        if *self.policy.host() == hotpatch_loader::HostManifest::default() {
+            match hotpatch_loader::HostManifest::from_elf("/proc/self/exe") {
+                Ok(Some(m)) => self.policy = self.policy.with_host(m),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    target: hotpatch_loader::TARGET,
+                    code = e.code(),
+                    "ignoring this executable's .hotpatch_host: {e}"
+                ),
+            }
+        }
         match self.policy.clone().trust_default_key_dir() {
             Ok(p) => self.policy = p,
             Err(e) => tracing::warn!(

@@ -238,6 +238,23 @@ pub fn sign_file(plugin: impl AsRef<Path>, key: &SecretKey) -> std::io::Result<P
     Ok(out)
 }
 
+/// Opens `path` for reading without blocking (a FIFO planted where a
+/// signature or key is expected must not hang the host) and refuses
+/// anything but a regular file.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 fn io(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
@@ -246,7 +263,16 @@ fn io(path: &Path, source: std::io::Error) -> Error {
 }
 
 fn read_small(path: &Path) -> Result<String> {
-    let f = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    let f = open_regular(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            Error::KeyMalformed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        } else {
+            io(path, e)
+        }
+    })?;
     let mut bytes = Vec::new();
     f.take(MAX_SMALL_FILE + 1)
         .read_to_end(&mut bytes)
@@ -278,9 +304,12 @@ pub(crate) fn read_signature(plugin: &Path) -> Result<Option<SigFile>> {
         sig: path.clone(),
         reason,
     };
-    let f = match std::fs::File::open(&path) {
+    let f = match open_regular(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(malformed(e.to_string()));
+        }
         Err(e) => return Err(io(&path, e)),
     };
     let mut bytes = Vec::new();

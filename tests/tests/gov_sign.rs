@@ -126,6 +126,31 @@ fn malformed_signature_files_are_refused() {
 }
 
 #[test]
+fn a_fifo_or_directory_as_signature_is_malformed_not_a_hang() {
+    let _g = serial();
+    let dir = TempDir::new("gov-fifo");
+    let so = copy_plugin(&gov_plugin(), &dir, "libgov_fifo.so");
+    let sig = signature_path(&so);
+    let c = std::ffi::CString::new(sig.to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: `c` is a valid NUL-terminated path for the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+    let policy = Policy::new().trust_key(key(1).public());
+    refused(&so, &policy, "E_PLG_SIG_MALFORMED");
+    std::fs::remove_file(&sig).expect("rm fifo");
+    std::fs::create_dir(&sig).expect("mkdir");
+    refused(&so, &policy, "E_PLG_SIG_MALFORMED");
+    // A FIFO among the trusted keys is refused too, without blocking.
+    let keys = dir.join("keys");
+    std::fs::create_dir(&keys).expect("mkdir");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let c = std::ffi::CString::new(keys.join("k.pub").to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+    let e = read_key_dir(&keys).expect_err("fifo key");
+    assert_eq!(e.code(), "E_PLG_KEY_MALFORMED", "{e}");
+}
+
+#[test]
 fn allowlisted_or_signed_when_either_is_accepted() {
     let _g = serial();
     let dir = TempDir::new("gov-either");
