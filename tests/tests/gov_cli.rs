@@ -95,6 +95,62 @@ fn check_plugin_prints_the_drift_table_and_fails_with_its_code() {
 }
 
 #[test]
+fn an_agent_in_a_declared_host_refuses_a_drifted_plugin() {
+    use std::io::BufRead as _;
+    let b = bins();
+    let host = gov_host();
+    let drift = drift_plugin();
+    let dir = TempDir::new("gov-cli-host");
+    let run = dir.join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let mut child = std::process::Command::new(&host)
+        .arg("serve")
+        .env("XDG_RUNTIME_DIR", &run)
+        .env("TMPDIR", &run)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gov-host serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let socket = line
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("gov-host said {line:?}"))
+        .to_owned();
+    let load = |so: &std::path::Path| {
+        std::process::Command::new(&b.hotpatch)
+            .args(["load", so.to_str().expect("utf-8"), "--socket", &socket])
+            .env("XDG_RUNTIME_DIR", &run)
+            .env("TMPDIR", &run)
+            .output()
+            .expect("hotpatch load")
+    };
+    let bad = copy_plugin(&drift, &dir, "libgov_drift_host.so");
+    let o = load(&bad);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("E_PLG_DEP_DRIFT") && err.contains("2.0.0"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !gov_common::marker(&bad).exists(),
+        "the drifted plugin ran code"
+    );
+    let good = copy_plugin(&gov_plugin(), &dir, "libgov_good_host.so");
+    ok(load(&good));
+    assert!(gov_common::marker(&good).exists());
+    drop(child.stdin.take());
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "gov-host exited with {st}");
+}
+
+#[test]
 fn stats_prometheus_from_a_live_process_parses() {
     let s = Serve::start();
     let v1 = s.bins.plugin("pricing-v1");
