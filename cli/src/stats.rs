@@ -22,7 +22,7 @@ pub struct Args {
 
 /// Runs `hotpatch stats`.
 pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
-    let v = super::remote::call(&a.conn, a.json, &Request::Stats)?;
+    let v: serde_json::Value = super::remote::call(&a.conn, a.json, &Request::Stats)?;
     let io = |e: std::io::Error| Failure::io(&e);
     if a.prometheus {
         return write!(out, "{}", v["prometheus"].as_str().unwrap_or("")).map_err(io);
