@@ -14,7 +14,8 @@ use object::ReadRef as _;
 use object::read::ReadCache;
 
 use crate::elf::{self, ElfError, ElfInfo};
-use crate::error::{Error, Result, ShortPath};
+use crate::error::{Error, Result};
+use crate::owner::{euid, io_error, ownership};
 use crate::policy::{AllowCheck, Policy, Sha256Digest};
 
 /// Identity of a file: `(st_dev, st_ino)`.
@@ -41,31 +42,6 @@ pub(crate) struct Checked {
 /// hours. A bigger file is refused with `E_PLG_TOO_LARGE` before any byte of
 /// it is read.
 pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
-
-fn is_path_error(e: &std::io::Error) -> bool {
-    e.kind() == ErrorKind::InvalidInput
-        || matches!(e.raw_os_error(), Some(libc::ENAMETOOLONG | libc::ELOOP))
-}
-
-/// `E_PLG_BAD_PATH` for an error about the path, else `E_PLG_IO`.
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    if is_path_error(&e) {
-        Error::BadPath {
-            path: ShortPath(path.to_path_buf()),
-            source: e,
-        }
-    } else {
-        Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    }
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
 
 /// Runs the checks in the crate docs' order: file, integrity, ELF, descriptor,
 /// entry points.
@@ -233,47 +209,6 @@ fn content(
         return Err(e);
     }
     Ok(Some(actual))
-}
-
-/// `E_PLG_UNSAFE_OWNER` when the file, or a directory on its resolved path,
-/// is owned by a user other than root and us, or is a directory others can
-/// write without the sticky bit (as sshd's `StrictModes`): such a user could
-/// replace the plugin between our checks and a later load. `None` when the
-/// path is safe.
-pub(crate) fn ownership(path: &Path, meta: &std::fs::Metadata) -> Result<Option<Error>> {
-    let me = euid();
-    let problem = |culprit: &Path, reason: String| {
-        Some(Error::UnsafeOwner {
-            path: path.to_path_buf(),
-            culprit: ShortPath(culprit.to_path_buf()),
-            reason,
-            euid: me,
-        })
-    };
-    let trusted = |uid: u32| uid == 0 || uid == me;
-    if !trusted(meta.uid()) {
-        return Ok(problem(path, format!("owned by uid {}", meta.uid())));
-    }
-    let real = std::fs::canonicalize(path).map_err(|e| io_error(path, e))?;
-    for dir in real.ancestors().skip(1) {
-        let m = std::fs::metadata(dir).map_err(|e| io_error(path, e))?;
-        if !trusted(m.uid()) {
-            return Ok(problem(
-                dir,
-                format!("a directory owned by uid {}", m.uid()),
-            ));
-        }
-        let mode = m.mode() & 0o7777;
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Ok(problem(
-                dir,
-                format!(
-                    "a directory writable by group or others without the sticky bit (mode {mode:o})"
-                ),
-            ));
-        }
-    }
-    Ok(None)
 }
 
 fn read_descriptor(path: &Path, file: &ReadCache<&File>, info: &ElfInfo) -> Result<AbiDescriptor> {

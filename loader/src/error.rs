@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::policy::Sha256Digest;
+use crate::digest::Sha256Digest;
 
 /// The policy requires a signature; the plugin has none.
 pub const E_PLG_SIG_MISSING: &str = "E_PLG_SIG_MISSING";
@@ -378,7 +378,7 @@ pub enum Error {
         /// The path given to `load`.
         path: PathBuf,
         /// The crates that differ.
-        table: crate::req::DriftTable,
+        table: crate::drift::DriftTable,
     },
     /// Reading the file failed for another reason.
     #[error("{path}: I/O error while reading the plugin: {source}; check the disk and retry")]

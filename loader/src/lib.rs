@@ -53,11 +53,14 @@
 mod checks;
 pub use checks::MAX_PLUGIN_SIZE;
 mod classify;
+mod digest;
 mod dl;
+mod drift;
 mod elf;
 mod error;
 mod event;
 mod host;
+mod owner;
 mod plugin;
 mod policy;
 mod req;
@@ -65,6 +68,7 @@ mod sign;
 pub mod stats;
 mod symbol;
 
+pub use drift::{DriftRow, DriftTable, SharedCrate};
 pub use elf::TlsSegment;
 pub use error::{
     E_PLG_DEP_DRIFT, E_PLG_HOST_VERSION, E_PLG_KEY_MALFORMED, E_PLG_REQ_MALFORMED,
@@ -75,8 +79,6 @@ pub use event::TARGET;
 pub use hotpatch_plugin_api as plugin_api;
 pub use plugin::{Plugin, Refused, RetainReason, TlsInfo, UnloadOutcome, Unloaded, load};
 pub use policy::{Allowlist, Policy, Sha256Digest};
-pub use req::{
-    DriftRow, DriftTable, HostManifest, PluginReport, Requirements, SharedCrate, check_plugin,
-};
+pub use req::{HostManifest, PluginReport, Requirements, check_plugin};
 pub use sign::{PublicKey, SecretKey, default_key_dir, read_key_dir, sign_file, signature_path};
 pub use symbol::{PluginFn, Symbol};

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 
+use crate::digest::Sha256Digest;
 use crate::error::{Error, Result};
-use crate::policy::Sha256Digest;
 
 const SIG_MAGIC: &str = "hotpatch-signature v1";
 const SECRET_MAGIC: &str = "hotpatch-secret-key v1";
@@ -402,7 +402,7 @@ pub fn read_key_dir(dir: impl AsRef<Path>) -> Result<Vec<PublicKey>> {
             mode,
         });
     }
-    if let Some(e) = crate::checks::ownership(dir, &meta)? {
+    if let Some(e) = crate::owner::ownership(dir, &meta)? {
         return Err(e);
     }
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -418,7 +418,7 @@ pub fn read_key_dir(dir: impl AsRef<Path>) -> Result<Vec<PublicKey>> {
         if mode & 0o022 != 0 {
             return Err(Error::WritableByOthers { path: p, mode });
         }
-        if let Some(e) = crate::checks::ownership(&p, &m)? {
+        if let Some(e) = crate::owner::ownership(&p, &m)? {
             return Err(e);
         }
         keys.push(PublicKey::read_file(&p)?);
