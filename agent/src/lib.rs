@@ -32,6 +32,7 @@ mod error;
 mod heap;
 mod profile;
 mod server;
+mod stats;
 pub mod sys;
 mod watch;
 mod wire;

@@ -101,12 +101,50 @@ impl Builder {
         self
     }
 
+    /// Trusts plugin signatures by `key` (in addition to the keys in
+    /// `$XDG_CONFIG_HOME/hotpatch/trusted-keys/`, read at [`start`](Self::start)).
+    pub fn trusted_key(mut self, key: hotpatch_loader::PublicKey) -> Self {
+        self.policy = self.policy.trust_key(key);
+        self
+    }
+
     /// Creates the socket and starts serving on a background thread.
+    ///
+    /// When the policy names no host (`Policy::with_host`), the host facts
+    /// come from this executable's `.hotpatch_host` section
+    /// (`hotpatch_plugin_api::declare_host!`), if it has one.
+    ///
+    /// The keys in `$XDG_CONFIG_HOME/hotpatch/trusted-keys/` are added to the
+    /// policy's trusted keys. A directory that fails the loader's ownership
+    /// rules (another user could write it) contributes no key, and a warning
+    /// is logged: signatures by its keys are then refused as untrusted.
     ///
     /// # Errors
     /// `E_AGENT_SOCKET` when the directory or the socket cannot be set up
     /// (e.g. the directory belongs to another user).
-    pub fn start(self) -> Result<Agent> {
+    pub fn start(mut self) -> Result<Agent> {
+        // A host built with `declare_host!` carries its API version and
+        // shared crates in `.hotpatch_host`: plugins are checked against
+        // them unless the builder's policy named a host itself.
+        if *self.policy.host() == hotpatch_loader::HostManifest::default() {
+            match hotpatch_loader::HostManifest::from_elf("/proc/self/exe") {
+                Ok(Some(m)) => self.policy = self.policy.with_host(m),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    target: hotpatch_loader::TARGET,
+                    code = e.code(),
+                    "ignoring this executable's .hotpatch_host: {e}"
+                ),
+            }
+        }
+        match self.policy.clone().trust_default_key_dir() {
+            Ok(p) => self.policy = p,
+            Err(e) => tracing::warn!(
+                target: hotpatch_loader::TARGET,
+                code = e.code(),
+                "not trusting the keys of the trusted-keys directory: {e}"
+            ),
+        }
         let dir = self.dir.clone().unwrap_or_else(paths::socket_dir);
         paths::ensure_private_dir(&dir).map_err(|source| Error::Socket {
             what: "prepare the socket directory",
@@ -521,10 +559,18 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         | Request::HeapSnapshot
         | Request::HeapStop
         | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
-        req => shared
-            .control()
-            .handle(req, shared.started)
-            .unwrap_or_else(Reply::err),
+        Request::Stats => Reply::ok(crate::stats::reply()),
+        req => {
+            let op = crate::stats::SiteOp::of(&req);
+            let r = shared
+                .control()
+                .handle(req, shared.started)
+                .unwrap_or_else(Reply::err);
+            if let (true, Some(v)) = (r.ok, r.result.as_ref()) {
+                crate::stats::observe(op, v);
+            }
+            r
+        }
     };
     write_reply(w, &reply)
 }

@@ -6,13 +6,17 @@
 //! `--json`, the error object on stdout; 2 for usage errors and offline
 //! failures of `symbolize`.
 
+pub mod check_plugin;
 pub mod client;
 mod error;
 pub mod heap;
 pub mod inspect;
+pub mod keygen;
 pub mod profile;
 pub mod ps;
 pub mod remote;
+pub mod sign;
+pub mod stats;
 pub mod symbolize;
 pub mod watch;
 
@@ -93,6 +97,17 @@ pub enum Command {
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
+    /// Make an Ed25519 key pair for signing plugins (KEY, mode 0600, and
+    /// KEY.pub for the trusted-keys directory).
+    Keygen(keygen::Args),
+    /// Sign a plugin: writes the detached signature PLUGIN.sig.
+    Sign(sign::Args),
+    /// Compare a plugin's requirements (host-API range, shared crates) with
+    /// a host executable, offline; exit 1 when the host would refuse it.
+    CheckPlugin(check_plugin::Args),
+    /// Health figures: per plugin (loads, failures by code, success rate,
+    /// load-time p50/p99, state) and per patch site.
+    Stats(stats::Args),
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -124,6 +139,10 @@ pub fn run(cli: Cli) -> i32 {
         Command::Heap(a) => heap::run(&a, &mut out),
         Command::LeakCheck(a) => heap::leak_check(&a, &mut out),
         Command::Watch(a) => watch::run(&a, &mut out),
+        Command::Keygen(a) => keygen::run(&a, &mut out),
+        Command::Sign(a) => sign::run(&a, &mut out),
+        Command::CheckPlugin(a) => check_plugin::run(&a, &mut out),
+        Command::Stats(a) => stats::run(&a, &mut out),
     };
     match result {
         Ok(()) => 0,

@@ -14,7 +14,8 @@ use object::ReadRef as _;
 use object::read::ReadCache;
 
 use crate::elf::{self, ElfError, ElfInfo};
-use crate::error::{Error, Result, ShortPath};
+use crate::error::{Error, Result};
+use crate::owner::{euid, io_error, ownership};
 use crate::policy::{AllowCheck, Policy, Sha256Digest};
 
 /// Identity of a file: `(st_dev, st_ino)`.
@@ -41,31 +42,6 @@ pub(crate) struct Checked {
 /// hours. A bigger file is refused with `E_PLG_TOO_LARGE` before any byte of
 /// it is read.
 pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
-
-fn is_path_error(e: &std::io::Error) -> bool {
-    e.kind() == ErrorKind::InvalidInput
-        || matches!(e.raw_os_error(), Some(libc::ENAMETOOLONG | libc::ELOOP))
-}
-
-/// `E_PLG_BAD_PATH` for an error about the path, else `E_PLG_IO`.
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    if is_path_error(&e) {
-        Error::BadPath {
-            path: ShortPath(path.to_path_buf()),
-            source: e,
-        }
-    } else {
-        Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    }
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
 
 /// Runs the checks in the crate docs' order: file, integrity, ELF, descriptor,
 /// entry points.
@@ -130,32 +106,7 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     };
     let unsafe_owner = ownership(path, &meta)?;
 
-    let digest = match &policy.allowlist {
-        None => None,
-        Some(list) => {
-            let actual = Sha256Digest::of_reader(&file).map_err(|e| io_error(path, e))?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            match list.check(&name, actual) {
-                AllowCheck::Allowed => Some(actual),
-                _ if unsafe_owner.is_some() => None,
-                AllowCheck::Tampered(expected) => {
-                    return Err(Error::Integrity {
-                        path: p(),
-                        expected,
-                        actual,
-                    });
-                }
-                AllowCheck::Unknown => return Err(Error::NotAllowed { path: p(), actual }),
-            }
-        }
-    };
-    // An allowlisted digest vouches for the content wherever it lies.
-    if let (Some(e), None) = (unsafe_owner, digest) {
-        return Err(e);
-    }
+    let digest = content(path, &file, policy, unsafe_owner)?;
 
     let cache = ReadCache::new(&file);
     let info = elf::parse(&cache, size, api::SECTION).map_err(|e| match e {
@@ -165,6 +116,9 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     })?;
     let descriptor = read_descriptor(path, &cache, &info)?;
     compare_descriptor(path, &descriptor)?;
+    if let Some(req) = crate::req::read_requirements(path, &file)? {
+        crate::req::check(path, &req, &policy.host)?;
+    }
     for symbol in [
         api::ENTRY_ON_LOAD,
         api::ENTRY_ON_INIT,
@@ -185,45 +139,76 @@ pub(crate) fn check(path: &Path, policy: &Policy) -> Result<Checked> {
     })
 }
 
-/// `E_PLG_UNSAFE_OWNER` when the file, or a directory on its resolved path,
-/// is owned by a user other than root and us, or is a directory others can
-/// write without the sticky bit (as sshd's `StrictModes`): such a user could
-/// replace the plugin between our checks and a later load. `None` when the
-/// path is safe.
-fn ownership(path: &Path, meta: &std::fs::Metadata) -> Result<Option<Error>> {
-    let me = euid();
-    let problem = |culprit: &Path, reason: String| {
-        Some(Error::UnsafeOwner {
-            path: path.to_path_buf(),
-            culprit: ShortPath(culprit.to_path_buf()),
-            reason,
-            euid: me,
-        })
+/// The content checks: allowlist and signature, under the policy's rules
+/// (see [`Policy`]). Returns the digest when it was computed. An allowlisted
+/// digest or a valid trusted signature vouches for the content wherever it
+/// lies, so `unsafe_owner` is only returned when neither does.
+fn content(
+    path: &Path,
+    file: &File,
+    policy: &Policy,
+    unsafe_owner: Option<Error>,
+) -> Result<Option<Sha256Digest>> {
+    let p = || path.to_path_buf();
+    let sig = crate::sign::read_signature(path)?;
+    if policy.allowlist.is_none() && sig.is_none() && !policy.require_signature {
+        return match unsafe_owner {
+            Some(e) => Err(e),
+            None => Ok(None),
+        };
+    }
+    let actual = Sha256Digest::of_reader(file).map_err(|e| io_error(path, e))?;
+    // A present signature is always checked, whatever the policy requires.
+    let signed = match &sig {
+        Some(s) => {
+            crate::sign::verify(path, s, &actual, &policy.trusted)?;
+            true
+        }
+        None => false,
     };
-    let trusted = |uid: u32| uid == 0 || uid == me;
-    if !trusted(meta.uid()) {
-        return Ok(problem(path, format!("owned by uid {}", meta.uid())));
-    }
-    let real = std::fs::canonicalize(path).map_err(|e| io_error(path, e))?;
-    for dir in real.ancestors().skip(1) {
-        let m = std::fs::metadata(dir).map_err(|e| io_error(path, e))?;
-        if !trusted(m.uid()) {
-            return Ok(problem(
-                dir,
-                format!("a directory owned by uid {}", m.uid()),
+    let allow = policy.allowlist.as_ref().map(|list| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        list.check(&name, actual)
+    });
+    let allowed = matches!(allow, Some(AllowCheck::Allowed));
+    let vouched = allowed || signed;
+    let allow_error = || match allow {
+        Some(AllowCheck::Tampered(expected)) => Some(Error::Integrity {
+            path: p(),
+            expected,
+            actual,
+        }),
+        Some(AllowCheck::Unknown) => Some(Error::NotAllowed { path: p(), actual }),
+        _ => None,
+    };
+    let sig_missing = |either: &'static str| Error::SigMissing {
+        path: p(),
+        sig: crate::sign::signature_path(path),
+        either,
+    };
+    if policy.either && policy.require_signature && policy.allowlist.is_some() {
+        if !vouched {
+            return Err(sig_missing(
+                " (or allowlist its SHA-256, which is not listed either)",
             ));
         }
-        let mode = m.mode() & 0o7777;
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Ok(problem(
-                dir,
-                format!(
-                    "a directory writable by group or others without the sticky bit (mode {mode:o})"
-                ),
-            ));
+    } else {
+        if policy.require_signature && !signed {
+            return Err(sig_missing(""));
+        }
+        if let Some(e) = allow_error() {
+            // As before signatures: an unsafe location is reported first
+            // when the allowlist does not vouch for the file.
+            return Err(unsafe_owner.unwrap_or(e));
         }
     }
-    Ok(None)
+    if let (Some(e), false) = (unsafe_owner, vouched) {
+        return Err(e);
+    }
+    Ok(Some(actual))
 }
 
 fn read_descriptor(path: &Path, file: &ReadCache<&File>, info: &ElfInfo) -> Result<AbiDescriptor> {

@@ -3,7 +3,24 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::policy::Sha256Digest;
+use crate::digest::Sha256Digest;
+
+/// The policy requires a signature; the plugin has none.
+pub const E_PLG_SIG_MISSING: &str = "E_PLG_SIG_MISSING";
+/// `PLUGIN.sig` is not a hotpatch signature.
+pub const E_PLG_SIG_MALFORMED: &str = "E_PLG_SIG_MALFORMED";
+/// A trusted key's signature does not match the file.
+pub const E_PLG_SIG_INVALID: &str = "E_PLG_SIG_INVALID";
+/// The signing key is not trusted.
+pub const E_PLG_SIG_UNTRUSTED_KEY: &str = "E_PLG_SIG_UNTRUSTED_KEY";
+/// A key file cannot be used.
+pub const E_PLG_KEY_MALFORMED: &str = "E_PLG_KEY_MALFORMED";
+/// The host-API version is outside the plugin's range.
+pub const E_PLG_HOST_VERSION: &str = "E_PLG_HOST_VERSION";
+/// The plugin's `.hotpatch_req` section is malformed.
+pub const E_PLG_REQ_MALFORMED: &str = "E_PLG_REQ_MALFORMED";
+/// A shared crate's version differs between host and plugin.
+pub const E_PLG_DEP_DRIFT: &str = "E_PLG_DEP_DRIFT";
 
 /// A specialized `Result` for the loader.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -277,6 +294,92 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The policy requires a signature and there is no `PLUGIN.sig` beside
+    /// the plugin.
+    #[error(
+        "{path}: unsigned: no signature file {sig}, and the policy requires one; sign it with `hotpatch sign {path} --key KEY`{either}"
+    )]
+    SigMissing {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// Where the signature was looked for.
+        sig: PathBuf,
+        /// Extra text when an allowlisted digest would also have done.
+        either: &'static str,
+    },
+    /// The signature file is not a hotpatch signature.
+    #[error("{path}: signature file {sig} is malformed: {reason}; sign the plugin again")]
+    SigMalformed {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The signature file.
+        sig: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The signature was made by a trusted key but does not match the file.
+    #[error(
+        "{path}: the signature by trusted key {key} does not match the file (SHA-256 {actual}): the plugin or its signature was modified; restore it or sign it again"
+    )]
+    SigInvalid {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The signing key (hex).
+        key: String,
+        /// The file's digest.
+        actual: Sha256Digest,
+    },
+    /// The signature was made by a key the host does not trust.
+    #[error(
+        "{path}: signed by key {key}, which this host does not trust; add its public key to the policy or to the trusted-keys directory"
+    )]
+    SigUntrustedKey {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The signing key (hex).
+        key: String,
+    },
+    /// A key file (trusted public key or secret key) cannot be used.
+    #[error("{path}: not a usable hotpatch key: {reason}; generate keys with `hotpatch keygen`")]
+    KeyMalformed {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The plugin needs a host-API version this host does not have.
+    #[error(
+        "{path}: needs host API {required}, this host has {host}; build the plugin against this host's API or run it in a matching host"
+    )]
+    HostVersion {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The plugin's semver range.
+        required: String,
+        /// The host's API version.
+        host: String,
+    },
+    /// The plugin's `.hotpatch_req` section cannot be read.
+    #[error(
+        "{path}: malformed .hotpatch_req section: {reason}; rebuild the plugin with declare_plugin!"
+    )]
+    ReqMalformed {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A crate shared across the boundary resolved to another version (or
+    /// checksum) in the plugin's build than in the host's.
+    #[error(
+        "{path}: built against other versions of shared crates than this host:\n{table}rebuild the plugin with the host's lock file"
+    )]
+    DependencyDrift {
+        /// The path given to `load`.
+        path: PathBuf,
+        /// The crates that differ.
+        table: crate::drift::DriftTable,
+    },
     /// Reading the file failed for another reason.
     #[error("{path}: I/O error while reading the plugin: {source}; check the disk and retry")]
     Io {
@@ -313,6 +416,14 @@ impl Error {
             Self::DlopenFailed { .. } => "E_PLG_DLOPEN_FAILED",
             Self::BadPath { .. } => "E_PLG_BAD_PATH",
             Self::Io { .. } => "E_PLG_IO",
+            Self::SigMissing { .. } => E_PLG_SIG_MISSING,
+            Self::SigMalformed { .. } => E_PLG_SIG_MALFORMED,
+            Self::SigInvalid { .. } => E_PLG_SIG_INVALID,
+            Self::SigUntrustedKey { .. } => E_PLG_SIG_UNTRUSTED_KEY,
+            Self::KeyMalformed { .. } => E_PLG_KEY_MALFORMED,
+            Self::HostVersion { .. } => E_PLG_HOST_VERSION,
+            Self::ReqMalformed { .. } => E_PLG_REQ_MALFORMED,
+            Self::DependencyDrift { .. } => E_PLG_DEP_DRIFT,
         }
     }
 }

@@ -8,13 +8,20 @@
 //! 1. the file: exists and is regular (`E_PLG_NOT_FOUND`), readable and not
 //!    writable by group or others (`E_PLG_PERMISSION`);
 //! 2. integrity, when the [`Policy`] has an [`Allowlist`]: SHA-256 of the
-//!    bytes read (`E_PLG_INTEGRITY`, `E_PLG_NOT_ALLOWED`);
+//!    bytes read (`E_PLG_INTEGRITY`, `E_PLG_NOT_ALLOWED`); the Ed25519
+//!    signature in `PLUGIN.sig`, always when present, and required when the
+//!    policy says so (`E_PLG_SIG_MISSING`, `E_PLG_SIG_MALFORMED`,
+//!    `E_PLG_SIG_INVALID`, `E_PLG_SIG_UNTRUSTED_KEY`);
 //! 3. ELF: ELF64, little-endian, x86-64, `ET_DYN` (`E_PLG_NOT_ELF`,
 //!    `E_PLG_WRONG_ARCH`);
 //! 4. the `.hotpatch_abi` descriptor, read from the file's section table:
 //!    magic, ABI major/minor, exact `rustc --version`, layout hash and size
 //!    of the boundary types (`E_PLG_NO_ABI`, `E_ABI_MISMATCH`), and the
-//!    lifecycle entry points in `.dynsym` (`E_PLG_SYMBOL_MISSING`).
+//!    lifecycle entry points in `.dynsym` (`E_PLG_SYMBOL_MISSING`);
+//! 5. the plugin's requirements (`.hotpatch_req`, when it has one): its
+//!    host-API semver range against the policy's host version
+//!    (`E_PLG_HOST_VERSION`) and the versions of the crates it shares with
+//!    the host against the host's (`E_PLG_DEP_DRIFT`, with a table).
 //!
 //! Then `dlopen(RTLD_NOW | RTLD_LOCAL)`. A failure there is explained by
 //! checking facts — the mount's `noexec` flag (`E_PLG_EXEC_DENIED`), each
@@ -46,19 +53,32 @@
 mod checks;
 pub use checks::MAX_PLUGIN_SIZE;
 mod classify;
+mod digest;
 mod dl;
+mod drift;
 mod elf;
 mod error;
 mod event;
 mod host;
+mod owner;
 mod plugin;
 mod policy;
+mod req;
+mod sign;
+pub mod stats;
 mod symbol;
 
+pub use drift::{DriftRow, DriftTable, SharedCrate};
 pub use elf::TlsSegment;
+pub use error::{
+    E_PLG_DEP_DRIFT, E_PLG_HOST_VERSION, E_PLG_KEY_MALFORMED, E_PLG_REQ_MALFORMED,
+    E_PLG_SIG_INVALID, E_PLG_SIG_MALFORMED, E_PLG_SIG_MISSING, E_PLG_SIG_UNTRUSTED_KEY,
+};
 pub use error::{Error, Result, ShortPath, Stage};
 pub use event::TARGET;
 pub use hotpatch_plugin_api as plugin_api;
 pub use plugin::{Plugin, Refused, RetainReason, TlsInfo, UnloadOutcome, Unloaded, load};
 pub use policy::{Allowlist, Policy, Sha256Digest};
+pub use req::{HostManifest, PluginReport, Requirements, check_plugin};
+pub use sign::{PublicKey, SecretKey, default_key_dir, read_key_dir, sign_file, signature_path};
 pub use symbol::{PluginFn, Symbol};

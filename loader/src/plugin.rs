@@ -225,7 +225,9 @@ pub fn load(path: impl AsRef<Path>, policy: &Policy) -> Result<Plugin> {
         Ok(p) => (Some(p.name()), "OK"),
         Err(e) => (None, e.code()),
     };
-    event::load(path, name, outcome, started, t0.elapsed());
+    let took = t0.elapsed();
+    event::load(path, name, outcome, started, took);
+    crate::stats::record_load(path, name, r.as_ref().err().map(Error::code), took);
     r
 }
 
@@ -446,6 +448,7 @@ impl Plugin {
                     UnloadOutcome::Retained(r) => ("RETAINED", r.to_string()),
                 };
                 event::unload(&u.name, outcome, &detail, t0.elapsed());
+                crate::stats::record_unload(&self.path);
                 Ok(u)
             }
             Err(error) => {

@@ -1,78 +1,8 @@
 //! What the host accepts: an optional SHA-256 allowlist.
 
-use std::fmt;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
-/// A SHA-256 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Sha256Digest(pub [u8; 32]);
-
-impl Sha256Digest {
-    /// The digest of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        let out = Sha256::digest(bytes);
-        let mut d = [0u8; 32];
-        d.copy_from_slice(&out);
-        Self(d)
-    }
-
-    /// The digest of the file at `path`.
-    ///
-    /// # Errors
-    /// When the file cannot be read.
-    pub fn of_file(path: impl AsRef<Path>) -> std::io::Result<Self> {
-        Self::of_reader(std::fs::File::open(path)?)
-    }
-
-    /// The digest of everything `r` yields, read in 64 KiB pieces (no
-    /// buffer the size of the input).
-    ///
-    /// # Errors
-    /// When reading fails.
-    pub fn of_reader(mut r: impl std::io::Read) -> std::io::Result<Self> {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => h.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut d = [0u8; 32];
-        d.copy_from_slice(&h.finalize());
-        Ok(Self(d))
-    }
-
-    /// Parses 64 hex digits (either case).
-    pub fn from_hex(s: &str) -> Option<Self> {
-        let s = s.trim().as_bytes();
-        if s.len() != 64 {
-            return None;
-        }
-        let nib = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
-        let mut d = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            d[i] = nib(pair[0])? << 4 | nib(pair[1])?;
-        }
-        Some(Self(d))
-    }
-}
-
-impl fmt::Display for Sha256Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-impl fmt::Debug for Sha256Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sha256Digest({self})")
-    }
-}
+pub use crate::digest::Sha256Digest;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -138,9 +68,23 @@ pub(crate) enum AllowCheck {
 }
 
 /// How the loader decides whether to load a plugin.
+///
+/// Content rules: a signature file beside the plugin (`PLUGIN.sig`) is
+/// always checked against the trusted keys. [`with_allowlist`] requires an
+/// allowlisted digest, [`require_signature`] a valid signature by a trusted
+/// key; with both, both are required unless [`accept_either`] says one
+/// suffices.
+///
+/// [`with_allowlist`]: Policy::with_allowlist
+/// [`require_signature`]: Policy::require_signature
+/// [`accept_either`]: Policy::accept_either
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub(crate) allowlist: Option<Allowlist>,
+    pub(crate) trusted: Vec<crate::sign::PublicKey>,
+    pub(crate) require_signature: bool,
+    pub(crate) either: bool,
+    pub(crate) host: crate::req::HostManifest,
 }
 
 impl Policy {
@@ -153,6 +97,70 @@ impl Policy {
     pub fn with_allowlist(mut self, allowlist: Allowlist) -> Self {
         self.allowlist = Some(allowlist);
         self
+    }
+
+    /// Trusts signatures made by `key`.
+    pub fn trust_key(mut self, key: crate::sign::PublicKey) -> Self {
+        self.trusted.push(key);
+        self
+    }
+
+    /// Trusts every key in `dir` (see [`read_key_dir`](crate::read_key_dir)
+    /// for the ownership rules it must pass).
+    ///
+    /// # Errors
+    /// As [`read_key_dir`](crate::read_key_dir).
+    pub fn trust_key_dir(mut self, dir: impl AsRef<Path>) -> crate::Result<Self> {
+        self.trusted.extend(crate::sign::read_key_dir(dir)?);
+        Ok(self)
+    }
+
+    /// Trusts every key in `$XDG_CONFIG_HOME/hotpatch/trusted-keys/`
+    /// ([`default_key_dir`](crate::default_key_dir)); none when it does not
+    /// exist.
+    ///
+    /// # Errors
+    /// As [`read_key_dir`](crate::read_key_dir).
+    pub fn trust_default_key_dir(self) -> crate::Result<Self> {
+        match crate::sign::default_key_dir() {
+            Some(d) => self.trust_key_dir(d),
+            None => Ok(self),
+        }
+    }
+
+    /// The keys trusted so far.
+    pub fn trusted_keys(&self) -> &[crate::sign::PublicKey] {
+        &self.trusted
+    }
+
+    /// Requires a valid signature by a trusted key (`E_PLG_SIG_MISSING`
+    /// without one).
+    pub fn require_signature(mut self) -> Self {
+        self.require_signature = true;
+        self
+    }
+
+    /// With both an allowlist and [`require_signature`](Self::require_signature):
+    /// a file passes when it is allowlisted *or* validly signed. A signature
+    /// that is present is still checked (a bad one is refused even for an
+    /// allowlisted file).
+    pub fn accept_either(mut self) -> Self {
+        self.either = true;
+        self
+    }
+
+    /// The host's API version and shared crates, which plugins'
+    /// requirements are checked against (default: API
+    /// [`HOST_API_VERSION`](crate::plugin_api::HOST_API_VERSION), no shared
+    /// crates recorded).
+    pub fn with_host(mut self, host: crate::req::HostManifest) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The host manifest in force.
+    pub fn host(&self) -> &crate::req::HostManifest {
+        &self.host
     }
 }
 

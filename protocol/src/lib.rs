@@ -82,7 +82,7 @@ pub const E_AGENT_UNTRUSTED: &str = "E_AGENT_UNTRUSTED";
 pub const COMMANDS: &[&str] = &[
     "ping", "status", "load", "unload", "patch", "swap", "disable", "enable", "revert", "list",
     "inspect", "profile", "profile_raw", "heap_start", "heap_snapshot", "heap_stop",
-    "leak_check", "watch_apply", "watch_revert", "watch_status",
+    "leak_check", "watch_apply", "watch_revert", "watch_status", "stats",
 ];
 
 /// The payload of a `profile_raw` reply: the capture as JSON
@@ -215,6 +215,10 @@ pub enum Request {
     HeapSnapshot,
     /// Stop heap sampling; the allocator's entry points are restored.
     HeapStop,
+    /// Health figures: per plugin (loads, failures by code, success rate,
+    /// load-time p50/p99, state) and per site (installs, swaps, enables,
+    /// disables, reverts, time enabled), as JSON and Prometheus text.
+    Stats,
     /// Load a plugin, run it, unload it, `cycles` times; report what it
     /// left in use.
     LeakCheck {

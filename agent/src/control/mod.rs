@@ -141,9 +141,10 @@ impl Control {
             | Request::HeapStart { .. }
             | Request::HeapSnapshot
             | Request::HeapStop
-            | Request::LeakCheck { .. } => Err(ErrorBody::new(
+            | Request::LeakCheck { .. }
+            | Request::Stats => Err(ErrorBody::new(
                 crate::protocol::E_AGENT_INTERNAL,
-                "profile and heap commands are dispatched separately",
+                "profile, heap and stats commands are dispatched separately",
             )),
         }
     }

@@ -1,0 +1,230 @@
+//! Health figures (`stats`): per plugin, the loader's load figures
+//! ([`hotpatch_loader::stats`]); per patch site, installs, swaps, reverts,
+//! enables, disables and the time it was enabled, observed from the
+//! replies of the requests that change sites. JSON, and the Prometheus text
+//! exposition format so an existing monitoring stack scrapes it as is.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hotpatch_loader::stats::Exposition;
+use serde_json::{Value, json};
+
+use crate::protocol::Request;
+
+/// Which site operation a request is, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SiteOp {
+    Install,
+    Swap,
+    Enable,
+    Disable,
+    Revert,
+}
+
+impl SiteOp {
+    pub(crate) fn of(req: &Request) -> Option<Self> {
+        Some(match req {
+            Request::Patch { .. } => Self::Install,
+            Request::Swap { .. } => Self::Swap,
+            Request::Enable { .. } => Self::Enable,
+            Request::Disable { .. } => Self::Disable,
+            Request::Revert { .. } => Self::Revert,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SiteFigures {
+    /// The id of the latest site at this target.
+    id: u64,
+    name: String,
+    target: String,
+    with: String,
+    installs: u64,
+    swaps: u64,
+    enables: u64,
+    disables: u64,
+    reverts: u64,
+    enabled_since: Option<Instant>,
+    enabled_before: Duration,
+    state: &'static str,
+}
+
+impl SiteFigures {
+    fn enabled_for(&self, now: Instant) -> Duration {
+        self.enabled_before + self.enabled_since.map_or(Duration::ZERO, |t| now - t)
+    }
+}
+
+/// By target (`MODULE:SYMBOL`): a target patched, reverted and patched
+/// again is one row with two installs.
+static SITES: Mutex<BTreeMap<String, SiteFigures>> = Mutex::new(BTreeMap::new());
+
+fn sites() -> std::sync::MutexGuard<'static, BTreeMap<String, SiteFigures>> {
+    SITES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a successful site operation from its reply (which carries the
+/// site's `id`, `name`, `target` and `with`).
+pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
+    let Some(op) = op else { return };
+    let Some(id) = reply["id"].as_u64() else {
+        return;
+    };
+    let now = Instant::now();
+    let s = |k: &str| reply[k].as_str().unwrap_or("").to_owned();
+    let mut map = sites();
+    let f = map.entry(s("target")).or_insert_with(|| SiteFigures {
+        id,
+        name: s("name"),
+        target: s("target"),
+        with: s("with"),
+        installs: 0,
+        swaps: 0,
+        enables: 0,
+        disables: 0,
+        reverts: 0,
+        enabled_since: None,
+        enabled_before: Duration::ZERO,
+        state: "enabled",
+    });
+    let stop = |f: &mut SiteFigures| {
+        if let Some(t) = f.enabled_since.take() {
+            f.enabled_before += now - t;
+        }
+    };
+    f.id = id;
+    match op {
+        SiteOp::Install => {
+            f.installs += 1;
+            f.enabled_since = Some(now);
+            f.state = "enabled";
+        }
+        SiteOp::Swap => {
+            f.swaps += 1;
+            f.with = s("with");
+        }
+        SiteOp::Enable => {
+            f.enables += 1;
+            if f.enabled_since.is_none() {
+                f.enabled_since = Some(now);
+            }
+            f.state = "enabled";
+        }
+        SiteOp::Disable => {
+            f.disables += 1;
+            stop(f);
+            f.state = "disabled";
+        }
+        SiteOp::Revert => {
+            f.reverts += 1;
+            stop(f);
+            f.state = "reverted";
+        }
+    }
+}
+
+/// The `stats` reply: `plugins` and `sites` as JSON, and the same figures
+/// as Prometheus text in `prometheus`.
+pub(crate) fn reply() -> Value {
+    let plugins: Value =
+        serde_json::from_str(&hotpatch_loader::stats::to_json()).unwrap_or(Value::Null);
+    let now = Instant::now();
+    let map = sites().clone();
+    let sites_json: Vec<Value> = map
+        .values()
+        .map(|f| {
+            json!({
+                "id": f.id,
+                "name": f.name,
+                "target": f.target,
+                "with": f.with,
+                "state": f.state,
+                "installs": f.installs,
+                "swaps": f.swaps,
+                "enables": f.enables,
+                "disables": f.disables,
+                "reverts": f.reverts,
+                "enabled_seconds": f.enabled_for(now).as_secs_f64(),
+            })
+        })
+        .collect();
+    json!({
+        "plugins": plugins,
+        "sites": sites_json,
+        "prometheus": prometheus(&map, now),
+    })
+}
+
+fn prometheus(map: &BTreeMap<String, SiteFigures>, now: Instant) -> String {
+    let mut e = Exposition::new();
+    hotpatch_loader::stats::write_prometheus(&mut e);
+    let ids: Vec<(String, &SiteFigures)> = map.values().map(|f| (f.id.to_string(), f)).collect();
+    type Counter = (&'static str, &'static str, fn(&SiteFigures) -> u64);
+    let counters: [Counter; 5] = [
+        (
+            "hotpatch_site_installs_total",
+            "Patch sites installed.",
+            |f| f.installs,
+        ),
+        (
+            "hotpatch_site_swaps_total",
+            "Replacements swapped on a live site.",
+            |f| f.swaps,
+        ),
+        ("hotpatch_site_enables_total", "Sites enabled again.", |f| {
+            f.enables
+        }),
+        ("hotpatch_site_disables_total", "Sites disabled.", |f| {
+            f.disables
+        }),
+        (
+            "hotpatch_site_reverts_total",
+            "Sites reverted (original bytes restored).",
+            |f| f.reverts,
+        ),
+    ];
+    for (name, help, get) in counters {
+        e.family(name, "counter", help);
+        for (id, f) in &ids {
+            e.sample(
+                name,
+                &[("site", id), ("name", &f.name), ("target", &f.target)],
+                get(f) as f64,
+            );
+        }
+    }
+    e.family(
+        "hotpatch_site_enabled_seconds_total",
+        "counter",
+        "Time the site's replacement was live.",
+    );
+    for (id, f) in &ids {
+        e.sample(
+            "hotpatch_site_enabled_seconds_total",
+            &[("site", id), ("name", &f.name), ("target", &f.target)],
+            f.enabled_for(now).as_secs_f64(),
+        );
+    }
+    e.family(
+        "hotpatch_site_state",
+        "gauge",
+        "1 for the site's current state (enabled, disabled, reverted).",
+    );
+    for (id, f) in &ids {
+        e.sample(
+            "hotpatch_site_state",
+            &[
+                ("site", id),
+                ("name", &f.name),
+                ("state", f.state),
+                ("with", &f.with),
+            ],
+            1.0,
+        );
+    }
+    e.finish()
+}
