@@ -53,7 +53,10 @@ pub struct HeapStats {
 
 pub(crate) fn counters() -> HeapStats {
     HeapStats {
-        samples: sampler::SAMPLES.load(Relaxed),
+        samples: sampler::buckets()
+            .iter()
+            .map(|b| b.alloc_n.load(Relaxed))
+            .sum(),
         untracked: sampler::UNTRACKED.load(Relaxed),
         overflowed: sampler::OVERFLOWED.load(Relaxed),
         truncated: sampler::TRUNCATED.load(Relaxed),
@@ -122,13 +125,13 @@ pub(crate) fn collect(rate: u64, started: SystemTime) -> HeapProfile {
         if k <= 2 {
             continue;
         }
-        let s = e.size.load(Relaxed) as f64;
-        let w = e.w.load(Relaxed) as f64 / FP_ONE as f64;
+        let (bucket, size) = e.unpack();
+        let s = size as f64;
+        let w = sampler::scaled(size, rate).0 as f64 / FP_ONE as f64;
         if w <= 0.0 {
             continue;
         }
-        *var.entry(e.bucket.load(Relaxed) as usize).or_default() +=
-            (s * w) * (s * w) * (1.0 - 1.0 / w);
+        *var.entry(bucket as usize).or_default() += (s * w) * (s * w) * (1.0 - 1.0 / w);
     }
     let report = Report::from_raw_samples(
         raws.iter()
