@@ -379,3 +379,18 @@ impl Drop for HeapSession {
 pub fn sampler_counters() -> HeapStats {
     profile::counters()
 }
+
+/// How many sampled stacks of the running session have more recorded
+/// frees than allocations (objects or bytes, before any clamping): 0 unless
+/// the accounting is broken, e.g. a block allocated before `start` counted
+/// when freed. Reads the tables only (no symbolization), so a health check
+/// or a stress test can call it often while threads allocate.
+///
+/// # Errors
+/// `E_HEAP_NOT_STARTED`.
+pub fn unbalanced_stacks() -> Result<u64> {
+    if state().is_none() {
+        return Err(Error::NotStarted);
+    }
+    Ok(profile::unbalanced())
+}

@@ -64,6 +64,24 @@ pub(crate) fn counters() -> HeapStats {
     }
 }
 
+/// Stacks whose recorded frees exceed their recorded allocations, in
+/// objects or bytes (unsaturated): 0 in a consistent session. Reads the
+/// free counters first (their adds are `Release`, after the allocation's
+/// adds in the same block's history), so a block sampled and freed while
+/// this runs cannot make a stack look negative.
+pub(crate) fn unbalanced() -> u64 {
+    sampler::buckets()
+        .iter()
+        .filter(|b| {
+            let (fw, fb) = (b.free_w.load(Acquire), b.free_b.load(Acquire));
+            let fnum = b.free_n.load(Acquire);
+            fnum > b.alloc_n.load(Relaxed)
+                || fw > b.alloc_w.load(Relaxed)
+                || fb > b.alloc_b.load(Relaxed)
+        })
+        .count() as u64
+}
+
 /// A heap profile: sampled stacks with Go's four figures, every frame
 /// resolved against what was mapped when it was captured.
 #[derive(Debug)]

@@ -716,9 +716,9 @@ fn record(p: usize, size: usize, fp: usize) {
                 // Cannot match its free: count it freed now rather than
                 // report a leak that may not be one.
                 UNTRACKED.fetch_add(1, Relaxed);
-                b.free_n.fetch_add(1, Relaxed);
-                b.free_w.fetch_add(wfp, Relaxed);
-                b.free_b.fetch_add(wb, Relaxed);
+                b.free_n.fetch_add(1, Release);
+                b.free_w.fetch_add(wfp, Release);
+                b.free_b.fetch_add(wb, Release);
             }
         }
     }
@@ -820,9 +820,9 @@ fn take(e: &LiveEntry, p: usize) {
         filter_remove(p);
         if let Some(b) = buckets().get(idx as usize) {
             let (w, by) = scaled(size, RATE.load(Relaxed));
-            b.free_n.fetch_add(1, Relaxed);
-            b.free_w.fetch_add(w, Relaxed);
-            b.free_b.fetch_add(by, Relaxed);
+            b.free_n.fetch_add(1, Release);
+            b.free_w.fetch_add(w, Release);
+            b.free_b.fetch_add(by, Release);
         }
     }
     IN_RECORD.fetch_sub(1, SeqCst);
