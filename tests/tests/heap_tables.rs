@@ -72,5 +72,10 @@ fn live_blocks_beyond_the_near_table_are_tracked_and_their_frees_matched() {
         (0, 0, 0),
         "every free matched, near and far"
     );
+    assert_eq!(hotpatch_heap::unbalanced_stacks().expect("balance"), 0);
     session.stop().expect("stop");
+    assert_eq!(
+        hotpatch_heap::unbalanced_stacks().map_err(|e| e.code()),
+        Err("E_HEAP_NOT_STARTED")
+    );
 }
