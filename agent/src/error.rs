@@ -2,12 +2,18 @@
 
 use std::path::PathBuf;
 
-/// What can go wrong starting an agent.
+use hotpatch_protocol::Coded;
+
+/// The socket directory or socket could not be set up.
+pub const E_AGENT_SOCKET: &str = "E_AGENT_SOCKET";
+
+/// What can go wrong starting an agent. `Display` is the message, without
+/// the code ([`Error::code`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The socket directory or socket could not be set up.
-    #[error("E_AGENT_SOCKET: {what} {}: {source}", path.display())]
+    #[error("{what} {}: {source}", path.display())]
     Socket {
         /// What was being done.
         what: &'static str,
@@ -23,8 +29,14 @@ impl Error {
     /// The stable code.
     pub fn code(&self) -> &str {
         match self {
-            Error::Socket { .. } => "E_AGENT_SOCKET",
+            Error::Socket { .. } => E_AGENT_SOCKET,
         }
+    }
+}
+
+impl Coded for Error {
+    fn code(&self) -> &str {
+        Error::code(self)
     }
 }
 

@@ -3,17 +3,14 @@
 
 use std::io::{self, Write};
 
-use serde_json::json;
-
-use crate::protocol::{ErrorBody, PayloadHeader, Reply, Request};
+use crate::protocol::{
+    Coded, ErrorBody, HeapSnapshotInfo, HeapStartInfo, HeapStats, HeapStopInfo, LeakCheckInfo,
+    PayloadHeader, Reply, Request,
+};
 use crate::server::write_reply;
 
 /// Most cycles a leak check runs.
 pub const MAX_CYCLES: u32 = 100_000;
-
-fn heap_err(e: &hotpatch_heap::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
-}
 
 fn bad(msg: impl Into<String>) -> ErrorBody {
     ErrorBody::new(crate::protocol::E_AGENT_BAD_ARGS, msg)
@@ -23,35 +20,32 @@ fn bad(msg: impl Into<String>) -> ErrorBody {
 pub(crate) fn run(req: Request, w: &mut impl Write) -> io::Result<()> {
     match req {
         Request::HeapSnapshot => match snapshot() {
-            Ok((v, pb)) => {
-                write_reply(w, &Reply::ok(v))?;
+            Ok((reply, pb)) => {
+                write_reply(w, &reply)?;
                 w.write_all(&pb)?;
                 w.flush()
             }
             Err(e) => write_reply(w, &Reply::err(e)),
         },
-        req => {
-            let reply = match handle(req) {
-                Ok(v) => Reply::ok(v),
-                Err(e) => Reply::err(e),
-            };
-            write_reply(w, &reply)
-        }
+        req => write_reply(w, &handle(req).unwrap_or_else(Reply::err)),
     }
 }
 
-fn handle(req: Request) -> Result<serde_json::Value, ErrorBody> {
+fn handle(req: Request) -> Result<Reply, ErrorBody> {
     match req {
         Request::HeapStart { rate } => {
             let rate = rate.unwrap_or(hotpatch_heap::DEFAULT_RATE);
-            hotpatch_heap::start(rate).map_err(|e| heap_err(&e))?;
+            hotpatch_heap::start(rate).map_err(|e| e.to_body())?;
             let allocator = hotpatch_heap::running().map(|r| r.1).unwrap_or_default();
-            Ok(json!({ "rate": rate, "allocator": allocator }))
+            Reply::typed(&HeapStartInfo { rate, allocator })
         }
         Request::HeapStop => {
             let stats = hotpatch_heap::sampler_counters();
-            hotpatch_heap::stop().map_err(|e| heap_err(&e))?;
-            Ok(json!({ "stopped": true, "stats": stats }))
+            hotpatch_heap::stop().map_err(|e| e.to_body())?;
+            Reply::typed(&HeapStopInfo {
+                stopped: true,
+                stats: heap_stats(&stats)?,
+            })
         }
         Request::LeakCheck {
             path,
@@ -71,12 +65,17 @@ fn handle(req: Request) -> Result<serde_json::Value, ErrorBody> {
                 entry: entry.map(|e| (e, calls.unwrap_or(1))),
                 rate: rate.unwrap_or(hotpatch_heap::LeakCheck::default().rate),
             };
-            let r = hotpatch_heap::leak_check(&path, &opts).map_err(|e| heap_err(&e))?;
-            let mut v = serde_json::to_value(&r)
-                .map_err(|e| ErrorBody::new(crate::protocol::E_AGENT_INTERNAL, e.to_string()))?;
-            v["leaks"] = json!(r.leaks());
-            v["table"] = json!(r.table());
-            Ok(v)
+            let r = hotpatch_heap::leak_check(&path, &opts).map_err(|e| e.to_body())?;
+            let report = match serde_json::to_value(&r) {
+                Ok(serde_json::Value::Object(m)) => m,
+                Ok(_) => return Err(internal("a leak report is not a JSON object")),
+                Err(e) => return Err(internal(e.to_string())),
+            };
+            Reply::typed(&LeakCheckInfo {
+                leaks: r.leaks(),
+                table: r.table(),
+                report,
+            })
         }
         _ => Err(ErrorBody::new(
             crate::protocol::E_AGENT_INTERNAL,
@@ -85,20 +84,34 @@ fn handle(req: Request) -> Result<serde_json::Value, ErrorBody> {
     }
 }
 
-fn snapshot() -> Result<(serde_json::Value, Vec<u8>), ErrorBody> {
-    let p = hotpatch_heap::snapshot().map_err(|e| heap_err(&e))?;
+/// The heap crate's counters as the protocol's [`HeapStats`].
+fn heap_stats(s: &hotpatch_heap::HeapStats) -> Result<HeapStats, ErrorBody> {
+    serde_json::to_value(s)
+        .and_then(serde_json::from_value)
+        .map_err(|e| internal(format!("heap counters: {e}")))
+}
+
+fn internal(msg: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(crate::protocol::E_AGENT_INTERNAL, msg)
+}
+
+fn snapshot() -> Result<(Reply, Vec<u8>), ErrorBody> {
+    let p = hotpatch_heap::snapshot().map_err(|e| e.to_body())?;
     let mut pb = Vec::new();
-    p.write_pprof(&mut pb).map_err(|e| heap_err(&e))?;
+    p.write_pprof(&mut pb).map_err(|e| e.to_body())?;
     let (ao, a, io, i) = p.totals();
-    let v = json!({
-        "rate": p.rate,
-        "alloc_objects": ao,
-        "alloc_space": a,
-        "inuse_objects": io,
-        "inuse_space": i,
-        "stacks": p.samples.len(),
-        "stats": p.stats,
-        "payloads": [PayloadHeader { name: "heap.pb.gz".into(), len: pb.len() as u64 }],
-    });
+    let v = Reply::typed(&HeapSnapshotInfo {
+        rate: p.rate,
+        alloc_objects: ao,
+        alloc_space: a,
+        inuse_objects: io,
+        inuse_space: i,
+        stacks: p.samples.len(),
+        stats: heap_stats(&p.stats)?,
+        payloads: vec![PayloadHeader {
+            name: "heap.pb.gz".into(),
+            len: pb.len() as u64,
+        }],
+    })?;
     Ok((v, pb))
 }

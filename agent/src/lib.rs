@@ -35,7 +35,7 @@ mod server;
 pub mod sys;
 
 pub use control::split_spec;
-pub use error::{Error, Result};
+pub use error::{E_AGENT_SOCKET, Error, Result};
 pub use hotpatch_protocol::{self as protocol, paths};
 pub use server::{Agent, Builder, StatusFn};
 pub use sys::TerminationSignals;

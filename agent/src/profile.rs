@@ -17,10 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::protocol::check_profile_args as check_args;
-use crate::protocol::{E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, RAW_PROFILE_PAYLOAD, Reply};
+use crate::protocol::{
+    Coded, E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD,
+    RawProfileSummary, Reply,
+};
 use crate::server::{Shared, write_reply};
 
 /// Set while a session samples (between its start and its stop).
@@ -43,11 +44,11 @@ fn sample_for<T>(
     let session = hotpatch_profiler::ProfilerBuilder::new()
         .frequency(hz)
         .start()
-        .map_err(|e| prof_err(&e))?;
+        .map_err(|e| e.to_body())?;
     SAMPLING.store(true, Ordering::SeqCst);
     std::thread::sleep(d);
     SAMPLING.store(false, Ordering::SeqCst);
-    stop(session).map_err(|e| prof_err(&e))
+    stop(session).map_err(|e| e.to_body())
 }
 
 /// The profile lock, or the busy error.
@@ -63,13 +64,10 @@ fn take(lock: &Mutex<()>) -> Result<MutexGuard<'_, ()>, ErrorBody> {
 }
 
 /// Writes the reply, then the payloads it announces.
-fn send(
-    w: &mut impl Write,
-    outcome: Result<(serde_json::Value, Vec<Vec<u8>>), ErrorBody>,
-) -> io::Result<()> {
+fn send(w: &mut impl Write, outcome: Result<(Reply, Vec<Vec<u8>>), ErrorBody>) -> io::Result<()> {
     match outcome {
-        Ok((result, payloads)) => {
-            write_reply(w, &Reply::ok(result))?;
+        Ok((reply, payloads)) => {
+            write_reply(w, &reply)?;
             for p in &payloads {
                 w.write_all(p)?;
             }
@@ -120,26 +118,22 @@ fn run_raw_locked(
         // that has the reply may start the next profile at once.
         drop(guard);
         let raw = raw?;
-        let body = raw.to_json().map_err(|e| prof_err(&e))?;
-        let result = json!({
-            "samples": raw.samples(),
-            "frequency": raw.frequency,
-            "duration_s": Duration::from_nanos(raw.duration_ns).as_secs_f64(),
-            "epochs": raw.epochs.len(),
-            "modules": raw.modules.len(),
-            "errors": raw.errors,
-            "payloads": [PayloadHeader {
+        let body = raw.to_json().map_err(|e| e.to_body())?;
+        let result = Reply::typed(&RawProfileSummary {
+            samples: raw.samples(),
+            frequency: raw.frequency,
+            duration_s: Duration::from_nanos(raw.duration_ns).as_secs_f64(),
+            epochs: raw.epochs.len(),
+            modules: raw.modules.len(),
+            errors: raw.errors.clone(),
+            payloads: vec![PayloadHeader {
                 name: RAW_PROFILE_PAYLOAD.into(),
                 len: body.len() as u64,
             }],
-        });
+        })?;
         Ok((result, vec![body]))
     });
     send(w, outcome)
-}
-
-fn prof_err(e: &hotpatch_profiler::Error) -> ErrorBody {
-    ErrorBody::new(e.code(), e.to_string())
 }
 
 /// Samples for `d` and returns the raw capture (nothing resolved).
@@ -154,10 +148,10 @@ fn sample(
     hz: i32,
     top: usize,
     flamegraph: bool,
-) -> Result<(serde_json::Value, Vec<Vec<u8>>), ErrorBody> {
+) -> Result<(Reply, Vec<Vec<u8>>), ErrorBody> {
     let report = sample_for(d, hz, hotpatch_profiler::Session::stop)?;
     let mut pb = Vec::new();
-    report.write_pprof(&mut pb).map_err(|e| prof_err(&e))?;
+    report.write_pprof(&mut pb).map_err(|e| e.to_body())?;
     let mut payloads = vec![pb];
     let mut headers = vec![PayloadHeader {
         name: "profile.pb.gz".into(),
@@ -178,22 +172,25 @@ fn sample(
             Err(e) if report.stats.samples == 0 => {
                 let _ = e;
             }
-            Err(e) => return Err(prof_err(&e)),
+            Err(e) => return Err(e.to_body()),
         }
     }
     let s = &report.stats;
-    let result = json!({
-        "samples": s.samples,
-        "frequency": report.frequency,
-        "duration_s": report.duration.as_secs_f64(),
-        "stacks": s.stacks,
-        "locations": s.locations,
-        "unnamed_locations": s.unnamed_locations,
-        "epochs": s.epochs,
-        "errors": report.errors,
-        "top": report.top(top),
-        "payloads": headers,
-    });
+    let result = Reply::typed(&ProfileSummary {
+        samples: s.samples,
+        frequency: report.frequency,
+        duration_s: report.duration.as_secs_f64(),
+        stacks: s.stacks,
+        locations: s.locations,
+        unnamed_locations: s.unnamed_locations,
+        epochs: s.epochs,
+        errors: report.errors.clone(),
+        top: report.top(top),
+        payloads: Some(headers),
+        modules: None,
+        resolve_s: None,
+        warnings: None,
+    })?;
     Ok((result, payloads))
 }
 

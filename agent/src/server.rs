@@ -16,7 +16,8 @@ use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::paths;
 use crate::protocol::{
-    self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody, Reply,
+    self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody,
+    Reply, Request,
 };
 use hotpatch_sys::cred;
 
@@ -128,21 +129,29 @@ impl Builder {
                 });
             }
         }
-        let listener = UnixListener::bind(&path).map_err(|source| Error::Socket {
+        // Bound and listening under a name no client looks for, then renamed
+        // into place: a socket file at `<pid>.sock` is always one that
+        // accepts (`bind` creates the file before `listen`, and a client
+        // connecting in between was refused).
+        let staging = dir.join(format!(".{}.sock.staging", std::process::id()));
+        let _ = fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging).map_err(|source| Error::Socket {
             what: "bind",
-            path: path.clone(),
+            path: staging.clone(),
             source,
         })?;
         // The directory is 0700 already; 0600 on the socket as well, so a
         // looser directory mode later does not open it up.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-            let _ = fs::remove_file(&path);
-            Error::Socket {
-                what: "chmod 0600",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o600))
+            .and_then(|()| fs::rename(&staging, &path))
+            .map_err(|source| {
+                let _ = fs::remove_file(&staging);
+                Error::Socket {
+                    what: "chmod 0600 and move into place",
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
@@ -464,7 +473,7 @@ fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
             Line::Complete(l) => match protocol::parse_request(&l) {
                 Ok(req) => {
                     // A reply that cannot be written: the client went away.
-                    if crate::control::dispatch(shared, req, &mut writer).is_err() {
+                    if dispatch(shared, req, &mut writer).is_err() {
                         return;
                     }
                     shared.end_request(id);
@@ -501,6 +510,32 @@ fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
         shared.end_request(id);
         deadline = Instant::now() + shared.read_timeout;
     }
+}
+
+/// Runs one request and writes its reply (and payloads).
+pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io::Result<()> {
+    let reply = match req {
+        Request::Profile {
+            seconds,
+            hz,
+            top,
+            flamegraph,
+        } => {
+            return crate::profile::run(shared, seconds, hz, top, flamegraph, w);
+        }
+        Request::ProfileRaw { seconds, hz } => {
+            return crate::profile::run_raw(shared, seconds, hz, w);
+        }
+        req @ (Request::HeapStart { .. }
+        | Request::HeapSnapshot
+        | Request::HeapStop
+        | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
+        req => shared
+            .control()
+            .handle(req, shared)
+            .unwrap_or_else(Reply::err),
+    };
+    write_reply(w, &reply)
 }
 
 #[cfg(test)]

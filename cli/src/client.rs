@@ -182,6 +182,16 @@ impl Client {
         into_result(reply)
     }
 
+    /// Sends `req` and returns the result of a successful reply as `T`, the
+    /// command's result type ([`hotpatch_protocol::reply`]).
+    ///
+    /// # Errors
+    /// As [`Client::call`]; `E_AGENT_PROTOCOL` when the result is not a `T`.
+    pub fn call_as<T: serde::de::DeserializeOwned>(&mut self, req: &Request) -> Result<T> {
+        let reply = self.request(req)?;
+        into_typed(reply)
+    }
+
     /// Writes raw bytes (for tests of bad input).
     ///
     /// # Errors
@@ -249,6 +259,24 @@ impl Client {
             })
             .collect()
     }
+}
+
+/// The result of a successful reply as `T`, or its error as
+/// [`Error::Remote`].
+///
+/// # Errors
+/// As [`into_result`]; `E_AGENT_PROTOCOL` when the result is not a `T`.
+pub fn into_typed<T: serde::de::DeserializeOwned>(reply: Reply) -> Result<T> {
+    let v = into_result(reply)?;
+    serde_json::from_value(v).map_err(|e| Error::Protocol {
+        detail: format!(
+            "the result is not a {}: {e}",
+            std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or_default()
+        ),
+    })
 }
 
 /// The result of a successful reply, or its error as [`Error::Remote`].

@@ -2,27 +2,39 @@
 
 use std::path::PathBuf;
 
-use hotpatch_protocol::ErrorBody;
+use hotpatch_protocol::{Coded, ErrorBody};
 
-/// What can go wrong finding an agent or talking to one.
+/// No running agent was found.
+pub const E_AGENT_NOT_RUNNING: &str = "E_AGENT_NOT_RUNNING";
+/// Several agents run and none was chosen.
+pub const E_AGENT_AMBIGUOUS: &str = "E_AGENT_AMBIGUOUS";
+/// Connecting to an agent's socket failed.
+pub const E_AGENT_CONNECT: &str = "E_AGENT_CONNECT";
+/// Reading or writing the connection (or the output files) failed.
+pub const E_AGENT_IO: &str = "E_AGENT_IO";
+/// The agent's reply did not follow the protocol.
+pub const E_AGENT_PROTOCOL: &str = "E_AGENT_PROTOCOL";
+
+/// What can go wrong finding an agent or talking to one. `Display` is the
+/// message, without the code ([`Error::code`]; [`Coded::to_body`] has both).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// No running agent was found.
-    #[error("E_AGENT_NOT_RUNNING: {detail}")]
+    #[error("{detail}")]
     NotRunning {
         /// What was looked for, where.
         detail: String,
     },
     /// Several agents run and none was chosen.
-    #[error("E_AGENT_AMBIGUOUS: several agents are running (pids {pids:?}); pass --pid")]
+    #[error("several agents are running (pids {pids:?}); pass --pid")]
     Ambiguous {
         /// Their pids.
         pids: Vec<u32>,
     },
     /// The socket, its directory or its server is not the user's own:
     /// nothing was sent.
-    #[error("E_AGENT_UNTRUSTED: refusing to talk to {}: {why}; nothing was sent", path.display())]
+    #[error("refusing to talk to {}: {why}; nothing was sent", path.display())]
     Untrusted {
         /// The socket.
         path: PathBuf,
@@ -30,7 +42,7 @@ pub enum Error {
         why: String,
     },
     /// Connecting to an agent's socket failed.
-    #[error("E_AGENT_CONNECT: cannot connect to {}: {source}", path.display())]
+    #[error("cannot connect to {}: {source}", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -39,7 +51,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Reading or writing the connection failed.
-    #[error("E_AGENT_IO: {what}: {source}")]
+    #[error("{what}: {source}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -48,13 +60,13 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The agent's reply did not follow the protocol.
-    #[error("E_AGENT_PROTOCOL: {detail}")]
+    #[error("{detail}")]
     Protocol {
         /// What was wrong.
         detail: String,
     },
     /// The agent answered with an error.
-    #[error("{0}")]
+    #[error("{}", .0.message)]
     Remote(ErrorBody),
 }
 
@@ -62,14 +74,20 @@ impl Error {
     /// The stable code: the agent's own, or the one the agent replied with.
     pub fn code(&self) -> &str {
         match self {
-            Error::NotRunning { .. } => "E_AGENT_NOT_RUNNING",
-            Error::Ambiguous { .. } => "E_AGENT_AMBIGUOUS",
+            Error::NotRunning { .. } => E_AGENT_NOT_RUNNING,
+            Error::Ambiguous { .. } => E_AGENT_AMBIGUOUS,
             Error::Untrusted { .. } => hotpatch_protocol::E_AGENT_UNTRUSTED,
-            Error::Connect { .. } => "E_AGENT_CONNECT",
-            Error::Io { .. } => "E_AGENT_IO",
-            Error::Protocol { .. } => "E_AGENT_PROTOCOL",
+            Error::Connect { .. } => E_AGENT_CONNECT,
+            Error::Io { .. } => E_AGENT_IO,
+            Error::Protocol { .. } => E_AGENT_PROTOCOL,
             Error::Remote(b) => &b.code,
         }
+    }
+}
+
+impl Coded for Error {
+    fn code(&self) -> &str {
+        Error::code(self)
     }
 }
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::remote::call;
-use super::{Conn, Failure, Outcome};
+use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
-use crate::protocol::{PayloadHeader, Request};
+use crate::error::{E_AGENT_IO, E_AGENT_PROTOCOL};
+use crate::protocol::{HeapSnapshotInfo, HeapStartInfo, HeapStopInfo, LeakCheckInfo, Request};
 
 /// Parses a byte size: `4096`, `64KiB`, `512k`, `1MiB`, `2M`.
 ///
@@ -144,28 +145,28 @@ pub struct LeakCheck {
 pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     match &a.cmd {
         HeapCmd::Start(s) => {
-            let v = call(&s.conn, s.json, &Request::HeapStart { rate: Some(s.rate) })?;
+            let v: HeapStartInfo =
+                call(&s.conn, s.json, &Request::HeapStart { rate: Some(s.rate) })?;
             let r = if s.json {
-                writeln!(out, "{v}")
+                print_json(out, &v)
             } else {
                 writeln!(
                     out,
                     "heap sampling started: 1 sample per {} bytes on average, allocator {}",
-                    v["rate"],
-                    v["allocator"].as_str().unwrap_or("?")
+                    v.rate, v.allocator
                 )
             };
             r.map_err(|e| Failure::io(&e))
         }
         HeapCmd::Stop(p) => {
-            let v = call(&p.conn, p.json, &Request::HeapStop)?;
+            let v: HeapStopInfo = call(&p.conn, p.json, &Request::HeapStop)?;
             let r = if p.json {
-                writeln!(out, "{v}")
+                print_json(out, &v)
             } else {
                 writeln!(
                     out,
                     "heap sampling stopped ({} samples); allocator entry points restored",
-                    v["stats"]["samples"]
+                    v.stats.samples
                 )
             };
             r.map_err(|e| Failure::io(&e))
@@ -182,33 +183,35 @@ fn snapshot(a: &Snapshot, out: &mut dyn Write) -> Outcome {
     c.set_read_timeout(Some(Duration::from_secs(300)))
         .map_err(|e| fail(&e))?;
     let reply = c.request(&Request::HeapSnapshot).map_err(|e| fail(&e))?;
-    let v = client::into_result(reply).map_err(|e| fail(&e))?;
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| Failure::new("E_AGENT_PROTOCOL", format!("bad payload list: {e}"), a.json))?;
-    let bodies = c.read_payloads(&headers).map_err(|e| fail(&e))?;
+    let v: HeapSnapshotInfo = client::into_typed(reply).map_err(|e| fail(&e))?;
+    let bodies = c.read_payloads(&v.payloads).map_err(|e| fail(&e))?;
     let body = bodies
         .first()
-        .ok_or_else(|| Failure::new("E_AGENT_PROTOCOL", "no profile payload", a.json))?;
+        .ok_or_else(|| Failure::new(E_AGENT_PROTOCOL, "no profile payload", a.json))?;
     std::fs::write(&a.output, body).map_err(|e| {
         Failure::new(
-            "E_AGENT_IO",
+            E_AGENT_IO,
             format!("writing {}: {e}", a.output.display()),
             a.json,
         )
     })?;
     let r = if a.json {
-        let mut v = v.clone();
-        v["written"] = serde_json::json!(a.output.display().to_string());
-        writeln!(out, "{v}")
+        print_json(
+            out,
+            &Written {
+                result: &v,
+                written: a.output.display().to_string(),
+            },
+        )
     } else {
         writeln!(
             out,
             "in use: {} bytes in {} objects; allocated: {} bytes in {} objects (estimates, 1 sample per {} B)\nwrote {}",
-            v["inuse_space"],
-            v["inuse_objects"],
-            v["alloc_space"],
-            v["alloc_objects"],
-            v["rate"],
+            v.inuse_space,
+            v.inuse_objects,
+            v.alloc_space,
+            v.alloc_objects,
+            v.rate,
             a.output.display()
         )
     };
@@ -217,8 +220,7 @@ fn snapshot(a: &Snapshot, out: &mut dyn Write) -> Outcome {
 
 fn diff(a: &Diff, out: &mut dyn Write) -> Outcome {
     let read = |p: &PathBuf| {
-        hotpatch_heap::read_heap_profile(p)
-            .map_err(|e| Failure::new(e.code(), e.to_string(), a.json))
+        hotpatch_heap::read_heap_profile(p).map_err(|e| Failure::from_error(&e, a.json))
     };
     let before = read(&a.before)?;
     let after = read(&a.after)?;
@@ -274,8 +276,8 @@ pub fn leak_check(a: &LeakCheck, out: &mut dyn Write) -> Outcome {
     let mut c = Client::connect(&socket).map_err(|e| fail(&e))?;
     c.set_read_timeout(Some(Duration::from_secs(3600)))
         .map_err(|e| fail(&e))?;
-    let v = c
-        .call(&Request::LeakCheck {
+    let v: LeakCheckInfo = c
+        .call_as(&Request::LeakCheck {
             path: path.display().to_string(),
             cycles: a.cycles,
             entry: a.entry.clone(),
@@ -284,9 +286,9 @@ pub fn leak_check(a: &LeakCheck, out: &mut dyn Write) -> Outcome {
         })
         .map_err(|e| fail(&e))?;
     let r = if a.json {
-        writeln!(out, "{v}")
+        print_json(out, &v)
     } else {
-        write!(out, "{}", v["table"].as_str().unwrap_or_default())
+        write!(out, "{}", v.table)
     };
     r.map_err(|e| Failure::io(&e))
 }

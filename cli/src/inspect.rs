@@ -4,12 +4,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::{Conn, Failure, Outcome, print_json, remote};
+use crate::protocol::{
+    Coded, E_AGENT_BAD_ARGS, E_AGENT_INTERNAL, ErrorBody, InspectReport, Request,
+};
 use hotpatch_symbolizer::{DebugSearch, ElfSymbolizer};
-use object::{Object, ObjectSegment, SegmentFlags};
-use serde_json::{Value, json};
-
-use super::{Conn, Failure, Outcome, remote};
-use crate::protocol::Request;
 
 /// Arguments of `hotpatch inspect`.
 #[derive(Debug, clap::Args)]
@@ -44,7 +43,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         (None, [_]) => None,
         _ => {
             return Err(Failure::new(
-                "E_AGENT_BAD_ARGS",
+                E_AGENT_BAD_ARGS,
                 "give TARGET, or --exe FILE SYMBOL, or FILE SYMBOL",
                 a.json,
             ));
@@ -52,7 +51,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     };
     let v = match offline {
         Some((file, sym)) => {
-            offline_report(&file, &sym).map_err(|(c, m)| Failure::new(c, m, a.json))?
+            offline_report(&file, &sym).map_err(|e| Failure::from_error(&e, a.json))?
         }
         None => remote::call(
             &a.conn,
@@ -62,87 +61,56 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             },
         )?,
     };
+    let v: InspectReport = v;
     let w = if a.json {
-        writeln!(out, "{v}")
+        print_json(out, &v)
     } else {
-        writeln!(
-            out,
-            "{}  ({} bytes)",
-            v["target"].as_str().unwrap_or("?"),
-            v["size"]
-        )
-        .and_then(|()| match v["signature"].as_str() {
-            Some(sig) => writeln!(out, "signature (DWARF): {sig}"),
-            None => writeln!(out, "signature: no DWARF for it"),
-        })
-        .and_then(|()| write!(out, "{}", v["report"].as_str().unwrap_or_default()))
+        writeln!(out, "{}  ({} bytes)", v.target, v.size)
+            .and_then(|()| match &v.signature {
+                Some(sig) => writeln!(out, "signature (DWARF): {sig}"),
+                None => writeln!(out, "signature: no DWARF for it"),
+            })
+            .and_then(|()| write!(out, "{}", v.report))
     };
     w.map_err(|e| Failure::io(&e))?;
-    if v["patchable"] == true {
+    if v.patchable {
         Ok(())
     } else {
         Err(Failure::new(
-            v["code"].as_str().unwrap_or("E_AGENT_INTERNAL"),
-            v["message"].as_str().unwrap_or("not patchable"),
+            v.code.as_deref().unwrap_or(E_AGENT_INTERNAL),
+            v.message.as_deref().unwrap_or("not patchable"),
             false,
         ))
     }
 }
 
-type Offline<T> = Result<T, (String, String)>;
+type Offline<T> = Result<T, ErrorBody>;
 
 /// The report for `symbol` in `file`, from the file's bytes: the symbol's
 /// size bounds the analysis exactly as it does in a running process.
 /// Addresses are the file's virtual addresses.
 ///
 /// # Errors
-/// `(code, message)`: the symbolizer's `E_SYM_*` codes, `E_PATCH_NOT_EXECUTABLE`
-/// when the symbol is not in an executable segment.
-pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
-    let sym = ElfSymbolizer::open(file, &DebugSearch::default())
-        .map_err(|e| (e.code().to_owned(), e.to_string()))?;
+/// The symbolizer's `E_SYM_*` codes; the patcher's, e.g.
+/// `E_PATCH_NOT_EXECUTABLE` when the symbol is not in an executable
+/// segment (the patcher's preflight reads the segments: the file is not
+/// parsed a third time here).
+pub fn offline_report(file: &Path, symbol: &str) -> Offline<InspectReport> {
+    let sym = ElfSymbolizer::open(file, &DebugSearch::default()).map_err(|e| e.to_body())?;
     let mut cands = sym.find_symbol(symbol);
     cands.sort_by_key(|s| (!s.func, s.size == 0));
     let Some(s) = cands.into_iter().next() else {
-        return Err((
-            "E_SYM_SYMBOL_NOT_FOUND".into(),
-            format!("no symbol {symbol:?} in {}", file.display()),
-        ));
+        return Err(hotpatch_symbolizer::Error::SymbolNotFound {
+            path: file.to_path_buf(),
+            name: symbol.to_owned(),
+        }
+        .to_body());
     };
-    let data = std::fs::read(file)
-        .map_err(|e| ("E_SYM_IO".to_owned(), format!("{}: {e}", file.display())))?;
-    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data).map_err(|e| {
-        (
-            "E_SYM_NOT_ELF".to_owned(),
-            format!("{}: {e}", file.display()),
-        )
-    })?;
     let vaddr = s.addr.get();
-    let seg = elf
-        .segments()
-        .find(|g| g.address() <= vaddr && vaddr < g.address() + g.size());
-    let not_exec = || {
-        (
-            "E_PATCH_NOT_EXECUTABLE".to_owned(),
-            format!(
-                "{symbol} at {vaddr:#x} is not in an executable segment of {}",
-                file.display()
-            ),
-        )
-    };
-    let seg = seg.ok_or_else(not_exec)?;
-    if !matches!(seg.flags(), SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0) {
-        return Err(not_exec());
-    }
-    let (_, fsz) = seg.file_range();
-    let delta = vaddr - seg.address();
-    if delta >= fsz {
-        return Err(not_exec());
-    }
     let known = (s.size > 0).then_some(s.size as usize);
     // With the file's branch index: other functions jumping into the bytes.
     let report = hotpatch_patcher::preflight_in_file(file, vaddr as usize, known)
-        .map_err(|e| (e.code().to_owned(), e.to_string()))?;
+        .map_err(|e| e.to_body())?;
     let signature = match sym.signature(s.addr) {
         Ok(Some(sig)) => Some(sig.to_string()),
         _ => None,
@@ -156,17 +124,17 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     for w in &warnings {
         eprintln!("hotpatch: warning: {w}");
     }
-    Ok(json!({
-        "signature": signature,
-        "target": format!("{}:{}", file.display(), symbol),
-        "file": file.display().to_string(),
-        "addr": format!("{vaddr:#x}"),
-        "size": s.size,
-        "local": s.local,
-        "patchable": report.is_patchable(),
-        "code": report.verdict.as_ref().err().map(|x| x.code),
-        "message": report.verdict.as_ref().err().map(|x| x.message.clone()),
-        "report": report.to_string(),
-        "warnings": warnings,
-    }))
+    Ok(InspectReport {
+        signature,
+        target: format!("{}:{}", file.display(), symbol),
+        file: Some(file.display().to_string()),
+        addr: format!("{vaddr:#x}"),
+        size: s.size,
+        local: Some(s.local),
+        patchable: report.is_patchable(),
+        code: report.verdict.as_ref().err().map(|x| x.code.to_owned()),
+        message: report.verdict.as_ref().err().map(|x| x.message.clone()),
+        report: report.to_string(),
+        warnings: Some(warnings),
+    })
 }

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hotpatch_protocol::{self as protocol, paths};
+use hotpatch_protocol::{self as protocol, Coded, paths};
 
 pub use error::{Error, Result};
 
@@ -60,7 +60,9 @@ pub enum Command {
     Unload(remote::Unload),
     /// Patch TARGET (a function of the host or of a loaded module, local
     /// symbols included) to jump to PLUGIN:SYMBOL. The replacement must
-    /// have the target's exact signature: nothing can check it.
+    /// have the target's signature: when DWARF describes both, the agent
+    /// compares them and refuses a mismatch (E_AGENT_SIGNATURE_MISMATCH)
+    /// unless --force; without DWARF it is your claim.
     Patch(remote::Patch),
     /// Point a live site at another replacement (atomic; no thread stops).
     Swap(remote::Swap),
@@ -128,14 +130,30 @@ pub fn run(cli: Cli) -> i32 {
                 let _ = writeln!(out, "{body}");
             }
             let _ = out.flush();
-            if f.message.starts_with(&f.code) {
-                eprintln!("hotpatch: {}", f.message);
-            } else {
-                eprintln!("hotpatch: {}: {}", f.code, f.message);
-            }
+            eprintln!("hotpatch: {}: {}", f.code, f.message);
             1
         }
     }
+}
+
+/// Writes `v` as one line of JSON, keys sorted (as `serde_json::Value`
+/// prints them), so `--json` output does not depend on field order.
+///
+/// # Errors
+/// Writing fails.
+pub fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let v = serde_json::to_value(v).map_err(std::io::Error::other)?;
+    writeln!(out, "{v}")
+}
+
+/// A result with the files a command wrote (`--json` output).
+#[derive(Debug, serde::Serialize)]
+pub struct Written<'a, T: serde::Serialize, W: serde::Serialize> {
+    /// The agent's result.
+    #[serde(flatten)]
+    pub result: &'a T,
+    /// What was written.
+    pub written: W,
 }
 
 /// A failed command: its stable code and message.
@@ -159,14 +177,16 @@ impl Failure {
         }
     }
 
-    /// From the client's error.
-    pub fn from_error(e: &crate::Error, json: bool) -> Self {
-        Failure::new(e.code(), e.to_string(), json)
+    /// From any crate's error ([`Coded`]: its code, and its message, which
+    /// does not contain the code).
+    pub fn from_error(e: &impl Coded, json: bool) -> Self {
+        let body = e.to_body();
+        Failure::new(body.code, body.message, json)
     }
 
     /// Writing to stdout failed.
     pub fn io(e: &std::io::Error) -> Self {
-        Failure::new("E_AGENT_IO", format!("writing the output: {e}"), false)
+        Failure::new(error::E_AGENT_IO, format!("writing the output: {e}"), false)
     }
 }
 

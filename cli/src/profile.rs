@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 use hotpatch_profiler::capture::Limits;
 use hotpatch_symbolizer::DebugSearch;
 
-use super::{Conn, Failure, Outcome};
+use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
-use crate::protocol::{E_AGENT_UNKNOWN_COMMAND, PayloadHeader, RAW_PROFILE_PAYLOAD, Request};
+use crate::error::{E_AGENT_IO, E_AGENT_PROTOCOL};
+use crate::protocol::{
+    E_AGENT_UNKNOWN_COMMAND, PayloadHeader, ProfileSummary, RAW_PROFILE_PAYLOAD, RawProfileSummary,
+    Request,
+};
 
 /// Arguments of `hotpatch profile`.
 #[derive(Debug, clap::Args)]
@@ -83,7 +87,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     // Every number is checked before anything is sent (a NaN used to
     // panic the CLI when it computed its read timeout).
     crate::protocol::check_profile_args(a.seconds, a.hz)
-        .map_err(|e| Failure::new(e.code, e.message, a.json))?;
+        .map_err(|e| Failure::from_error(&e, a.json))?;
     let socket = client::locate(a.conn.pid, a.conn.socket.as_deref()).map_err(|e| fail(&e))?;
     let mut c = Client::connect(&socket).map_err(|e| fail(&e))?;
     c.set_read_timeout(Some(Duration::from_secs_f64(a.seconds + 120.0)))
@@ -104,9 +108,9 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         }
         other => other,
     };
-    let v = reply
+    let v: Result<RawProfileSummary, Failure> = reply
         .map_err(|e| fail(&e))
-        .and_then(|r| client::into_result(r).map_err(|e| fail(&e)));
+        .and_then(|r| client::into_typed(r).map_err(|e| fail(&e)));
     let v = match v {
         Ok(v) => v,
         Err(e) => {
@@ -125,7 +129,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     let mut pb = Vec::new();
     report
         .write_pprof(&mut pb)
-        .map_err(|e| Failure::new(e.code(), e.to_string(), a.json))?;
+        .map_err(|e| Failure::from_error(&e, a.json))?;
     let mut written = Vec::new();
     write_atomic(&a.output, &pb).map_err(|e| io_fail(&a.output, &e, a.json))?;
     written.push(a.output.display().to_string());
@@ -141,30 +145,37 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             Err(_) if report.stats.samples == 0 => {
                 eprintln!("hotpatch: no samples: no flamegraph written");
             }
-            Err(e) => return Err(Failure::new(e.code(), e.to_string(), a.json)),
+            Err(e) => return Err(Failure::from_error(&e, a.json)),
         }
     }
     let s = &report.stats;
-    let mut v = v;
-    v["stacks"] = serde_json::json!(s.stacks);
-    v["locations"] = serde_json::json!(s.locations);
-    v["unnamed_locations"] = serde_json::json!(s.unnamed_locations);
-    v["resolve_s"] = serde_json::json!(s.resolve_time.as_secs_f64());
-    v["top"] = serde_json::json!(report.top(a.top));
-    v["warnings"] = serde_json::json!(warnings);
+    let v = ProfileSummary {
+        samples: v.samples,
+        frequency: v.frequency,
+        duration_s: v.duration_s,
+        stacks: s.stacks,
+        locations: s.locations,
+        unnamed_locations: s.unnamed_locations,
+        epochs: v.epochs,
+        errors: v.errors,
+        top: report.top(a.top),
+        payloads: Some(v.payloads),
+        modules: Some(v.modules),
+        resolve_s: Some(s.resolve_time.as_secs_f64()),
+        warnings: Some(warnings),
+    };
     print_result(a, &v, &written, out)
 }
 
 /// Reads and checks the one raw capture a `profile_raw` result announces.
 fn read_capture(
     c: &mut Client,
-    v: &serde_json::Value,
+    v: &RawProfileSummary,
     json: bool,
 ) -> Result<hotpatch_profiler::RawProfile, Failure> {
     let limits = Limits::default();
-    let proto = |m: String| Failure::new("E_AGENT_PROTOCOL", m, json);
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| proto(format!("bad payload list: {e}")))?;
+    let proto = |m: String| Failure::new(E_AGENT_PROTOCOL, m, json);
+    let headers = &v.payloads;
     let [h] = headers.as_slice() else {
         return Err(proto(format!(
             "expected one {RAW_PROFILE_PAYLOAD} payload, got {}",
@@ -189,7 +200,7 @@ fn read_capture(
         .map_err(|e| Failure::from_error(&e, json))?;
     let body = bodies.first().map_or(&[][..], Vec::as_slice);
     hotpatch_profiler::RawProfile::from_json(body, &limits)
-        .map_err(|e| Failure::new(e.code(), e.to_string(), json))
+        .map_err(|e| Failure::from_error(&e, json))
 }
 
 /// `profile` for an agent without `profile_raw`: resolved in the target.
@@ -208,18 +219,18 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
     let bar = progress(a.seconds);
     let reply = c.request(&req);
     stop_progress(bar);
-    let v = client::into_result(reply.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| Failure::new("E_AGENT_PROTOCOL", format!("bad payload list: {e}"), a.json))?;
+    let v: ProfileSummary =
+        client::into_typed(reply.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+    let headers: &[PayloadHeader] = v.payloads.as_deref().unwrap_or_default();
     let limit = Limits::default().max_bytes as u64;
     if let Some(h) = headers.iter().find(|h| h.len > limit) {
         return Err(Failure::new(
-            "E_AGENT_PROTOCOL",
+            E_AGENT_PROTOCOL,
             format!("payload {} of {} bytes is over the limit", h.name, h.len),
             a.json,
         ));
     }
-    let bodies = c.read_payloads(&headers).map_err(|e| fail(&e))?;
+    let bodies = c.read_payloads(headers).map_err(|e| fail(&e))?;
     let mut written = Vec::new();
     for (h, b) in headers.iter().zip(&bodies) {
         let path = if h.name.ends_with(".svg") {
@@ -236,20 +247,13 @@ fn run_resolved_remotely(a: &Args, out: &mut dyn Write) -> Outcome {
     print_result(a, &v, &written, out)
 }
 
-fn print_result(
-    a: &Args,
-    v: &serde_json::Value,
-    written: &[String],
-    out: &mut dyn Write,
-) -> Outcome {
+fn print_result(a: &Args, v: &ProfileSummary, written: &[String], out: &mut dyn Write) -> Outcome {
     let w = if a.json {
-        let mut v = v.clone();
-        v["written"] = serde_json::json!(written);
-        writeln!(out, "{v}")
+        print_json(out, &Written { result: v, written })
     } else {
-        write!(out, "{}", v["top"].as_str().unwrap_or_default()).and_then(|()| {
-            if v["top"].as_str().is_none_or(str::is_empty) {
-                writeln!(out, "{} samples", v["samples"])?;
+        write!(out, "{}", v.top).and_then(|()| {
+            if v.top.is_empty() {
+                writeln!(out, "{} samples", v.samples)?;
             }
             for p in written {
                 writeln!(out, "wrote {p}")?;
@@ -261,11 +265,7 @@ fn print_result(
 }
 
 fn io_fail(path: &Path, e: &std::io::Error, json: bool) -> Failure {
-    Failure::new(
-        "E_AGENT_IO",
-        format!("writing {}: {e}", path.display()),
-        json,
-    )
+    Failure::new(E_AGENT_IO, format!("writing {}: {e}", path.display()), json)
 }
 
 fn stop_progress(bar: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>) {

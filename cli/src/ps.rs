@@ -3,12 +3,10 @@
 use std::io::Write;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-
-use super::{Failure, Outcome};
+use super::{Failure, Outcome, print_json};
 use crate::client::Client;
 use crate::paths;
-use crate::protocol::Request;
+use crate::protocol::{PingInfo, Request};
 
 /// Arguments of `hotpatch ps`.
 #[derive(Debug, clap::Args)]
@@ -22,10 +20,20 @@ pub struct Args {
     pub all: bool,
 }
 
-fn ping(socket: &std::path::Path) -> Option<Value> {
+fn ping(socket: &std::path::Path) -> Option<PingInfo> {
     let mut c = Client::connect(socket).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    c.call(&Request::Ping).ok()
+    c.call_as(&Request::Ping).ok()
+}
+
+/// One agent, as `ps --json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct Row<'a> {
+    pid: u32,
+    state: &'a str,
+    socket: String,
+    exe: Option<&'a str>,
+    uptime_s: Option<f64>,
 }
 
 /// Runs `hotpatch ps`.
@@ -58,23 +66,19 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
             continue;
         }
         if args.json {
-            let v = json!({
-                "pid": f.pid,
-                "state": state,
-                "socket": f.socket.display().to_string(),
-                "exe": info.as_ref().map(|i| i["exe"].clone()),
-                "uptime_s": info.as_ref().map(|i| i["uptime_s"].clone()),
-            });
-            writeln!(out, "{v}").map_err(|e| Failure::io(&e))?;
+            let row = Row {
+                pid: f.pid,
+                state,
+                socket: f.socket.display().to_string(),
+                exe: info.as_ref().map(|i| i.exe.as_str()),
+                uptime_s: info.as_ref().map(|i| i.uptime_s),
+            };
+            print_json(out, &row).map_err(|e| Failure::io(&e))?;
         } else {
-            let exe = info
-                .as_ref()
-                .and_then(|i| i["exe"].as_str().map(str::to_owned))
-                .unwrap_or_default();
+            let exe = info.as_ref().map(|i| i.exe.clone()).unwrap_or_default();
             let up = info
                 .as_ref()
-                .and_then(|i| i["uptime_s"].as_f64())
-                .map(|s| format!("{s:.0}s"))
+                .map(|i| format!("{:.0}s", i.uptime_s))
                 .unwrap_or_default();
             writeln!(out, "{:>8}  {state:<8}  {up:<10}  {exe}", f.pid)
                 .map_err(|e| Failure::io(&e))?;

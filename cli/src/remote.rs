@@ -4,39 +4,36 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::{Conn, Failure, Outcome};
+use super::{Conn, Failure, Outcome, print_json};
 use crate::client::{self, Client};
-use crate::protocol::Request;
+use crate::protocol::{
+    ListInfo, PluginInfo, Request, SignatureCheck, SiteInfo, StatusInfo, UnloadInfo,
+};
 
-/// Connects as `conn` says and runs one request.
+/// Connects as `conn` says, runs one request and reads its result as `T`
+/// (the request's result type, [`crate::protocol::reply`]).
 ///
 /// # Errors
-/// Locating or connecting fails, or the agent replies with an error.
-pub fn call(conn: &Conn, json: bool, req: &Request) -> Result<Value, Failure> {
+/// Locating or connecting fails, the agent replies with an error, or the
+/// result is not a `T` (`E_AGENT_PROTOCOL`).
+pub fn call<T: DeserializeOwned>(conn: &Conn, json: bool, req: &Request) -> Result<T, Failure> {
     let socket = client::locate(conn.pid, conn.socket.as_deref())
         .map_err(|e| Failure::from_error(&e, json))?;
     let mut c = Client::connect(&socket).map_err(|e| Failure::from_error(&e, json))?;
-    c.call(req).map_err(|e| Failure::from_error(&e, json))
+    c.call_as(req).map_err(|e| Failure::from_error(&e, json))
 }
 
-fn emit(
+fn emit<T: Serialize>(
     out: &mut dyn Write,
     json: bool,
-    v: &Value,
+    v: &T,
     human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Outcome {
-    let r = if json {
-        writeln!(out, "{v}")
-    } else {
-        human(out)
-    };
+    let r = if json { print_json(out, v) } else { human(out) };
     r.map_err(|e| Failure::io(&e))
-}
-
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or("?")
 }
 
 /// Arguments of commands without their own (`status`, `list`).
@@ -142,30 +139,35 @@ pub enum SiteOp {
     Revert,
 }
 
-fn site_line(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
+fn site_line(out: &mut dyn Write, v: &SiteInfo) -> std::io::Result<()> {
     writeln!(
         out,
         "site #{} {}: {} @{} -> {} @{}  [{}]",
-        v["id"],
-        s(&v["name"]),
-        s(&v["target"]),
-        s(&v["target_addr"]),
-        s(&v["with"]),
-        s(&v["with_addr"]),
-        s(&v["state"])
+        v.id, v.name, v.target, v.target_addr, v.with, v.with_addr, v.state
     )
 }
 
 /// What the agent said about the two signatures.
-fn signature_line(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
-    let sig = &v["signature"];
-    if sig["checked"] == Value::Bool(false) {
-        writeln!(out, "  signature not checked: {}", s(&sig["why"]))?;
-    } else if let Some(m) = sig["forced_over"].as_array().filter(|m| !m.is_empty()) {
+fn signature_line(out: &mut dyn Write, v: &SiteInfo) -> std::io::Result<()> {
+    let Some(sig) = &v.signature else {
+        return Ok(());
+    };
+    let SignatureCheck {
+        checked,
+        why,
+        forced_over,
+    } = sig;
+    if !checked {
+        writeln!(
+            out,
+            "  signature not checked: {}",
+            why.as_deref().unwrap_or("?")
+        )?;
+    } else if let Some(m) = forced_over.as_ref().filter(|m| !m.is_empty()) {
         for x in m {
-            writeln!(out, "  forced over a signature mismatch: {}", s(x))?;
+            writeln!(out, "  forced over a signature mismatch: {x}")?;
         }
-    } else if sig["checked"] == Value::Bool(true) {
+    } else {
         writeln!(out, "  signature checked against DWARF: compatible")?;
     }
     Ok(())
@@ -176,17 +178,17 @@ fn signature_line(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
 /// # Errors
 /// See [`call`].
 pub fn status(a: &Plain, out: &mut dyn Write) -> Outcome {
-    let v = call(&a.conn, a.json, &Request::Status)?;
+    let v: StatusInfo = call(&a.conn, a.json, &Request::Status)?;
     emit(out, a.json, &v, |o| {
         writeln!(
             o,
             "pid {}: {} plugin(s), {} site(s)",
-            v["pid"], v["plugins"], v["sites"]
+            v.pid, v.plugins, v.sites
         )?;
         writeln!(
             o,
             "host: {}",
-            serde_json::to_string_pretty(&v["host"]).unwrap_or_default()
+            serde_json::to_string_pretty(&v.host).unwrap_or_default()
         )
     })
 }
@@ -198,7 +200,7 @@ pub fn status(a: &Plain, out: &mut dyn Write) -> Outcome {
 pub fn load(a: &Load, out: &mut dyn Write) -> Outcome {
     // The host's working directory is not ours: send an absolute path.
     let path = std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone());
-    let v = call(
+    let v: PluginInfo = call(
         &a.conn,
         a.json,
         &Request::Load {
@@ -209,11 +211,11 @@ pub fn load(a: &Load, out: &mut dyn Write) -> Outcome {
         writeln!(
             o,
             "loaded {} {} from {} (base {}{})",
-            s(&v["name"]),
-            s(&v["version"]),
-            s(&v["path"]),
-            s(&v["base"]),
-            if v["tls"] == true { ", has TLS" } else { "" }
+            v.name,
+            v.version,
+            v.path,
+            v.base,
+            if v.tls { ", has TLS" } else { "" }
         )
     })
 }
@@ -223,7 +225,7 @@ pub fn load(a: &Load, out: &mut dyn Write) -> Outcome {
 /// # Errors
 /// See [`call`]; `E_PLG_IN_USE` while a site uses the plugin.
 pub fn unload(a: &Unload, out: &mut dyn Write) -> Outcome {
-    let v = call(
+    let v: UnloadInfo = call(
         &a.conn,
         a.json,
         &Request::Unload {
@@ -231,8 +233,8 @@ pub fn unload(a: &Unload, out: &mut dyn Write) -> Outcome {
         },
     )?;
     emit(out, a.json, &v, |o| {
-        write!(o, "unloaded {}: {}", s(&v["name"]), s(&v["outcome"]))?;
-        match v["reason"].as_str() {
+        write!(o, "unloaded {}: {}", v.name, v.outcome)?;
+        match &v.reason {
             Some(r) => writeln!(o, " ({r})"),
             None => writeln!(o),
         }
@@ -245,7 +247,7 @@ pub fn unload(a: &Unload, out: &mut dyn Write) -> Outcome {
 /// See [`call`]; the patcher's refusals (`E_PATCH_BACK_JUMP`, …), the
 /// symbolizer's `E_SYM_SYMBOL_NOT_FOUND`.
 pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
-    let v = call(
+    let v: SiteInfo = call(
         &a.conn,
         a.json,
         &Request::Patch {
@@ -265,7 +267,7 @@ pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
 /// # Errors
 /// See [`call`].
 pub fn swap(a: &Swap, out: &mut dyn Write) -> Outcome {
-    let v = call(
+    let v: SiteInfo = call(
         &a.conn,
         a.json,
         &Request::Swap {
@@ -291,7 +293,7 @@ pub fn site_cmd(a: &SiteArg, op: SiteOp, out: &mut dyn Write) -> Outcome {
         SiteOp::Enable => Request::Enable { site },
         SiteOp::Revert => Request::Revert { site },
     };
-    let v = call(&a.conn, a.json, &req)?;
+    let v: SiteInfo = call(&a.conn, a.json, &req)?;
     emit(out, a.json, &v, |o| site_line(o, &v))
 }
 
@@ -300,24 +302,18 @@ pub fn site_cmd(a: &SiteArg, op: SiteOp, out: &mut dyn Write) -> Outcome {
 /// # Errors
 /// See [`call`].
 pub fn list(a: &Plain, out: &mut dyn Write) -> Outcome {
-    let v = call(&a.conn, a.json, &Request::List)?;
+    let v: ListInfo = call(&a.conn, a.json, &Request::List)?;
     emit(out, a.json, &v, |o| {
-        let empty = Vec::new();
-        let plugins = v["plugins"].as_array().unwrap_or(&empty);
-        writeln!(o, "plugins ({}):", plugins.len())?;
-        for p in plugins {
+        writeln!(o, "plugins ({}):", v.plugins.len())?;
+        for p in &v.plugins {
             writeln!(
                 o,
                 "  {:<16} {:<8} pins {}  {}",
-                s(&p["name"]),
-                s(&p["version"]),
-                p["pins"],
-                s(&p["path"])
+                p.name, p.version, p.pins, p.path
             )?;
         }
-        let sites = v["sites"].as_array().unwrap_or(&empty);
-        writeln!(o, "sites ({}):", sites.len())?;
-        for site in sites {
+        writeln!(o, "sites ({}):", v.sites.len())?;
+        for site in &v.sites {
             write!(o, "  ")?;
             site_line(o, site)?;
         }

@@ -70,7 +70,7 @@ fn serve(n: usize) -> i32 {
     {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("demo-target: {e}");
+            eprintln!("demo-target: {}: {e}", e.code());
             return 1;
         }
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hotpatch_cli::client::Client;
-use hotpatch_protocol::{PayloadHeader, Request};
+use hotpatch_protocol::{Coded, PayloadHeader, Request};
 use serde_json::Value;
 
 use crate::plugins;
@@ -44,7 +44,7 @@ impl Tour {
 
     fn call(&mut self, cli: &str, req: &Request) -> Step<Value> {
         println!("  $ hotpatch {cli}");
-        self.client.call(req).map_err(|e| e.to_string())
+        self.client.call(req).map_err(|e| e.to_body().to_string())
     }
 }
 
@@ -88,8 +88,8 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     let agent = hotpatch_agent::Builder::new()
         .status(workers.status_fn())
         .start()
-        .map_err(|e| e.to_string())?;
-    let client = Client::connect(agent.socket_path()).map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_body().to_string())?;
+    let client = Client::connect(agent.socket_path()).map_err(|e| e.to_body().to_string())?;
     let mut t = Tour { client, step: 0 };
 
     t.step("workers running on the built-in code; the agent is listening");
@@ -265,11 +265,11 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
             top: Some(40),
             flamegraph: true,
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_body().to_string())?;
     let v = match hotpatch_cli::client::into_result(reply) {
         Ok(v) => v,
         Err(e) => {
-            println!("  profiling failed, going on without it: {e}");
+            println!("  profiling failed, going on without it: {}", e.to_body());
             return Ok(None);
         }
     };
@@ -278,7 +278,7 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
     let bodies = t
         .client
         .read_payloads(&headers)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_body().to_string())?;
     for (h, b) in headers.iter().zip(&bodies) {
         let path = if h.name.ends_with(".svg") {
             svg

@@ -10,7 +10,6 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::dl;
 use crate::elf::{DF_STATIC_TLS, ElfInfo};
 use crate::error::Error;
 
@@ -39,7 +38,7 @@ pub(crate) fn dlopen_failure(path: &Path, info: &ElfInfo, detail: String) -> Err
         if info.flags & DF_STATIC_TLS != 0 && detail.contains("static TLS") {
             return Error::TlsExhausted {
                 path: path_buf,
-                tls_size: tls.mem_size,
+                tls_size: tls.memsz,
                 detail,
             };
         }
@@ -103,10 +102,8 @@ pub(crate) fn dependency_resolvable(lib: &str, plugin: &Path, info: &ElfInfo) ->
     if lib.contains('/') {
         return Path::new(lib).is_file();
     }
-    let loaded = dl::loaded_objects();
-    if loaded.iter().any(|o| {
-        o.name
-            .file_name()
+    if hotpatch_sys::phdr::any_loaded(|name, _| {
+        name.file_name()
             .is_some_and(|n| n.as_bytes() == lib.as_bytes())
     }) {
         return true;

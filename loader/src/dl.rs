@@ -1,5 +1,7 @@
-//! The only place that calls `dlopen`, `dlsym`, `dlinfo`, `dlclose` and
-//! `dl_iterate_phdr`: small safe wrappers, each argued.
+//! The only place that calls `dlopen`, `dlsym`, `dlinfo` and `dlclose`:
+//! small safe wrappers, each argued. The loader's list and
+//! `/proc/self/maps` are read through `hotpatch_sys` ([`is_loaded`],
+//! [`maps_inode_in_range`]).
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::os::unix::ffi::OsStrExt;
@@ -137,81 +139,18 @@ impl Handle {
     }
 }
 
-/// A loaded object as `dl_iterate_phdr` reports it.
-#[derive(Debug, Clone)]
-pub(crate) struct LoadedObject {
-    pub base: usize,
-    pub name: PathBuf,
-}
-
-/// Every object currently in the dynamic loader's list.
-pub(crate) fn loaded_objects() -> Vec<LoadedObject> {
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _size: usize,
-        data: *mut c_void,
-    ) -> c_int {
-        // SAFETY: `data` is the `&mut Vec` passed below, alive for the whole
-        // iteration and not aliased; `info` is valid for this callback.
-        // `dlpi_name` is null or NUL-terminated. No unwinding: pushing can
-        // only abort on OOM.
-        unsafe {
-            let out = &mut *data.cast::<Vec<LoadedObject>>();
-            let info = &*info;
-            let name = if info.dlpi_name.is_null() {
-                PathBuf::new()
-            } else {
-                PathBuf::from(std::ffi::OsStr::from_bytes(
-                    CStr::from_ptr(info.dlpi_name).to_bytes(),
-                ))
-            };
-            out.push(LoadedObject {
-                base: info.dlpi_addr as usize,
-                name,
-            });
-        }
-        0
-    }
-    let mut out: Vec<LoadedObject> = Vec::new();
-    // SAFETY: `cb` matches the callback type, only touches `out` through the
-    // pointer we pass, and returns 0 to continue.
-    unsafe {
-        libc::dl_iterate_phdr(Some(cb), (&raw mut out).cast::<c_void>());
-    }
-    out
-}
-
-/// Whether an object named `name` is still mapped at `base`.
+/// Whether an object named `name` is still in the loader's list at `base`.
 pub(crate) fn is_loaded(base: usize, name: &Path) -> bool {
-    loaded_objects()
-        .iter()
-        .any(|o| o.base == base && o.name == name)
+    hotpatch_sys::phdr::is_loaded(base, name)
 }
 
 /// Whether a mapping in `/proc/self/maps` backed by the inode `(dev, ino)`
 /// overlaps `[start, end)`. Only the object's own address range counts:
 /// other mappings of the same file (the symbolizer maps files read-only to
-/// resolve them) are not the object.
+/// resolve them) are not the object. `false` when the maps cannot be read.
 pub(crate) fn maps_inode_in_range(dev: u64, ino: u64, start: usize, end: usize) -> bool {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return false;
-    };
-    let (maj, min) = (libc::major(dev), libc::minor(dev));
-    let want_dev = format!("{maj:02x}:{min:02x}");
-    maps.lines().any(|l| {
-        let mut f = l.split_ascii_whitespace();
-        let (r, _, _, d, i) = (f.next(), f.next(), f.next(), f.next(), f.next());
-        let Some((a, b)) = r.and_then(|r| r.split_once('-')) else {
-            return false;
-        };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
-            return false;
-        };
-        a < end
-            && start < b
-            && d == Some(want_dev.as_str())
-            && i.and_then(|i| i.parse::<u64>().ok()) == Some(ino)
-    })
+    hotpatch_sys::maps::read()
+        .is_ok_and(|maps| hotpatch_sys::maps::inode_in_range(&maps, dev, ino, start, end))
 }
 
 #[cfg(test)]
@@ -220,11 +159,9 @@ mod tests {
 
     #[test]
     fn libc_is_loaded_and_dlopen_errors_are_reported() {
-        assert!(
-            loaded_objects()
-                .iter()
-                .any(|o| o.name.to_string_lossy().contains("libc.so"))
-        );
+        assert!(hotpatch_sys::phdr::any_loaded(|n, _| n
+            .to_string_lossy()
+            .contains("libc.so")));
         let err = Handle::open(Path::new("/nonexistent/libnope.so")).expect_err("must fail");
         assert!(err.contains("libnope.so"), "{err}");
     }

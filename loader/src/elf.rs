@@ -40,16 +40,9 @@ pub(crate) enum ElfError {
     Truncated(String),
 }
 
-/// The `PT_TLS` segment of a module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TlsSegment {
-    /// Size of the TLS block (initialized data + zero-filled tail).
-    pub mem_size: u64,
-    /// Size of the initialization image.
-    pub file_size: u64,
-    /// Alignment of the TLS block.
-    pub align: u64,
-}
+/// The `PT_TLS` segment of a module: the OS layer's one type, shared with
+/// the symbolizer's registry.
+pub use hotpatch_sys::phdr::TlsSegment;
 
 /// A symbol the object defines in `.dynsym`.
 #[derive(Debug, Clone)]
@@ -277,8 +270,9 @@ pub(crate) fn parse<'a, R: ReadRef<'a>>(
             elf::PT_TLS => {
                 in_file("the PT_TLS image", offset, filesz, file_len)?;
                 info.tls = Some(TlsSegment {
-                    mem_size: memsz,
-                    file_size: filesz,
+                    image: p.p_vaddr(endian),
+                    filesz,
+                    memsz,
                     align: p.p_align(endian),
                 });
             }
@@ -597,7 +591,7 @@ fn read_sections<'a, R: ReadRef<'a>>(
         let (value, kind) = (sym.st_value(endian), sym.st_type());
         let fits = match kind {
             _ if shndx == elf::SHN_ABS => true,
-            elf::STT_TLS => info.tls.is_some_and(|t| value <= t.mem_size),
+            elf::STT_TLS => info.tls.is_some_and(|t| value <= t.memsz),
             _ => loads
                 .iter()
                 .any(|l| l.holds_mem(value, sym.st_size(endian))),

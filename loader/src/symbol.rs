@@ -4,8 +4,6 @@ use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
 
-use crate::plugin::Plugin;
-
 mod sealed {
     pub trait Sealed {}
 }
@@ -24,13 +22,16 @@ pub trait PluginFn: Copy + sealed::Sealed {
     fn addr(self) -> *const c_void;
 }
 
-/// A function of a plugin, borrowing the [`Plugin`]: it cannot outlive the
+/// A function of a plugin, borrowing the [`Plugin`](crate::Plugin): it cannot outlive the
 /// plugin in safe code, because the plugin cannot be unloaded or dropped
 /// while a `Symbol` borrows it. Call it with `call`; the raw pointer is
 /// only available through the `unsafe` [`Symbol::into_raw`].
 pub struct Symbol<'lib, F> {
     f: F,
-    _lib: PhantomData<&'lib Plugin>,
+    /// The borrow of the plugin (`Plugin::get` ties `'lib` to `&self`);
+    /// not naming the `Plugin` type keeps this file free of a cycle with
+    /// `plugin.rs`.
+    _lib: PhantomData<&'lib ()>,
 }
 
 impl<F: PluginFn> Symbol<'_, F> {

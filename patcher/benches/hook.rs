@@ -340,7 +340,7 @@ fn bench_install_remove_parts(c: &mut Criterion) {
     let here = bench_install_remove_parts as *const () as usize;
     g.bench_function("maps-query", |b| {
         b.iter(|| {
-            hotpatch_patcher::maps::Lookup::new()
+            hotpatch_patcher::maps::lookup()
                 .expect("lookup")
                 .find(here)
                 .expect("mapped")

@@ -2,10 +2,7 @@
 //! (local, non-exported symbols included), through the symbolizer. The
 //! symbol's size bounds the preflight exactly.
 
-use std::path::Path;
-use std::sync::OnceLock;
-
-use hotpatch_symbolizer::{DebugSearch, Module, Registry, Symbolizer};
+use hotpatch_symbolizer::{Module, Registry, find};
 
 use crate::error::{Error, Result};
 use crate::preflight::{PreflightReport, preflight};
@@ -24,28 +21,25 @@ pub struct SymbolTarget {
     pub size: Option<usize>,
 }
 
-fn symbolizer() -> &'static Symbolizer {
-    static S: OnceLock<Symbolizer> = OnceLock::new();
-    S.get_or_init(|| Symbolizer::new(DebugSearch::default()))
-}
-
-/// Whether `m` is the module the caller named: `None` is the main program;
-/// otherwise a full path or a file name.
-fn matches(m: &Module, module: Option<&str>, exe: Option<&Path>) -> bool {
-    let Some(e) = m.elf() else { return false };
+/// The module `module` names: `None` is the main program; otherwise the
+/// symbolizer's one module-name rule ([`hotpatch_symbolizer::find::module_matches`]:
+/// a path, a file name, or a library's stem).
+fn module_named(reg: &Registry, module: Option<&str>) -> Option<Module> {
     match module {
-        None => exe.is_some_and(|x| x == e.path),
-        Some(name) => {
-            e.path == Path::new(name)
-                || e.path
-                    .file_name()
-                    .is_some_and(|f| f.to_string_lossy() == name)
+        None => {
+            let exe = std::fs::read_link("/proc/self/exe").ok()?;
+            let seq = reg.current_seq();
+            reg.modules()
+                .into_iter()
+                .find(|m| m.mapped_at(seq) && m.elf().is_some_and(|e| e.path == exe))
         }
+        Some(name) => find::modules_named(reg, name).into_iter().next(),
     }
 }
 
 /// Finds `symbol` in `module` (`None`: the main program; else a path or
-/// file name of a loaded module). Local symbols are found too; Rust symbols
+/// file name of a loaded module, or a library's stem as in
+/// `libpricing_v1.so` for `pricing-v1`). Local symbols are found too; Rust symbols
 /// match by their demangled path without hash (`crate::module::function`).
 ///
 /// # Errors
@@ -54,22 +48,17 @@ fn matches(m: &Module, module: Option<&str>, exe: Option<&Path>) -> bool {
 pub fn find(module: Option<&str>, symbol: &str) -> Result<SymbolTarget> {
     let reg = Registry::global();
     let _ = reg.refresh();
-    let exe = std::fs::read_link("/proc/self/exe").ok();
-    let seq = reg.current_seq();
-    let m = reg
-        .modules()
-        .into_iter()
-        .find(|m| m.mapped_at(seq) && matches(m, module, exe.as_deref()))
-        .ok_or_else(|| Error::ModuleNotFound {
-            module: module.unwrap_or("<main program>").to_string(),
-        })?;
-    let found = symbolizer()
-        .find_symbol(reg, m.id, symbol)
-        .map_err(|e| Error::SymbolNotFound {
-            module: m.name(),
-            symbol: symbol.to_string(),
-            detail: e.to_string(),
-        })?;
+    let m = module_named(reg, module).ok_or_else(|| Error::ModuleNotFound {
+        module: module.unwrap_or("<main program>").to_string(),
+    })?;
+    let not_found = |detail: String| Error::SymbolNotFound {
+        module: m.name(),
+        symbol: symbol.to_string(),
+        detail,
+    };
+    let (_, found) = find::find_in(reg, &[m.id], symbol)
+        .map_err(|e| not_found(e.to_string()))?
+        .ok_or_else(|| not_found("not in its symbol tables".to_owned()))?;
     Ok(SymbolTarget {
         module: m
             .elf()

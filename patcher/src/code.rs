@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
 use crate::error::{Error, Result};
 use crate::near::PAGE;
 
@@ -271,26 +273,26 @@ pub fn install_trap_handler() -> Result<()> {
     if TRAP_INSTALLED.load(Ordering::Acquire) {
         return Ok(());
     }
-    // SAFETY: querying the current disposition into a zeroed, owned struct.
-    let old = unsafe {
-        let mut old: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) != 0 {
-            return Err(Error::os("sigaction(SIGTRAP, query)"));
-        }
-        old
-    };
+    // Queried before ours is installed (not swapped), so that our handler
+    // always finds the previous disposition to chain to.
+    let old = hotpatch_sys::signal::query_action(libc::SIGTRAP).map_err(|source| Error::Os {
+        what: "sigaction(SIGTRAP, query)",
+        source,
+    })?;
     // Published before our handler can run, so the handler always finds it.
     let _ = OLD_TRAP.set(old);
-    // SAFETY: a zeroed sigaction filled with our async-signal-safe handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = trap_handler as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) != 0 {
-            return Err(Error::os("sigaction(SIGTRAP)"));
-        }
-    }
+    let sa = SigAction::new(
+        SigHandler::SigAction(trap_handler),
+        SaFlags::SA_SIGINFO | SaFlags::SA_ONSTACK,
+        SigSet::empty(),
+    );
+    // SAFETY: `trap_handler` is async-signal-safe (atomics and the
+    // interrupted context only; see its body) and a `fn` item, valid
+    // forever.
+    unsafe { sigaction(Signal::SIGTRAP, &sa) }.map_err(|e| Error::Os {
+        what: "sigaction(SIGTRAP)",
+        source: e.into(),
+    })?;
     TRAP_INSTALLED.store(true, Ordering::Release);
     Ok(())
 }
@@ -315,6 +317,9 @@ extern "C" fn trap_handler(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc:
         return;
     }
     if h == libc::SIG_DFL {
+        // Inside the handler: libc's `sigaction` and `raise` directly (both
+        // async-signal-safe per POSIX); the world-running wrappers of
+        // `hotpatch_sys::signal` are not for here.
         // SAFETY: restoring the default action and re-raising reproduces
         // what would have happened without us (the process dumps core).
         unsafe {

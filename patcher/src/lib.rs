@@ -29,6 +29,7 @@ pub mod maps;
 mod near;
 mod preflight;
 mod site;
+#[cfg(feature = "verify")]
 pub mod verify;
 pub mod world;
 pub mod x86_64;

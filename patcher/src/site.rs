@@ -97,7 +97,7 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, maps::Lo
     if target == 0 {
         return Err(Error::NullAddress { what: "target" });
     }
-    let all = maps::Lookup::new()?;
+    let all = maps::lookup()?;
     let m = all.find(target).ok_or_else(|| Error::NotExecutable {
         addr: target,
         detail: "no mapping contains it".into(),
@@ -136,23 +136,6 @@ pub(crate) fn read_code(target: usize, want: usize) -> Result<(Vec<u8>, maps::Lo
 /// shorter than 5 bytes (`decode::find_hole`).
 pub(crate) fn read_len(known_size: Option<usize>) -> usize {
     known_size.map_or(decode::MAX_HEURISTIC_SCAN, |n| (n + 16).max(160))
-}
-
-/// Reads `buf.len()` bytes at `addr` of this process with
-/// `process_vm_readv`: an unmapped address is an error, not a fault.
-fn read_self(addr: usize, buf: &mut [u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` describes our writable buffer; the kernel validates
-    // `remote` and fails with EFAULT instead of faulting.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n == buf.len() as isize
 }
 
 /// A live patch site (the untyped core of [`crate::Hook`]).
@@ -318,7 +301,7 @@ impl Site {
         // A fresh chunk may have been mapped since `maps` was taken: a
         // snapshot is retaken, the ioctl answers live.
         let maps_now = match maps {
-            maps::Lookup::Snapshot(_) if !cached.written => maps::Lookup::new()?,
+            maps::Lookup::Snapshot(_) if !cached.written => maps::lookup()?,
             m => m,
         };
         let entry_pages = Pages::covering(&maps_now, a.patch_at, jump.len())?;
@@ -522,14 +505,14 @@ impl Site {
         // the pages recorded at install.
         let mut now = [0u8; 5];
         let now = &mut now[..self.written.len()];
-        if !read_self(self.patch_at, now) || *now != self.written[..] {
+        if !hotpatch_sys::mem::read_self(self.patch_at, now) || *now != self.written[..] {
             return Err(Error::CodeChanged {
                 addr: self.patch_at,
             });
         }
         if let Some(h) = &self.hole {
             let mut now = [0u8; decode::HOLE_LEN];
-            if !read_self(h.at, &mut now) || now != h.written {
+            if !hotpatch_sys::mem::read_self(h.at, &mut now) || now != h.written {
                 return Err(Error::CodeChanged { addr: h.at });
             }
         }

@@ -483,16 +483,17 @@ static FAULT_REPORTER: std::sync::Once = std::sync::Once::new();
 /// Chains only to the default action: it is installed for harness runs.
 fn install_fault_reporter() {
     FAULT_REPORTER.call_once(|| {
-        for sig in [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS] {
-            // SAFETY: a zeroed sigaction filled with an async-signal-safe
-            // handler (write(2) and sigaction/raise only).
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = fault_reporter as *const () as usize;
-                sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_ONSTACK;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        let sa = SigAction::new(
+            SigHandler::SigAction(fault_reporter),
+            SaFlags::SA_SIGINFO | SaFlags::SA_RESETHAND | SaFlags::SA_ONSTACK,
+            SigSet::empty(),
+        );
+        for sig in [Signal::SIGSEGV, Signal::SIGILL, Signal::SIGBUS] {
+            // SAFETY: `fault_reporter` is async-signal-safe (write(2) and
+            // sigaction/raise only) and a `fn` item, valid forever. A
+            // failure leaves the default action, which is what it chains to.
+            let _ = unsafe { sigaction(sig, &sa) };
         }
     });
 }

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize
 use std::time::{Duration, Instant};
 
 use hotpatch_sys::helper::{self, Helper, HelperStack};
-use hotpatch_sys::{ptrace, raw, status};
+use hotpatch_sys::signal::MaskGuard;
+use hotpatch_sys::{mem, ptrace, raw, status};
 
 use crate::counters as stats;
 use crate::error::{Error, Result};
@@ -191,26 +192,25 @@ fn install_handler() -> Result<()> {
     if sig == 0 {
         sig = libc::SIGRTMIN() + 7;
     }
+    // A real-time signal: `hotpatch_sys::signal` takes it by number (nix's
+    // `Signal` cannot name it).
     // SAFETY: a zeroed sigaction is a valid starting point; we fill the
-    // handler, flags and mask before passing it to the kernel. The handler
-    // is async-signal-safe (see its body).
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-        // A parked thread runs no other asynchronous handler until released.
-        sa.sa_mask = async_signals();
-        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-            return Err(Error::os("sigaction(stop signal)"));
-        }
-    }
+    // handler, flags and mask below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // A parked thread runs no other asynchronous handler until released.
+    sa.sa_mask = async_signals();
+    // SAFETY: `handler` is async-signal-safe (see its body), has the
+    // SA_SIGINFO signature, and is a `fn` item, valid forever.
+    unsafe { hotpatch_sys::signal::swap_action(sig, &sa) }.map_err(|source| Error::Os {
+        what: "sigaction(stop signal)",
+        source,
+    })?;
     // The kernel stored glibc's `__restore_rt` as our `sa_restorer`: the
     // return address of every signal frame glibc's `sigaction` sets up.
-    // SAFETY: reads back the action just installed into a zeroed struct.
-    unsafe {
-        let mut cur: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(sig, std::ptr::null(), &mut cur) == 0 && cur.sa_flags & SA_RESTORER != 0
-        {
+    if let Ok(cur) = hotpatch_sys::signal::query_action(sig) {
+        if cur.sa_flags & SA_RESTORER != 0 {
             RESTORER.store(cur.sa_restorer.map_or(0, |r| r as usize), Ordering::Release);
         }
     }
@@ -225,37 +225,6 @@ const SA_RESTORER: i32 = 0x0400_0000;
 static RESTORER: AtomicUsize = AtomicUsize::new(0);
 /// How far above a stopped thread's stack pointer signal frames are sought.
 const FRAME_SCAN: usize = 64 * 1024;
-
-/// Reads `buf.len()` bytes at `addr` of our own memory; false if any part
-/// is unmapped (`process_vm_readv` reports it instead of faulting).
-fn read_own(addr: usize, buf: &mut [u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` covers `buf`, writable; the kernel checks `remote`.
-    let n = unsafe { libc::process_vm_readv(raw::getpid(), &local, 1, &remote, 1, 0) };
-    n == buf.len() as isize
-}
-
-/// Writes `bytes` at `addr` of our own memory (a stopped thread's stack).
-fn write_own(addr: usize, bytes: &[u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut c_void,
-        iov_len: bytes.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: `local` covers `bytes` (only read); the kernel checks `remote`.
-    let n = unsafe { libc::process_vm_writev(raw::getpid(), &local, 1, &remote, 1, 0) };
-    n == bytes.len() as isize
-}
 
 /// Looks for signal frames (a word equal to `__restore_rt`: the handler's
 /// return address, followed by the `ucontext_t`) in the `FRAME_SCAN` bytes
@@ -276,7 +245,7 @@ fn scan_signal_frames(rsp: u64, f: &mut impl FnMut(usize) -> usize) {
     let mut at = start;
     while at < start + FRAME_SCAN {
         let len = (4096 - (at & 4095)).min(buf.len());
-        if !read_own(at, &mut buf[..len]) {
+        if !mem::read_self(at, &mut buf[..len]) {
             return;
         }
         for (i, w) in buf[..len].chunks_exact(8).enumerate() {
@@ -285,14 +254,16 @@ fn scan_signal_frames(rsp: u64, f: &mut impl FnMut(usize) -> usize) {
             }
             let slot = at + i * 8 + rip_off;
             let mut saved = [0u8; 8];
-            if !read_own(slot, &mut saved) {
+            if !mem::read_self(slot, &mut saved) {
                 continue;
             }
             let rip = usize::from_ne_bytes(saved);
             let to = f(rip);
             if to != rip {
                 stats::bump(&stats::FRAME_FIXUPS);
-                write_own(slot, &to.to_ne_bytes());
+                // SAFETY: `slot` is in a stopped thread's signal frame on
+                // its stack, which no Rust reference of ours aliases.
+                unsafe { mem::write_self(slot, &to.to_ne_bytes()) };
             }
         }
         at += len;
@@ -303,39 +274,18 @@ fn gettid() -> i32 {
     raw::gettid()
 }
 
+/// `FUTEX_WAIT_PRIVATE` through `sys::raw` (no `errno`: also called from
+/// the stop handler).
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|d| libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
+    // `raw::futex_wait` reads 0 as "no timeout": a zero timeout waits 1 ns.
+    let ns = timeout.map_or(0, |d| {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
     });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call;
-    // FUTEX_WAIT_PRIVATE only reads it. `tsp` is null or points to a live
-    // timespec. Spurious wakeups are handled by every caller's loop.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            tsp,
-        );
-    }
+    raw::futex_wait(word, expected, ns);
 }
 
 fn futex_wake(word: &AtomicU32, n: i32) {
-    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not access
-    // memory beyond identifying the futex.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            n,
-        );
-    }
+    raw::futex_wake(word, n);
 }
 
 /// The stop handler. Async-signal-safe: atomics, `gettid`, `futex` only.
@@ -438,16 +388,6 @@ pub struct Straggler {
     pub tid: i32,
 }
 
-/// The signal mask a thread had before [`stop`] blocked asynchronous
-/// signals on it.
-struct SavedMask(libc::sigset_t);
-
-impl std::fmt::Debug for SavedMask {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SavedMask")
-    }
-}
-
 /// Every signal but the synchronous ones (faults, traps, `abort`): what the
 /// stopping thread blocks while the world is stopped, and what the stop
 /// handler blocks while a thread is parked. A handler that ran there (the
@@ -487,8 +427,9 @@ pub struct Stopped {
     helper: Option<Helper>,
     /// Whether `PR_SET_PTRACER` was set for the helper (Yama scope 1).
     set_ptracer: bool,
-    /// The stopping thread's mask before the stop; restored on release.
-    saved_mask: Option<SavedMask>,
+    /// Blocks asynchronous signals on the stopping thread; dropping it on
+    /// release restores the thread's previous mask.
+    saved_mask: Option<MaskGuard>,
     /// Not `Send`: the release must run on the thread whose mask was saved.
     _same_thread: std::marker::PhantomData<*const ()>,
     /// Threads that did not park within the timeout.
@@ -559,12 +500,10 @@ impl Stopped {
             let _ = raw::prctl(libc::PR_SET_PTRACER, 0);
         }
         COUNT.store(0, Ordering::Release);
-        if let Some(SavedMask(old)) = self.saved_mask.take() {
-            // SAFETY: restores this thread's own mask saved in `stop`; the
-            // pending signals it unblocks are delivered now, with every
-            // other thread running again.
-            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        }
+        // Restores this thread's own mask saved in `stop`; the pending
+        // signals it unblocks are delivered now, with every other thread
+        // running again.
+        drop(self.saved_mask.take());
     }
 }
 
@@ -635,14 +574,7 @@ pub fn stop(timeout: Duration) -> Result<Stopped> {
     // No handler of ours or the host's runs on this thread until release
     // (see `async_signals`). Restored by `release_inner`, on every path:
     // an early return drops `stopped`, which releases.
-    let block = async_signals();
-    // SAFETY: sigset_t is plain data; `old` receives this thread's mask.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `block` and `old` are valid sigsets on our stack; this only
-    // changes the calling thread's mask.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old) } == 0 {
-        stopped.saved_mask = Some(SavedMask(old));
-    }
+    stopped.saved_mask = MaskGuard::block_raw(async_signals()).ok();
     let mut buf = [0u8; 4096];
     let mut overflow = false;
     // Each round lists the tids, signals (or hands to the helper) the new
@@ -1430,7 +1362,10 @@ mod tests {
             assert_eq!(frozen, still, "spinners did not run while stopped");
         }
         let after = crate::stats();
-        assert!(after.ptrace_stops >= before.ptrace_stops + 80);
+        assert!(
+            after.ptrace_stops >= before.ptrace_stops + 80,
+            "{before:?} {after:?}"
+        );
         let at = spins.load(Ordering::Relaxed);
         while spins.load(Ordering::Relaxed) == at {
             std::thread::yield_now();

@@ -26,6 +26,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod paths;
+pub mod reply;
+
+pub use reply::*;
 
 /// Longest request line accepted, newline excluded.
 pub const MAX_LINE: usize = 1 << 20;
@@ -252,13 +255,54 @@ impl ErrorBody {
 
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Most messages of the other crates already start with their code.
-        if self.message.starts_with(&self.code) {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.code, self.message)
-        }
+        // Messages never contain their code (the one rule of [`Coded`]).
+        write!(f, "{}: {}", self.code, self.message)
     }
+}
+
+/// An error with a stable code: the one rule by which any crate's error
+/// goes on the wire. Each crate owns its codes (`pub const`s or its error
+/// type's `code()`, prefixed by the crate: `E_PATCH_*`, `E_PLG_*`,
+/// `E_SYM_*`, `E_PROF_*`, `E_HEAP_*`, `E_AGENT_*`); its `Display` is the
+/// message, which never contains the code.
+pub trait Coded: std::fmt::Display {
+    /// The stable code.
+    fn code(&self) -> &str;
+
+    /// The wire error body: the code and the message.
+    fn to_body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string())
+    }
+}
+
+impl Coded for ErrorBody {
+    fn code(&self) -> &str {
+        &self.code
+    }
+
+    fn to_body(&self) -> ErrorBody {
+        self.clone()
+    }
+}
+
+/// `Coded` for an error type whose crate has an inherent `code()`.
+macro_rules! coded {
+    ($($feature:literal => $ty:ty),* $(,)?) => {$(
+        #[cfg(feature = $feature)]
+        impl Coded for $ty {
+            fn code(&self) -> &str {
+                <$ty>::code(self)
+            }
+        }
+    )*};
+}
+
+coded! {
+    "patcher" => hotpatch_patcher::Error,
+    "loader" => hotpatch_loader::Error,
+    "symbolizer" => hotpatch_symbolizer::Error,
+    "profiler" => hotpatch_profiler::Error,
+    "heap" => hotpatch_heap::Error,
 }
 
 /// A reply.
@@ -282,6 +326,16 @@ impl Reply {
             result: Some(result),
             error: None,
         }
+    }
+
+    /// A success with a typed result ([`reply`]).
+    ///
+    /// # Errors
+    /// `E_AGENT_INTERNAL` when `result` does not serialize (a bug).
+    pub fn typed<T: Serialize>(result: &T) -> Result<Self, ErrorBody> {
+        serde_json::to_value(result)
+            .map(Reply::ok)
+            .map_err(|e| ErrorBody::new(E_AGENT_INTERNAL, format!("encoding a result: {e}")))
     }
 
     /// A failure.

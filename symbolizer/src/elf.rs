@@ -16,7 +16,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
 
 use crate::addr::{FileOffset, FileVirtAddr};
 use crate::error::{Error, Result};
-use crate::registry::{BuildId, Segment, TlsInfo};
+use crate::model::{BuildId, Segment, TlsInfo, TlsSegment};
 
 /// What distinguishes one version of a file's bytes from another without
 /// reading them: the inode and what a rewrite changes (size, mtime). A file
@@ -157,10 +157,12 @@ pub(crate) fn file_layout(mapped: &Mapped) -> Result<Layout> {
             elf::PT_TLS => {
                 tls = Some(TlsInfo {
                     modid: 0,
-                    image: FileVirtAddr(ph.p_vaddr(endian)),
-                    filesz: ph.p_filesz(endian),
-                    memsz: ph.p_memsz(endian),
-                    align: ph.p_align(endian),
+                    segment: TlsSegment {
+                        image: ph.p_vaddr(endian),
+                        filesz: ph.p_filesz(endian),
+                        memsz: ph.p_memsz(endian),
+                        align: ph.p_align(endian),
+                    },
                 })
             }
             _ => {}

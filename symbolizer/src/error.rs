@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::registry::ModuleId;
+use crate::model::ModuleId;
 
 /// Everything the symbolizer can refuse or fail at.
 ///

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::elf::{self, FileIdentity, Mapped};
-use crate::registry::BuildId;
+use crate::model::BuildId;
 
 /// How many file versions whose modules are all unloaded keep their mapping.
 pub(crate) const RETAINED_UNLOADED: usize = 16;

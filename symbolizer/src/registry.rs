@@ -85,91 +85,13 @@ use crate::addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 use crate::elf::Mapped;
 use crate::error::{Error, Result};
 use crate::files::{FileKey, FileSlot, FileTable};
-use crate::phdr;
+use hotpatch_sys::phdr;
 
-/// Identifies a module within one [`Registry`]; never reused.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize)]
-pub struct ModuleId(pub u64);
-
-/// A registry sequence number: the count of mutations so far.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, serde::Serialize)]
-pub struct Seq(pub u64);
-
-impl Seq {
-    /// "Whatever is mapped now": later than any real sequence number.
-    pub const LATEST: Seq = Seq(u64::MAX - 1);
-}
+pub use crate::model::{BuildId, ModuleId, Segment, Seq, TlsInfo, TlsSegment};
 
 /// Identifies a subscription made with [`Registry::subscribe`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct SubscriptionId(u64);
-
-/// A GNU build-id (`NT_GNU_BUILD_ID` note contents).
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct BuildId(pub Vec<u8>);
-
-impl BuildId {
-    /// Lower-case hex, as `readelf -n` and `/usr/lib/debug/.build-id` spell it.
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-impl fmt::Debug for BuildId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BuildId({})", self.to_hex())
-    }
-}
-
-impl fmt::Display for BuildId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-/// One `PT_LOAD` segment of an ELF module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    /// `p_vaddr`.
-    pub vaddr: FileVirtAddr,
-    /// `p_memsz`.
-    pub memsz: u64,
-    /// `p_offset`.
-    pub offset: FileOffset,
-    /// `p_filesz`.
-    pub filesz: u64,
-    /// `p_flags` (`PF_X`, `PF_W`, `PF_R`).
-    pub flags: u32,
-}
-
-impl Segment {
-    /// Whether the segment is executable.
-    pub fn is_exec(&self) -> bool {
-        self.flags & libc::PF_X != 0
-    }
-
-    /// The file offset of `addr`, if it lies in this segment's file-backed
-    /// part.
-    pub fn file_offset(&self, addr: FileVirtAddr) -> Option<FileOffset> {
-        let delta = addr.0.checked_sub(self.vaddr.0)?;
-        (delta < self.filesz).then(|| FileOffset(self.offset.0 + delta))
-    }
-}
-
-/// A module's `PT_TLS` segment and its TLS module id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TlsInfo {
-    /// `dlpi_tls_modid` (0 when unknown, e.g. registered from the file).
-    pub modid: u64,
-    /// `p_vaddr` of the TLS initialization image.
-    pub image: FileVirtAddr,
-    /// Initialized bytes of the image.
-    pub filesz: u64,
-    /// Total TLS block size.
-    pub memsz: u64,
-    /// Required alignment.
-    pub align: u64,
-}
 
 /// A file-backed ELF module.
 #[derive(Clone, Debug)]
@@ -781,7 +703,7 @@ impl Registry {
                 let found = match (&spec.locate, &spec.path) {
                     (Locate::Containing(addr), _) => snap.objects.into_iter().find(|o| {
                         o.segments.iter().any(|s| {
-                            let start = o.bias.to_runtime(s.vaddr).0;
+                            let start = o.bias.wrapping_add(s.vaddr);
                             addr.0 >= start && addr.0 - start < s.memsz
                         })
                     }),
@@ -804,15 +726,7 @@ impl Registry {
                     (Locate::Mapped, Some(p)) => p,
                     _ => o.path(),
                 };
-                let elf = ElfModule {
-                    path,
-                    build_id: o.build_id,
-                    bias: o.bias,
-                    segments: o.segments,
-                    tls: o.tls,
-                    file: None,
-                };
-                (elf, None)
+                (elf_from_loaded(&o, path, None), None)
             }
         };
         let key = obj_key(&elf);
@@ -1040,7 +954,14 @@ impl Registry {
             .objects
             .into_iter()
             .filter(|o| !o.segments.is_empty())
-            .map(|o| ((o.bias.0, canonical(&o.path()), o.build_id.clone()), o))
+            .map(|o| {
+                let key = (
+                    o.bias,
+                    canonical(&o.path()),
+                    o.build_id.clone().map(BuildId),
+                );
+                (key, o)
+            })
             .collect();
         let keys: HashSet<&ObjKey> = listed.iter().map(|(k, _)| k).collect();
         let (gone, new) = {
@@ -1074,16 +995,8 @@ impl Registry {
             .into_iter()
             .map(|(key, o)| {
                 let path = o.path();
-                let file = self.file_slot(&path, o.build_id.as_ref(), None);
-                let elf = ElfModule {
-                    path,
-                    build_id: o.build_id.clone(),
-                    bias: o.bias,
-                    segments: o.segments.clone(),
-                    tls: o.tls,
-                    file,
-                };
-                (key.clone(), elf)
+                let file = self.file_slot(&path, key.2.as_ref(), None);
+                (key.clone(), elf_from_loaded(o, path, file))
             })
             .collect();
         let added: Vec<Module> = {
@@ -1305,6 +1218,25 @@ fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// The registry's record of an object the loader listed.
+fn elf_from_loaded(
+    o: &phdr::LoadedObject,
+    path: PathBuf,
+    file: Option<Arc<FileSlot>>,
+) -> ElfModule {
+    ElfModule {
+        path,
+        build_id: o.build_id.clone().map(BuildId),
+        bias: Bias(o.bias),
+        segments: o.segments.iter().map(|&s| Segment::from(s)).collect(),
+        tls: o.tls.map(|segment| TlsInfo {
+            modid: o.tls_modid,
+            segment,
+        }),
+        file,
+    }
+}
+
 fn obj_key(elf: &ElfModule) -> ObjKey {
     (elf.bias.0, canonical(&elf.path), elf.build_id.clone())
 }
@@ -1381,9 +1313,10 @@ impl ModuleExport {
                     .iter()
                     .map(|s| [s.vaddr.0, s.memsz, s.offset.0, s.filesz, u64::from(s.flags)])
                     .collect(),
-                tls: e
-                    .tls
-                    .map(|t| [t.modid, t.image.0, t.filesz, t.memsz, t.align]),
+                tls: e.tls.map(|t| {
+                    let g = t.segment;
+                    [t.modid, g.image, g.filesz, g.memsz, g.align]
+                }),
             }),
             ModuleKind::Anon(a) => ModuleExportKind::Anon {
                 name: a.name.clone(),
@@ -1462,10 +1395,12 @@ fn import_elf(x: &ElfExport) -> std::result::Result<ElfModule, String> {
     }
     let tls = x.tls.map(|[modid, image, filesz, memsz, align]| TlsInfo {
         modid,
-        image: FileVirtAddr(image),
-        filesz,
-        memsz,
-        align,
+        segment: TlsSegment {
+            image,
+            filesz,
+            memsz,
+            align,
+        },
     });
     Ok(ElfModule {
         path: PathBuf::from(&x.path),

@@ -12,7 +12,16 @@
 //!   (async-signal-safe) and a permission check (world running, built on
 //!   `nix`);
 //! - [`helper`]: a helper process that shares our memory but is not in our
-//!   thread group (so it may trace our threads).
+//!   thread group (so it may trace our threads);
+//! - [`maps`]: `/proc/self/maps` and the `PROCMAP_QUERY` ioctl;
+//! - [`phdr`]: the dynamic loader's list (`dl_iterate_phdr`), segments, TLS
+//!   segment ([`phdr::TlsSegment`], the one TLS description) and build-ids;
+//!   `findshlibs` where it is enough;
+//! - [`signal`]: a signal-mask guard and disposition query/swap by number
+//!   (`nix` where its `Signal` enum can name the signal);
+//! - [`mem`]: reading and writing our own memory with
+//!   `process_vm_readv`/`writev`, so a stale address is an error, not a
+//!   fault.
 //!
 //! The rule for what uses `nix` and what is raw: code that may run while
 //! other threads are parked (they may hold malloc's or libc's locks) or
@@ -20,13 +29,19 @@
 //! writing `errno` there would corrupt that thread's) uses [`raw`]; code that
 //! runs with the world running uses `nix`'s typed wrappers.
 //!
-//! The other OS facilities of issue #10 (maps, phdr, self-memory reads) are
-//! still in their crates; they move here in a later step.
+//! The patcher, the symbolizer and the loader call `dl_iterate_phdr`, read
+//! `/proc/self/maps` and `process_vm_readv` their own memory only through
+//! this crate (the profiler's unwinder moves to [`mem`] with its own
+//! rework).
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 pub mod cred;
 pub mod helper;
+pub mod maps;
+pub mod mem;
+pub mod phdr;
 pub mod ptrace;
 pub mod raw;
+pub mod signal;
 pub mod status;

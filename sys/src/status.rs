@@ -208,13 +208,8 @@ mod tests {
     fn sees_a_blocked_signal() {
         let sig = libc::SIGRTMIN() + 3;
         let h = std::thread::spawn(move || {
-            // SAFETY: plain sigset manipulation of this thread's own mask.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, sig);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            }
+            let _blocked = crate::signal::MaskGuard::block_raw(crate::signal::sigset_of(&[sig]))
+                .expect("block");
             task_status(raw::gettid()).expect("status")
         });
         let s = h.join().expect("join");

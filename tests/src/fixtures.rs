@@ -33,6 +33,32 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 /// When cargo fails: a test cannot run without its fixture, and the panic
 /// carries cargo's output.
 pub fn build(packages: &[&str]) -> PathBuf {
+    let args: Vec<&str> = packages.iter().flat_map(|p| ["-p", p]).collect();
+    build_args(&args)
+}
+
+/// Builds example `name` of workspace package `package` (with `features`
+/// of that package) like [`build`] and returns the executable's path.
+///
+/// # Panics
+/// As [`build`], and when the executable is not where cargo puts it.
+pub fn example(package: &str, name: &str, features: &[&str]) -> PathBuf {
+    let mut args = vec!["-p", package, "--example", name];
+    let joined = features.join(",");
+    if !features.is_empty() {
+        args.extend(["--features", &joined]);
+    }
+    let exe = build_args(&args).join("examples").join(name);
+    assert!(
+        exe.is_file(),
+        "cargo built example {name} of {package} but {} is missing",
+        exe.display()
+    );
+    exe
+}
+
+fn build_args(extra: &[&str]) -> PathBuf {
+    let packages = extra;
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = fixture_target_dir();
     std::fs::create_dir_all(&dir).expect("create fixture target dir");
@@ -46,10 +72,8 @@ pub fn build(packages: &[&str]) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "--profile", "fixture"]);
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
+        .args(["build", "--quiet", "--profile", "fixture"])
+        .args(extra);
     let out = cmd
         .arg("--target-dir")
         .arg(&dir)

@@ -25,10 +25,14 @@ fn tls_plugin_used_by_four_threads_then_unloaded_still_resolves() {
     let id = plugin.module_id().expect("registered");
     let module = reg.module(id).expect("module record");
     let elf = module.elf().expect("an ELF module");
-    assert!(
-        elf.tls.is_some(),
-        "the registry has the PT_TLS info: {module:?}"
-    );
+    let reg_tls = elf
+        .tls
+        .unwrap_or_else(|| panic!("the registry has the PT_TLS info: {module:?}"));
+    // One TLS description: what the loader read from the file before
+    // dlopen is what the registry read from memory after it, and both name
+    // the same module id.
+    assert_eq!(reg_tls.segment, tls.segment);
+    assert_eq!(reg_tls.modid, tls.modid as u64);
 
     let (pc, seq) = {
         // SAFETY: `plg_tls_work` is `extern "C" fn(u64) -> u64`.

@@ -177,7 +177,7 @@ fn tls_plugin_has_tls_info_and_resolves_after_unload() {
     let m = reg.module(id).expect("module");
     let e = m.elf().expect("elf");
     let tls = e.tls.expect("PT_TLS");
-    assert!(tls.modid > 0 && tls.memsz > 0, "{tls:?}");
+    assert!(tls.modid > 0 && tls.segment.memsz > 0, "{tls:?}");
     assert!(e.build_id.is_some());
     // Pinned modules refuse unregistration (the loader's E_PLG_IN_USE).
     reg.pin(id).expect("pin");

@@ -1,29 +1,71 @@
-//! The `dl_iterate_phdr` fence: the only place that reads the dynamic
-//! loader's list and the program headers and notes of mapped objects.
+//! The dynamic loader's list of loaded objects (`dl_iterate_phdr`): the one
+//! walk of it in the workspace.
 //!
-//! Everything is copied out into owned [`LoadedObject`]s while the loader
-//! lock is held (inside the callback), so nothing here hands out pointers
-//! into memory that a later `dlclose` could unmap.
+//! Two ways in, for two needs:
+//! - [`snapshot`] / [`counters`]: our own walk. The symbolizer's registry
+//!   needs what `findshlibs` does not expose: each `PT_LOAD`'s file offset,
+//!   file size and flags (to map addresses to file offsets), the `PT_TLS`
+//!   segment and the TLS module id (`dlpi_tls_modid`), and the
+//!   `dlpi_adds`/`dlpi_subs` counters that tell, in one callback and with no
+//!   allocation, whether the list changed ([`counters`] is called on the
+//!   registry's refresh path). It also checks that a `PT_NOTE` lies inside a
+//!   loaded segment before reading a build-id from memory (`findshlibs`
+//!   trusts `p_memsz`).
+//! - [`is_loaded`]: built on `findshlibs`, which gives exactly what it needs
+//!   (name and load bias).
+//!
+//! Everything is copied out while the loader lock is held (inside the
+//! callback), so nothing here hands out pointers into memory that a later
+//! `dlclose` could unmap.
 
 use std::ffi::{CStr, c_int, c_void};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::addr::{Bias, FileOffset, FileVirtAddr};
-use crate::registry::{BuildId, Segment, TlsInfo};
+/// A `PT_LOAD` segment, as the program header states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// `p_vaddr` (a file virtual address: add the bias for the runtime one).
+    pub vaddr: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_filesz`.
+    pub filesz: u64,
+    /// `p_flags` (`PF_X` | `PF_W` | `PF_R`).
+    pub flags: u32,
+}
+
+/// A `PT_TLS` segment: the one description of a module's TLS block, used by
+/// the symbolizer's registry (from memory or from the file) and by the
+/// loader (from the file, before `dlopen`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsSegment {
+    /// `p_vaddr` of the initialization image (a file virtual address).
+    pub image: u64,
+    /// `p_filesz`: initialized bytes of the image.
+    pub filesz: u64,
+    /// `p_memsz`: total size of the TLS block (image + zero-filled tail).
+    pub memsz: u64,
+    /// `p_align`.
+    pub align: u64,
+}
 
 /// One object as the dynamic loader reported it.
 #[derive(Debug, Clone)]
-pub(crate) struct LoadedObject {
+pub struct LoadedObject {
     /// `dlpi_name`; empty for the main program.
     pub name: String,
-    /// `dlpi_addr`.
-    pub bias: Bias,
+    /// `dlpi_addr`, the load bias.
+    pub bias: u64,
     /// Its `PT_LOAD` segments.
     pub segments: Vec<Segment>,
-    /// Its `PT_TLS` segment and TLS module id, if any.
-    pub tls: Option<TlsInfo>,
+    /// Its `PT_TLS` segment, if any.
+    pub tls: Option<TlsSegment>,
+    /// `dlpi_tls_modid` (0 when it has no TLS or the loader did not say).
+    pub tls_modid: u64,
     /// `NT_GNU_BUILD_ID` read from its `PT_NOTE` segments in memory.
-    pub build_id: Option<BuildId>,
+    pub build_id: Option<Vec<u8>>,
 }
 
 impl LoadedObject {
@@ -40,9 +82,12 @@ impl LoadedObject {
 
 /// The loader's `dlpi_adds`/`dlpi_subs` counters plus every loaded object.
 #[derive(Debug, Default)]
-pub(crate) struct Snapshot {
+pub struct Snapshot {
+    /// `dlpi_adds`: objects ever added (0 if the loader does not say).
     pub adds: u64,
+    /// `dlpi_subs`: objects ever removed.
     pub subs: u64,
+    /// The list, in the loader's order (the main program first).
     pub objects: Vec<LoadedObject>,
 }
 
@@ -52,14 +97,15 @@ struct Collect {
     first: bool,
 }
 
-/// Reads only the add/sub counters: one callback invocation, no copying.
-pub(crate) fn counters() -> (u64, u64) {
+/// Reads only the add/sub counters: one callback invocation, no copying,
+/// no allocation.
+pub fn counters() -> (u64, u64) {
     let s = iterate(true);
     (s.adds, s.subs)
 }
 
 /// Copies out the loader's whole list.
-pub(crate) fn snapshot() -> Snapshot {
+pub fn snapshot() -> Snapshot {
     iterate(false)
 }
 
@@ -129,7 +175,7 @@ unsafe fn copy_object(info: &libc::dl_phdr_info, size: usize) -> LoadedObject {
             .to_string_lossy()
             .into_owned()
     };
-    let bias = Bias(info.dlpi_addr);
+    let bias = info.dlpi_addr;
     let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
         &[]
     } else {
@@ -139,26 +185,24 @@ unsafe fn copy_object(info: &libc::dl_phdr_info, size: usize) -> LoadedObject {
     };
     let mut segments = Vec::new();
     let mut tls = None;
+    let mut tls_modid = 0;
     let mut build_id = None;
     let tls_fields = std::mem::offset_of!(libc::dl_phdr_info, dlpi_tls_data) + 8;
     for ph in phdrs {
         match ph.p_type {
             libc::PT_LOAD => segments.push(Segment {
-                vaddr: FileVirtAddr(ph.p_vaddr),
+                vaddr: ph.p_vaddr,
                 memsz: ph.p_memsz,
-                offset: FileOffset(ph.p_offset),
+                offset: ph.p_offset,
                 filesz: ph.p_filesz,
                 flags: ph.p_flags,
             }),
             libc::PT_TLS => {
-                let modid = if size >= tls_fields {
-                    info.dlpi_tls_modid as u64
-                } else {
-                    0
-                };
-                tls = Some(TlsInfo {
-                    modid,
-                    image: FileVirtAddr(ph.p_vaddr),
+                if size >= tls_fields {
+                    tls_modid = info.dlpi_tls_modid as u64;
+                }
+                tls = Some(TlsSegment {
+                    image: ph.p_vaddr,
                     filesz: ph.p_filesz,
                     memsz: ph.p_memsz,
                     align: ph.p_align,
@@ -174,16 +218,16 @@ unsafe fn copy_object(info: &libc::dl_phdr_info, size: usize) -> LoadedObject {
         // Notes must lie inside a loaded segment's file-backed part to be
         // readable in memory; a malformed header is skipped, not trusted.
         let inside = segments.iter().any(|s| {
-            ph.p_vaddr >= s.vaddr.0
+            ph.p_vaddr >= s.vaddr
                 && ph
                     .p_vaddr
                     .checked_add(ph.p_memsz)
-                    .is_some_and(|e| e <= s.vaddr.0 + s.filesz)
+                    .is_some_and(|e| e <= s.vaddr + s.filesz)
         });
         if !inside || ph.p_memsz > (1 << 20) {
             continue;
         }
-        let start = bias.to_runtime(FileVirtAddr(ph.p_vaddr)).0 as usize as *const u8;
+        let start = bias.wrapping_add(ph.p_vaddr) as usize as *const u8;
         // SAFETY: the note segment lies inside a loaded segment of this
         // object (checked above), which is mapped readable while the
         // callback runs (the loader lock keeps it from being unmapped).
@@ -195,12 +239,13 @@ unsafe fn copy_object(info: &libc::dl_phdr_info, size: usize) -> LoadedObject {
         bias,
         segments,
         tls,
+        tls_modid,
         build_id,
     }
 }
 
 /// Finds `NT_GNU_BUILD_ID` in a note segment's bytes (native endian).
-pub(crate) fn parse_build_id_note(mut bytes: &[u8]) -> Option<BuildId> {
+pub fn parse_build_id_note(mut bytes: &[u8]) -> Option<Vec<u8>> {
     fn align4(n: usize) -> Option<usize> {
         n.checked_add(3).map(|n| n & !3)
     }
@@ -214,11 +259,37 @@ pub(crate) fn parse_build_id_note(mut bytes: &[u8]) -> Option<BuildId> {
             return None;
         }
         if ty == NT_GNU_BUILD_ID && namesz == 4 && &bytes[12..16] == b"GNU\0" {
-            return Some(BuildId(bytes[name_end..name_end + descsz].to_vec()));
+            return Some(bytes[name_end..name_end + descsz].to_vec());
         }
         bytes = bytes.get(desc_end..)?;
     }
     None
+}
+
+/// Whether any object in the loader's list satisfies `f(name, bias)`;
+/// stops at the first that does.
+///
+/// Built on `findshlibs`, which reports exactly these two facts. Its name
+/// for an object the loader lists without one is the executable's path (the
+/// main program) or `dladdr`'s answer.
+pub fn any_loaded(mut f: impl FnMut(&Path, usize) -> bool) -> bool {
+    use findshlibs::{IterationControl, SharedLibrary, TargetSharedLibrary};
+    let mut found = false;
+    TargetSharedLibrary::each(|lib| {
+        if f(Path::new(lib.name()), lib.virtual_memory_bias().0) {
+            found = true;
+            IterationControl::Break
+        } else {
+            IterationControl::Continue
+        }
+    });
+    found
+}
+
+/// Whether an object named `name` is in the loader's list with load bias
+/// `bias` (e.g. a plugin after `dlclose`: still there, or unmapped).
+pub fn is_loaded(bias: usize, name: &Path) -> bool {
+    any_loaded(|n, b| b == bias && n == name)
 }
 
 #[cfg(test)]
@@ -239,7 +310,23 @@ mod tests {
             .expect("main program listed");
         assert!(main.segments.iter().any(|s| s.flags & libc::PF_X != 0));
         assert!(main.build_id.is_some(), "rustc links with --build-id");
-        assert!(s.objects.iter().any(|o| o.name.contains("libc.so")));
+        let libc_so = s
+            .objects
+            .iter()
+            .find(|o| o.name.contains("libc.so"))
+            .expect("libc listed");
+        // Both walks agree on libc: ours and findshlibs'.
+        assert!(is_loaded(libc_so.bias as usize, Path::new(&libc_so.name)));
+        assert!(!is_loaded(
+            libc_so.bias as usize + 4096,
+            Path::new(&libc_so.name)
+        ));
+        assert!(!is_loaded(
+            libc_so.bias as usize,
+            Path::new("/nonexistent/libnope.so")
+        ));
+        assert!(any_loaded(|n, _| n.to_string_lossy().contains("libc.so")));
+        assert!(!any_loaded(|_, _| false));
         let (adds, subs) = counters();
         assert!(adds >= s.adds && subs >= s.subs);
     }
@@ -252,7 +339,7 @@ mod tests {
         note.extend_from_slice(&3u32.to_ne_bytes());
         note.extend_from_slice(b"GNU\0");
         note.extend_from_slice(&[0xab; 20]);
-        assert_eq!(parse_build_id_note(&note), Some(BuildId(vec![0xab; 20])));
+        assert_eq!(parse_build_id_note(&note), Some(vec![0xab; 20]));
         for cut in 0..note.len() {
             assert_eq!(parse_build_id_note(&note[..cut]), None, "cut at {cut}");
         }
