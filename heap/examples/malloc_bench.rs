@@ -1,7 +1,13 @@
 //! Malloc-heavy workload for BENCHMARKS.md: 8 threads, random sizes 16 B -
 //! 64 KiB, each keeping a ring of live blocks; sampling off, or on at the
-//! given rate. Prints wall time, and the in-use estimate against the true
-//! figure and glibc's `mallinfo2`.
+//! given rate. Prints wall time, the workers' own CPU time (the sum of
+//! their thread CPU clocks: the session's start and snapshot are not in
+//! it), and the in-use estimate against the true figure and glibc's
+//! `mallinfo2`, with the sampling error to expect: the standard deviation
+//! of the Horvitz-Thompson estimate over this exact live set,
+//! `sqrt(sum s^2 (1-p)/p)` with `p = 1 - e^(-s/rate)` (about
+//! `sqrt(rate * in_use)` when blocks are much smaller than the rate), and
+//! `z`, the error in units of it.
 //!
 //! ```text
 //! malloc_bench off|RATE_BYTES [OPS_PER_THREAD]
@@ -12,7 +18,20 @@ use std::time::Instant;
 const THREADS: usize = 8;
 const RING: usize = 512;
 
-fn work(id: u64, ops: usize) -> (Vec<(usize, usize)>, u64) {
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+type Ring = Vec<(usize, usize)>;
+
+fn work(id: u64, ops: usize) -> (Ring, u64, u64) {
+    let cpu0 = thread_cpu_ns();
     let mut ring: Vec<(usize, usize)> = vec![(0, 0); RING];
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ id.wrapping_mul(0xff51_afd7_ed55_8ccd);
     let mut sum = 0u64;
@@ -37,7 +56,7 @@ fn work(id: u64, ops: usize) -> (Vec<(usize, usize)>, u64) {
         }
         ring[i] = (q as usize, len);
     }
-    (ring, sum)
+    (ring, sum, thread_cpu_ns() - cpu0)
 }
 
 fn main() {
@@ -55,21 +74,33 @@ fn main() {
     let handles: Vec<_> = (0..THREADS)
         .map(|i| std::thread::spawn(move || work(i as u64, ops)))
         .collect();
-    let rings: Vec<(Vec<(usize, usize)>, u64)> = handles
+    let rings: Vec<(Ring, u64, u64)> = handles
         .into_iter()
         .map(|h| h.join().expect("worker"))
         .collect();
     let secs = t0.elapsed().as_secs_f64();
+    let cpu: f64 = rings.iter().map(|(_, _, c)| *c as f64 / 1e9).sum();
     let truth: usize = rings
         .iter()
-        .flat_map(|(r, _)| r.iter())
+        .flat_map(|(r, _, _)| r.iter())
         .filter(|(p, _)| *p != 0)
         .map(|(_, l)| l)
         .sum();
     // SAFETY: mallinfo2 has no preconditions.
     let mi = unsafe { libc::mallinfo2() };
     let glibc = mi.uordblks + mi.hblkhd;
-    let est = if rate.is_some() {
+    let est = if let Some(r) = rate {
+        let var: f64 = rings
+            .iter()
+            .flat_map(|(ring, _, _)| ring.iter())
+            .filter(|(p, _)| *p != 0)
+            .map(|&(_, l)| {
+                let s = l as f64;
+                let p = -(-s / r as f64).exp_m1();
+                s * s * (1.0 - p) / p
+            })
+            .sum();
+        let sd = var.sqrt();
         let p = hotpatch_heap::snapshot().expect("snapshot");
         let (_, _, _, inuse) = p.totals();
         let ring_only: i64 = p
@@ -85,15 +116,24 @@ fn main() {
             })
             .map(|s| s.inuse_space)
             .sum();
+        let stats = p.stats.clone();
         hotpatch_heap::stop().expect("stop");
-        format!("estimate_total={inuse} estimate_in_work={ring_only}")
+        let err = ring_only as f64 - truth as f64;
+        format!(
+            "estimate_total={inuse} estimate_in_work={ring_only} err={:+.2}% expected_sd={:.2}% z={:+.2} samples={} untracked={}",
+            100.0 * err / truth as f64,
+            100.0 * sd / truth as f64,
+            err / sd,
+            stats.samples,
+            stats.untracked,
+        )
     } else {
         String::from("estimate_total=- estimate_in_work=-")
     };
     println!(
-        "mode={mode} threads={THREADS} ops/thread={ops} secs={secs:.4} true_inuse={truth} mallinfo2_inuse={glibc} {est}"
+        "mode={mode} threads={THREADS} ops/thread={ops} secs={secs:.4} cpu_work={cpu:.4} true_inuse={truth} mallinfo2_inuse={glibc} {est}"
     );
-    for (r, s) in rings {
+    for (r, s, _) in rings {
         std::hint::black_box(s);
         for (p, _) in r {
             if p != 0 {

@@ -27,8 +27,8 @@
 //!   crosses zero is sampled, so a block of `s` bytes is sampled with
 //!   probability `1 - e^(-s/rate)` and weighted by its inverse. Unsampled
 //!   allocations pay one thread-local decrement; frees one byte of a
-//!   64 KiB counting filter (the live table is probed only when it says the
-//!   address may have been sampled).
+//!   16 KiB counting filter (the live tables are probed only when it says
+//!   the address may have been sampled).
 //! - **A sample** records the size, the stack (frame pointers; raw return
 //!   addresses) and the registry sequence number, in preallocated lock-free
 //!   tables: stacks in buckets, sampled live blocks by address so that their
@@ -378,4 +378,19 @@ impl Drop for HeapSession {
 /// The sampler's counters for the running (or last) session.
 pub fn sampler_counters() -> HeapStats {
     profile::counters()
+}
+
+/// How many sampled stacks of the running session have more recorded
+/// frees than allocations (objects or bytes, before any clamping): 0 unless
+/// the accounting is broken, e.g. a block allocated before `start` counted
+/// when freed. Reads the tables only (no symbolization), so a health check
+/// or a stress test can call it often while threads allocate.
+///
+/// # Errors
+/// `E_HEAP_NOT_STARTED`.
+pub fn unbalanced_stacks() -> Result<u64> {
+    if state().is_none() {
+        return Err(Error::NotStarted);
+    }
+    Ok(profile::unbalanced())
 }

@@ -53,12 +53,33 @@ pub struct HeapStats {
 
 pub(crate) fn counters() -> HeapStats {
     HeapStats {
-        samples: sampler::SAMPLES.load(Relaxed),
+        samples: sampler::buckets()
+            .iter()
+            .map(|b| b.alloc_n.load(Relaxed))
+            .sum(),
         untracked: sampler::UNTRACKED.load(Relaxed),
         overflowed: sampler::OVERFLOWED.load(Relaxed),
         truncated: sampler::TRUNCATED.load(Relaxed),
         bootstrap_leaked_frees: sampler::BOOT_LEAKED_FREES.load(Relaxed),
     }
+}
+
+/// Stacks whose recorded frees exceed their recorded allocations, in
+/// objects or bytes (unsaturated): 0 in a consistent session. Reads the
+/// free counters first (their adds are `Release`, after the allocation's
+/// adds in the same block's history), so a block sampled and freed while
+/// this runs cannot make a stack look negative.
+pub(crate) fn unbalanced() -> u64 {
+    sampler::buckets()
+        .iter()
+        .filter(|b| {
+            let (fw, fb) = (b.free_w.load(Acquire), b.free_b.load(Acquire));
+            let fnum = b.free_n.load(Acquire);
+            fnum > b.alloc_n.load(Relaxed)
+                || fw > b.alloc_w.load(Relaxed)
+                || fb > b.alloc_b.load(Relaxed)
+        })
+        .count() as u64
 }
 
 /// A heap profile: sampled stacks with Go's four figures, every frame
@@ -122,13 +143,13 @@ pub(crate) fn collect(rate: u64, started: SystemTime) -> HeapProfile {
         if k <= 2 {
             continue;
         }
-        let s = e.size.load(Relaxed) as f64;
-        let w = e.w.load(Relaxed) as f64 / FP_ONE as f64;
+        let (bucket, size) = e.unpack();
+        let s = size as f64;
+        let w = sampler::scaled(size, rate).0 as f64 / FP_ONE as f64;
         if w <= 0.0 {
             continue;
         }
-        *var.entry(e.bucket.load(Relaxed) as usize).or_default() +=
-            (s * w) * (s * w) * (1.0 - 1.0 / w);
+        *var.entry(bucket as usize).or_default() += (s * w) * (s * w) * (1.0 - 1.0 / w);
     }
     let report = Report::from_raw_samples(
         raws.iter()

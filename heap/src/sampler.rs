@@ -17,8 +17,10 @@ use libc::{c_int, c_void, size_t};
 pub(crate) const MAX_DEPTH: usize = 64;
 /// Stack buckets (distinct stack × registry sequence).
 pub(crate) const BUCKETS: usize = 1 << 14;
-/// Sampled live blocks tracked at once.
-pub(crate) const LIVE: usize = 1 << 18;
+/// Sampled live blocks tracked at once: the near table (256 KiB, stays in
+/// the L2 cache) takes them while it has room, the far one (4 MiB) after.
+pub(crate) const NEAR: usize = 1 << 14;
+pub(crate) const FAR: usize = 1 << 18;
 /// Probe window of both open-addressing tables.
 const PROBES: usize = 32;
 /// Fixed point of the scaled object counts.
@@ -47,23 +49,55 @@ pub(crate) struct Bucket {
     pub(crate) frames: [AtomicU64; MAX_DEPTH],
 }
 
-/// One sampled live block.
+/// One sampled live block: 16 bytes, four to a cache line. Its weights are
+/// not stored: they are a function of its size and the session's rate
+/// ([`scaled`]), recomputed when it is freed.
 #[repr(C)]
 pub(crate) struct LiveEntry {
     pub(crate) key: AtomicUsize,
-    pub(crate) bucket: AtomicU32,
-    pub(crate) size: AtomicU64,
-    pub(crate) w: AtomicU64,
-    pub(crate) b: AtomicU64,
+    /// `bucket << 48 | size` (sizes saturate at 2^48 - 1: no allocator
+    /// hands out such a block).
+    pub(crate) meta: AtomicU64,
+}
+
+const SIZE_BITS: u32 = 48;
+
+fn pack(bucket: u32, size: u64) -> u64 {
+    u64::from(bucket) << SIZE_BITS | size.min((1 << SIZE_BITS) - 1)
+}
+
+impl LiveEntry {
+    /// `(bucket, size)`.
+    pub(crate) fn unpack(&self) -> (u32, u64) {
+        let m = self.meta.load(Relaxed);
+        ((m >> SIZE_BITS) as u32, m & ((1 << SIZE_BITS) - 1))
+    }
+}
+
+/// Pads a hot static to its own cache lines (no false sharing between what
+/// every call reads and what samples write).
+#[repr(align(128))]
+pub(crate) struct Line<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 static BUCKET_TABLE: AtomicPtr<Bucket> = AtomicPtr::new(std::ptr::null_mut());
-static LIVE_TABLE: AtomicPtr<LiveEntry> = AtomicPtr::new(std::ptr::null_mut());
+/// The filter and the near table, in one 2 MiB-aligned huge page.
+static HOT: AtomicPtr<Hot> = AtomicPtr::new(std::ptr::null_mut());
+static FAR_TABLE: AtomicPtr<LiveEntry> = AtomicPtr::new(std::ptr::null_mut());
+/// Whether the far table got an entry this session (lookups skip it
+/// while not).
+static FAR_USED: AtomicBool = AtomicBool::new(false);
 
 /// Whether hooks record samples (and unrecord frees).
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Hooks inside `record`/`take` right now (the reset waits for 0).
-static IN_RECORD: AtomicUsize = AtomicUsize::new(0);
+static IN_RECORD: Line<AtomicUsize> = Line(AtomicUsize::new(0));
 /// Session generation: a thread whose state is older redraws its countdown.
 static GEN: AtomicU64 = AtomicU64::new(0);
 /// Mean sampling interval in bytes.
@@ -73,8 +107,7 @@ static RATE: AtomicU64 = AtomicU64::new(512 * 1024);
 static MAIN_LO: AtomicUsize = AtomicUsize::new(0);
 static MAIN_HI: AtomicUsize = AtomicUsize::new(0);
 
-/// Counters of a session.
-pub(crate) static SAMPLES: AtomicU64 = AtomicU64::new(0);
+/// Counters of a session (samples taken: the sum of the buckets' `alloc_n`).
 pub(crate) static UNTRACKED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static OVERFLOWED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static BOOT_LEAKED_FREES: AtomicU64 = AtomicU64::new(0);
@@ -96,7 +129,7 @@ pub(crate) enum Fn {
 /// The trampolines (callable originals), by [`Fn`]. Set after each site's
 /// first install; a re-install reuses the same trampoline (the patcher
 /// caches cells per target), so they never change back to 0.
-static ORIG: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+static ORIG: Line<[AtomicUsize; 8]> = Line([const { AtomicUsize::new(0) }; 8]);
 
 /// Entry points whose install has begun (bit per [`Fn`]): a bootstrap path
 /// may call an entry point directly only while its bit is clear.
@@ -141,6 +174,36 @@ pub(crate) fn hook_addr(f: Fn) -> *const u8 {
 
 // ---------------------------------------------------------------- tables
 
+/// What every `free` reads (the filter) and every sample writes (the near
+/// table), together in one huge page: one TLB entry for both.
+#[repr(C)]
+pub(crate) struct Hot {
+    filter: [std::sync::atomic::AtomicU8; FILTER_BYTES],
+    near: [LiveEntry; NEAR],
+}
+
+const HUGE: usize = 2 << 20;
+const _: () = assert!(std::mem::size_of::<Hot>() <= HUGE);
+
+/// Maps [`Hot`] at a 2 MiB boundary, advised for a transparent huge page.
+fn map_hot() -> std::io::Result<*mut Hot> {
+    let raw = map_table::<u8>(2 * HUGE)? as usize;
+    let start = (raw + HUGE - 1) & !(HUGE - 1);
+    // SAFETY: both ranges lie inside the fresh mapping `raw..raw + 2 HUGE`
+    // and hold nothing; what stays mapped is `start..start + HUGE`.
+    unsafe {
+        if start > raw {
+            libc::munmap(raw as *mut c_void, start - raw);
+        }
+        let end = start + HUGE;
+        if raw + 2 * HUGE > end {
+            libc::munmap(end as *mut c_void, raw + 2 * HUGE - end);
+        }
+        libc::madvise(start as *mut c_void, HUGE, libc::MADV_HUGEPAGE);
+    }
+    Ok(start as *mut Hot)
+}
+
 fn map_table<T>(n: usize) -> std::io::Result<*mut T> {
     // SAFETY: a fresh private anonymous mapping; no existing memory changes.
     let p = unsafe {
@@ -156,6 +219,12 @@ fn map_table<T>(n: usize) -> std::io::Result<*mut T> {
     if p == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
+    // Huge pages where the kernel allows them (THP "madvise" mode): a probe
+    // of a random entry then costs a cache miss, not also a page walk
+    // (measured: the first load of a 4 KiB-paged 10 MiB table was most of
+    // a sample's cost). Advice only; failure changes nothing.
+    // SAFETY: our own fresh mapping of this length.
+    unsafe { libc::madvise(p, n * std::mem::size_of::<T>(), libc::MADV_HUGEPAGE) };
     Ok(p.cast())
 }
 
@@ -165,8 +234,11 @@ pub(crate) fn ensure_tables() -> std::io::Result<()> {
     if BUCKET_TABLE.load(Acquire).is_null() {
         BUCKET_TABLE.store(map_table::<Bucket>(BUCKETS)?, Release);
     }
-    if LIVE_TABLE.load(Acquire).is_null() {
-        LIVE_TABLE.store(map_table::<LiveEntry>(LIVE)?, Release);
+    if HOT.load(Acquire).is_null() {
+        HOT.store(map_hot()?, Release);
+    }
+    if FAR_TABLE.load(Acquire).is_null() {
+        FAR_TABLE.store(map_table::<LiveEntry>(FAR)?, Release);
     }
     Ok(())
 }
@@ -181,13 +253,36 @@ pub(crate) fn buckets() -> &'static [Bucket] {
     unsafe { std::slice::from_raw_parts(p, BUCKETS) }
 }
 
-pub(crate) fn live() -> &'static [LiveEntry] {
-    let p = LIVE_TABLE.load(Acquire);
+fn table(which: &AtomicPtr<LiveEntry>, n: usize) -> &'static [LiveEntry] {
+    let p = which.load(Acquire);
     if p.is_null() {
         return &[];
     }
-    // SAFETY: as `buckets`.
-    unsafe { std::slice::from_raw_parts(p, LIVE) }
+    // SAFETY: as `buckets` (mapped once with `n` zeroed entries).
+    unsafe { std::slice::from_raw_parts(p, n) }
+}
+
+#[inline(always)]
+fn hot() -> Option<&'static Hot> {
+    let p = HOT.load(Acquire);
+    // SAFETY: mapped once by `ensure_tables`, zeroed (valid atomics), never
+    // unmapped.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+#[inline(always)]
+fn near() -> &'static [LiveEntry] {
+    hot().map_or(&[], |h| &h.near[..])
+}
+
+#[inline(always)]
+fn far() -> &'static [LiveEntry] {
+    table(&FAR_TABLE, FAR)
+}
+
+/// Every live-table entry (both tables).
+pub(crate) fn live() -> impl Iterator<Item = &'static LiveEntry> {
+    near().iter().chain(far())
 }
 
 /// Empties both tables for a new session. Call with the sampler inactive.
@@ -199,9 +294,10 @@ pub(crate) fn reset() {
             BUCKET_TABLE.load(Acquire).cast::<c_void>(),
             BUCKETS * std::mem::size_of::<Bucket>(),
         ),
+        (HOT.load(Acquire).cast::<c_void>(), HUGE),
         (
-            LIVE_TABLE.load(Acquire).cast::<c_void>(),
-            LIVE * std::mem::size_of::<LiveEntry>(),
+            FAR_TABLE.load(Acquire).cast::<c_void>(),
+            FAR * std::mem::size_of::<LiveEntry>(),
         ),
     ] {
         if !p.is_null() {
@@ -215,10 +311,8 @@ pub(crate) fn reset() {
         b.hash.store(u64::MAX, Relaxed);
         b.ready.store(1, Release);
     }
-    for f in &FILTER {
-        f.store(0, Relaxed);
-    }
-    for c in [&SAMPLES, &UNTRACKED, &OVERFLOWED, &TRUNCATED] {
+    FAR_USED.store(false, Relaxed);
+    for c in [&UNTRACKED, &OVERFLOWED, &TRUNCATED] {
         c.store(0, Relaxed);
     }
 }
@@ -430,6 +524,17 @@ pub(crate) fn weight(size: u64, rate: u64) -> f64 {
     if p <= 0.0 { 1.0 } else { 1.0 / p }
 }
 
+/// A sampled block's scaled figures: (objects in [`FP_ONE`] fixed point,
+/// bytes). Deterministic: the free of a block subtracts exactly what its
+/// sample added.
+pub(crate) fn scaled(size: u64, rate: u64) -> (u64, u64) {
+    let w = weight(size, rate);
+    (
+        (w * FP_ONE as f64).round() as u64,
+        (w * size as f64).round() as u64,
+    )
+}
+
 fn hash_stack(frames: &[u64], seq: u64) -> u64 {
     let mut h = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ frames.len() as u64;
     for &f in frames {
@@ -484,27 +589,45 @@ fn bucket_for(frames: &[u64], seq: u64) -> usize {
     OVERFLOW_BUCKET
 }
 
-/// A counting filter over the live table: per hash of a sampled block's
-/// address, how many live records may have it (255 sticks). A `free` of a
-/// block whose counter is 0 was not sampled: it skips the table probe, so
-/// the common free touches one byte of this 64 KiB array instead of a
-/// random line of the 10 MiB table.
+/// A counting filter over the live tables: per hash of a sampled block's
+/// address (2^16 of them), how many live records may have it, in 2 bits
+/// (3 sticks until the next session). A `free` of a block whose counter is
+/// 0 was not sampled: it skips the table probe, so the common free reads
+/// one byte of this 16 KiB array (small enough to stay cached under a
+/// malloc-heavy load) instead of a random line of the tables.
 const FILTER_BITS: u32 = 16;
-static FILTER: [std::sync::atomic::AtomicU8; 1 << FILTER_BITS] =
-    [const { std::sync::atomic::AtomicU8::new(0) }; 1 << FILTER_BITS];
+const FILTER_BYTES: usize = 1 << (FILTER_BITS - 2);
+/// Stands for the filter before the tables are mapped (nothing sampled).
+static NO_FILTER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// The byte holding `addr`'s counter, and the counter's shift in it.
 #[inline(always)]
-fn filter_slot(addr: usize) -> &'static std::sync::atomic::AtomicU8 {
+fn filter_slot(addr: usize) -> (&'static std::sync::atomic::AtomicU8, u32) {
     let h = ((addr as u64 >> 4).wrapping_mul(0xc4ce_b9fe_1a85_ec53) >> (64 - FILTER_BITS)) as usize;
-    &FILTER[h & ((1 << FILTER_BITS) - 1)]
+    let byte = hot().map_or(&NO_FILTER, |t| &t.filter[(h >> 2) & (FILTER_BYTES - 1)]);
+    (byte, (h as u32 & 3) * 2)
+}
+
+/// Whether `addr` may have a live record.
+#[inline(always)]
+fn filter_maybe(addr: usize) -> bool {
+    let (b, sh) = filter_slot(addr);
+    (b.load(Acquire) >> sh) & 3 != 0
 }
 
 fn filter_add(addr: usize) {
-    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c < 255).then(|| c + 1));
+    let (b, sh) = filter_slot(addr);
+    let _ = b.fetch_update(AcqRel, Relaxed, |v| {
+        ((v >> sh) & 3 < 3).then(|| v + (1 << sh))
+    });
 }
 
 fn filter_remove(addr: usize) {
-    let _ = filter_slot(addr).fetch_update(AcqRel, Relaxed, |c| (c > 0 && c < 255).then(|| c - 1));
+    let (b, sh) = filter_slot(addr);
+    let _ = b.fetch_update(AcqRel, Relaxed, |v| {
+        let c = (v >> sh) & 3;
+        (c > 0 && c < 3).then(|| v - (1 << sh))
+    });
 }
 
 fn live_slot(addr: usize) -> usize {
@@ -558,52 +681,78 @@ fn walk(fp0: usize, out: &mut [u64; MAX_DEPTH]) -> usize {
     n
 }
 
+/// Asks for the cache line at `addr` in writable state (a hint: never
+/// faults, whatever the address).
+#[inline(always)]
+fn prefetch_w(addr: *const u8) {
+    // SAFETY: PREFETCHW only loads a line into the cache; it cannot fault
+    // or change memory (AMD64 APM vol. 3), and it changes no flags.
+    unsafe {
+        std::arch::asm!("prefetchw byte ptr [{}]", in(reg) addr, options(nostack, readonly, preserves_flags))
+    };
+}
+
 fn record(p: usize, size: usize, fp: usize) {
+    // The near-table line this block will probe first, and its filter byte:
+    // cold in a malloc-heavy process (their misses were most of a sample's
+    // cost), fetched while the stack is walked and the bucket found.
+    let slot = near().get(live_slot(p) & (NEAR - 1));
+    if let Some(e) = slot {
+        prefetch_w((e as *const LiveEntry).cast());
+    }
+    prefetch_w((filter_slot(p).0 as *const std::sync::atomic::AtomicU8).cast());
     IN_RECORD.fetch_add(1, SeqCst);
     if ACTIVE.load(SeqCst) {
         let mut frames = [0u64; MAX_DEPTH];
         let n = walk(fp, &mut frames);
         let seq = hotpatch_symbolizer::Registry::global().current_seq().0;
-        let w = weight(size as u64, RATE.load(Relaxed));
-        let wfp = (w * FP_ONE as f64).round() as u64;
-        let wb = (w * size as f64).round() as u64;
+        let (wfp, wb) = scaled(size as u64, RATE.load(Relaxed));
         let idx = bucket_for(&frames[..n], seq);
         if let Some(b) = buckets().get(idx) {
             b.alloc_n.fetch_add(1, Relaxed);
             b.alloc_w.fetch_add(wfp, Relaxed);
             b.alloc_b.fetch_add(wb, Relaxed);
-            SAMPLES.fetch_add(1, Relaxed);
-            if !live_insert(p, idx as u32, size as u64, wfp, wb) {
+            if !live_insert(p, pack(idx as u32, size as u64)) {
                 // Cannot match its free: count it freed now rather than
                 // report a leak that may not be one.
                 UNTRACKED.fetch_add(1, Relaxed);
-                b.free_n.fetch_add(1, Relaxed);
-                b.free_w.fetch_add(wfp, Relaxed);
-                b.free_b.fetch_add(wb, Relaxed);
+                b.free_n.fetch_add(1, Release);
+                b.free_w.fetch_add(wfp, Release);
+                b.free_b.fetch_add(wb, Release);
             }
         }
     }
     IN_RECORD.fetch_sub(1, SeqCst);
 }
 
-fn live_insert(p: usize, bucket: u32, size: u64, w: u64, b: u64) -> bool {
-    let table = live();
+/// Records live block `p` with `meta` (see [`pack`]): in the near table,
+/// else the far one.
+fn live_insert(p: usize, meta: u64) -> bool {
+    if insert_in(near(), p, meta) {
+        return true;
+    }
+    // Published before the entry: a free that misses `p` in the near
+    // table and then reads the flag false cannot have `p` in the far one.
+    if !FAR_USED.load(Relaxed) {
+        FAR_USED.store(true, SeqCst);
+    }
+    insert_in(far(), p, meta)
+}
+
+fn insert_in(table: &[LiveEntry], p: usize, meta: u64) -> bool {
     if table.is_empty() {
         return false;
     }
     let h = live_slot(p);
     for i in 0..PROBES {
-        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
+        let e = &table[h.wrapping_add(i) & (table.len() - 1)];
         let k = e.key.load(Relaxed);
         if (k == EMPTY || k == TOMB)
             && e.key
                 .compare_exchange(k, RESERVED, Acquire, Relaxed)
                 .is_ok()
         {
-            e.bucket.store(bucket, Relaxed);
-            e.size.store(size, Relaxed);
-            e.w.store(w, Relaxed);
-            e.b.store(b, Relaxed);
+            e.meta.store(meta, Relaxed);
             // Counted before the key is published: a free that finds the
             // key has seen the count.
             filter_add(p);
@@ -614,28 +763,49 @@ fn live_insert(p: usize, bucket: u32, size: u64, w: u64, b: u64) -> bool {
     false
 }
 
+/// The entry of live block `p`, if sampled (near table, then far).
+#[inline(always)]
+fn find(p: usize) -> Option<&'static LiveEntry> {
+    if p == 0 {
+        return None;
+    }
+    find_in(near(), p).or_else(|| {
+        if FAR_USED.load(SeqCst) {
+            find_in(far(), p)
+        } else {
+            None
+        }
+    })
+}
+
+#[inline(always)]
+fn find_in(table: &'static [LiveEntry], p: usize) -> Option<&'static LiveEntry> {
+    if table.is_empty() {
+        return None;
+    }
+    let h = live_slot(p);
+    for i in 0..PROBES {
+        let e = &table[h.wrapping_add(i) & (table.len() - 1)];
+        let k = e.key.load(Acquire);
+        if k == EMPTY {
+            return None;
+        }
+        if k == p {
+            return Some(e);
+        }
+    }
+    None
+}
+
 /// Forgets a sampled block that is being freed (or reallocated). Called
 /// before the block is handed back, so no other thread can own the address.
 #[inline(always)]
 fn unrecord(p: usize) {
-    if filter_slot(p).load(Acquire) == 0 {
+    if !filter_maybe(p) {
         return;
     }
-    let table = live();
-    if table.is_empty() || p == 0 {
-        return;
-    }
-    let h = live_slot(p);
-    for i in 0..PROBES {
-        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
-        let k = e.key.load(Acquire);
-        if k == EMPTY {
-            return;
-        }
-        if k == p {
-            take(e, p);
-            return;
-        }
+    if let Some(e) = find(p) {
+        take(e, p);
     }
 }
 
@@ -643,13 +813,16 @@ fn unrecord(p: usize) {
 #[inline(never)]
 fn take(e: &LiveEntry, p: usize) {
     IN_RECORD.fetch_add(1, SeqCst);
+    // Read before the entry is released: only the thread freeing `p` moves
+    // its key away from `p`, so this is still `p`'s record.
+    let (idx, size) = e.unpack();
     if ACTIVE.load(SeqCst) && e.key.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok() {
         filter_remove(p);
-        let idx = e.bucket.load(Relaxed) as usize;
-        if let Some(b) = buckets().get(idx) {
-            b.free_n.fetch_add(1, Relaxed);
-            b.free_w.fetch_add(e.w.load(Relaxed), Relaxed);
-            b.free_b.fetch_add(e.b.load(Relaxed), Relaxed);
+        if let Some(b) = buckets().get(idx as usize) {
+            let (w, by) = scaled(size, RATE.load(Relaxed));
+            b.free_n.fetch_add(1, Release);
+            b.free_w.fetch_add(w, Release);
+            b.free_b.fetch_add(by, Release);
         }
     }
     IN_RECORD.fetch_sub(1, SeqCst);
@@ -854,51 +1027,30 @@ pub(crate) unsafe extern "C" fn hk_realloc(old: *mut c_void, size: size_t) -> *m
     p
 }
 
-/// A forgotten record, kept so a failed `realloc` can put it back.
+/// A forgotten record (its packed meta), kept so a failed `realloc` can
+/// put it back.
 #[derive(Clone, Copy)]
-struct Saved {
-    bucket: u32,
-    size: u64,
-    w: u64,
-    b: u64,
-}
+struct Saved(u64);
 
 fn forget(p: usize) -> Option<Saved> {
-    if filter_slot(p).load(Acquire) == 0 {
+    if !filter_maybe(p) {
         return None;
     }
-    let table = live();
-    if table.is_empty() {
-        return None;
-    }
-    let h = live_slot(p);
-    for i in 0..PROBES {
-        let e = &table[h.wrapping_add(i) & (LIVE - 1)];
-        let k = e.key.load(Acquire);
-        if k == EMPTY {
-            return None;
-        }
-        if k == p {
-            let s = Saved {
-                bucket: e.bucket.load(Relaxed),
-                size: e.size.load(Relaxed),
-                w: e.w.load(Relaxed),
-                b: e.b.load(Relaxed),
-            };
-            take(e, p);
-            return Some(s);
-        }
-    }
-    None
+    let e = find(p)?;
+    let s = Saved(e.meta.load(Relaxed));
+    take(e, p);
+    Some(s)
 }
 
 fn restore(p: usize, s: Saved) {
     IN_RECORD.fetch_add(1, SeqCst);
-    if ACTIVE.load(SeqCst) && live_insert(p, s.bucket, s.size, s.w, s.b) {
-        if let Some(b) = buckets().get(s.bucket as usize) {
+    if ACTIVE.load(SeqCst) && live_insert(p, s.0) {
+        let bucket = (s.0 >> SIZE_BITS) as usize;
+        let (w, by) = scaled(s.0 & ((1 << SIZE_BITS) - 1), RATE.load(Relaxed));
+        if let Some(b) = buckets().get(bucket) {
             b.free_n.fetch_sub(1, Relaxed);
-            b.free_w.fetch_sub(s.w, Relaxed);
-            b.free_b.fetch_sub(s.b, Relaxed);
+            b.free_w.fetch_sub(w, Relaxed);
+            b.free_b.fetch_sub(by, Relaxed);
         }
     }
     IN_RECORD.fetch_sub(1, SeqCst);

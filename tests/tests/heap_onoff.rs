@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hotpatch_patcher::by_name;
 
@@ -148,8 +149,14 @@ fn sampling_on_and_off_a_thousand_times_under_8_allocating_threads() {
     let mut samples = 0u64;
     let mut refused = Vec::new();
     let n = cycles();
+    // Where the time goes (reported, never judged): start, stop, the rest.
+    let (mut t_start, mut t_stop, mut t_snap) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let t0 = Instant::now();
     for cycle in 0..n {
-        match hotpatch_heap::start(8 * 1024) {
+        let t = Instant::now();
+        let started = hotpatch_heap::start(8 * 1024);
+        t_start += t.elapsed();
+        match started {
             Ok(()) => {}
             Err(e) => {
                 // A thread that could not be stopped in time is a clean
@@ -164,12 +171,29 @@ fn sampling_on_and_off_a_thousand_times_under_8_allocating_threads() {
         while ops.iter().map(|o| o.load(Ordering::Relaxed)).sum::<u64>() < before + 256 {
             std::thread::yield_now();
         }
-        if cycle % 100 == 0 {
+        // Every cycle: no stack has more frees than allocations (read
+        // from the tables while the workers allocate, before any clamping).
+        let unbalanced = hotpatch_heap::unbalanced_stacks().expect("balance");
+        assert_eq!(
+            unbalanced, 0,
+            "cycle {cycle}: stacks with frees > allocations"
+        );
+        // A full snapshot (frames resolved while the workers allocate) at
+        // the first and the middle cycle: each costs ~15-30 s here (debug
+        // build, libc's detached DWARF, under a CPU hog), which is why
+        // the other cycles check the raw tables instead.
+        if cycle == 0 || cycle == n / 2 {
+            let t = Instant::now();
             let p = hotpatch_heap::snapshot().expect("snapshot");
+            t_snap += t.elapsed();
             assert!(p.samples.iter().all(|s| s.inuse_space >= 0));
+            assert!(!p.samples.is_empty(), "cycle {cycle}: an empty snapshot");
         }
         samples += hotpatch_heap::sampler_counters().samples;
-        if let Err(e) = hotpatch_heap::stop() {
+        let t = Instant::now();
+        let stopped = hotpatch_heap::stop();
+        t_stop += t.elapsed();
+        if let Err(e) = stopped {
             // A site that could not be removed in time is left disabled
             // (calls run the original) and removed by the next start.
             assert_eq!(e.code(), "E_HEAP_RESTORE", "{e}");
@@ -187,7 +211,11 @@ fn sampling_on_and_off_a_thousand_times_under_8_allocating_threads() {
     hotpatch_heap::stop().expect("final stop");
     let total: u64 = ops.iter().map(|o| o.load(Ordering::Relaxed)).sum();
     eprintln!(
-        "{n} cycles, ops {total}, samples {samples}, refused starts {}: {refused:?}",
+        "{n} cycles in {:.1} s (start {:.1} s, stop {:.1} s, snapshots {:.1} s), ops {total}, samples {samples}, refused starts {}: {refused:?}",
+        t0.elapsed().as_secs_f64(),
+        t_start.as_secs_f64(),
+        t_stop.as_secs_f64(),
+        t_snap.as_secs_f64(),
         refused.len()
     );
     assert_eq!(bad.load(Ordering::Relaxed), 0, "corrupted blocks");
