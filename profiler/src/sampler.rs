@@ -284,15 +284,9 @@ pub(crate) fn install_handler() -> bool {
     unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
 }
 
-/// Whether SIGPROF's handler is ours (directly or behind the gate).
-pub(crate) fn handler_installed() -> bool {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries.
-    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
-        return false;
-    }
-    cur.sa_sigaction == on_sigprof as *const () as usize || crate::unwind::gate_installed(&cur)
+/// Whether `act` (SIGPROF's disposition) is our handler itself.
+pub(crate) fn is_handler(act: &libc::sigaction) -> bool {
+    act.sa_sigaction == on_sigprof as *const () as usize
 }
 
 /// Starts recording with `period_ns` per sample under `clock`.
