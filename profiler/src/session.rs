@@ -255,12 +255,15 @@ fn stop_sampling(clock: Clock) {
 /// clock) when told to stop.
 fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(sampler::WATCH_INTERVAL) {
+        let before = clocks.by_tid.len();
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();
         inner.threads_clocked += added as u64;
         inner.clock_failures = clocks.failed;
         inner.clock_fallbacks = clocks.fallbacks;
-        inner.clocked = clocks.by_tid.keys().copied().collect();
+        if added > 0 || clocks.by_tid.len() != before {
+            inner.clocked = clocks.by_tid.keys().copied().collect();
+        }
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
     }
@@ -529,7 +532,8 @@ impl Session {
     /// The ids of the threads that have their own sampling clock now
     /// (empty with [`Clock::ItimerProf`], which samples the process).
     /// Threads started after [`ProfilerBuilder::start`] appear within
-    /// about 10 ms.
+    /// about 10 ms (within 100 ms if another thread exited in the same
+    /// 10 ms, leaving the thread count as it was).
     pub fn clocked_threads(&self) -> Vec<i32> {
         self.shared.lock().clocked.clone()
     }
