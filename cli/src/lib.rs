@@ -1,10 +1,13 @@
-//! The `hotpatch` command line: one module per group of subcommands.
+//! The `hotpatch` command line: one module per group of subcommands, and
+//! the [`client`] that finds an agent and talks to it.
 //!
 //! Exit codes: 0 on success; 1 when the command failed, with the stable
 //! error code first on stderr (`hotpatch: E_…: message`) — and, with
 //! `--json`, the error object on stdout; 2 for usage errors and offline
 //! failures of `symbolize`.
 
+pub mod client;
+mod error;
 pub mod heap;
 pub mod inspect;
 pub mod profile;
@@ -16,6 +19,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use hotpatch_protocol::{self as protocol, paths};
+
+pub use error::{Error, Result};
 
 /// `hotpatch`: hot-patching and profiling for dev processes.
 ///
@@ -153,7 +159,7 @@ impl Failure {
         }
     }
 
-    /// From the agent crate's error.
+    /// From the client's error.
     pub fn from_error(e: &crate::Error, json: bool) -> Self {
         Failure::new(e.code(), e.to_string(), json)
     }
