@@ -479,6 +479,22 @@ mod tests {
         );
     }
 
+    /// A capture resolved in another process names frames as an in-process
+    /// profile does: llvm-symbolizer's names (`fclose`), not glibc's
+    /// internal aliases (`_IO_new_fclose`, what its DWARF says).
+    #[test]
+    fn remote_and_in_process_resolution_give_the_same_names() {
+        let mut raw = capture_here();
+        let pc = libc::fclose as usize as u64;
+        raw.epochs[0].samples[0].stack = vec![pc];
+        let seq = Seq(raw.epochs[0].seq);
+        let (remote, _) = raw.resolve(&DebugSearch::default());
+        let local = Report::from_raw_stacks([(vec![pc], 1)], seq, &DebugSearch::default());
+        let name = |r: &Report| r.locations[r.samples[0].stack[0]].name();
+        assert_eq!(name(&remote), name(&local));
+        assert_eq!(name(&local), "fclose", "{:?}", local.locations);
+    }
+
     #[test]
     fn a_module_whose_file_changed_is_left_unresolved_with_a_warning() {
         let mut raw = capture_here();
