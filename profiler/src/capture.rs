@@ -485,7 +485,7 @@ mod tests {
     #[test]
     fn remote_and_in_process_resolution_give_the_same_names() {
         let mut raw = capture_here();
-        let pc = libc::fclose as usize as u64;
+        let pc = libc::fclose as *const () as usize as u64;
         raw.epochs[0].samples[0].stack = vec![pc];
         let seq = Seq(raw.epochs[0].seq);
         let (remote, _) = raw.resolve(&DebugSearch::default());
