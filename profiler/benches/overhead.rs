@@ -65,6 +65,12 @@ fn main() {
         resolve_100k();
         return;
     }
+    // `HOTPATCH_BENCH_ONLY=sampling`: the baseline and the sampling-only
+    // rows, with the samples taken (per-sample cost = extra CPU / samples).
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("sampling") {
+        sampling_only();
+        return;
+    }
     let rounds = 7;
     let mut base = Vec::new();
     let mut ours = [Vec::new(), Vec::new()];
@@ -166,4 +172,72 @@ fn resolve_100k() {
         "resolve 100,000 samples (8 frames each): median {:?}",
         median(times)
     );
+}
+
+/// This thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Baseline and hotpatch sampling-only rows, interleaved, 7 rounds, with
+/// the samples each session took.
+fn sampling_only() {
+    let rounds = 7;
+    let mut base = Vec::new();
+    let mut ours = [Vec::new(), Vec::new()];
+    let mut samples = [Vec::new(), Vec::new()];
+    let mut in_thread = [Vec::new(), Vec::new()];
+    let mut base_thread = Vec::new();
+    for _ in 0..rounds {
+        let t0 = thread_cpu();
+        base.push(time(|| {
+            work(ITERS);
+        }));
+        base_thread.push(thread_cpu() - t0);
+        for (i, hz) in [99, 1000].into_iter().enumerate() {
+            let s = ProfilerBuilder::new().frequency(hz).start().expect("start");
+            let t0 = thread_cpu();
+            ours[i].push(time(|| {
+                work(ITERS);
+            }));
+            in_thread[i].push(thread_cpu() - t0);
+            let r = s.stop().expect("stop");
+            samples[i].push(r.stats.samples);
+        }
+    }
+    let b = median(base);
+    println!("baseline (no profiler): {b:?}");
+    for (i, hz) in [99, 1000].into_iter().enumerate() {
+        let o = median(ours[i].clone());
+        let mut n = samples[i].clone();
+        n.sort_unstable();
+        let n = n[n.len() / 2];
+        let extra = o.as_secs_f64() - b.as_secs_f64();
+        // The workload thread's own CPU (its signal handlers included) vs
+        // the rest of the process (the helper thread).
+        let th = median(in_thread[i].clone());
+        let bt = median(base_thread.clone());
+        let helper = median(
+            ours[i]
+                .iter()
+                .zip(&in_thread[i])
+                .map(|(p, t)| p.saturating_sub(*t))
+                .collect(),
+        );
+        println!(
+            "{hz:>5} Hz: workload thread {th:?} ({:+.2}% vs its {bt:?} without), other threads {helper:?}",
+            (th.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0
+        );
+        println!(
+            "{hz:>5} Hz sampling only: {o:?} ({:+.2}%), median {n} samples, {:.1} us extra CPU per sample",
+            (o.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
+            extra * 1e6 / n.max(1) as f64
+        );
+    }
 }

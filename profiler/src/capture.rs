@@ -21,17 +21,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use hotpatch_symbolizer::registry::ModuleExport;
 use hotpatch_symbolizer::{DebugSearch, Registry, Seq, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::raw::SamplerCounts;
+use crate::raw::{Captured, Epoch, RawSample, SessionFacts};
 use crate::report::Report;
 use crate::sampler::Clock;
-use crate::session::{Epoch, RawSample};
 
 /// The format version written in [`RawProfile::format`].
 pub const FORMAT: u32 = 2;
@@ -98,36 +98,6 @@ pub struct RawStack {
     pub anchored: bool,
 }
 
-/// The sampler's counters of one session, as [`Stats`](crate::Stats) has
-/// them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplerCounts {
-    /// See [`Stats::handlers_left_by_jump`](crate::Stats::handlers_left_by_jump).
-    pub handlers_left_by_jump: u64,
-    /// See [`Stats::signals`](crate::Stats::signals).
-    pub signals: u64,
-    /// See [`Stats::lost_buffer_full`](crate::Stats::lost_buffer_full).
-    pub lost_buffer_full: u64,
-    /// See [`Stats::threads_clocked`](crate::Stats::threads_clocked).
-    pub threads_clocked: u64,
-    /// See [`Stats::thread_clock_failures`](crate::Stats::thread_clock_failures).
-    pub thread_clock_failures: u64,
-    /// See [`Stats::thread_clock_fallbacks`](crate::Stats::thread_clock_fallbacks).
-    pub thread_clock_fallbacks: u64,
-}
-
-/// What a stopping session knows of itself beyond its samples.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SessionFacts {
-    /// Samples dropped at the gate and registrations skipped.
-    pub(crate) gate: (u64, u64),
-    /// The clock that drove sampling.
-    pub(crate) clock: Clock,
-    /// The sampler's counters.
-    pub(crate) sampler: SamplerCounts,
-}
-
 /// Caps applied to a capture read from another process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -165,14 +135,6 @@ impl Default for Limits {
     }
 }
 
-/// Where a report resolved from a capture came from: the detached registry
-/// its locations refer to.
-#[derive(Debug)]
-pub(crate) struct Origin {
-    pub(crate) registry: Registry,
-    pub(crate) main_executable: Option<PathBuf>,
-}
-
 fn bad(msg: impl Into<String>) -> Error {
     Error::BadCapture(msg.into())
 }
@@ -180,15 +142,16 @@ fn bad(msg: impl Into<String>) -> Error {
 impl RawProfile {
     /// Builds the capture of a stopped session: its epochs and the global
     /// registry's history over their sequence numbers.
-    pub(crate) fn capture(
-        epochs: Vec<Epoch>,
-        errors: Vec<String>,
-        frequency: i32,
-        inline_frames: bool,
-        start_time: SystemTime,
-        duration: Duration,
-        facts: SessionFacts,
-    ) -> RawProfile {
+    pub(crate) fn capture(captured: Captured, facts: SessionFacts) -> RawProfile {
+        let Captured {
+            epochs,
+            errors,
+            inline_frames,
+            frequency,
+            start_time,
+            duration,
+            main_executable,
+        } = captured;
         let SessionFacts {
             gate,
             clock,
@@ -199,10 +162,7 @@ impl RawProfile {
         let from = epochs.iter().map(|e| e.seq).min().unwrap_or(now);
         let to = epochs.iter().map(|e| e.seq).max().unwrap_or(now);
         let modules = reg.export_history(from, to);
-        let main_executable = std::env::current_exe()
-            .ok()
-            .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
-            .map(|p| p.to_string_lossy().into_owned());
+        let main_executable = main_executable.map(|p| p.to_string_lossy().into_owned());
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         RawProfile {
             format: FORMAT,
@@ -354,10 +314,6 @@ impl RawProfile {
     /// `module+0xOFFSET`), and module records skipped as malformed.
     pub fn resolve(self, search: &DebugSearch) -> (Report, Vec<String>) {
         let imported = Registry::import_history(&self.modules);
-        let origin = Arc::new(Origin {
-            registry: imported.registry,
-            main_executable: self.main_executable.map(PathBuf::from),
-        });
         let epochs: Vec<Epoch> = self
             .epochs
             .into_iter()
@@ -376,17 +332,16 @@ impl RawProfile {
                     .collect(),
             })
             .collect();
-        let start_time = UNIX_EPOCH + Duration::from_nanos(self.start_time_unix_ns);
-        let mut report = Report::resolve_in(
-            &origin.registry,
+        let captured = Captured {
             epochs,
-            self.errors,
-            search,
-            self.inline_frames,
-            self.frequency,
-            start_time,
-            Duration::from_nanos(self.duration_ns),
-        );
+            errors: self.errors,
+            inline_frames: self.inline_frames,
+            frequency: self.frequency,
+            start_time: UNIX_EPOCH + Duration::from_nanos(self.start_time_unix_ns),
+            duration: Duration::from_nanos(self.duration_ns),
+            main_executable: self.main_executable.map(PathBuf::from),
+        };
+        let mut report = Report::resolve_in(&imported.registry, captured, search);
         report.apply_facts(&SessionFacts {
             gate: (self.gate_dropped_samples, self.unwind_registrations_skipped),
             clock: Clock::from_name(&self.clock).unwrap_or(report.clock),
@@ -425,7 +380,6 @@ impl RawProfile {
                 .into_iter()
                 .map(|s| format!("module record skipped: {s}")),
         );
-        report.origin = Some(origin);
         (report, warnings)
     }
 }
@@ -454,32 +408,11 @@ pub fn sampler_buffer_bytes() -> usize {
     crate::sampler::buffer_bytes()
 }
 
-impl Report {
-    /// Copies what the session knew of itself into the report.
-    pub(crate) fn apply_facts(&mut self, facts: &SessionFacts) {
-        self.clock = facts.clock;
-        self.stats.clock = Some(facts.clock);
-        self.stats.gate_dropped_samples = facts.gate.0;
-        self.stats.unwind_registrations_skipped = facts.gate.1;
-        self.stats.handlers_left_by_jump = facts.sampler.handlers_left_by_jump;
-        self.stats.signals = facts.sampler.signals;
-        self.stats.lost_buffer_full = facts.sampler.lost_buffer_full;
-        self.stats.threads_clocked = facts.sampler.threads_clocked;
-        self.stats.thread_clock_failures = facts.sampler.thread_clock_failures;
-        self.stats.thread_clock_fallbacks = facts.sampler.thread_clock_fallbacks;
-    }
-
-    /// The profiled executable, when resolved from a capture of another
-    /// process (else `None`: this process's).
-    pub(crate) fn main_executable(&self) -> Option<PathBuf> {
-        self.origin.as_ref()?.main_executable.clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use std::time::SystemTime;
 
     #[inline(never)]
     fn a_function_of_this_test_binary() -> u64 {
@@ -503,12 +436,15 @@ mod tests {
             }],
         };
         RawProfile::capture(
-            vec![epoch],
-            Vec::new(),
-            99,
-            true,
-            SystemTime::now(),
-            Duration::from_millis(5),
+            Captured {
+                epochs: vec![epoch],
+                errors: Vec::new(),
+                inline_frames: true,
+                frequency: 99,
+                start_time: SystemTime::now(),
+                duration: Duration::from_millis(5),
+                main_executable: crate::raw::current_executable(),
+            },
             SessionFacts {
                 gate: (0, 0),
                 clock: Clock::PerfEvent,
@@ -541,6 +477,22 @@ mod tests {
             p.string_table[first.filename as usize],
             exe.display().to_string()
         );
+    }
+
+    /// A capture resolved in another process names frames as an in-process
+    /// profile does: llvm-symbolizer's names (`fclose`), not glibc's
+    /// internal aliases (`_IO_new_fclose`, what its DWARF says).
+    #[test]
+    fn remote_and_in_process_resolution_give_the_same_names() {
+        let mut raw = capture_here();
+        let pc = libc::fclose as *const () as usize as u64;
+        raw.epochs[0].samples[0].stack = vec![pc];
+        let seq = Seq(raw.epochs[0].seq);
+        let (remote, _) = raw.resolve(&DebugSearch::default());
+        let local = Report::from_raw_stacks([(vec![pc], 1)], seq, &DebugSearch::default());
+        let name = |r: &Report| r.locations[r.samples[0].stack[0]].name();
+        assert_eq!(name(&remote), name(&local));
+        assert_eq!(name(&local), "fclose", "{:?}", local.locations);
     }
 
     #[test]

@@ -1,5 +1,20 @@
 //! The profiler's error type: one variant per failure, each with a stable code.
 
+/// Another session is running ([`Error::AlreadyRunning`]).
+pub const E_PROF_ALREADY_RUNNING: &str = "E_PROF_ALREADY_RUNNING";
+/// The frequency is out of range ([`Error::BadFrequency`]).
+pub const E_PROF_BAD_FREQUENCY: &str = "E_PROF_BAD_FREQUENCY";
+/// The pprof sampler failed ([`Error::Sampler`]).
+pub const E_PROF_SAMPLER: &str = "E_PROF_SAMPLER";
+/// No sampling clock could be set up ([`Error::Clock`]).
+pub const E_PROF_CLOCK: &str = "E_PROF_CLOCK";
+/// Writing an output failed ([`Error::Io`]).
+pub const E_PROF_IO: &str = "E_PROF_IO";
+/// The flamegraph renderer failed ([`Error::Flamegraph`]).
+pub const E_PROF_FLAMEGRAPH: &str = "E_PROF_FLAMEGRAPH";
+/// A raw capture is malformed or over a limit ([`Error::BadCapture`]).
+pub const E_PROF_BAD_CAPTURE: &str = "E_PROF_BAD_CAPTURE";
+
 /// A specialized `Result` for the profiler.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -40,13 +55,13 @@ impl Error {
     /// The stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::AlreadyRunning => "E_PROF_ALREADY_RUNNING",
-            Error::BadFrequency(_) => "E_PROF_BAD_FREQUENCY",
-            Error::Sampler(_) => "E_PROF_SAMPLER",
-            Error::Clock(_) => "E_PROF_CLOCK",
-            Error::Io(_) => "E_PROF_IO",
-            Error::Flamegraph(_) => "E_PROF_FLAMEGRAPH",
-            Error::BadCapture(_) => "E_PROF_BAD_CAPTURE",
+            Error::AlreadyRunning => E_PROF_ALREADY_RUNNING,
+            Error::BadFrequency(_) => E_PROF_BAD_FREQUENCY,
+            Error::Sampler(_) => E_PROF_SAMPLER,
+            Error::Clock(_) => E_PROF_CLOCK,
+            Error::Io(_) => E_PROF_IO,
+            Error::Flamegraph(_) => E_PROF_FLAMEGRAPH,
+            Error::BadCapture(_) => E_PROF_BAD_CAPTURE,
         }
     }
 }

@@ -92,6 +92,7 @@ pub mod capture;
 pub mod error;
 mod fallback;
 pub mod output;
+mod raw;
 pub mod report;
 mod sampler;
 mod session;
@@ -101,7 +102,7 @@ pub use capture::RawProfile;
 pub use error::{Error, Result};
 pub use output::TopEntry;
 pub use output::proto;
-pub use report::{Location, Report, Sample, Stats};
+pub use report::{Location, Mapping, Report, Sample, Stats};
 pub use sampler::Clock;
 pub use session::{ProfilerBuilder, Session};
 

@@ -6,15 +6,15 @@ use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, SystemTime};
 
-use hotpatch_symbolizer::registry::ModuleKind;
+use hotpatch_symbolizer::registry::{Module, ModuleKind};
 use hotpatch_symbolizer::resolve::ModuleRef;
 use hotpatch_symbolizer::{
     DebugSearch, Frame, ModuleId, Registry, RuntimeAddr, Seq, Source, Symbolizer, demangle,
 };
 
 use crate::fallback::Fallback;
+use crate::raw::{Captured, Epoch, RawSample, SessionFacts};
 use crate::sampler::Clock;
-use crate::session::{Epoch, RawSample};
 
 /// One resolved address.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct Location {
     pub frames: Vec<Frame>,
     /// Where the frames came from.
     pub source: Source,
+    /// Index into [`Report::mappings`] of the mapping that held it.
+    pub mapping: Option<usize>,
 }
 
 impl Location {
@@ -145,8 +147,104 @@ pub struct Report {
     pub stats: Stats,
     /// Problems met while checkpointing (a failed snapshot, ...).
     pub errors: Vec<String>,
-    /// Set when resolved from a capture of another process.
-    pub(crate) origin: Option<std::sync::Arc<crate::capture::Origin>>,
+    /// The mappings (executable ranges of modules) the locations lie in,
+    /// as the registry recorded them when the report was resolved.
+    pub mappings: Vec<Mapping>,
+    /// Index into [`mappings`](Self::mappings) of the main executable's, if
+    /// the registry listed it (it goes first in the pprof output).
+    pub main_mapping: Option<usize>,
+}
+
+/// An executable range of a module, as a profile's `Mapping` needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// The module it belongs to.
+    pub module: ModuleId,
+    /// First runtime address.
+    pub start: u64,
+    /// One past the last runtime address.
+    pub limit: u64,
+    /// Offset in the file of `start`.
+    pub file_offset: u64,
+    /// The file, or `[name]` for an anonymous range.
+    pub filename: String,
+    /// The file's build-id, hex (empty if none).
+    pub build_id: String,
+    /// Whether it is an anonymous range (trampolines, relays, JIT code).
+    pub anonymous: bool,
+}
+
+impl Mapping {
+    /// The mapping of `module` holding `pc` (or its first executable
+    /// segment).
+    fn of(module: &Module, pc: Option<u64>) -> Option<Mapping> {
+        let (start, limit, file_offset, filename, build_id, anonymous) = match &module.kind {
+            ModuleKind::Elf(e) => {
+                let seg = e
+                    .segments
+                    .iter()
+                    .filter(|s| s.is_exec())
+                    .find(|s| {
+                        let st = e.bias.to_runtime(s.vaddr).0;
+                        pc.is_some_and(|pc| pc.wrapping_sub(st) < s.memsz)
+                    })
+                    .or_else(|| e.segments.iter().find(|s| s.is_exec()))?;
+                let st = e.bias.to_runtime(seg.vaddr).0;
+                (
+                    st,
+                    st + seg.memsz,
+                    seg.offset.0,
+                    e.path.display().to_string(),
+                    e.build_id.as_ref().map(|b| b.to_hex()).unwrap_or_default(),
+                    false,
+                )
+            }
+            ModuleKind::Anon(a) => (
+                a.start.0,
+                a.start.0 + a.len,
+                0,
+                format!("[{}]", a.name),
+                String::new(),
+                true,
+            ),
+            _ => return None,
+        };
+        Some(Mapping {
+            module: module.id,
+            start,
+            limit,
+            file_offset,
+            filename,
+            build_id,
+            anonymous,
+        })
+    }
+}
+
+/// Collects the distinct mappings of a report's locations.
+#[derive(Default)]
+struct Mappings {
+    list: Vec<Mapping>,
+    index: HashMap<(ModuleId, u64), usize>,
+}
+
+impl Mappings {
+    fn add(&mut self, m: Mapping) -> usize {
+        *self.index.entry((m.module, m.start)).or_insert_with(|| {
+            self.list.push(m);
+            self.list.len() - 1
+        })
+    }
+}
+
+/// The main executable's registry record, if the registry lists it.
+fn main_module(reg: &Registry, exe: &std::path::Path) -> Option<Module> {
+    reg.modules().into_iter().find(|m| {
+        m.unloaded_seq.is_none()
+            && m.elf().is_some_and(|e| {
+                e.path == exe || std::fs::canonicalize(&e.path).is_ok_and(|p| p == exe)
+            })
+    })
 }
 
 /// `(registry module, address)` identifies a location; addresses no module
@@ -188,75 +286,37 @@ impl Hasher for IntHasher {
 type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
 impl Report {
-    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
-    pub(crate) fn resolve(
-        epochs: Vec<Epoch>,
-        errors: Vec<String>,
-        search: &DebugSearch,
-        inlines: bool,
-        frequency: i32,
-        start_time: SystemTime,
-        duration: Duration,
-    ) -> Report {
+    /// Resolves a capture against the global registry.
+    pub(crate) fn resolve(captured: Captured, search: &DebugSearch) -> Report {
+        Self::resolve_in(Registry::global(), captured, search)
+    }
+
+    /// Resolves a capture against `reg` (the global registry, or a detached
+    /// one rebuilt from another process's history, see [`crate::capture`]).
+    /// Names are given as llvm-symbolizer (which `go tool pprof` runs)
+    /// gives them: `fclose`, not glibc's `_IO_new_fclose`.
+    pub(crate) fn resolve_in(reg: &Registry, captured: Captured, search: &DebugSearch) -> Report {
         let started = std::time::Instant::now();
-        // Names as llvm-symbolizer (which `go tool pprof` runs) gives them:
-        // `fclose`, not glibc's `_IO_new_fclose`.
         let sym = Symbolizer::new(search.clone())
             .with_naming(hotpatch_symbolizer::resolve::Naming::Source);
-        Self::resolve_with(
-            &sym,
-            Registry::global(),
-            epochs,
-            errors,
-            inlines,
-            frequency,
-            start_time,
-            duration,
-            started,
-        )
+        Self::resolve_with(&sym, reg, captured, started)
     }
 
-    /// [`resolve`](Self::resolve) against `reg` rather than the global
-    /// registry (a detached one, see [`crate::capture`]).
-    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
-    pub(crate) fn resolve_in(
-        reg: &Registry,
-        epochs: Vec<Epoch>,
-        errors: Vec<String>,
-        search: &DebugSearch,
-        inlines: bool,
-        frequency: i32,
-        start_time: SystemTime,
-        duration: Duration,
-    ) -> Report {
-        let started = std::time::Instant::now();
-        let sym = Symbolizer::new(search.clone());
-        Self::resolve_with(
-            &sym, reg, epochs, errors, inlines, frequency, start_time, duration, started,
-        )
-    }
-
-    /// The registry the locations were resolved against: the global one,
-    /// or the detached one of a capture resolved in another process.
-    pub(crate) fn registry(&self) -> &Registry {
-        match &self.origin {
-            Some(o) => &o.registry,
-            None => Registry::global(),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments, reason = "internal constructor")]
     fn resolve_with(
         sym: &Symbolizer,
         reg: &Registry,
-        epochs: Vec<Epoch>,
-        errors: Vec<String>,
-        inlines: bool,
-        frequency: i32,
-        start_time: SystemTime,
-        duration: Duration,
+        captured: Captured,
         started: std::time::Instant,
     ) -> Report {
+        let Captured {
+            epochs,
+            errors,
+            inline_frames: inlines,
+            frequency,
+            start_time,
+            duration,
+            main_executable,
+        } = captured;
         let n_epochs = epochs.len();
         // Every distinct (lookup address, seq), resolved in one batch.
         let mut pair_index: IntMap<(u64, Seq), usize> = IntMap::default();
@@ -296,6 +356,14 @@ impl Report {
                 r.source = Source::Symtab;
             }
         }
+        let mut mappings = Mappings::default();
+        // The main executable's mapping first, whether or not a sample
+        // landed in it (`go tool pprof` takes the first for the binary).
+        let main_mapping = main_executable
+            .as_deref()
+            .and_then(|exe| main_module(reg, exe))
+            .and_then(|m| Mapping::of(&m, None))
+            .map(|m| mappings.add(m));
         let mut locations: Vec<Location> = Vec::new();
         let mut by_key: IntMap<LocKey, usize> = IntMap::default();
         let mut pair_to_loc: Vec<usize> = Vec::with_capacity(resolved.len());
@@ -307,7 +375,14 @@ impl Report {
             let idx = match by_key.entry(key) {
                 Entry::Occupied(o) => *o.get(),
                 Entry::Vacant(v) => {
+                    let mapping = r
+                        .module
+                        .as_ref()
+                        .and_then(|m| reg.module(m.id))
+                        .and_then(|m| Mapping::of(&m, Some(r.addr.0)))
+                        .map(|m| mappings.add(m));
                     locations.push(Location {
+                        mapping,
                         address: r.addr,
                         seq: r.seq,
                         module: r.module,
@@ -382,17 +457,16 @@ impl Report {
             inline_frames: inlines,
             stats,
             errors,
-            origin: None,
+            mappings: mappings.list,
+            main_mapping,
         }
     }
 
     /// Whether a location's module is an anonymous range.
     pub fn is_anonymous(&self, loc: &Location) -> bool {
-        loc.module.as_ref().is_some_and(|m| {
-            self.registry()
-                .module(m.id)
-                .is_some_and(|m| matches!(m.kind, ModuleKind::Anon(_)))
-        })
+        loc.mapping
+            .and_then(|i| self.mappings.get(i))
+            .is_some_and(|m| m.anonymous)
     }
 
     /// Samples whose stack contains a frame named `function` (any frame,
@@ -431,15 +505,7 @@ impl Report {
             })
             .collect();
         let epoch = Epoch { seq, samples };
-        Report::resolve(
-            vec![epoch],
-            Vec::new(),
-            search,
-            true,
-            1,
-            SystemTime::now(),
-            Duration::ZERO,
-        )
+        Report::resolve(Captured::of_raw(vec![epoch]), search)
     }
 
     /// Builds a report from raw stacks each captured at its own registry
@@ -468,14 +534,38 @@ impl Report {
             .into_iter()
             .map(|(seq, samples)| Epoch { seq, samples })
             .collect();
-        Report::resolve(
+        Report::resolve(Captured::of_raw(epochs), search)
+    }
+}
+
+impl Report {
+    /// Copies what the session knew of itself into the report.
+    pub(crate) fn apply_facts(&mut self, facts: &SessionFacts) {
+        self.clock = facts.clock;
+        self.stats.clock = Some(facts.clock);
+        self.stats.gate_dropped_samples = facts.gate.0;
+        self.stats.unwind_registrations_skipped = facts.gate.1;
+        self.stats.handlers_left_by_jump = facts.sampler.handlers_left_by_jump;
+        self.stats.signals = facts.sampler.signals;
+        self.stats.lost_buffer_full = facts.sampler.lost_buffer_full;
+        self.stats.threads_clocked = facts.sampler.threads_clocked;
+        self.stats.thread_clock_failures = facts.sampler.thread_clock_failures;
+        self.stats.thread_clock_fallbacks = facts.sampler.thread_clock_fallbacks;
+    }
+}
+
+impl Captured {
+    /// Raw stacks from another sampler: inline frames on, 1 Hz (one sample
+    /// stands for a second), this process's executable.
+    fn of_raw(epochs: Vec<Epoch>) -> Captured {
+        Captured {
             epochs,
-            Vec::new(),
-            search,
-            true,
-            1,
-            SystemTime::now(),
-            Duration::ZERO,
-        )
+            errors: Vec::new(),
+            inline_frames: true,
+            frequency: 1,
+            start_time: SystemTime::now(),
+            duration: Duration::ZERO,
+            main_executable: crate::raw::current_executable(),
+        }
     }
 }

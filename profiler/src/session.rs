@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use hotpatch_symbolizer::registry::{ModuleKind, SubscriptionId};
-use hotpatch_symbolizer::{DebugSearch, Event, Registry, Seq};
+use hotpatch_symbolizer::{DebugSearch, Event, Registry};
 
 use crate::error::{Error, Result};
+use crate::raw::{Captured, Epoch, RawSample, SamplerCounts, SessionFacts};
 use crate::report::Report;
-use crate::sampler::{self, Clock, Clocks};
+use crate::sampler::{self, Clock, Clocks, RESTORER};
 use crate::unwind;
 
 /// One session at a time: SIGPROF and the sample buffer are process-wide.
@@ -183,7 +184,7 @@ impl ProfilerBuilder {
 /// gives every thread its clock: the first of `wanted` (or of all, best
 /// first) that works.
 fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
-    if !sampler::handler_installed() && !sampler::install_handler() {
+    if !handler_installed() && !sampler::install_handler() {
         return Err(Error::Clock(format!(
             "installing the SIGPROF handler: {}",
             std::io::Error::last_os_error()
@@ -232,6 +233,17 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
     Err(Error::Clock(why.join("; ")))
 }
 
+/// Whether SIGPROF's handler is the sampler's (directly or behind the gate).
+fn handler_installed() -> bool {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return false;
+    }
+    sampler::is_handler(&cur) || unwind::gate_installed(&cur)
+}
+
 fn stop_sampling(clock: Clock) {
     if clock == Clock::ItimerProf {
         let _ = sampler::itimer(None);
@@ -243,12 +255,15 @@ fn stop_sampling(clock: Clock) {
 /// clock) when told to stop.
 fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(sampler::WATCH_INTERVAL) {
+        let before = clocks.by_tid.len();
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();
         inner.threads_clocked += added as u64;
         inner.clock_failures = clocks.failed;
         inner.clock_fallbacks = clocks.fallbacks;
-        inner.clocked = clocks.by_tid.keys().copied().collect();
+        if added > 0 || clocks.by_tid.len() != before {
+            inner.clocked = clocks.by_tid.keys().copied().collect();
+        }
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
     }
@@ -287,31 +302,6 @@ fn signal_restorer() -> u64 {
 
 /// `SA_RESTORER` (x86-64 Linux); not exported by the libc crate.
 const SA_RESTORER: libc::c_int = 0x0400_0000;
-
-use crate::sampler::RESTORER;
-
-/// Samples taken between two checkpoints, with the registry sequence number
-/// at which they are to be resolved.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Epoch {
-    pub(crate) seq: Seq,
-    pub(crate) samples: Vec<RawSample>,
-}
-
-/// One captured stack: leaf first. The leaf is the interrupted instruction
-/// (exact, from the signal's `ucontext`); the others are return addresses.
-#[derive(Debug, Clone)]
-pub(crate) struct RawSample {
-    pub(crate) stack: Vec<u64>,
-    pub(crate) count: u64,
-    pub(crate) thread: String,
-    /// Whether the signal frame was found (the callers are the interrupted
-    /// code's; without it the stack is the leaf alone).
-    pub(crate) anchored: bool,
-    /// The CPU time these samples stand for, in nanoseconds (the sum of
-    /// their periods, overruns of a thread timer included).
-    pub(crate) value_ns: u64,
-}
 
 struct Inner {
     /// Samples since the previous checkpoint.
@@ -455,55 +445,54 @@ impl Session {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
         let facts = self.facts();
-        let mut report = Report::resolve(
-            epochs,
-            errors,
-            &self.shared.config.debug_search,
-            self.shared.config.inline_frames,
-            self.shared.config.frequency,
-            self.started_at,
-            duration,
-        );
+        let captured = self.captured(epochs, errors, duration);
+        let mut report = Report::resolve(captured, &self.shared.config.debug_search);
         report.apply_facts(&facts);
         Ok(report)
     }
 
     /// Stops sampling without resolving: the samples and the module
     /// history they need, to be resolved in another process
-    /// ([`RawProfile::resolve`](crate::RawProfile::resolve)). Nothing of
+    /// ([`RawProfile::resolve`](crate::capture::RawProfile::resolve)). Nothing of
     /// DWARF is loaded here.
     ///
     /// # Errors
     /// None today (as [`stop`](Self::stop)).
-    pub fn stop_raw(mut self) -> Result<crate::RawProfile> {
+    pub fn stop_raw(mut self) -> Result<crate::capture::RawProfile> {
         let duration = self.started.elapsed();
         let (epochs, errors) = self.finish();
         let facts = self.facts();
         // The session's aggregation maps were freed: give the pages back.
         crate::capture::release_backtrace_cache();
-        Ok(crate::RawProfile::capture(
+        let captured = self.captured(epochs, errors, duration);
+        Ok(crate::capture::RawProfile::capture(captured, facts))
+    }
+
+    /// The session's samples and what a report says about it.
+    fn captured(&self, epochs: Vec<Epoch>, errors: Vec<String>, duration: Duration) -> Captured {
+        Captured {
             epochs,
             errors,
-            self.shared.config.frequency,
-            self.shared.config.inline_frames,
-            self.started_at,
+            inline_frames: self.shared.config.inline_frames,
+            frequency: self.shared.config.frequency,
+            start_time: self.started_at,
             duration,
-            facts,
-        ))
+            main_executable: crate::raw::current_executable(),
+        }
     }
 
     /// The clock and the sampler's and the gate's counters since start.
-    fn facts(&self) -> crate::capture::SessionFacts {
+    fn facts(&self) -> SessionFacts {
         let (dropped, skipped, abandoned) = unwind::gate_counts();
         let (signals, lost) = sampler::counters();
         let inner = self.shared.lock();
-        crate::capture::SessionFacts {
+        SessionFacts {
             gate: (
                 dropped - self.gate_at_start.0,
                 skipped - self.gate_at_start.1,
             ),
             clock: self.shared.clock,
-            sampler: crate::capture::SamplerCounts {
+            sampler: SamplerCounts {
                 handlers_left_by_jump: abandoned - self.gate_at_start.2,
                 signals: signals - self.counters_at_start.0,
                 lost_buffer_full: lost - self.counters_at_start.1,
@@ -543,7 +532,8 @@ impl Session {
     /// The ids of the threads that have their own sampling clock now
     /// (empty with [`Clock::ItimerProf`], which samples the process).
     /// Threads started after [`ProfilerBuilder::start`] appear within
-    /// about 10 ms.
+    /// about 10 ms (within 100 ms if another thread exited in the same
+    /// 10 ms, leaving the thread count as it was).
     pub fn clocked_threads(&self) -> Vec<i32> {
         self.shared.lock().clocked.clone()
     }

@@ -9,13 +9,12 @@ use std::time::UNIX_EPOCH;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use hotpatch_symbolizer::registry::{Module, ModuleKind};
-use hotpatch_symbolizer::{ModuleId, Registry, Source};
+use hotpatch_symbolizer::Source;
 use prost::Message;
 
 use super::proto;
 use crate::error::Result;
-use crate::report::{Location, Report};
+use crate::report::{Mapping, Report};
 
 #[derive(Default)]
 struct Strings {
@@ -41,121 +40,57 @@ impl Strings {
     }
 }
 
-/// The runtime range and file offset of the mapping a location belongs to.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct MapKey {
-    module: ModuleId,
-    start: u64,
-}
-
-struct MapInfo {
-    start: u64,
-    limit: u64,
-    offset: u64,
-    filename: String,
-    build_id: String,
+/// A `Mapping` being written: the report's, and what its locations say
+/// about the symbols it has.
+struct MapInfo<'a> {
+    mapping: &'a Mapping,
     functions: bool,
     filenames: bool,
     lines: bool,
     inlines: bool,
 }
 
-fn mapping_for(loc: &Location, reg: &Registry) -> Option<(MapKey, MapInfo)> {
-    let mref = loc.module.as_ref()?;
-    let module = reg.module(mref.id)?;
-    mapping_of(&module, Some(loc.address.0))
-}
-
-/// The mapping of `module` holding `pc` (or its first executable segment).
-fn mapping_of(module: &Module, pc: Option<u64>) -> Option<(MapKey, MapInfo)> {
-    let (start, limit, offset, filename, build_id) = match &module.kind {
-        ModuleKind::Elf(e) => {
-            let seg = e
-                .segments
-                .iter()
-                .filter(|s| s.is_exec())
-                .find(|s| {
-                    let st = e.bias.to_runtime(s.vaddr).0;
-                    pc.is_some_and(|pc| pc.wrapping_sub(st) < s.memsz)
-                })
-                .or_else(|| e.segments.iter().find(|s| s.is_exec()))?;
-            let st = e.bias.to_runtime(seg.vaddr).0;
-            (
-                st,
-                st + seg.memsz,
-                seg.offset.0,
-                e.path.display().to_string(),
-                e.build_id.as_ref().map(|b| b.to_hex()).unwrap_or_default(),
-            )
-        }
-        ModuleKind::Anon(a) => (
-            a.start.0,
-            a.start.0 + a.len,
-            0,
-            format!("[{}]", a.name),
-            String::new(),
-        ),
-        _ => return None,
-    };
-    Some((
-        MapKey {
-            module: module.id,
-            start,
-        },
-        MapInfo {
-            start,
-            limit,
-            offset,
-            filename,
-            build_id,
+/// The profile's id of the report's mapping `i` (ids from 1, in order of
+/// first use).
+fn mapping_id<'r>(
+    all: &'r [Mapping],
+    i: usize,
+    map_ids: &mut HashMap<usize, u64>,
+    mappings: &mut Vec<MapInfo<'r>>,
+) -> Option<u64> {
+    let mapping = all.get(i)?;
+    Some(*map_ids.entry(i).or_insert_with(|| {
+        mappings.push(MapInfo {
+            mapping,
             functions: true,
             filenames: true,
             lines: true,
             inlines: true,
-        },
-    ))
-}
-
-/// The main executable's registry record, if the registry lists it.
-///
-/// `go tool pprof` takes the first `Mapping` for the main binary (the
-/// `File:` line, and the binary it re-symbolizes by default), so it goes
-/// first whether or not a sample landed in it.
-fn main_executable(reg: &Registry, exe: Option<std::path::PathBuf>) -> Option<Module> {
-    let exe = exe.or_else(|| std::env::current_exe().ok())?;
-    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
-    reg.modules().into_iter().find(|m| {
-        m.unloaded_seq.is_none()
-            && m.elf().is_some_and(|e| {
-                e.path == exe || std::fs::canonicalize(&e.path).is_ok_and(|p| p == exe)
-            })
-    })
+        });
+        mappings.len() as u64
+    }))
 }
 
 impl Report {
     /// The profile as `profile.proto` messages.
     pub fn to_profile(&self) -> proto::Profile {
-        let reg = self.registry();
         let mut st = Strings::new();
-        let mut mappings: Vec<MapInfo> = Vec::new();
-        let mut map_ids: HashMap<MapKey, u64> = HashMap::new();
+        let mut mappings: Vec<MapInfo<'_>> = Vec::new();
+        let mut map_ids: HashMap<usize, u64> = HashMap::new();
         let mut functions: Vec<proto::Function> = Vec::new();
         let mut fn_ids: HashMap<(String, String), u64> = HashMap::new();
         let mut locations = Vec::with_capacity(self.locations.len());
-        // Mapping id 1 is the main executable's (see `main_executable`).
-        if let Some((key, info)) =
-            main_executable(reg, self.main_executable()).and_then(|m| mapping_of(&m, None))
-        {
-            mappings.push(info);
-            map_ids.insert(key, 1);
+        // Mapping id 1 is the main executable's (`go tool pprof` takes the
+        // first mapping for the binary).
+        if let Some(i) = self.main_mapping {
+            mapping_id(&self.mappings, i, &mut map_ids, &mut mappings);
         }
         for (i, loc) in self.locations.iter().enumerate() {
-            let mapping_id = match mapping_for(loc, reg) {
-                Some((key, info)) => {
-                    let id = *map_ids.entry(key).or_insert_with(|| {
-                        mappings.push(info);
-                        mappings.len() as u64
-                    });
+            let mapping_id = match loc
+                .mapping
+                .and_then(|m| mapping_id(&self.mappings, m, &mut map_ids, &mut mappings))
+            {
+                Some(id) => {
                     let m = &mut mappings[id as usize - 1];
                     let anon = loc.source == Source::Anonymous;
                     m.functions &= loc.is_named();
@@ -220,11 +155,11 @@ impl Report {
             .enumerate()
             .map(|(i, m)| proto::Mapping {
                 id: i as u64 + 1,
-                memory_start: m.start,
-                memory_limit: m.limit,
-                file_offset: m.offset,
-                filename: st.get(&m.filename),
-                build_id: st.get(&m.build_id),
+                memory_start: m.mapping.start,
+                memory_limit: m.mapping.limit,
+                file_offset: m.mapping.file_offset,
+                filename: st.get(&m.mapping.filename),
+                build_id: st.get(&m.mapping.build_id),
                 has_functions: m.functions,
                 has_filenames: m.filenames,
                 has_line_numbers: m.lines,
@@ -274,7 +209,7 @@ impl Report {
     /// reads).
     ///
     /// # Errors
-    /// [`Error::Io`](crate::Error::Io) from `w`.
+    /// [`Error::Io`](crate::error::Error::Io) from `w`.
     pub fn write_pprof(&self, w: impl Write) -> Result<()> {
         write_profile(&self.to_profile(), w)
     }
@@ -283,7 +218,7 @@ impl Report {
 /// Writes any `profile.proto` message gzipped (e.g. one edited by a tool).
 ///
 /// # Errors
-/// [`Error::Io`](crate::Error::Io) from `w`.
+/// [`Error::Io`](crate::error::Error::Io) from `w`.
 pub fn write_profile(p: &proto::Profile, w: impl Write) -> Result<()> {
     let mut gz = GzEncoder::new(w, Compression::default());
     gz.write_all(&p.encode_to_vec())?;
@@ -294,7 +229,7 @@ pub fn write_profile(p: &proto::Profile, w: impl Write) -> Result<()> {
 /// Reads a (gzipped or plain) `profile.proto`.
 ///
 /// # Errors
-/// [`Error::Io`](crate::Error::Io) when it is neither.
+/// [`Error::Io`](crate::error::Error::Io) when it is neither.
 pub fn read_profile(bytes: &[u8]) -> Result<proto::Profile> {
     let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
@@ -303,6 +238,7 @@ pub fn read_profile(bytes: &[u8]) -> Result<proto::Profile> {
     } else {
         bytes.to_vec()
     };
-    proto::Profile::decode(raw.as_slice())
-        .map_err(|e| crate::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    proto::Profile::decode(raw.as_slice()).map_err(|e| {
+        crate::error::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    })
 }

@@ -112,6 +112,7 @@ mod tests {
                 inlined: false,
             }],
             source: Source::Symtab,
+            mapping: None,
         }
     }
 
@@ -139,13 +140,14 @@ mod tests {
             samples,
             locations,
             frequency: 99,
-            clock: crate::Clock::PerfEvent,
+            clock: crate::sampler::Clock::PerfEvent,
             start_time: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
             inline_frames: true,
             stats: Stats::default(),
             errors: Vec::new(),
-            origin: None,
+            mappings: Vec::new(),
+            main_mapping: None,
         };
         let order: Vec<(String, u64, u64)> = report
             .top_entries()
