@@ -35,24 +35,6 @@ static REGISTERED: Mutex<Option<HashMap<u64, Registered>>> = Mutex::new(None);
 /// One registered image: the module it describes and its `.eh_frame` bytes.
 type Registered = (ModuleId, Box<[u8]>);
 
-/// Reads our own memory without faulting on an unmapped range.
-fn read_self(start: u64, len: usize) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
-    };
-    let remote = libc::iovec {
-        iov_base: start as usize as *mut libc::c_void,
-        iov_len: len,
-    };
-    // SAFETY: `local` describes `buf`, which we own and which is `len` bytes
-    // long; the kernel checks `remote` and fails with EFAULT instead of
-    // faulting if it is not mapped readable.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    (n == len as isize).then_some(buf)
-}
-
 /// Gives module `id`, the range `[start, start+len)`, unwind info, once.
 /// Returns whether it was registered now (false when already registered,
 /// unreadable, not describable, or not safely registrable: counted).
@@ -73,7 +55,7 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
     if len == 0 || len > 1 << 20 {
         return false;
     }
-    let Some(code) = read_self(start, len as usize) else {
+    let Some(code) = hotpatch_sys::mem::read_self_vec(start as usize, len as usize) else {
         return false;
     };
     let cfi = rows_for(&code, start);
