@@ -2,6 +2,8 @@
 
 use std::io;
 
+use hotpatch_sys::signal;
+
 /// Termination signals (SIGINT, SIGTERM, SIGHUP) blocked in the calling
 /// thread and in every thread it spawns afterwards, to be received
 /// synchronously with [`TerminationSignals::wait`].
@@ -19,25 +21,14 @@ impl TerminationSignals {
     /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread.
     ///
     /// # Errors
-    /// The OS error of `pthread_sigmask`.
+    /// The OS error of `pthread_sigmask` (through
+    /// [`hotpatch_sys::signal::MaskGuard`]).
     pub fn block() -> io::Result<TerminationSignals> {
-        // SAFETY: an all-zero sigset_t is a valid value to pass to
-        // sigemptyset, which initializes it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid, writable sigset_t; the signal numbers
-        // are valid.
-        unsafe {
-            libc::sigemptyset(&raw mut set);
-            libc::sigaddset(&raw mut set, libc::SIGINT);
-            libc::sigaddset(&raw mut set, libc::SIGTERM);
-            libc::sigaddset(&raw mut set, libc::SIGHUP);
-        }
-        // SAFETY: `set` is initialized; a null old-set pointer is allowed.
-        let rc =
-            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
+        let set = signal::sigset_of(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+        // The block outlives this call on purpose: threads spawned later
+        // inherit it. The guard holds only the previous mask (no resource),
+        // so forgetting it leaks nothing and just skips the restore.
+        std::mem::forget(signal::MaskGuard::block_raw(set)?);
         Ok(TerminationSignals { set })
     }
 

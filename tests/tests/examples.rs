@@ -3,11 +3,15 @@
 
 use std::process::Command;
 
-use hotpatch_tests::fixtures;
+use hotpatch_tests::{fixtures, loader_fixtures};
 
 fn run(package: &str, name: &str, features: &[&str]) -> String {
+    run_with(package, name, features, &[])
+}
+
+fn run_with(package: &str, name: &str, features: &[&str], args: &[&std::path::Path]) -> String {
     let exe = fixtures::example(package, name, features);
-    let out = Command::new(&exe).output().expect("run example");
+    let out = Command::new(&exe).args(args).output().expect("run example");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -52,4 +56,31 @@ fn symbolizer_example_names_its_function() {
         .unwrap_or_else(|| panic!("no address line in:\n{out}"));
     assert!(named.contains("a_function_to_find"), "{out}");
     assert!(out.contains("symbolize.rs:"), "DWARF line info: {out}");
+}
+
+#[test]
+fn loader_example_loads_calls_and_unloads_a_real_plugin() {
+    // The fixture plugin is copied into a private directory, so the example's
+    // "missing" probe beside it names a file that surely does not exist.
+    let dir = loader_fixtures::TempDir::new("example");
+    let copy = loader_fixtures::copy_with_mode(
+        &loader_fixtures::good_plugin(),
+        &dir.join("libplg_good.so"),
+        0o755,
+    );
+    let out = run_with("hotpatch-loader", "load_plugin", &[], &[&copy]);
+    for line in [
+        "loaded: plg-good 1.0.0",
+        "registered: true",
+        "inits: 1",
+        "plg_good_add(2, 3) = 5",
+        "unloaded: plg-good unmapped",
+        "registered after unload: false",
+        "missing: E_PLG_NOT_FOUND",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
 }

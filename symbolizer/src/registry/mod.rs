@@ -50,6 +50,13 @@
 //! most recently released few (see `files.rs`), after which resolution opens
 //! the path again and refuses a file whose build-id changed.
 //!
+//! # Layout
+//!
+//! `records.rs` (what a module is, the spec to register one, events),
+//! `table.rs` (the lock-free lookup table), `history.rs` (export and import
+//! of the history for another process), and this file: the state, its
+//! mutations, subscribers and pins.
+//!
 //! # Lock-free lookup
 //!
 //! Writers (serialized by a mutex) keep a sorted list of all segments ever
@@ -78,349 +85,29 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
+use crate::addr::{Bias, RuntimeAddr};
 use crate::elf::Mapped;
 use crate::error::{Error, Result};
 use crate::files::{FileKey, FileSlot, FileTable};
 use hotpatch_sys::phdr;
 
+mod history;
+mod records;
+mod table;
+
 pub use crate::model::{BuildId, ModuleId, Segment, Seq, TlsInfo, TlsSegment};
+pub use history::{ElfExport, ImportedHistory, ModuleExport, ModuleExportKind};
+pub use history::{MAX_IMPORT_NAME, MAX_IMPORT_SEGMENTS};
+pub use records::{
+    AnonRange, ElfModule, ElfModuleSpec, Event, Module, ModuleKind, Origin, SubscriptionId,
+};
+pub use table::Hit;
 
-/// Identifies a subscription made with [`Registry::subscribe`].
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct SubscriptionId(u64);
-
-/// A file-backed ELF module.
-#[derive(Clone, Debug)]
-pub struct ElfModule {
-    /// The file it was loaded from.
-    pub path: PathBuf,
-    /// Its build-id, if it has one.
-    pub build_id: Option<BuildId>,
-    /// Its load bias.
-    pub bias: Bias,
-    /// Its `PT_LOAD` segments.
-    pub segments: Vec<Segment>,
-    /// Its TLS segment, if any.
-    pub tls: Option<TlsInfo>,
-    /// The file version mapped when the module was registered, so a plugin
-    /// rebuilt later still resolves against the bytes that were loaded.
-    /// Shared by every module loaded from the same version (see
-    /// [`crate::files`]).
-    pub(crate) file: Option<Arc<FileSlot>>,
-}
-
-impl ElfModule {
-    /// The bytes the module was loaded from, if still held.
-    pub(crate) fn mapped(&self) -> Option<Arc<Mapped>> {
-        self.file.as_ref().and_then(|f| f.mapped())
-    }
-
-    /// The runtime ranges of its executable segments.
-    pub fn exec_ranges(&self) -> impl Iterator<Item = (RuntimeAddr, RuntimeAddr)> + '_ {
-        self.segments.iter().filter(|s| s.is_exec()).map(|s| {
-            let start = self.bias.to_runtime(s.vaddr);
-            (start, RuntimeAddr(start.0.wrapping_add(s.memsz)))
-        })
-    }
-}
-
-/// A named range of anonymous code (trampoline, relay, JIT code).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AnonRange {
-    /// The name frames in it resolve to, e.g. `hotpatch::trampoline<price>`.
-    pub name: String,
-    /// First byte.
-    pub start: RuntimeAddr,
-    /// Length in bytes (> 0).
-    pub len: u64,
-}
-
-/// What a module is.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum ModuleKind {
-    /// A file-backed ELF object.
-    Elf(Arc<ElfModule>),
-    /// Anonymous code with a name.
-    Anon(Arc<AnonRange>),
-}
-
-/// How the registry learned of a module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// From a `dl_iterate_phdr` snapshot.
-    Snapshot,
-    /// From an explicit [`Registry::register_elf`].
-    Explicit,
-    /// From [`Registry::register_anon`].
-    Anonymous,
-}
-
-/// A module and its history.
-#[derive(Clone, Debug)]
-pub struct Module {
-    /// Its id.
-    pub id: ModuleId,
-    /// ELF file or anonymous range.
-    pub kind: ModuleKind,
-    /// How the registry learned of it.
-    pub origin: Origin,
-    /// The sequence number at which it became mapped.
-    pub loaded_seq: Seq,
-    /// The sequence number at which it was unmapped; `None` while mapped.
-    pub unloaded_seq: Option<Seq>,
-    /// Live pins (patch sites jumping into it).
-    pub pins: u64,
-}
-
-impl Module {
-    /// A short display name: the file name or the anonymous range's name.
-    pub fn name(&self) -> String {
-        match &self.kind {
-            ModuleKind::Elf(e) => e
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| e.path.display().to_string()),
-            ModuleKind::Anon(a) => a.name.clone(),
-        }
-    }
-
-    /// Whether it was mapped at `seq`.
-    pub fn mapped_at(&self, seq: Seq) -> bool {
-        self.loaded_seq <= seq && self.unloaded_seq.is_none_or(|u| seq < u)
-    }
-
-    /// The ELF part, if it is a file-backed module.
-    pub fn elf(&self) -> Option<&Arc<ElfModule>> {
-        match &self.kind {
-            ModuleKind::Elf(e) => Some(e),
-            ModuleKind::Anon(_) => None,
-        }
-    }
-}
-
-/// What a subscriber is told.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Event<'a> {
-    /// The module was registered (sent after the fact).
-    Loaded(&'a Module),
-    /// The module is about to be unregistered: lookups still see it mapped.
-    /// The profiler checkpoints here.
-    Unloading(&'a Module),
-}
-
-type Callback = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
-
-/// How [`Registry::register_elf`] finds the module's load address.
-#[derive(Clone, Debug)]
-pub struct ElfModuleSpec {
-    path: Option<PathBuf>,
-    locate: Locate,
-}
-
-#[derive(Clone, Debug)]
-enum Locate {
-    Mapped,
-    Containing(RuntimeAddr),
-    File(Bias),
-}
-
-impl ElfModuleSpec {
-    /// A mapped object found by its path in the loader's list (compared after
-    /// canonicalization). The loader uses this after `dlopen(path)`.
-    pub fn mapped(path: impl Into<PathBuf>) -> Self {
-        ElfModuleSpec {
-            path: Some(path.into()),
-            locate: Locate::Mapped,
-        }
-    }
-
-    /// The mapped object one of whose segments contains `addr` (e.g. a
-    /// `dlsym` result).
-    pub fn containing(addr: RuntimeAddr) -> Self {
-        ElfModuleSpec {
-            path: None,
-            locate: Locate::Containing(addr),
-        }
-    }
-
-    /// An ELF file assumed loaded at `bias`, its layout read from the file
-    /// (no `PT_TLS` module id). For objects mapped by other means.
-    pub fn file(path: impl Into<PathBuf>, bias: Bias) -> Self {
-        ElfModuleSpec {
-            path: Some(path.into()),
-            locate: Locate::File(bias),
-        }
-    }
-}
-
-/// The result of a lookup: a copy of the matching segment's data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hit {
-    /// The module.
-    pub id: ModuleId,
-    /// Start of the matching segment or range.
-    pub start: RuntimeAddr,
-    /// End (exclusive).
-    pub end: RuntimeAddr,
-    /// The module's bias (0 for anonymous ranges).
-    pub bias: Bias,
-    /// When it was mapped.
-    pub loaded_seq: Seq,
-    /// When it was unmapped, if it was.
-    pub unloaded_seq: Option<Seq>,
-    /// Whether this is an anonymous range.
-    pub anon: bool,
-    /// Whether the segment is executable.
-    pub exec: bool,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    start: u64,
-    end: u64,
-    loaded: u64,
-    unloaded: u64,
-    id: ModuleId,
-    bias: Bias,
-    anon: bool,
-    exec: bool,
-}
-
-impl Entry {
-    fn hit(&self) -> Hit {
-        Hit {
-            id: self.id,
-            start: RuntimeAddr(self.start),
-            end: RuntimeAddr(self.end),
-            bias: self.bias,
-            loaded_seq: Seq(self.loaded),
-            unloaded_seq: (self.unloaded != u64::MAX).then_some(Seq(self.unloaded)),
-            anon: self.anon,
-            exec: self.exec,
-        }
-    }
-
-    fn distance(&self, seq: u64) -> u64 {
-        if seq < self.loaded {
-            self.loaded - seq
-        } else if seq >= self.unloaded {
-            seq - self.unloaded + 1
-        } else {
-            0
-        }
-    }
-}
-
-/// The lookup table readers see: immutable while published.
-#[derive(Debug, Default)]
-struct Table {
-    /// Sorted by `start`.
-    entries: Vec<Entry>,
-    /// `max_end[i]` = max of `entries[..=i].end`: lets the backward scan stop.
-    max_end: Vec<u64>,
-}
-
-/// The lookup entries of one module: one per non-empty segment or range.
-fn entries_of(m: &Module) -> Vec<Entry> {
-    let loaded = m.loaded_seq.0;
-    let unloaded = m.unloaded_seq.map_or(u64::MAX, |s| s.0);
-    let entry = |start: u64, end: u64, bias: Bias, anon: bool, exec: bool| Entry {
-        start,
-        end,
-        loaded,
-        unloaded,
-        id: m.id,
-        bias,
-        anon,
-        exec,
-    };
-    match &m.kind {
-        ModuleKind::Elf(e) => e
-            .segments
-            .iter()
-            .filter_map(|s| {
-                let start = e.bias.to_runtime(s.vaddr).0;
-                let end = start.checked_add(s.memsz)?;
-                (end > start).then(|| entry(start, end, e.bias, false, s.is_exec()))
-            })
-            .collect(),
-        ModuleKind::Anon(a) => vec![entry(a.start.0, a.start.0 + a.len, Bias(0), true, true)],
-    }
-}
-
-/// The writers' copy of the lookup entries, kept sorted by `(start,
-/// loaded)` and updated in place, so a mutation costs one insertion or a
-/// few binary searches plus the copy into the published [`Table`], instead
-/// of a rebuild and sort of the whole history.
-#[derive(Debug, Default)]
-struct Entries(Vec<Entry>);
-
-impl Entries {
-    const fn new() -> Entries {
-        Entries(Vec::new())
-    }
-
-    /// Adds the entries of a newly registered module (the newest `loaded`,
-    /// so each goes after every entry with the same start).
-    fn insert(&mut self, m: &Module) {
-        for e in entries_of(m) {
-            let at = self
-                .0
-                .partition_point(|x| (x.start, x.loaded) <= (e.start, e.loaded));
-            self.0.insert(at, e);
-        }
-    }
-
-    /// Marks the entries of `m` (registered at `m.loaded_seq`) unloaded at
-    /// `seq`.
-    fn unload(&mut self, m: &Module, seq: Seq) {
-        for e in entries_of(m) {
-            let key = (e.start, e.loaded);
-            let at = self.0.partition_point(|x| (x.start, x.loaded) < key);
-            for x in self.0[at..]
-                .iter_mut()
-                .take_while(|x| (x.start, x.loaded) == key)
-                .filter(|x| x.id == m.id)
-            {
-                x.unloaded = seq.0;
-            }
-        }
-    }
-}
-
-impl Table {
-    /// Overwrites an unpublished table (new, or a reclaimed spare whose
-    /// buffers are reused: no allocation or page faults when the history
-    /// only grew a little) with a copy of `entries`.
-    fn fill(&mut self, entries: &Entries) {
-        self.entries.clear();
-        self.entries.extend_from_slice(&entries.0);
-        self.max_end.clear();
-        let mut max = 0;
-        self.max_end.extend(entries.0.iter().map(|e| {
-            max = max.max(e.end);
-            max
-        }));
-    }
-
-    /// Entries containing `pc`, scanning backward from the last one starting
-    /// at or before it. Allocation-free.
-    fn covering(&self, pc: u64) -> impl Iterator<Item = &Entry> {
-        let idx = self.entries.partition_point(|e| e.start <= pc);
-        (0..idx)
-            .rev()
-            .take_while(move |&i| self.max_end[i] > pc)
-            .map(move |i| &self.entries[i])
-            .filter(move |e| pc < e.end)
-    }
-}
+use records::{Callback, Locate};
+use table::{Entries, Published, Retired};
 
 struct ModuleRecord {
     module: Module,
@@ -447,9 +134,8 @@ struct State {
     /// Keys of objects explicitly unregistered while still in the loader's
     /// list: refresh must not resurrect them.
     suppressed: BTreeSet<ObjKey>,
-    retired: Vec<*mut Table>,
-    /// Reclaimed tables kept for reuse by the next publications.
-    spare: Vec<Table>,
+    /// Swapped-out tables not yet freed, and spares.
+    retired: Retired,
     /// Built by [`Registry::import_history`] from another process's records:
     /// [`Registry::refresh`] must not add this process's own objects.
     detached: bool,
@@ -508,18 +194,9 @@ pub struct Registry {
     /// precede an unregister. Held while callbacks run; `state` is not.
     writer: Mutex<()>,
     state: Mutex<State>,
-    table: AtomicPtr<Table>,
-    readers: AtomicUsize,
+    table: Published,
     seq: AtomicU64,
 }
-
-// SAFETY: the raw table pointers (current and retired) are owned by the
-// registry; tables are immutable after publication and only freed under the
-// `state` lock when no reader can hold them (see `reclaim`). All other fields
-// are Send + Sync.
-unsafe impl Send for Registry {}
-// SAFETY: as above; shared access goes through atomics and mutexes.
-unsafe impl Sync for Registry {}
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -537,22 +214,6 @@ impl Default for Registry {
 
 static GLOBAL: Registry = Registry::new();
 
-/// Marks a reader in flight for the duration of a lookup.
-struct ReadGuard<'a>(&'a AtomicUsize);
-
-impl<'a> ReadGuard<'a> {
-    fn enter(readers: &'a AtomicUsize) -> Self {
-        readers.fetch_add(1, Ordering::SeqCst);
-        ReadGuard(readers)
-    }
-}
-
-impl Drop for ReadGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl Registry {
     /// An empty registry. `const`: the global one needs no initialization, so
     /// [`Registry::global`] is itself async-signal-safe.
@@ -568,12 +229,10 @@ impl Registry {
                 next_subscription: 0,
                 counters: None,
                 suppressed: BTreeSet::new(),
-                retired: Vec::new(),
-                spare: Vec::new(),
+                retired: Retired::new(),
                 detached: false,
             }),
-            table: AtomicPtr::new(std::ptr::null_mut()),
-            readers: AtomicUsize::new(0),
+            table: Published::new(),
             seq: AtomicU64::new(0),
         }
     }
@@ -595,11 +254,7 @@ impl Registry {
     /// binary search over an immutable table plus a short backward scan over
     /// the entries that ever covered `pc`.
     pub fn lookup(&self, pc: RuntimeAddr, seq: Seq) -> Option<Hit> {
-        self.with_table(|t| {
-            t.covering(pc.0)
-                .find(|e| e.distance(seq.0) == 0)
-                .map(Entry::hit)
-        })
+        self.table.lookup(pc, seq)
     }
 
     /// Like [`lookup`](Self::lookup), but when no module held `pc` at `seq`,
@@ -608,31 +263,7 @@ impl Registry {
     /// `dlclose`), when code runs in a module the registry does not list at
     /// that sequence. Async-signal-safe like `lookup`.
     pub fn lookup_nearest(&self, pc: RuntimeAddr, seq: Seq) -> Option<Hit> {
-        self.with_table(|t| {
-            let mut best: Option<&Entry> = None;
-            for e in t.covering(pc.0) {
-                if best.is_none_or(|b| e.distance(seq.0) < b.distance(seq.0)) {
-                    best = Some(e);
-                }
-            }
-            best.map(Entry::hit)
-        })
-    }
-
-    fn with_table<R>(&self, f: impl FnOnce(&Table) -> Option<R>) -> Option<R> {
-        let _guard = ReadGuard::enter(&self.readers);
-        let ptr = self.table.load(Ordering::SeqCst);
-        if ptr.is_null() {
-            return None;
-        }
-        // SAFETY: `ptr` came from `Box::into_raw` in `publish` and is freed
-        // only by `reclaim`, which first observes `readers == 0` after the
-        // pointer was swapped out. This reader incremented `readers` (SeqCst)
-        // before loading `ptr` (SeqCst), so either `reclaim` sees it and keeps
-        // the table, or the load is ordered after the swap and returns the
-        // newer table. Tables are never mutated after publication.
-        let table = unsafe { &*ptr };
-        f(table)
+        self.table.lookup_nearest(pc, seq)
     }
 
     /// A copy of one module's record.
@@ -1105,35 +736,15 @@ impl Registry {
     /// frees retired tables if no reader is in flight. Called with the state
     /// lock held.
     fn publish(&self, st: &mut State) {
-        let mut table = st.spare.pop().unwrap_or_default();
-        table.fill(&st.entries);
-        let table = Box::into_raw(Box::new(table));
-        let old = self.table.swap(table, Ordering::SeqCst);
-        self.seq.store(st.seq, Ordering::Release);
-        if !old.is_null() {
-            st.retired.push(old);
-        }
-        // A few polls, never a wait: a reader may be a thread stopped inside
-        // a signal handler. What cannot be freed now is freed next time.
-        for _ in 0..64 {
-            if self.readers.load(Ordering::SeqCst) == 0 {
-                let State { retired, spare, .. } = &mut *st;
-                for t in retired.drain(..) {
-                    // SAFETY: `t` was swapped out of `self.table` before this
-                    // load observed no reader in flight; any reader that
-                    // starts later loads a newer pointer (see `with_table`),
-                    // so this writer now owns it exclusively and may free or
-                    // rewrite it. Each retired pointer is on the list exactly
-                    // once.
-                    let t = unsafe { Box::from_raw(t) };
-                    if spare.len() < 2 {
-                        spare.push(*t);
-                    }
-                }
-                break;
-            }
-            std::hint::spin_loop();
-        }
+        let State {
+            entries,
+            retired,
+            seq,
+            ..
+        } = st;
+        self.table.publish(entries, retired, || {
+            self.seq.store(*seq, Ordering::Release);
+        });
     }
 
     fn notify(&self, event: &Event<'_>) {
@@ -1201,16 +812,7 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let current = *self.table.get_mut();
-        for t in st
-            .retired
-            .drain(..)
-            .chain((!current.is_null()).then_some(current))
-        {
-            // SAFETY: `&mut self` means no reader can be in flight; every
-            // pointer here came from `Box::into_raw` and appears once.
-            drop(unsafe { Box::from_raw(t) });
-        }
+        self.table.free_all(&mut st.retired);
     }
 }
 
@@ -1241,327 +843,11 @@ fn obj_key(elf: &ElfModule) -> ObjKey {
     (elf.bias.0, canonical(&elf.path), elf.build_id.clone())
 }
 
-// ---------------------------------------------------------------------------
-// History export and import: resolving another process's samples.
-// ---------------------------------------------------------------------------
-
-/// One module's record, as sent to another process that resolves samples
-/// taken here (the `hotpatch` CLI resolves what the agent captured, so the
-/// target never loads DWARF). Plain data: serde-able, no file handles.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ModuleExport {
-    /// The module's id in the exporting registry (for messages only).
-    pub id: u64,
-    /// [`Module::loaded_seq`].
-    pub loaded_seq: u64,
-    /// [`Module::unloaded_seq`].
-    pub unloaded_seq: Option<u64>,
-    /// File or anonymous range.
-    pub kind: ModuleExportKind,
-}
-
-/// What an exported module is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModuleExportKind {
-    /// A file-backed ELF object.
-    Elf(ElfExport),
-    /// A named anonymous range (trampoline, relay).
-    Anon {
-        /// Its name.
-        name: String,
-        /// First byte.
-        start: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-}
-
-/// An exported ELF module: where it was loaded, from which file version.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ElfExport {
-    /// The file's path (lossy UTF-8: a path that is not UTF-8 cannot be
-    /// reopened by the importer and is reported as unverified).
-    pub path: String,
-    /// The build-id it was loaded with, lower-case hex.
-    pub build_id: Option<String>,
-    /// Load bias.
-    pub bias: u64,
-    /// `PT_LOAD` segments: `[p_vaddr, p_memsz, p_offset, p_filesz, p_flags]`.
-    pub segments: Vec<[u64; 5]>,
-    /// `PT_TLS`: `[modid, image vaddr, filesz, memsz, align]`.
-    pub tls: Option<[u64; 5]>,
-}
-
-impl ModuleExport {
-    fn of(m: &Module) -> ModuleExport {
-        let kind = match &m.kind {
-            ModuleKind::Elf(e) => ModuleExportKind::Elf(ElfExport {
-                // A relative path means something else in the importer's
-                // working directory: made absolute here when it can be.
-                path: if e.path.is_relative() {
-                    canonical(&e.path)
-                } else {
-                    e.path.clone()
-                }
-                .to_string_lossy()
-                .into_owned(),
-                build_id: e.build_id.as_ref().map(BuildId::to_hex),
-                bias: e.bias.0,
-                segments: e
-                    .segments
-                    .iter()
-                    .map(|s| [s.vaddr.0, s.memsz, s.offset.0, s.filesz, u64::from(s.flags)])
-                    .collect(),
-                tls: e.tls.map(|t| {
-                    let g = t.segment;
-                    [t.modid, g.image, g.filesz, g.memsz, g.align]
-                }),
-            }),
-            ModuleKind::Anon(a) => ModuleExportKind::Anon {
-                name: a.name.clone(),
-                start: a.start.0,
-                len: a.len,
-            },
-        };
-        ModuleExport {
-            id: m.id.0,
-            loaded_seq: m.loaded_seq.0,
-            unloaded_seq: m.unloaded_seq.map(|s| s.0),
-            kind,
-        }
-    }
-}
-
-/// A registry rebuilt from exported records ([`Registry::import_history`]).
-#[derive(Debug)]
-pub struct ImportedHistory {
-    /// The detached registry: the records' history at their sequence
-    /// numbers; never refreshed from this process's loader list.
-    pub registry: Registry,
-    /// Imported ELF modules whose file on disk is not the version that was
-    /// loaded (other build-id, unreadable): their addresses must not be
-    /// named from that file. With the reason.
-    pub unverified: Vec<(ModuleId, String)>,
-    /// Records refused as malformed (empty or wrapping ranges, unloaded
-    /// before loaded, a bad build-id), with the reason.
-    pub skipped: Vec<String>,
-}
-
-/// Most `PT_LOAD` segments accepted per imported module.
-pub const MAX_IMPORT_SEGMENTS: usize = 256;
-/// Longest path or name accepted in an imported record, in bytes.
-pub const MAX_IMPORT_NAME: usize = 4096;
-
-fn parse_build_id(hex: &str) -> Option<BuildId> {
-    if hex.len() % 2 != 0 || hex.len() > 128 {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()
-        .map(BuildId)
-}
-
-/// Checks an exported ELF record and turns it into a module (without its
-/// file).
-fn import_elf(x: &ElfExport) -> std::result::Result<ElfModule, String> {
-    if x.path.len() > MAX_IMPORT_NAME {
-        return Err(format!("path of {} bytes", x.path.len()));
-    }
-    if x.segments.len() > MAX_IMPORT_SEGMENTS {
-        return Err(format!("{} segments", x.segments.len()));
-    }
-    let build_id = match &x.build_id {
-        Some(h) => Some(parse_build_id(h).ok_or_else(|| format!("bad build-id {h:?}"))?),
-        None => None,
-    };
-    let bias = Bias(x.bias);
-    let mut segments = Vec::with_capacity(x.segments.len());
-    for &[vaddr, memsz, offset, filesz, flags] in &x.segments {
-        let start = bias.to_runtime(FileVirtAddr(vaddr)).0;
-        if start.checked_add(memsz).is_none() {
-            return Err(format!("segment {vaddr:#x}+{memsz:#x} wraps"));
-        }
-        let flags = u32::try_from(flags).map_err(|_| format!("segment flags {flags:#x}"))?;
-        segments.push(Segment {
-            vaddr: FileVirtAddr(vaddr),
-            memsz,
-            offset: FileOffset(offset),
-            filesz,
-            flags,
-        });
-    }
-    let tls = x.tls.map(|[modid, image, filesz, memsz, align]| TlsInfo {
-        modid,
-        segment: TlsSegment {
-            image,
-            filesz,
-            memsz,
-            align,
-        },
-    });
-    Ok(ElfModule {
-        path: PathBuf::from(&x.path),
-        build_id,
-        bias,
-        segments,
-        tls,
-        file: None,
-    })
-}
-
-/// Whether the file now at `elf.path` is the version the module was loaded
-/// from: its mapping if so, else why not.
-fn verify_file(elf: &ElfModule) -> std::result::Result<Arc<Mapped>, String> {
-    let mapped = Mapped::open(&elf.path).map_err(|e| e.to_string())?;
-    let obj = crate::elf::parse(&elf.path, mapped.data()).map_err(|e| e.to_string())?;
-    let on_disk = crate::elf::build_id(&obj);
-    match (&elf.build_id, &on_disk) {
-        (Some(want), Some(have)) if want == have => Ok(mapped.clone()),
-        (None, None) => Ok(mapped.clone()),
-        (Some(want), Some(have)) => Err(format!(
-            "{}: the file now has build-id {have}, the module was loaded with {want}",
-            elf.path.display()
-        )),
-        (Some(want), None) => Err(format!(
-            "{}: the file now has no build-id, the module was loaded with {want}",
-            elf.path.display()
-        )),
-        (None, Some(have)) => Err(format!(
-            "{}: the file now has build-id {have}, the module was loaded without one",
-            elf.path.display()
-        )),
-    }
-}
-
-impl Registry {
-    /// The records of every module mapped at some sequence number in
-    /// `from ..= to` (what samples captured at those sequence numbers can
-    /// resolve to), for [`import_history`](Self::import_history) in another
-    /// process.
-    pub fn export_history(&self, from: Seq, to: Seq) -> Vec<ModuleExport> {
-        let st = self.lock_state();
-        st.modules
-            .iter()
-            .map(|r| &r.module)
-            .filter(|m| m.loaded_seq <= to && m.unloaded_seq.is_none_or(|u| u > from))
-            .map(ModuleExport::of)
-            .collect()
-    }
-
-    /// A detached registry holding `records`' history at their own
-    /// sequence numbers, for resolving samples another process captured
-    /// against its [`export_history`](Self::export_history).
-    ///
-    /// Each ELF module's file is opened from its path now and checked: a
-    /// file whose build-id differs from the module's (or that cannot be
-    /// read) is listed in [`ImportedHistory::unverified`] rather than
-    /// trusted. Malformed records are skipped and listed, never an error
-    /// or a panic: the records come from another process.
-    pub fn import_history(records: &[ModuleExport]) -> ImportedHistory {
-        let registry = Registry::new();
-        let mut unverified = Vec::new();
-        let mut skipped = Vec::new();
-        let mut max_seq = 0u64;
-        for r in records {
-            if r.unloaded_seq.is_some_and(|u| u <= r.loaded_seq)
-                || r.loaded_seq >= Seq::LATEST.0
-                || r.unloaded_seq.is_some_and(|u| u >= Seq::LATEST.0)
-            {
-                skipped.push(format!(
-                    "module {}: loaded at {} but unloaded at {:?}",
-                    r.id, r.loaded_seq, r.unloaded_seq
-                ));
-                continue;
-            }
-            let (kind, doubt) = match &r.kind {
-                ModuleExportKind::Anon { name, start, len } => {
-                    if *len == 0 || start.checked_add(*len).is_none() {
-                        skipped.push(format!(
-                            "module {}: anonymous range {start:#x}+{len:#x}",
-                            r.id
-                        ));
-                        continue;
-                    }
-                    if name.len() > MAX_IMPORT_NAME {
-                        skipped.push(format!("module {}: name of {} bytes", r.id, name.len()));
-                        continue;
-                    }
-                    let range = AnonRange {
-                        name: name.clone(),
-                        start: RuntimeAddr(*start),
-                        len: *len,
-                    };
-                    (ModuleKind::Anon(Arc::new(range)), None)
-                }
-                ModuleExportKind::Elf(x) => match import_elf(x) {
-                    Ok(mut elf) => {
-                        let doubt = match verify_file(&elf) {
-                            Ok(mapped) => {
-                                elf.file = registry.file_slot(
-                                    &elf.path,
-                                    elf.build_id.as_ref(),
-                                    Some(mapped),
-                                );
-                                None
-                            }
-                            Err(why) => Some(why),
-                        };
-                        (ModuleKind::Elf(Arc::new(elf)), doubt)
-                    }
-                    Err(why) => {
-                        skipped.push(format!("module {}: {why}", r.id));
-                        continue;
-                    }
-                },
-            };
-            let mut st = registry.lock_state();
-            let id = ModuleId(st.modules.len() as u64 + 1);
-            if let Some(why) = doubt {
-                unverified.push((id, why));
-            }
-            let module = Module {
-                id,
-                kind,
-                origin: Origin::Explicit,
-                loaded_seq: Seq(r.loaded_seq),
-                unloaded_seq: r.unloaded_seq.map(Seq),
-                pins: 0,
-            };
-            max_seq = max_seq.max(r.loaded_seq).max(r.unloaded_seq.unwrap_or(0));
-            if let Some(slot) = module.elf().and_then(|e| e.file.as_ref()) {
-                st.files.acquire(slot);
-                if module.unloaded_seq.is_some() {
-                    st.files.release(slot);
-                }
-            }
-            st.entries.insert(&module);
-            st.modules.push(ModuleRecord {
-                module,
-                key: None,
-                unregistering: false,
-            });
-        }
-        {
-            let mut st = registry.lock_state();
-            st.detached = true;
-            st.seq = max_seq;
-            registry.publish(&mut st);
-        }
-        ImportedHistory {
-            registry,
-            unverified,
-            skipped,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn history_survives_reuse_of_a_range() {
@@ -1753,12 +1039,7 @@ mod tests {
         }
         assert_eq!(r.lookup(RuntimeAddr(0x9004), r.current_seq()), None);
         let st = r.lock_state();
-        assert!(
-            st.entries
-                .0
-                .windows(2)
-                .all(|w| (w[0].start, w[0].loaded) <= (w[1].start, w[1].loaded))
-        );
+        assert!(st.entries.is_sorted());
     }
 
     #[test]
