@@ -34,6 +34,11 @@ pub enum Error {
     /// malformed or over a limit.
     #[error("bad raw profile: {0}")]
     BadCapture(String),
+    /// SIGPROF already has a handler (or `SIG_IGN`) the host set: the
+    /// sampler would replace it, so the session is refused instead (issue
+    /// #15: an attached agent never overwrites a host's disposition).
+    #[error("{0}")]
+    SignalTaken(String),
 }
 
 impl Error {
@@ -47,6 +52,7 @@ impl Error {
             Error::Io(_) => "E_PROF_IO",
             Error::Flamegraph(_) => "E_PROF_FLAMEGRAPH",
             Error::BadCapture(_) => "E_PROF_BAD_CAPTURE",
+            Error::SignalTaken(_) => "E_PROF_SIGNAL_TAKEN",
         }
     }
 }

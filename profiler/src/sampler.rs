@@ -284,6 +284,25 @@ pub(crate) fn install_handler() -> bool {
     unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
 }
 
+/// What SIGPROF's disposition is when the host set one (a handler that is
+/// not ours, or `SIG_IGN`); `None` for `SIG_DFL` or ours.
+pub(crate) fn foreign_sigprof() -> Option<String> {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return None;
+    }
+    if cur.sa_sigaction == libc::SIG_DFL || handler_installed() {
+        return None;
+    }
+    Some(if cur.sa_sigaction == libc::SIG_IGN {
+        "SIG_IGN".to_string()
+    } else {
+        format!("handler at {:#x}", cur.sa_sigaction)
+    })
+}
+
 /// Whether SIGPROF's handler is ours (directly or behind the gate).
 pub(crate) fn handler_installed() -> bool {
     // SAFETY: sigaction is plain data; zeroed is a valid value.

@@ -183,6 +183,15 @@ impl ProfilerBuilder {
 /// gives every thread its clock: the first of `wanted` (or of all, best
 /// first) that works.
 fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
+    if !sampler::handler_installed() {
+        if let Some(what) = sampler::foreign_sigprof() {
+            return Err(Error::SignalTaken(format!(
+                "SIGPROF is taken by the host ({what}); the profiler does not replace a \
+                 host's disposition: turn the host's own profiler off (gperftools, \
+                 setitimer(ITIMER_PROF) users) or restart it without one"
+            )));
+        }
+    }
     if !sampler::handler_installed() && !sampler::install_handler() {
         return Err(Error::Clock(format!(
             "installing the SIGPROF handler: {}",

@@ -29,3 +29,4 @@ pub mod helper;
 pub mod ptrace;
 pub mod raw;
 pub mod status;
+pub mod tracee;
