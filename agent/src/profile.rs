@@ -19,36 +19,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::protocol::{
-    E_AGENT_BAD_ARGS, E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, RAW_PROFILE_PAYLOAD, Reply,
-};
+use crate::protocol::check_profile_args as check_args;
+use crate::protocol::{E_AGENT_PROFILE_BUSY, ErrorBody, PayloadHeader, RAW_PROFILE_PAYLOAD, Reply};
 use crate::server::{Shared, write_reply};
-
-/// Longest profile, in seconds.
-pub const MAX_SECONDS: f64 = 600.0;
-
-/// Checks a profile's arguments: `seconds` finite in `(0, MAX_SECONDS]`,
-/// `hz` in `1..=10000` (default 99).
-///
-/// # Errors
-/// `E_AGENT_BAD_ARGS`, saying which argument and why.
-pub fn check_args(seconds: f64, hz: Option<u32>) -> Result<(Duration, i32), ErrorBody> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS) {
-        return Err(ErrorBody::new(
-            E_AGENT_BAD_ARGS,
-            format!("seconds must be a finite number in (0, {MAX_SECONDS}], got {seconds}"),
-        ));
-    }
-    let hz = hz.unwrap_or(99);
-    if !(1..=10_000).contains(&hz) {
-        return Err(ErrorBody::new(
-            E_AGENT_BAD_ARGS,
-            format!("hz must be in 1..=10000, got {hz}"),
-        ));
-    }
-    let hz = i32::try_from(hz).map_err(|_| ErrorBody::new(E_AGENT_BAD_ARGS, "hz too large"))?;
-    Ok((Duration::from_secs_f64(seconds), hz))
-}
 
 /// Set while a session samples (between its start and its stop).
 static SAMPLING: AtomicBool = AtomicBool::new(false);
@@ -228,6 +201,7 @@ fn sample(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use crate::protocol::E_AGENT_BAD_ARGS;
 
     /// A writer that records whether the profile lock was held while
     /// anything was written to it.

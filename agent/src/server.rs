@@ -18,7 +18,7 @@ use crate::paths;
 use crate::protocol::{
     self, E_AGENT_BAD_JSON, E_AGENT_BUSY, E_AGENT_PEER_REFUSED, E_AGENT_TOO_LARGE, ErrorBody, Reply,
 };
-use crate::sys;
+use hotpatch_sys::cred;
 
 /// The host's status callback: whatever the host wants `hotpatch status` to
 /// show (a request counter, the workers' last results, …).
@@ -149,7 +149,7 @@ impl Builder {
             next_conn: AtomicU64::new(0),
             control: Mutex::new(Control::new(self.policy, self.status)),
             profile: Mutex::new(()),
-            uid: sys::uid(),
+            uid: cred::uid(),
             read_timeout: self.read_timeout,
             max_connections: self.max_connections,
             started: Instant::now(),
@@ -404,7 +404,7 @@ fn read_line(
 }
 
 fn serve(conn: UnixStream, id: u64, shared: &Arc<Shared>) {
-    match sys::peer_cred(&conn) {
+    match cred::peer_cred(&conn) {
         Ok(c) if c.uid == shared.uid => {}
         Ok(c) => {
             let _ = reply_once(

@@ -15,7 +15,7 @@ pub const BUILTIN_TAG: u64 = 1000;
 pub extern "C" fn demo_price(item: u64) -> u64 {
     // The hot loop is written out here rather than called: a `call` among
     // the first five bytes would make the entry unpatchable
-    // (E_CALL_IN_PATCH; try `hotpatch inspect demo_price`).
+    // (E_PATCH_CALL_IN_PATCH; try `hotpatch inspect demo_price`).
     let mut h = black_box(item) ^ 0x51_7cc1_b727_220a;
     for i in 0..20_000u64 {
         h = black_box(h.rotate_left(3) ^ i).wrapping_mul(0x100_0000_01b3);

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hotpatch_agent::client::Client;
-use hotpatch_agent::protocol::{PayloadHeader, Request};
+use hotpatch_cli::client::Client;
+use hotpatch_protocol::{PayloadHeader, Request};
 use serde_json::Value;
 
 use crate::plugins;
@@ -266,7 +266,7 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
             flamegraph: true,
         })
         .map_err(|e| e.to_string())?;
-    let v = match hotpatch_agent::client::into_result(reply) {
+    let v = match hotpatch_cli::client::into_result(reply) {
         Ok(v) => v,
         Err(e) => {
             println!("  profiling failed, going on without it: {e}");

@@ -19,7 +19,7 @@
 //!   stop-the-world + release, alone (where our cycle's time goes).
 //!
 //! Every measured function has its own target: install refuses a target that
-//! is already patched (`E_ALREADY_PATCHED`), and retour would corrupt one.
+//! is already patched (`E_PATCH_ALREADY_PATCHED`), and retour would corrupt one.
 //! Results and the command are in the repository's `BENCHMARKS.md`.
 //!
 //! ```text

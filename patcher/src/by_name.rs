@@ -49,7 +49,7 @@ fn matches(m: &Module, module: Option<&str>, exe: Option<&Path>) -> bool {
 /// match by their demangled path without hash (`crate::module::function`).
 ///
 /// # Errors
-/// `E_MODULE_NOT_FOUND` when no loaded module matches, `E_SYMBOL_NOT_FOUND`
+/// `E_PATCH_MODULE_NOT_FOUND` when no loaded module matches, `E_PATCH_SYMBOL_NOT_FOUND`
 /// when the symbol is not in its symbol tables.
 pub fn find(module: Option<&str>, symbol: &str) -> Result<SymbolTarget> {
     let reg = Registry::global();

@@ -29,7 +29,7 @@ impl Pages {
     /// The pages covering `[addr, addr+len)`, with protections from `maps`.
     ///
     /// # Errors
-    /// `E_NOT_EXECUTABLE` when a page is not mapped.
+    /// `E_PATCH_NOT_EXECUTABLE` when a page is not mapped.
     pub fn covering(maps: &crate::maps::Lookup, addr: usize, len: usize) -> Result<Pages> {
         let first = addr & !(PAGE - 1);
         let last = (addr + len - 1) & !(PAGE - 1);
@@ -185,7 +185,7 @@ fn store(dst: usize, bytes: &[u8]) {
 /// and is sent to `detour` (code equivalent to the bytes being replaced).
 ///
 /// # Errors
-/// `E_PROTECT_DENIED` when a page cannot be made writable or restored.
+/// `E_PATCH_PROTECT_DENIED` when a page cannot be made writable or restored.
 pub fn write(
     pages: &Pages,
     dst: usize,
@@ -266,7 +266,7 @@ static OLD_TRAP: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new
 /// the world running and the patcher lock held.
 ///
 /// # Errors
-/// `E_OS` when `sigaction` fails.
+/// `E_PATCH_OS` when `sigaction` fails.
 pub fn install_trap_handler() -> Result<()> {
     if TRAP_INSTALLED.load(Ordering::Acquire) {
         return Ok(());

@@ -24,13 +24,13 @@ pub struct Stats {
     pub fixups_backward: u64,
     /// Code writes that used the int3 protocol (a thread could not be parked).
     pub int3_writes: u64,
-    /// Installs/removes refused with `E_THREAD_UNSTOPPABLE`.
+    /// Installs/removes refused with `E_PATCH_THREAD_UNSTOPPABLE`.
     pub refused_unstoppable: u64,
     /// Threads stopped with ptrace (they blocked the stop signal).
     pub ptrace_stops: u64,
     /// ptrace helper processes started (at most one per stop).
     pub ptrace_helpers: u64,
-    /// Installs/removes refused with `E_PTRACE_DENIED`.
+    /// Installs/removes refused with `E_PATCH_PTRACE_DENIED`.
     pub refused_ptrace: u64,
     /// ptrace stops that caught a thread inside a restartable system call
     /// (its RIP is taken as the `syscall` instruction's, see world.rs).

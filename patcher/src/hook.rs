@@ -145,7 +145,7 @@ impl<F: Function> Hook<F> {
     /// Points calls at `replacement` (one atomic store). Returns the previous one.
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after `remove`.
+    /// `E_PATCH_NOT_INSTALLED` after `remove`.
     pub fn swap(&mut self, replacement: F) -> Result<F> {
         // SAFETY: `replacement` has the target's type F.
         let prev = unsafe { self.site.swap(replacement.addr() as *const u8)? };
@@ -156,7 +156,7 @@ impl<F: Function> Hook<F> {
     /// Calls run the original (the entry jump stays).
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after `remove`.
+    /// `E_PATCH_NOT_INSTALLED` after `remove`.
     pub fn disable(&mut self) -> Result<()> {
         self.site.disable()
     }
@@ -164,7 +164,7 @@ impl<F: Function> Hook<F> {
     /// Calls run the replacement again.
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after `remove`.
+    /// `E_PATCH_NOT_INSTALLED` after `remove`.
     pub fn enable(&mut self) -> Result<()> {
         self.site.enable()
     }

@@ -23,7 +23,7 @@
 pub mod by_name;
 mod code;
 mod counters;
-mod error;
+pub mod error;
 mod hook;
 pub mod maps;
 mod near;

@@ -51,7 +51,7 @@ impl Mapping {
 /// Parses `/proc/self/maps`, sorted by address (the kernel's order).
 ///
 /// # Errors
-/// `E_OS` when the file cannot be read.
+/// `E_PATCH_OS` when the file cannot be read.
 pub fn read() -> Result<Vec<Mapping>> {
     let text = std::fs::read_to_string("/proc/self/maps").map_err(|source| Error::Os {
         what: "reading /proc/self/maps",
@@ -148,7 +148,7 @@ impl Lookup {
     /// Opens a lookup: the ioctl if it works, else a snapshot.
     ///
     /// # Errors
-    /// `E_OS` when `/proc/self/maps` cannot be read.
+    /// `E_PATCH_OS` when `/proc/self/maps` cannot be read.
     pub fn new() -> Result<Lookup> {
         if QUERY_WORKS.load(Ordering::Relaxed) >= 0 {
             if let Ok(f) = std::fs::File::open("/proc/self/maps") {

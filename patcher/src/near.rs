@@ -70,8 +70,8 @@ impl Pool {
     /// A cell within [`REACH`] of `target`, from an existing chunk or a new one.
     ///
     /// # Errors
-    /// `E_NO_NEAR_MEMORY` when no gap near the target can be mapped;
-    /// `E_OS` when `/proc/self/maps` cannot be read.
+    /// `E_PATCH_NO_NEAR_MEMORY` when no gap near the target can be mapped;
+    /// `E_PATCH_OS` when `/proc/self/maps` cannot be read.
     pub fn cell_near(&mut self, target: usize) -> Result<Cell> {
         let within = |c: &Chunk| c.code.abs_diff(target) < REACH;
         let idx = match self

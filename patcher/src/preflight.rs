@@ -100,7 +100,7 @@ impl fmt::Display for PreflightReport {
         }
         match &self.verdict {
             Ok(()) => writeln!(f, "verdict     patchable"),
-            Err(r) => writeln!(f, "verdict     refused {}", r.message),
+            Err(r) => writeln!(f, "verdict     refused {r}"),
         }
     }
 }
@@ -109,7 +109,7 @@ impl fmt::Display for PreflightReport {
 /// changing anything. `known_size` is the function's size when known.
 ///
 /// # Errors
-/// `E_NOT_EXECUTABLE` / `E_NULL_ADDRESS` when there is no code to analyse;
+/// `E_PATCH_NOT_EXECUTABLE` / `E_PATCH_NULL_ADDRESS` when there is no code to analyse;
 /// every other refusal is reported in the verdict, not as an error.
 pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<PreflightReport> {
     let target = target as usize;
@@ -140,7 +140,7 @@ pub fn preflight_bytes(entry: usize, bytes: &[u8], known_size: Option<usize>) ->
 /// function symbol of the file.
 ///
 /// # Errors
-/// `E_NOT_EXECUTABLE` when the file cannot be read, is not ELF, or
+/// `E_PATCH_NOT_EXECUTABLE` when the file cannot be read, is not ELF, or
 /// `vaddr` is not in an executable segment's file bytes.
 pub fn preflight_in_file(
     path: &Path,

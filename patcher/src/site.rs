@@ -203,8 +203,8 @@ impl Site {
     ///   program (they change).
     ///
     /// # Errors
-    /// The refusals of [`crate::preflight`], plus `E_ALREADY_PATCHED`,
-    /// `E_NO_NEAR_MEMORY`, `E_PROTECT_DENIED`, `E_THREAD_UNSTOPPABLE`.
+    /// The refusals of [`crate::preflight`], plus `E_PATCH_ALREADY_PATCHED`,
+    /// `E_PATCH_NO_NEAR_MEMORY`, `E_PATCH_PROTECT_DENIED`, `E_PATCH_THREAD_UNSTOPPABLE`.
     pub unsafe fn install(
         target: *const u8,
         replacement: *const u8,
@@ -456,7 +456,7 @@ impl Site {
     /// `replacement` must satisfy the conditions of [`Site::install`].
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    /// `E_PATCH_NOT_INSTALLED` after [`Site::remove`].
     pub unsafe fn swap(&mut self, replacement: *const u8) -> Result<usize> {
         self.check_installed()?;
         if replacement.is_null() {
@@ -474,7 +474,7 @@ impl Site {
     /// Calls go to the original again (slot = trampoline); the entry jump stays.
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    /// `E_PATCH_NOT_INSTALLED` after [`Site::remove`].
     pub fn disable(&mut self) -> Result<()> {
         self.check_installed()?;
         self.enabled = false;
@@ -485,7 +485,7 @@ impl Site {
     /// Calls go to the replacement again.
     ///
     /// # Errors
-    /// `E_NOT_INSTALLED` after [`Site::remove`].
+    /// `E_PATCH_NOT_INSTALLED` after [`Site::remove`].
     pub fn enable(&mut self) -> Result<()> {
         self.check_installed()?;
         self.enabled = true;
@@ -509,8 +509,8 @@ impl Site {
     /// Idempotent.
     ///
     /// # Errors
-    /// `E_CODE_CHANGED` when the entry no longer holds our jump (nothing is
-    /// written); `E_THREAD_UNSTOPPABLE`; `E_PROTECT_DENIED`.
+    /// `E_PATCH_CODE_CHANGED` when the entry no longer holds our jump (nothing is
+    /// written); `E_PATCH_THREAD_UNSTOPPABLE`; `E_PATCH_PROTECT_DENIED`.
     pub fn remove(&mut self) -> Result<()> {
         if !self.installed {
             return Ok(());

@@ -89,7 +89,7 @@ impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = match &self.outcome {
             Outcome::Safe => "SAFE".to_string(),
-            Outcome::Refused(r) => format!("REFUSED {}", r.message),
+            Outcome::Refused(r) => format!("REFUSED {r}"),
             Outcome::Unsafe(why) => format!("UNSAFE {why}"),
         };
         writeln!(f, "patch-safety report: {verdict}")?;
@@ -369,7 +369,8 @@ where
                     Ok(Some(())) => {}
                     Ok(None) => {
                         report.outcome = Outcome::Unsafe(
-                            "remove refused (E_THREAD_UNSTOPPABLE) until the time limit".into(),
+                            "remove refused (E_PATCH_THREAD_UNSTOPPABLE) until the time limit"
+                                .into(),
                         );
                         break;
                     }
@@ -422,7 +423,7 @@ where
     }
 }
 
-/// Runs `op` until it does not answer `E_THREAD_UNSTOPPABLE` (a thread that
+/// Runs `op` until it does not answer `E_PATCH_THREAD_UNSTOPPABLE` (a thread that
 /// cannot be stopped right now, e.g. starved of CPU past the stop timeout, is
 /// a correct refusal, so it is retried, counted in `refusals`); `Ok(None)`
 /// once `deadline` passes.
@@ -434,7 +435,7 @@ fn retry_unstoppable<T>(
     loop {
         match op() {
             Ok(v) => return Ok(Some(v)),
-            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+            Err(e) if e.code() == crate::error::E_PATCH_THREAD_UNSTOPPABLE => {
                 *refusals += 1;
                 if Instant::now() > deadline {
                     return Ok(None);

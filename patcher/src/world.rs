@@ -142,7 +142,7 @@ static HELPER_STACK: HelperStack = HelperStack::new();
 /// Turns the ptrace path on or off (on by default). Off, a thread that
 /// blocks the stop signal is signalled anyway and, not parking, becomes a
 /// straggler after the timeout (the pre-ptrace behaviour: the int3 protocol
-/// or `E_THREAD_UNSTOPPABLE`). For hosts that must never be traced, and for
+/// or `E_PATCH_THREAD_UNSTOPPABLE`). For hosts that must never be traced, and for
 /// tests of the int3 protocol.
 pub fn set_ptrace_enabled(on: bool) {
     PTRACE_ENABLED.store(on, Ordering::Release);
@@ -157,7 +157,7 @@ pub fn ptrace_enabled() -> bool {
 /// Must be called before the first patch; later calls are refused.
 ///
 /// # Errors
-/// `E_OS` (EINVAL) when `sig` is not a real-time signal, or (EBUSY) when the
+/// `E_PATCH_OS` (EINVAL) when `sig` is not a real-time signal, or (EBUSY) when the
 /// handler is already installed with another signal.
 pub fn set_stop_signal(sig: i32) -> Result<()> {
     if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
@@ -584,9 +584,9 @@ impl Drop for Stopped {
 /// Must be called with the patcher lock held (one stop at a time).
 ///
 /// # Errors
-/// `E_OS` when the handler cannot be installed or `/proc/self/task` cannot
-/// be read; `E_THREAD_UNSTOPPABLE` when the process has more than
-/// [`MAX_THREADS`] threads; `E_PTRACE_DENIED` when a thread blocks both the
+/// `E_PATCH_OS` when the handler cannot be installed or `/proc/self/task` cannot
+/// be read; `E_PATCH_THREAD_UNSTOPPABLE` when the process has more than
+/// [`MAX_THREADS`] threads; `E_PATCH_PTRACE_DENIED` when a thread blocks both the
 /// stop signal and `SIGTRAP` and may not be traced (nothing was written; the
 /// message names the thread, its mask, the reason and what would allow it).
 pub fn stop(timeout: Duration) -> Result<Stopped> {
@@ -1174,7 +1174,7 @@ pub struct Readiness {
 
 impl Readiness {
     /// The first thread an install would be refused for with
-    /// `E_PTRACE_DENIED` (a seccomp filter is only found by trying).
+    /// `E_PATCH_PTRACE_DENIED` (a seccomp filter is only found by trying).
     pub fn refused(&self) -> Option<&BlockingThread> {
         self.threads
             .iter()
@@ -1183,7 +1183,7 @@ impl Readiness {
 }
 
 impl Readiness {
-    /// The `E_PTRACE_DENIED` error an install would return now, if any.
+    /// The `E_PATCH_PTRACE_DENIED` error an install would return now, if any.
     pub fn refusal(&self) -> Option<Error> {
         let t = self.refused()?;
         let d = t.denial.clone()?;
@@ -1224,7 +1224,7 @@ impl std::fmt::Display for Readiness {
                 (None, true) => "stopped with ptrace".to_string(),
                 (Some(d), true) if t.blocks_sigtrap => {
                     format!(
-                        "REFUSED (E_PTRACE_DENIED): {}; to allow it: {}",
+                        "REFUSED (E_PATCH_PTRACE_DENIED): {}; to allow it: {}",
                         d.reason, d.fix
                     )
                 }

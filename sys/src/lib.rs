@@ -25,6 +25,7 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
+pub mod cred;
 pub mod helper;
 pub mod ptrace;
 pub mod raw;

@@ -42,7 +42,7 @@ pub fn bins() -> Bins {
         return b.clone();
     }
     let d = crate::fixtures::build(&[
-        "hotpatch-agent",
+        "hotpatch-cli",
         "demo-target",
         "pricing-v1",
         "pricing-v2",

@@ -7,8 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use hotpatch_agent::client::Client;
-use hotpatch_agent::protocol::{Reply, Request};
+use hotpatch_cli::client::Client;
+use hotpatch_protocol::{Reply, Request};
 use hotpatch_tests::agent_bins::Serve;
 
 fn connect(s: &Serve) -> Client {

@@ -222,7 +222,7 @@ fn serve_driven_by_the_cli() {
             "--with",
             "pricing-v2:pricing_v2_quote",
         ]),
-        "E_ALREADY_PATCHED",
+        "E_PATCH_ALREADY_PATCHED",
     );
 
     ok(s.run(&["disable", "demo_price"]));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpatch_agent::client::Client;
+use hotpatch_cli::client::Client;
 use hotpatch_tests::agent_bins::{Serve, text};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use serde_json::Value;

@@ -8,10 +8,10 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::process::Output;
 
-use hotpatch_agent::client::{Client, into_result};
-use hotpatch_agent::protocol::{PayloadHeader, Request};
+use hotpatch_cli::client::{Client, into_result};
 use hotpatch_profiler::RawProfile;
 use hotpatch_profiler::capture::Limits;
+use hotpatch_protocol::{PayloadHeader, Request};
 use hotpatch_tests::agent_bins::{Serve, bins, text};
 use serde_json::Value;
 

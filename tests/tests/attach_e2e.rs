@@ -20,7 +20,7 @@ const NOBODY: u32 = 65534;
 
 /// The `hotpatch` CLI and the agent's shared object next to it.
 fn hotpatch() -> PathBuf {
-    let d = hotpatch_tests::fixtures::build(&["hotpatch-agent", "hotpatch-agent-so"]);
+    let d = hotpatch_tests::fixtures::build(&["hotpatch-cli", "hotpatch-agent-so"]);
     let so = d.join("libhotpatch_agent_so.so");
     assert!(so.is_file(), "cargo built but {} is missing", so.display());
     d.join("hotpatch")

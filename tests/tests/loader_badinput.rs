@@ -104,8 +104,8 @@ fn a_one_tib_sparse_file_is_refused_without_reading_it() {
 
 #[test]
 fn a_one_tib_sparse_file_through_the_agent_gets_a_code_and_the_host_keeps_serving() {
-    use hotpatch_agent::client::Client;
-    use hotpatch_agent::protocol::Request;
+    use hotpatch_cli::client::Client;
+    use hotpatch_protocol::Request;
 
     let mut s = hotpatch_tests::agent_bins::Serve::start();
     let dir = s.runtime_dir.join("plugins");

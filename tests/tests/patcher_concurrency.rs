@@ -146,7 +146,7 @@ fn harness_reports_a_refusal() {
     let report = Harness::new(f, v2 as extern "C" fn(u64) -> u64, |k| k, |f, &x| f(x)).run();
     println!("{report}");
     match &report.outcome {
-        hotpatch_patcher::verify::Outcome::Refused(r) => assert_eq!(r.code, "E_TOO_SHORT"),
+        hotpatch_patcher::verify::Outcome::Refused(r) => assert_eq!(r.code, "E_PATCH_TOO_SHORT"),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -172,7 +172,7 @@ fn block_signal(sig: i32) {
 
 /// A thread with every signal blocked spins in the target: install must
 /// either succeed (int3 path) with correct results, or refuse with
-/// E_THREAD_UNSTOPPABLE; never crash, never a wrong result.
+/// E_PATCH_THREAD_UNSTOPPABLE; never crash, never a wrong result.
 #[test]
 fn thread_with_all_signals_blocked_spinning_in_the_target() {
     let _s = serial();
@@ -212,7 +212,7 @@ fn thread_with_all_signals_blocked_spinning_in_the_target() {
                 let _ = h.remove();
             }
             Err(e) => {
-                assert_eq!(e.code(), "E_THREAD_UNSTOPPABLE", "{e}");
+                assert_eq!(e.code(), "E_PATCH_THREAD_UNSTOPPABLE", "{e}");
                 outcomes.push("refused");
             }
         }
@@ -268,7 +268,7 @@ fn thread_blocking_the_stop_signal_gets_the_int3_protocol() {
                 break;
             }
             // The sleeper may be between sleeps at the instant we look.
-            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+            Err(e) if e.code() == "E_PATCH_THREAD_UNSTOPPABLE" => {
                 std::thread::sleep(Duration::from_millis(7))
             }
             Err(e) => panic!("{e}"),
@@ -293,7 +293,7 @@ fn thread_blocking_the_stop_signal_gets_the_int3_protocol() {
                 removed = true;
                 break;
             }
-            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+            Err(e) if e.code() == "E_PATCH_THREAD_UNSTOPPABLE" => {
                 std::thread::sleep(Duration::from_millis(7))
             }
             Err(e) => panic!("{e}"),
@@ -411,7 +411,7 @@ fn threads_parked_inside_the_prologue_are_moved_both_ways() {
 
 /// Installs from several threads at once, on different targets, are
 /// serialized internally and all succeed; a second install on a patched
-/// target is refused with E_ALREADY_PATCHED.
+/// target is refused with E_PATCH_ALREADY_PATCHED.
 #[test]
 fn concurrent_installs_on_different_targets_all_succeed() {
     let _s = serial();
@@ -429,7 +429,7 @@ fn concurrent_installs_on_different_targets_all_succeed() {
                     let again = Hook::install(f, v3 as extern "C" fn(u64) -> u64);
                     assert_eq!(
                         again.map(|_| ()).map_err(|e| e.code()),
-                        Err("E_ALREADY_PATCHED")
+                        Err("E_PATCH_ALREADY_PATCHED")
                     );
                     assert_eq!(f(3), v2(3));
                     h.remove().expect("remove");

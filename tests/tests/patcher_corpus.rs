@@ -248,13 +248,13 @@ const CASES: &[Case] = &[
     Case { name: "endbr64 first",                 build: endbr,               expect: None,                    model: |x| x + 5 },
     Case { name: "rip-relative load",             build: rip_relative,        expect: None,                    model: |x| x + 1000 },
     Case { name: "short jcc in prologue",         build: short_jcc,           expect: None,                    model: |x| if x == 0 { 42 } else { x + 1 } },
-    Case { name: "loop back into byte 2",         build: back_into_byte_2,    expect: Some("E_BACK_JUMP"),     model: |x| x.max(1) * 2 },
+    Case { name: "loop back into byte 2",         build: back_into_byte_2,    expect: Some("E_PATCH_BACK_JUMP"),     model: |x| x.max(1) * 2 },
     Case { name: "3-byte function + int3 padding", build: three_bytes,        expect: None,                    model: |x| x & 0xffff_ffff },
     Case { name: "call [rip] at +0 (returns at +6)", build: call_first,       expect: None,                    model: |x| x + 100 },
     Case { name: "call rel32 at +1",              build: call_at_1,           expect: None,                    model: |x| x + 100 },
     Case { name: "call rel32 at +4",              build: call_at_4,           expect: None,                    model: |x| x + 100 },
     Case { name: "xor eax,eax; ret + padding",    build: xor_ret_padding,     expect: None,                    model: |_| 0 },
-    Case { name: "ret at 16n+13: padding too short", build: ret_too_late,     expect: Some("E_TOO_SHORT"),     model: |x| x & 0xffff_ffff },
+    Case { name: "ret at 16n+13: padding too short", build: ret_too_late,     expect: Some("E_PATCH_TOO_SHORT"),     model: |x| x & 0xffff_ffff },
     Case { name: "TLS general-dynamic sequence",  build: tls_general_dynamic, expect: None,                    model: |_| 0x7777 },
     Case { name: "TLS initial-exec sequence",     build: tls_initial_exec,    expect: None,                    model: |_| 0x7777 },
     Case { name: "patch spans two pages",         build: straddles_pages,     expect: None,                    model: |x| x * 3 + 1 },
@@ -350,7 +350,10 @@ fn corpus_verdicts_and_behaviour() {
                 for x in inputs {
                     assert_eq!(target(x), (case.model)(x), "{}: removed", case.name);
                 }
-                assert_eq!(hook.disable().map_err(|e| e.code()), Err("E_NOT_INSTALLED"));
+                assert_eq!(
+                    hook.disable().map_err(|e| e.code()),
+                    Err("E_PATCH_NOT_INSTALLED")
+                );
             }
         }
     }
@@ -391,9 +394,9 @@ fn refusals_with_codes() {
         replacement as extern "C" fn(u64) -> u64,
     )
     .expect_err("data is not code");
-    assert_eq!(e.code(), "E_NOT_EXECUTABLE");
+    assert_eq!(e.code(), "E_PATCH_NOT_EXECUTABLE");
     let e = preflight(std::ptr::null(), None).expect_err("null");
-    assert_eq!(e.code(), "E_NULL_ADDRESS");
+    assert_eq!(e.code(), "E_PATCH_NULL_ADDRESS");
 
     let mut mem = ExecMem::new(1);
     let (f, _) = plain(&mut mem, 0);
@@ -403,9 +406,12 @@ fn refusals_with_codes() {
     let r: extern "C" fn(u64) -> u64 = replacement;
     let mut h = Hook::install(target, r).expect("install");
     let e = Hook::install(target, r).expect_err("twice");
-    assert_eq!(e.code(), "E_ALREADY_PATCHED");
+    assert_eq!(e.code(), "E_PATCH_ALREADY_PATCHED");
     let report = preflight(f as *const u8, None).expect("preflight");
-    assert_eq!(report.verdict.map_err(|r| r.code), Err("E_ALREADY_PATCHED"));
+    assert_eq!(
+        report.verdict.map_err(|r| r.code),
+        Err("E_PATCH_ALREADY_PATCHED")
+    );
     h.remove().expect("remove");
 }
 
@@ -449,7 +455,7 @@ fn protect_denied_on_a_read_only_shared_mapping() {
         )
     }
     .expect_err("mprotect must be refused");
-    assert_eq!(e.code(), "E_PROTECT_DENIED", "{e}");
+    assert_eq!(e.code(), "E_PATCH_PROTECT_DENIED", "{e}");
     assert_eq!(maps_lines(p as usize, 8), before, "protection unchanged");
     assert_eq!(target(2), 7, "still the original");
     assert_no_wx("refused install");
@@ -514,7 +520,7 @@ fn no_near_memory_when_every_page_within_reach_is_taken() {
     let before = maps_lines(page, 8);
     let e = Hook::install(target, replacement as extern "C" fn(u64) -> u64)
         .expect_err("nothing within +-2 GiB is free");
-    assert_eq!(e.code(), "E_NO_NEAR_MEMORY", "{e}");
+    assert_eq!(e.code(), "E_PATCH_NO_NEAR_MEMORY", "{e}");
     // Nothing was written or left behind.
     // SAFETY: reading the 5 entry bytes of our own r-x page.
     let entry = unsafe { std::slice::from_raw_parts(page as *const u8, code.len()) };
@@ -1055,7 +1061,7 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
                 break;
             }
             // The sleeper may be between sleeps at the instant we look.
-            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+            Err(e) if e.code() == "E_PATCH_THREAD_UNSTOPPABLE" => {
                 std::thread::sleep(Duration::from_millis(7));
             }
             Err(e) => panic!("{e}"),
@@ -1081,7 +1087,7 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
                 removed = true;
                 break;
             }
-            Err(e) if e.code() == "E_THREAD_UNSTOPPABLE" => {
+            Err(e) if e.code() == "E_PATCH_THREAD_UNSTOPPABLE" => {
                 std::thread::sleep(Duration::from_millis(7));
             }
             Err(e) => panic!("{e}"),

@@ -430,7 +430,7 @@ fn child_case() -> Option<String> {
 }
 
 /// In a child: a thread blocking every signal sleeps; install must be refused
-/// with `E_PTRACE_DENIED` at once (long before the 60 s stop timeout), the
+/// with `E_PATCH_PTRACE_DENIED` at once (long before the 60 s stop timeout), the
 /// message naming the thread, its mask and `needle`; nothing is written.
 fn child_expect_denied(needle: &str, predicted: bool) {
     let mut mem = ExecMem::new(1);
@@ -466,7 +466,7 @@ fn child_expect_denied(needle: &str, predicted: bool) {
     );
     if predicted {
         let e = ready.refusal().expect("refusal predicted");
-        assert_eq!(e.code(), "E_PTRACE_DENIED");
+        assert_eq!(e.code(), "E_PATCH_PTRACE_DENIED");
         assert!(e.to_string().contains(needle), "{e}");
     } else {
         // A seccomp filter is only found by trying.
@@ -482,7 +482,7 @@ fn child_expect_denied(needle: &str, predicted: bool) {
     let took = t0.elapsed();
     let msg = err.to_string();
     println!("refusal after {took:?}: {msg}");
-    assert_eq!(err.code(), "E_PTRACE_DENIED", "{msg}");
+    assert_eq!(err.code(), "E_PATCH_PTRACE_DENIED", "{msg}");
     assert!(
         msg.contains(&format!("thread {tid} ")),
         "names the thread: {msg}"

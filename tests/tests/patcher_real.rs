@@ -132,9 +132,9 @@ fn a_local_symbol_is_found_by_name_with_its_size() {
     site.remove().expect("remove");
 
     let e = by_name::find(None, "no_such_function_anywhere").expect_err("missing");
-    assert_eq!(e.code(), "E_SYMBOL_NOT_FOUND");
+    assert_eq!(e.code(), "E_PATCH_SYMBOL_NOT_FOUND");
     let e = by_name::find(Some("libnope.so"), "x").expect_err("missing module");
-    assert_eq!(e.code(), "E_MODULE_NOT_FOUND");
+    assert_eq!(e.code(), "E_PATCH_MODULE_NOT_FOUND");
 }
 
 // `push rbx; call hp_panicky; pop rbx; ret` with its CFI: a call at +1 that

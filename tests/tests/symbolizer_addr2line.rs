@@ -32,7 +32,7 @@ fn addresses(so: &Path) -> Vec<u64> {
 }
 
 fn ours(so: &Path, addrs: &[String], inlines: bool) -> String {
-    let args = hotpatch_agent::cli::symbolize::Args {
+    let args = hotpatch_cli::symbolize::Args {
         exe: so.to_path_buf(),
         inlines,
         json: false,
@@ -41,7 +41,7 @@ fn ours(so: &Path, addrs: &[String], inlines: bool) -> String {
         addrs: addrs.to_vec(),
     };
     let mut out = Vec::new();
-    let code = hotpatch_agent::cli::symbolize::run(&args, &mut out).expect("symbolize");
+    let code = hotpatch_cli::symbolize::run(&args, &mut out).expect("symbolize");
     assert_eq!(code, 0);
     String::from_utf8(out).expect("utf-8")
 }

@@ -295,7 +295,7 @@ pub const HOLE_LEN: usize = JMP_REL32_LEN;
 /// after a terminator) covering at least 2 bytes at `patch_at`, to a
 /// padding hole found by [`find_hole`]. Only with the module's index (which
 /// knows every symbol's bytes and every direct branch target); anonymous
-/// code keeps `E_TOO_SHORT`. On success `a` describes the 2-byte patch and
+/// code keeps `E_PATCH_TOO_SHORT`. On success `a` describes the 2-byte patch and
 /// its hole; on failure `a` is unchanged.
 fn short_route(
     a: &mut Analysis,
@@ -492,9 +492,9 @@ mod tests {
         assert_eq!(a.patch_at, 0x1004);
         assert_eq!(a.patch_len, 6);
         // mov eax,edi; ret  (3 bytes)
-        assert_eq!(verdict(&[0x89, 0xF8, 0xC3], None), Some("E_TOO_SHORT"));
+        assert_eq!(verdict(&[0x89, 0xF8, 0xC3], None), Some("E_PATCH_TOO_SHORT"));
         // known size 4 of a longer-looking body
-        assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0x90, 0x90, 0xC3], Some(4)), Some("E_TOO_SHORT"));
+        assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0x90, 0x90, 0xC3], Some(4)), Some("E_PATCH_TOO_SHORT"));
         // call rel32 first: returns to +5, after the written bytes: relocated
         assert_eq!(verdict(&[0xE8, 0, 0, 0, 0, 0xC3], None), None);
         // push rbx; call rel32: returns to +6
@@ -502,18 +502,18 @@ mod tests {
         // call rax (2 bytes) first: returns to +2, inside the written bytes
         let (_, e) = analyse(0x1000, &[0xFF, 0xD0, 0x90, 0x90, 0x90, 0xC3], None);
         let e = e.expect("refused");
-        assert_eq!(e.code(), "E_CALL_IN_PATCH");
+        assert_eq!(e.code(), "E_PATCH_CALL_IN_PATCH");
         assert!(e.to_string().contains("returns to 0x1002, strictly inside the 5 bytes"), "{e}");
         // syscall; nop*3; ret: returns to +2
-        assert_eq!(verdict(&[0x0F, 0x05, 0x90, 0x90, 0x90, 0xC3], None), Some("E_CALL_IN_PATCH"));
+        assert_eq!(verdict(&[0x0F, 0x05, 0x90, 0x90, 0x90, 0xC3], None), Some("E_PATCH_CALL_IN_PATCH"));
         // nop*3; syscall; ret: returns to +5
         assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x0F, 0x05, 0xC3], None), None);
         // sysenter never
-        assert_eq!(verdict(&[0x0F, 0x34, 0x90, 0x90, 0x90, 0xC3], None), Some("E_UNRELOCATABLE"));
+        assert_eq!(verdict(&[0x0F, 0x34, 0x90, 0x90, 0x90, 0xC3], None), Some("E_PATCH_UNRELOCATABLE"));
         // int3 at entry (a debugger's breakpoint)
-        assert_eq!(verdict(&[0xCC, 0x90, 0x90, 0x90, 0x90, 0xC3], None), Some("E_UNRELOCATABLE"));
+        assert_eq!(verdict(&[0xCC, 0x90, 0x90, 0x90, 0x90, 0xC3], None), Some("E_PATCH_UNRELOCATABLE"));
         // 0: nop; 1: nop; 2: nop; 3: nop; 4: nop; 5: dec edi; 7: jnz 2 (back into the patch); 9: ret
-        assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xFF, 0xCF, 0x75, 0xF9, 0xC3], None), Some("E_BACK_JUMP"));
+        assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xFF, 0xCF, 0x75, 0xF9, 0xC3], None), Some("E_PATCH_BACK_JUMP"));
         // same loop, but to byte 0 (the entry itself): fine
         assert_eq!(verdict(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xFF, 0xCF, 0x75, 0xF7, 0xC3], None), None);
         // ret + int3 padding (0x1000 is 16-aligned): the patch takes 4 padding bytes
@@ -531,12 +531,12 @@ mod tests {
         // ret at 0x100d: only 2 bytes before the 16-byte boundary
         let (_, e) = analyse(0x100d, &[0xC3, 0xCC, 0xCC, 0xCC, 0xCC, 0xCC], Some(1));
         let e = e.expect("refused");
-        assert_eq!(e.code(), "E_TOO_SHORT");
+        assert_eq!(e.code(), "E_PATCH_TOO_SHORT");
         assert!(e.to_string().contains("1 byte(s) of instructions before it ends or leaves (ret/jmp) and 2 byte(s)"), "{e}");
         // ret followed by code, not padding
-        assert_eq!(verdict(&[0xC3, 0x55, 0x48, 0x89, 0xE5, 0xC3], Some(1)), Some("E_TOO_SHORT"));
+        assert_eq!(verdict(&[0xC3, 0x55, 0x48, 0x89, 0xE5, 0xC3], Some(1)), Some("E_PATCH_TOO_SHORT"));
         // a 4-byte function that falls through (no terminator) never extends
-        assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0xCC, 0xCC, 0xCC], Some(4)), Some("E_TOO_SHORT"));
+        assert_eq!(verdict(&[0x55, 0x48, 0x89, 0xE5, 0xCC, 0xCC, 0xCC], Some(4)), Some("E_PATCH_TOO_SHORT"));
         // jmp over alignment nops inside the function (sqlite3BackupRestart)
         let c = [0xEB, 0x11, 0x66, 0x0F, 0x1F, 0x44, 0, 0, 0xC7, 0x47, 0x18, 1, 0, 0, 0, 0x48];
         let (a, e) = analyse(0x326f0, &c, Some(16));
@@ -544,11 +544,11 @@ mod tests {
         assert_eq!((a.patch_len, a.padding), (8, 6));
         // ... but not when a branch lands in those nops
         let c = [0xEB, 0x02, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xEB, 0xF9];
-        assert_eq!(verdict(&c, Some(10)), Some("E_BACK_JUMP"));
+        assert_eq!(verdict(&c, Some(10)), Some("E_PATCH_BACK_JUMP"));
         // garbage
-        assert_eq!(verdict(&[0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], None), Some("E_UNRELOCATABLE"));
+        assert_eq!(verdict(&[0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], None), Some("E_PATCH_UNRELOCATABLE"));
         // empty
-        assert_eq!(verdict(&[], None), Some("E_TOO_SHORT"));
+        assert_eq!(verdict(&[], None), Some("E_PATCH_TOO_SHORT"));
     }
 
     fn view(branches: Vec<(u64, u64)>, ranges: Vec<(u64, u64)>) -> ModuleView {
@@ -581,7 +581,7 @@ mod tests {
         assert_eq!((a.patch_len, a.padding, a.hole), (2, 1, Some(0x1014)));
         // Without a module index: no hole is looked for.
         let (_, e) = analyse_in(0x100e, &code, Some(1), None);
-        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        assert_eq!(e.map(|e| e.code()), Some("E_PATCH_TOO_SHORT"));
         // A branch of the module into the padding (0x1016): the hole starts after it.
         let m2 = view(vec![(0x1016, 0x5000)], syms.clone());
         assert_eq!(
@@ -614,12 +614,12 @@ mod tests {
         c[1] = 0x55; // push rbp
         let m4 = view(vec![], vec![(0x100e, 0x100f), (0x100f, 0x1014)]);
         let (_, e) = analyse_in(0x100e, &c[..], Some(1), Some(&m4));
-        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        assert_eq!(e.map(|e| e.code()), Some("E_PATCH_TOO_SHORT"));
         // ... and when that next function starts with a nop, its entry is
         // found in the 2 bytes.
         c[1] = 0x90;
         let (_, e) = analyse_in(0x100e, &c[..], Some(1), Some(&m4));
-        assert_eq!(e.map(|e| e.code()), Some("E_FOREIGN_JUMP_IN_PATCH"));
+        assert_eq!(e.map(|e| e.code()), Some("E_PATCH_FOREIGN_JUMP_IN_PATCH"));
         // xor eax,eax; ret at 0x100d (0 bytes of padding): the jmp rel8
         // overwrites the xor only; the ret stays.
         let mut c = vec![0x31, 0xC0, 0xC3];
@@ -638,7 +638,7 @@ mod tests {
         }
         far[150..160].fill(0xCC);
         let (_, e) = analyse_in(0x100e, &far, Some(1), Some(&m));
-        assert_eq!(e.map(|e| e.code()), Some("E_TOO_SHORT"));
+        assert_eq!(e.map(|e| e.code()), Some("E_PATCH_TOO_SHORT"));
         // The rel8 reach: 127 bytes after the jmp's end (0x1010) is the last start.
         let mut edge = far.clone();
         edge[150..160].fill(0x90);

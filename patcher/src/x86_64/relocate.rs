@@ -44,7 +44,7 @@ impl Trampoline {
 /// under CET) at `at`, followed by a `jmp` to the first byte after the patch.
 ///
 /// # Errors
-/// `E_UNRELOCATABLE` when the encoder cannot place an instruction at `at`
+/// `E_PATCH_UNRELOCATABLE` when the encoder cannot place an instruction at `at`
 /// (e.g. a RIP-relative operand out of ±2 GiB reach), or when an
 /// instruction was rewritten into a sequence the map cannot describe.
 pub fn relocate(a: &Analysis, at: usize) -> Result<Trampoline, Error> {

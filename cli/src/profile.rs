@@ -82,7 +82,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     let fail = |e: &crate::Error| Failure::from_error(e, a.json);
     // Every number is checked before anything is sent (a NaN used to
     // panic the CLI when it computed its read timeout).
-    crate::profile::check_args(a.seconds, a.hz)
+    crate::protocol::check_profile_args(a.seconds, a.hz)
         .map_err(|e| Failure::new(e.code, e.message, a.json))?;
     let socket = client::locate(a.conn.pid, a.conn.socket.as_deref()).map_err(|e| fail(&e))?;
     let mut c = Client::connect(&socket).map_err(|e| fail(&e))?;

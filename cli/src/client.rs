@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::paths;
 use crate::protocol::{PayloadHeader, Reply, Request};
-use crate::{paths, sys};
+use hotpatch_sys::cred as sys;
 
 /// The socket of the agent to talk to: `socket` if given, else the socket of
 /// `pid` (in the current socket directory, else in the fallback one), else

@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::sys;
+use hotpatch_sys::cred as sys;
 
 /// The socket directory for the current environment and uid.
 pub fn socket_dir() -> PathBuf {
@@ -58,7 +58,7 @@ pub fn other_dirs() -> Vec<PathBuf> {
 /// Why the socket file `socket` is not to be trusted, if it is not: its
 /// directory must be a real directory (not a symlink) owned by us with mode
 /// `0700`, and the socket a socket owned by us. (Who serves it is checked
-/// on the connection: [`crate::client::Client::connect`].)
+/// on the connection: `hotpatch_cli::client::Client::connect`.)
 ///
 /// # Errors
 /// The reason, for humans.

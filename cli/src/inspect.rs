@@ -96,7 +96,7 @@ type Offline<T> = Result<T, (String, String)>;
 /// Addresses are the file's virtual addresses.
 ///
 /// # Errors
-/// `(code, message)`: the symbolizer's `E_SYM_*` codes, `E_NOT_EXECUTABLE`
+/// `(code, message)`: the symbolizer's `E_SYM_*` codes, `E_PATCH_NOT_EXECUTABLE`
 /// when the symbol is not in an executable segment.
 pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
     let sym = ElfSymbolizer::open(file, &DebugSearch::default())
@@ -123,7 +123,7 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<Value> {
         .find(|g| g.address() <= vaddr && vaddr < g.address() + g.size());
     let not_exec = || {
         (
-            "E_NOT_EXECUTABLE".to_owned(),
+            "E_PATCH_NOT_EXECUTABLE".to_owned(),
             format!(
                 "{symbol} at {vaddr:#x} is not in an executable segment of {}",
                 file.display()

@@ -1,10 +1,15 @@
-//! The `hotpatch` command line: one module per group of subcommands.
+//! The `hotpatch` command line: one module per group of subcommands, and
+//! the [`client`] that finds an agent and talks to it.
 //!
 //! Exit codes: 0 on success; 1 when the command failed, with the stable
 //! error code first on stderr (`hotpatch: E_…: message`) — and, with
 //! `--json`, the error object on stdout; 2 for usage errors and offline
 //! failures of `symbolize`.
 
+pub mod attach;
+pub mod client;
+pub mod detach;
+mod error;
 pub mod heap;
 pub mod inspect;
 pub mod profile;
@@ -16,6 +21,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use hotpatch_protocol::{self as protocol, paths};
+
+pub use error::{Error, Result};
 
 /// `hotpatch`: hot-patching and profiling for dev processes.
 ///
@@ -77,6 +85,13 @@ pub enum Command {
     /// Load a plugin into the process, run it, unload it, N times; report
     /// the memory it left in use.
     LeakCheck(heap::LeakCheck),
+    /// Load the agent into a running process that never linked hotpatch
+    /// (ptrace + dlopen); prints its socket. Every command then works with
+    /// `--pid PID`.
+    Attach(attach::Attach),
+    /// Stop the agent attached with `attach` (sites reverted, plugins
+    /// unloaded) and unload it; reports anything that stayed.
+    Detach(detach::Detach),
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
@@ -110,6 +125,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Profile(a) => profile::run(&a, &mut out),
         Command::Heap(a) => heap::run(&a, &mut out),
         Command::LeakCheck(a) => heap::leak_check(&a, &mut out),
+        Command::Attach(a) => attach::attach(&a, &mut out),
+        Command::Detach(a) => detach::detach(&a, &mut out),
     };
     match result {
         Ok(()) => 0,
@@ -153,7 +170,7 @@ impl Failure {
         }
     }
 
-    /// From the agent crate's error.
+    /// From the client's error.
     pub fn from_error(e: &crate::Error, json: bool) -> Self {
         Failure::new(e.code(), e.to_string(), json)
     }

@@ -1,3 +1,7 @@
+//! `hotpatch-protocol`: what the in-process agent (`hotpatch-agent`) and
+//! its clients (the `hotpatch` CLI, `hotpatch-cli`) share — the wire
+//! format, its codes and limits, and where sockets live ([`paths`]).
+//!
 //! The wire protocol: one JSON object per line, request and reply.
 //!
 //! A request names its command in `"cmd"`; its arguments are the other
@@ -17,7 +21,11 @@
 //! crates it drives (`E_PLG_*`/`E_ABI_MISMATCH` from the loader, the
 //! patcher's `E_*`, the symbolizer's `E_SYM_*`).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+pub mod paths;
 
 /// Longest request line accepted, newline excluded.
 pub const MAX_LINE: usize = 1 << 20;
@@ -78,15 +86,43 @@ pub const COMMANDS: &[&str] = &[
 /// (`hotpatch_profiler::RawProfile`), resolved by the client.
 pub const RAW_PROFILE_PAYLOAD: &str = "profile.raw.json";
 
+/// Longest profile, in seconds.
+pub const MAX_PROFILE_SECONDS: f64 = 600.0;
+
+/// Checks a profile's arguments (both sides: the CLI before sending, the
+/// agent on receipt): `seconds` finite in `(0, MAX_PROFILE_SECONDS]`,
+/// `hz` in `1..=10000` (default 99).
+///
+/// # Errors
+/// `E_AGENT_BAD_ARGS`, saying which argument and why.
+pub fn check_profile_args(seconds: f64, hz: Option<u32>) -> Result<(Duration, i32), ErrorBody> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_PROFILE_SECONDS) {
+        return Err(ErrorBody::new(
+            E_AGENT_BAD_ARGS,
+            format!("seconds must be a finite number in (0, {MAX_PROFILE_SECONDS}], got {seconds}"),
+        ));
+    }
+    let hz = hz.unwrap_or(99);
+    if !(1..=10_000).contains(&hz) {
+        return Err(ErrorBody::new(
+            E_AGENT_BAD_ARGS,
+            format!("hz must be in 1..=10000, got {hz}"),
+        ));
+    }
+    let hz = i32::try_from(hz).map_err(|_| ErrorBody::new(E_AGENT_BAD_ARGS, "hz too large"))?;
+    Ok((Duration::from_secs_f64(seconds), hz))
+}
+
 /// A request. Serialized with the command name in `"cmd"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-#[non_exhaustive]
+// Not `non_exhaustive`: the agent's dispatch matches every request, so a
+// new one that the agent does not serve is a compile error.
 pub enum Request {
     /// Liveness and identity: pid, executable, agent version.
     Ping,
     /// The host's own status (what the host passed to
-    /// [`crate::Builder::status`]) plus counts of plugins and sites.
+    /// `hotpatch_agent::Builder::status`) plus counts of plugins and sites.
     Status,
     /// Load a plugin with the loader's checks.
     Load {

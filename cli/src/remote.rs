@@ -242,7 +242,7 @@ pub fn unload(a: &Unload, out: &mut dyn Write) -> Outcome {
 /// `hotpatch patch`.
 ///
 /// # Errors
-/// See [`call`]; the patcher's refusals (`E_BACK_JUMP`, …), the
+/// See [`call`]; the patcher's refusals (`E_PATCH_BACK_JUMP`, …), the
 /// symbolizer's `E_SYM_SYMBOL_NOT_FOUND`.
 pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
     let v = call(
