@@ -145,9 +145,11 @@ fn free_rt_signal() -> Option<i32> {
 fn start() -> Result<(), String> {
     let mut st = state();
     if st.stopped {
-        return Err("this process detached an agent before and the agent's object is still \
+        return Err(
+            "this process detached an agent before and the agent's object is still \
              mapped; restart the process to attach again"
-            .into());
+                .into(),
+        );
     }
     if st.agent.is_some() {
         return Ok(());

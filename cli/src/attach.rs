@@ -104,4 +104,3 @@ pub fn attach(args: &Attach, out: &mut dyn Write) -> Outcome {
     };
     r.map_err(|e| Failure::io(&e))
 }
-

@@ -53,7 +53,11 @@ pub fn detach(args: &Detach, out: &mut dyn Write) -> Outcome {
             let list = |v: &Value| -> Vec<String> {
                 v["fds"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default()
             };
             let (b, a) = (list(b), list(&after));
@@ -88,7 +92,9 @@ pub fn detach(args: &Detach, out: &mut dyn Write) -> Outcome {
             d.paused.as_secs_f64() * 1e3
         );
         if stayed.is_empty() {
-            s.push_str("nothing stayed: file descriptors and signal dispositions as before attach\n");
+            s.push_str(
+                "nothing stayed: file descriptors and signal dispositions as before attach\n",
+            );
         } else {
             for x in &stayed {
                 s.push_str(&format!("stayed: {x}\n"));

@@ -207,7 +207,11 @@ fn check(pid: i32) -> Result<Target> {
     }
     let seccomp = tracee::status_number(pid, "Seccomp", 10).unwrap_or(0);
     if seccomp != 0 {
-        let mode = if seccomp == 1 { "strict mode" } else { "a filter" };
+        let mode = if seccomp == 1 {
+            "strict mode"
+        } else {
+            "a filter"
+        };
         return Err(Error::new(
             E_ATTACH_SECCOMP,
             format!(
@@ -229,7 +233,11 @@ fn check(pid: i32) -> Result<Target> {
                     "process {pid} is not dumpable (a setuid/setgid/setcap program, or \
                      prctl(PR_SET_DUMPABLE, 0){}); only CAP_SYS_PTRACE may trace it. Have it call \
                      prctl(PR_SET_DUMPABLE, 1), or run hotpatch with CAP_SYS_PTRACE",
-                    if nnp != 0 { "; it also has no_new_privs" } else { "" }
+                    if nnp != 0 {
+                        "; it also has no_new_privs"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
@@ -346,8 +354,7 @@ fn is_libc(path: &str) -> bool {
 /// libc functions a thread must not be borrowed inside: `dlopen` would
 /// re-enter the allocator or a lock the thread holds.
 const UNSAFE_IN_LIBC: &[&str] = &[
-    "malloc", "free", "alloc", "_int_", "tcache", "arena", "lock", "dl_", "fork", "exit",
-    "_IO_",
+    "malloc", "free", "alloc", "_int_", "tcache", "arena", "lock", "dl_", "fork", "exit", "_IO_",
 ];
 
 /// `-ERESTART_RESTARTBLOCK`: a restart that needs the kernel's per-thread
@@ -416,7 +423,9 @@ impl Borrowed {
             0
         } else {
             sp -= (data.len() as u64 + 15) & !0xf;
-            self.t.write(sp, data).map_err(|e| perr("writing the stack", e))?;
+            self.t
+                .write(sp, data)
+                .map_err(|e| perr("writing the stack", e))?;
             sp
         };
         sp -= 8; // the return address: at entry, rsp + 8 is 16-aligned
@@ -513,7 +522,10 @@ fn borrow(t: &Target, libc: &Symbols) -> Result<(Borrowed, u32)> {
         };
         let tids = tracee::tasks(t.pid).map_err(|e| proc_err(t.pid, &e))?;
         if tids.is_empty() {
-            return Err(Error::new(E_ATTACH_NO_PROCESS, format!("no process {}", t.pid)));
+            return Err(Error::new(
+                E_ATTACH_NO_PROCESS,
+                format!("no process {}", t.pid),
+            ));
         }
         for tid in tids {
             let tr = match Tracee::seize(tid) {
