@@ -381,7 +381,11 @@ mod tests {
         let m = parse_maps(
             "1000-2000 r--s 00000000 08:01 42 /x.so\n3000-4000 r--p 00000000 08:01 42 /x.so\n",
         );
-        assert_eq!(load_base(&m, "/x.so"), Some(0x3000), "the shared map is no load");
+        assert_eq!(
+            load_base(&m, "/x.so"),
+            Some(0x3000),
+            "the shared map is no load"
+        );
     }
 
     #[test]
