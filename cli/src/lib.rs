@@ -6,8 +6,10 @@
 //! `--json`, the error object on stdout; 2 for usage errors and offline
 //! failures of `symbolize`.
 
+pub mod attach;
 pub mod check_plugin;
 pub mod client;
+pub mod detach;
 mod error;
 pub mod heap;
 pub mod inspect;
@@ -94,6 +96,13 @@ pub enum Command {
     /// the changed functions into it (state kept); `--once` applies the
     /// current edit and exits, `--revert` puts the original code back.
     Watch(watch::Args),
+    /// Load the agent into a running process that never linked hotpatch
+    /// (ptrace + dlopen); prints its socket. Every command then works with
+    /// `--pid PID`.
+    Attach(attach::Attach),
+    /// Stop the agent attached with `attach` (sites reverted, plugins
+    /// unloaded) and unload it; reports anything that stayed.
+    Detach(detach::Detach),
     /// Resolve file virtual addresses of an ELF file to functions and
     /// source lines (offline; output like `addr2line -f -C [-i]`).
     Symbolize(symbolize::Args),
@@ -143,6 +152,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Sign(a) => sign::run(&a, &mut out),
         Command::CheckPlugin(a) => check_plugin::run(&a, &mut out),
         Command::Stats(a) => stats::run(&a, &mut out),
+        Command::Attach(a) => attach::attach(&a, &mut out),
+        Command::Detach(a) => detach::detach(&a, &mut out),
     };
     match result {
         Ok(()) => 0,

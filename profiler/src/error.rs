@@ -14,6 +14,8 @@ pub const E_PROF_IO: &str = "E_PROF_IO";
 pub const E_PROF_FLAMEGRAPH: &str = "E_PROF_FLAMEGRAPH";
 /// A raw capture is malformed or over a limit ([`Error::BadCapture`]).
 pub const E_PROF_BAD_CAPTURE: &str = "E_PROF_BAD_CAPTURE";
+/// SIGPROF has a disposition the host set ([`Error::SignalTaken`]).
+pub const E_PROF_SIGNAL_TAKEN: &str = "E_PROF_SIGNAL_TAKEN";
 
 /// A specialized `Result` for the profiler.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,6 +51,11 @@ pub enum Error {
     /// malformed or over a limit.
     #[error("bad raw profile: {0}")]
     BadCapture(String),
+    /// SIGPROF already has a handler (or `SIG_IGN`) the host set: the
+    /// sampler would replace it, so the session is refused instead (issue
+    /// #15: an attached agent never overwrites a host's disposition).
+    #[error("{0}")]
+    SignalTaken(String),
 }
 
 impl Error {
@@ -62,6 +69,7 @@ impl Error {
             Error::Io(_) => E_PROF_IO,
             Error::Flamegraph(_) => E_PROF_FLAMEGRAPH,
             Error::BadCapture(_) => E_PROF_BAD_CAPTURE,
+            Error::SignalTaken(_) => E_PROF_SIGNAL_TAKEN,
         }
     }
 }

@@ -184,6 +184,15 @@ impl ProfilerBuilder {
 /// gives every thread its clock: the first of `wanted` (or of all, best
 /// first) that works.
 fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
+    if !handler_installed() {
+        if let Some(what) = foreign_sigprof() {
+            return Err(Error::SignalTaken(format!(
+                "SIGPROF is taken by the host ({what}); the profiler does not replace a \
+                 host's disposition: turn the host's own profiler off (gperftools, \
+                 setitimer(ITIMER_PROF) users) or restart it without one"
+            )));
+        }
+    }
     if !handler_installed() && !sampler::install_handler() {
         return Err(Error::Clock(format!(
             "installing the SIGPROF handler: {}",
@@ -231,6 +240,25 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
     }
     sampler::deactivate();
     Err(Error::Clock(why.join("; ")))
+}
+
+/// What SIGPROF's disposition is when the host set one (a handler that is
+/// not ours, or `SIG_IGN`); `None` for `SIG_DFL` or ours.
+fn foreign_sigprof() -> Option<String> {
+    // SAFETY: sigaction is plain data; zeroed is a valid value.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+        return None;
+    }
+    if cur.sa_sigaction == libc::SIG_DFL || handler_installed() {
+        return None;
+    }
+    Some(if cur.sa_sigaction == libc::SIG_IGN {
+        "SIG_IGN".to_string()
+    } else {
+        format!("handler at {:#x}", cur.sa_sigaction)
+    })
 }
 
 /// Whether SIGPROF's handler is the sampler's (directly or behind the gate).

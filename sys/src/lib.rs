@@ -45,3 +45,4 @@ pub mod ptrace;
 pub mod raw;
 pub mod signal;
 pub mod status;
+pub mod tracee;
