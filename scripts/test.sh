@@ -8,6 +8,8 @@
 #   libc6-dbg  -> detached debug info under /usr/lib/debug/.build-id
 #   zlib1g, libbz2-1.0 -> real libraries patched by tests/tests/patcher_libraries.rs
 #   llvm       -> `llvm-symbolizer`, the reference for C names (profiler_names.rs)
+#   python3    -> the import-cycle check and the interpreter attach_e2e attaches to
+#   libc6-dev  -> libc.a for the static target attach_e2e must refuse
 # Plugins and fixtures are built from source by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ -e /lib/x86_64-linux-gnu/libz.so.1 ] || need+=(zlib1g)
 [ -e /lib/x86_64-linux-gnu/libbz2.so.1.0 ] || need+=(libbz2-1.0)
 command -v llvm-symbolizer >/dev/null 2>&1 || need+=(llvm)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "test.sh: installing ${need[*]}" >&2
