@@ -253,9 +253,12 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     d.rip = unsafe { (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
         as u64;
     d.value_ns = period.saturating_mul(periods);
-    // SAFETY: gettid has no preconditions.
-    d.tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    // Inside the handler: `sys::raw::gettid` is a raw, argued syscall (no
+    // libc wrapper, no errno), async-signal-safe.
+    d.tid = hotpatch_sys::raw::gettid();
     d.name = [0; 16];
+    // Inside the handler: libc's `prctl` stays (a thin syscall wrapper,
+    // async-signal-safe; `sys::raw::prctl` takes no pointer argument).
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer given.
     unsafe { libc::prctl(libc::PR_GET_NAME, d.name.as_mut_ptr()) };
     let mut depth = 0usize;
@@ -285,11 +288,10 @@ pub(crate) fn install_handler() -> bool {
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigprof as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: `act.sa_mask` is a valid sigset_t to initialize.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
-    // SAFETY: installs an async-signal-safe handler (above); glibc supplies
-    // the restorer.
-    unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
+    act.sa_mask = hotpatch_sys::signal::sigset_of(&[]);
+    // SAFETY: installs an async-signal-safe handler (above) of the
+    // SA_SIGINFO signature, a static function; glibc supplies the restorer.
+    unsafe { hotpatch_sys::signal::swap_action(libc::SIGPROF, &act) }.is_ok()
 }
 
 /// Whether `act` (SIGPROF's disposition) is our handler itself.
@@ -770,10 +772,8 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
 
-    fn gettid() -> i32 {
-        // SAFETY: gettid has no preconditions.
-        unsafe { libc::syscall(libc::SYS_gettid) as i32 }
-    }
+    use hotpatch_sys::raw::gettid;
+    use hotpatch_sys::signal::{MaskGuard, sigset_of};
 
     fn thread_cpu() -> Duration {
         let mut ts = libc::timespec {
@@ -786,13 +786,7 @@ mod tests {
     }
 
     fn sigprof_set() -> libc::sigset_t {
-        // SAFETY: plain data, initialized by sigemptyset/sigaddset.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGPROF);
-            set
-        }
+        sigset_of(&[libc::SIGPROF])
     }
 
     /// The thread-count check in front of the listing does not hide threads:
@@ -844,10 +838,8 @@ mod tests {
     /// thread spent 200 ms of its own CPU time with SIGPROF blocked.
     #[test]
     fn a_new_thread_with_a_dead_threads_id_gets_its_own_clock() {
-        let set = sigprof_set();
-        let mut old = sigprof_set();
-        // SAFETY: blocks SIGPROF on this thread; spawned threads inherit it.
-        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+        // Blocks SIGPROF on this thread; spawned threads inherit it.
+        let mask = MaskGuard::block_raw(sigprof_set()).unwrap();
         let (tid_tx, tid_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let a = std::thread::spawn(move || {
@@ -920,8 +912,8 @@ mod tests {
         drop(go_tx);
         let signalled = b.join().unwrap();
         drop(clocks);
-        // SAFETY: restores this thread's mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        // Restores this thread's mask.
+        drop(mask);
         assert!(
             signalled,
             "the new thread with id {a_tid} got no SIGPROF: the dead thread's clock was kept"

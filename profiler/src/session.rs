@@ -220,8 +220,7 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
             continue;
         }
         // Probe on this thread first: the error says why a clock is refused.
-        // SAFETY: gettid has no preconditions.
-        let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        let me = hotpatch_sys::raw::gettid();
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
             _ => sampler::timer_clock(me, period_ns),
@@ -245,12 +244,7 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
 /// What SIGPROF's disposition is when the host set one (a handler that is
 /// not ours, or `SIG_IGN`); `None` for `SIG_DFL` or ours.
 fn foreign_sigprof() -> Option<String> {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
-    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
-        return None;
-    }
+    let cur = hotpatch_sys::signal::query_action(libc::SIGPROF).ok()?;
     if cur.sa_sigaction == libc::SIG_DFL || handler_installed() {
         return None;
     }
@@ -263,12 +257,9 @@ fn foreign_sigprof() -> Option<String> {
 
 /// Whether SIGPROF's handler is the sampler's (directly or behind the gate).
 fn handler_installed() -> bool {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
-    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+    let Ok(cur) = hotpatch_sys::signal::query_action(libc::SIGPROF) else {
         return false;
-    }
+    };
     sampler::is_handler(&cur) || unwind::gate_installed(&cur)
 }
 
@@ -317,14 +308,11 @@ fn drain_into(acc: &mut Acc) {
 /// installed with SIGPROF's handler: the frame after it in a sampled stack is
 /// the interrupted instruction (the leaf).
 fn signal_restorer() -> u64 {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `old` is a valid out-pointer.
-    let rc = unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut old) };
-    if rc == 0 && old.sa_flags & SA_RESTORER != 0 {
-        old.sa_restorer.map_or(0, |f| f as usize as u64)
-    } else {
-        0
+    match hotpatch_sys::signal::query_action(libc::SIGPROF) {
+        Ok(old) if old.sa_flags & SA_RESTORER != 0 => {
+            old.sa_restorer.map_or(0, |f| f as usize as u64)
+        }
+        _ => 0,
     }
 }
 

@@ -84,3 +84,28 @@ fn loader_example_loads_calls_and_unloads_a_real_plugin() {
         );
     }
 }
+
+#[test]
+fn profiler_example_names_the_plugin_function_in_its_top_frames() {
+    let so = fixtures::plugin("prof-work");
+    let out = run_with("hotpatch-profiler", "profile_plugin", &[], &[&so]);
+    assert!(out.lines().any(|l| l == "loaded: prof-work 1.0.0"), "{out}");
+    let top: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("top frames"))
+        .skip(1)
+        .collect();
+    assert!(!top.is_empty(), "no top frames in:\n{out}");
+    // The plugin's function is named (not `libprof_work.so+0x...`) and has
+    // samples of its own: the workload's whole CPU time was spent in it.
+    let line = top
+        .iter()
+        .find(|l| l.ends_with("prof_work_burn"))
+        .unwrap_or_else(|| panic!("prof_work_burn not among the top frames:\n{out}"));
+    let flat: u64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no flat count in {line:?}"));
+    assert!(flat > 0, "{out}");
+}

@@ -39,9 +39,10 @@ const NOT_RUNNING_LIMIT: Duration = Duration::from_secs(1);
 /// preempted one uses no CPU at all).
 const CPU_LIMIT: Duration = Duration::from_millis(200);
 
+/// This thread's id. Also called inside the gate's handler: `sys::raw`'s
+/// raw, argued syscall (no libc wrapper, no errno) is async-signal-safe.
 fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions; async-signal-safe.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    hotpatch_sys::raw::gettid()
 }
 
 /// Claims an entry for `tid`, first reclaiming an entry this thread left
@@ -111,12 +112,9 @@ pub(crate) fn gate_installed(act: &libc::sigaction) -> bool {
 /// sampler's). Returns false if there is no SA_SIGINFO handler to wrap or
 /// the gate is already in place.
 pub(crate) fn install_gate() -> bool {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
-    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+    let Ok(cur) = hotpatch_sys::signal::query_action(libc::SIGPROF) else {
         return false;
-    }
+    };
     let gate = gate_handler as *const () as usize;
     if cur.sa_flags & libc::SA_SIGINFO == 0
         || cur.sa_flags & libc::SA_NODEFER != 0
@@ -129,9 +127,10 @@ pub(crate) fn install_gate() -> bool {
     NEXT_HANDLER.store(cur.sa_sigaction, Ordering::Release);
     let mut act = cur;
     act.sa_sigaction = gate;
-    // SAFETY: installs `gate_handler` (async-signal-safe, above) with the
-    // flags and mask of the handler it wraps; glibc supplies the restorer.
-    unsafe { libc::sigaction(libc::SIGPROF, &act, std::ptr::null_mut()) == 0 }
+    // SAFETY: installs `gate_handler` (async-signal-safe, above; a static
+    // SA_SIGINFO function) with the flags and mask of the handler it
+    // wraps; glibc supplies the restorer.
+    unsafe { hotpatch_sys::signal::swap_action(libc::SIGPROF, &act) }.is_ok()
 }
 
 /// Samples dropped at the closed gate, registrations given up, and
@@ -229,11 +228,10 @@ pub(crate) fn close_gate() -> bool {
             }
             let w = watched.entry(tid).or_insert_with(|| {
                 if gate_is_the_handler() {
-                    // SAFETY: tgkill to a thread of our own process; SIGPROF
-                    // is handled by the gate (a probe is never a sample).
-                    unsafe {
-                        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGPROF);
-                    }
+                    // A thread of our own process; SIGPROF is handled by
+                    // the gate (a probe is never a sample).
+                    let _ =
+                        hotpatch_sys::raw::tgkill(hotpatch_sys::raw::getpid(), tid, libc::SIGPROF);
                 }
                 (cpu, Instant::now(), running)
             });
@@ -265,44 +263,25 @@ pub(crate) fn count_skipped() {
 /// Runs `f` with SIGPROF blocked on this thread, so the sampler cannot
 /// interrupt us while libgcc's `object_mutex` is held.
 pub(crate) fn without_sigprof<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; `old` receives the previous mask.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` and `old` are valid, initialized sigsets on our stack;
-    // pthread_sigmask only changes this thread's mask and is restored below.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGPROF);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-    }
-    let r = f();
-    // SAFETY: restores the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
-    r
+    use hotpatch_sys::signal::{MaskGuard, sigset_of};
+    // Blocking cannot fail for a valid set (only EINVAL for a bad `how`);
+    // as before, `f` runs either way. The guard restores the mask on drop.
+    let _mask = MaskGuard::block_raw(sigset_of(&[libc::SIGPROF])).ok();
+    f()
 }
 
 /// Whether SIGPROF's handler is the gate itself (a probe is then safe).
 fn gate_is_the_handler() -> bool {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
-    let rc = unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) };
-    rc == 0 && gate_installed(&cur)
+    hotpatch_sys::signal::query_action(libc::SIGPROF).is_ok_and(|cur| gate_installed(&cur))
 }
 
 /// Whether registering now is safe: the SIGPROF handler is our gate (or
 /// no sampler is installed at all). Registering behind an ungated handler
 /// would leave the window in which a sample sorts the new object.
 pub(crate) fn gate_in_front() -> bool {
-    // SAFETY: sigaction is plain data; zeroed is a valid value.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null `act` only queries; `cur` is a valid out-pointer.
-    if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut cur) } != 0 {
+    let Ok(cur) = hotpatch_sys::signal::query_action(libc::SIGPROF) else {
         return false;
-    }
+    };
     cur.sa_sigaction == gate_handler as *const () as usize
         || cur.sa_sigaction == libc::SIG_DFL
         || cur.sa_sigaction == libc::SIG_IGN
