@@ -114,14 +114,9 @@ fn report_failure(why: &str) {
     }
 }
 
-/// The current disposition of `sig`.
+/// The current disposition of `sig` (through the one OS layer).
 fn query(sig: i32) -> Option<libc::sigaction> {
-    // SAFETY: sigaction is plain data; zeroed is valid. A null `act` only
-    // queries.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: `cur` is a valid out-pointer; a null new action changes nothing.
-    let rc = unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) };
-    (rc == 0).then_some(cur)
+    hotpatch_sys::signal::query_action(sig).ok()
 }
 
 /// A real-time signal with disposition `SIG_DFL` that at least one thread
@@ -300,7 +295,7 @@ fn teardown() -> i32 {
                 // SAFETY: puts back the disposition recorded at start (a
                 // handler of the host, or SIG_DFL/SIG_IGN); nothing of ours
                 // is installed any more after this.
-                unsafe { libc::sigaction(sig, old, std::ptr::null_mut()) };
+                let _ = unsafe { hotpatch_sys::signal::swap_action(sig, old) };
             }
         }
     }
