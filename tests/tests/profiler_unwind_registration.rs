@@ -8,7 +8,7 @@
 //! vector full of someone else's data (SIGSEGV/SIGBUS in `_Unwind_Find_FDE`
 //! — what CI hit in `profiler_attribution` — or a hang on the arena lock).
 //! The profiler sorts each object itself, behind a gate that keeps handlers
-//! out (`profiler/src/unwind.rs`).
+//! out (`profiler/src/unwind/`).
 //!
 //! * `a_lookup_after_registration_allocates_nothing` checks that property
 //!   deterministically: in a child process with glibc's tcache off (so every
