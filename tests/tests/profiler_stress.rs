@@ -206,10 +206,9 @@ fn churn(secs: u64) {
 
 /// PLT stubs have no symbol and crtstuff's functions have size-0 symbols:
 /// the symbolizer leaves them unnamed; the report names them `target@plt`
-/// and after the size-0 symbol (the addresses are prof-tls's, from
-/// `readelf -SrsW`: `.plt` at 0x4ab00 with PLT0 then `__cxa_finalize`,
-/// `_Unwind_Resume`, `__tls_get_addr`; `_init` at 0x11e58,
-/// `__do_global_dtors_aux` at 0x11ef0).
+/// and after the size-0 symbol (prof-tls's `.plt` holds PLT0 then
+/// `__cxa_finalize`, `_Unwind_Resume`, `__tls_get_addr`, as `readelf -SrsW`
+/// shows; the addresses are read from the built file).
 #[test]
 fn plt_stubs_and_crt_code_are_named() {
     let _g = serial();
@@ -219,12 +218,19 @@ fn plt_stubs_and_crt_code_are_named() {
     let module = reg.module(p.module_id().unwrap()).unwrap();
     let bias = module.elf().unwrap().bias;
     let at = |v: u64| bias.to_runtime(hotpatch_symbolizer::FileVirtAddr(v)).0;
+    // Offsets inside `.plt` and the two crt functions, read from this
+    // build's file (the layout moves with the plugin's code).
+    let data = std::fs::read(&so).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let plt = elf.section_by_name(".plt").unwrap().address();
+    let sym = |n: &str| elf.symbols().find(|s| s.name() == Ok(n)).unwrap().address();
     let probes = [
-        (0x4ab04, "[plt]"),
-        (0x4ab10, "__cxa_finalize@plt"),
-        (0x4ab36, "__tls_get_addr@plt"),
-        (0x11e5c, "_init"),
-        (0x11f16, "__do_global_dtors_aux"),
+        (plt + 0x04, "[plt]"),
+        (plt + 0x10, "__cxa_finalize@plt"),
+        (plt + 0x36, "__tls_get_addr@plt"),
+        (sym("_init") + 0x04, "_init"),
+        (sym("__do_global_dtors_aux") + 0x26, "__do_global_dtors_aux"),
     ];
     let report = hotpatch_profiler::Report::from_raw_stacks(
         probes.iter().map(|&(v, _)| (vec![at(v)], 1)),
