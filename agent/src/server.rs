@@ -199,6 +199,26 @@ impl Builder {
             max_connections: self.max_connections,
             started: Instant::now(),
         });
+        // The canary watcher: promotes or rolls back canary sites by
+        // itself (a tick every `CANARY_TICK`, under the control lock, never
+        // on the host's call path). It holds the shared state only during
+        // a tick, and ends with the agent.
+        let weak = Arc::downgrade(&shared);
+        let watcher = std::thread::Builder::new()
+            .name("hotpatch-canary".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(crate::control::CANARY_TICK);
+                    let Some(s) = weak.upgrade() else { return };
+                    if s.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    s.control().canary_tick();
+                }
+            });
+        if let Err(e) = watcher {
+            tracing::warn!(error = %e, "no canary watcher thread: canaries will not be promoted or rolled back by themselves");
+        }
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("hotpatch-agent".into())
@@ -559,7 +579,12 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
         | Request::HeapSnapshot
         | Request::HeapStop
         | Request::LeakCheck { .. }) => return crate::heap::run(req, w),
-        Request::Stats => Reply::ok(crate::stats::reply()),
+        Request::Stats => {
+            for (target, info) in shared.control().canary_infos() {
+                crate::stats::record_canary(&target, info);
+            }
+            Reply::ok(crate::stats::reply())
+        }
         req => {
             let op = crate::stats::SiteOp::of(&req);
             let r = shared

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hotpatch_loader::stats::Exposition;
 use serde_json::{Value, json};
 
-use crate::protocol::Request;
+use crate::protocol::{CanaryInfo, Request};
 
 /// Which site operation a request is, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ struct SiteFigures {
     enabled_since: Option<Instant>,
     enabled_before: Duration,
     state: &'static str,
+    /// The latest canary state of a site started as a canary.
+    canary: Option<CanaryInfo>,
 }
 
 impl SiteFigures {
@@ -90,6 +92,7 @@ pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
         enabled_since: None,
         enabled_before: Duration::ZERO,
         state: "enabled",
+        canary: None,
     });
     let stop = |f: &mut SiteFigures| {
         if let Some(t) = f.enabled_since.take() {
@@ -99,6 +102,7 @@ pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
     f.id = id;
     match op {
         SiteOp::Install => {
+            f.canary = serde_json::from_value(reply["canary"].clone()).ok();
             f.installs += 1;
             f.enabled_since = Some(now);
             f.state = "enabled";
@@ -127,6 +131,14 @@ pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
     }
 }
 
+/// Records the latest state of the canary of the site at `target`
+/// (`MODULE:SYMBOL`), kept after the site is reverted.
+pub(crate) fn record_canary(target: &str, info: CanaryInfo) {
+    if let Some(f) = sites().get_mut(target) {
+        f.canary = Some(info);
+    }
+}
+
 /// The `stats` reply: `plugins` and `sites` as JSON, and the same figures
 /// as Prometheus text in `prometheus`.
 pub(crate) fn reply() -> Value {
@@ -149,6 +161,7 @@ pub(crate) fn reply() -> Value {
                 "disables": f.disables,
                 "reverts": f.reverts,
                 "enabled_seconds": f.enabled_for(now).as_secs_f64(),
+                "canary": f.canary,
             })
         })
         .collect();
@@ -226,5 +239,70 @@ fn prometheus(map: &BTreeMap<String, SiteFigures>, now: Instant) -> String {
             1.0,
         );
     }
+    canary_prometheus(&mut e, &ids);
     e.finish()
+}
+
+fn canary_prometheus(e: &mut Exposition, ids: &[(String, &SiteFigures)]) {
+    let canaries: Vec<(&String, &SiteFigures, &CanaryInfo)> = ids
+        .iter()
+        .filter_map(|(id, f)| f.canary.as_ref().map(|c| (id, *f, c)))
+        .collect();
+    type Counter = (&'static str, &'static str, fn(&CanaryInfo) -> u64);
+    let counters: [Counter; 5] = [
+        (
+            "hotpatch_site_canary_calls_total",
+            "Calls of a canary's replacement (its own counters).",
+            |c| c.calls,
+        ),
+        (
+            "hotpatch_site_canary_panics_total",
+            "Panics caught in a canary's replacement.",
+            |c| c.panics,
+        ),
+        (
+            "hotpatch_site_canary_errors_total",
+            "Results of a canary's replacement classified as errors.",
+            |c| c.errors,
+        ),
+        (
+            "hotpatch_site_canary_control_calls_total",
+            "Calls of the current code measured during a canary.",
+            |c| c.control_calls,
+        ),
+        (
+            "hotpatch_site_canary_control_errors_total",
+            "Results of the current code classified as errors during a canary.",
+            |c| c.control_errors,
+        ),
+    ];
+    for (name, help, get) in counters {
+        e.family(name, "counter", help);
+        for (id, f, c) in &canaries {
+            e.sample(
+                name,
+                &[("site", id), ("name", &f.name), ("target", &f.target)],
+                get(c) as f64,
+            );
+        }
+    }
+    e.family(
+        "hotpatch_site_canary_state",
+        "gauge",
+        "1 for a canary site's state (canary, promoted, rolled_back) and the rollback reason.",
+    );
+    for (id, f, c) in &canaries {
+        let state = c.state.to_string();
+        e.sample(
+            "hotpatch_site_canary_state",
+            &[
+                ("site", id),
+                ("name", &f.name),
+                ("ratio", &c.ratio),
+                ("state", &state),
+                ("reason", c.reason.as_deref().unwrap_or("")),
+            ],
+            1.0,
+        );
+    }
 }

@@ -80,11 +80,54 @@ pub struct Patch {
     /// The replacement and the override.
     #[command(flatten)]
     pub replacement: Replacement,
+    /// A canary: M in N calls go to the replacement, the rest to the
+    /// current code (e.g. `1/10`); the agent promotes it or rolls it back
+    /// by itself.
+    #[arg(long, value_name = "M/N")]
+    pub canary: Option<String>,
+    /// With --canary: promote (every call to the replacement) after this
+    /// clean window, e.g. `30s`, `500ms`, `2m` (default 30s).
+    #[arg(long, value_name = "DURATION", requires = "canary")]
+    pub promote_after: Option<String>,
+    /// With --canary: roll back by itself on `panic` (a caught panic of the
+    /// replacement) and/or `errors>P%` (its error rate exceeds the current
+    /// code's by P points); comma-separated. Default: `panic` when the
+    /// replacement has canary counters.
+    #[arg(long, value_name = "RULES", requires = "canary")]
+    pub rollback_on: Option<String>,
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `30s`, `500ms`, `2m`, `1.5` (seconds) as seconds.
+fn seconds(s: &str, json: bool) -> Result<f64, Failure> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| v * mult)
+        .ok_or_else(|| {
+            Failure::new(
+                crate::protocol::E_AGENT_CANARY_BAD_RULE,
+                format!("--promote-after {s:?}: not a positive duration (30s, 500ms, 2m)"),
+                json,
+            )
+        })
 }
 
 /// The replacement of `patch` and `swap`, and whether to override the
@@ -144,7 +187,26 @@ fn site_line(out: &mut dyn Write, v: &SiteInfo) -> std::io::Result<()> {
         out,
         "site #{} {}: {} @{} -> {} @{}  [{}]",
         v.id, v.name, v.target, v.target_addr, v.with, v.with_addr, v.state
-    )
+    )?;
+    if let Some(c) = &v.canary {
+        write!(
+            out,
+            "    canary {} {}: {} replacement calls, {} panics, {} errors (current code: {} calls, {} errors), {:.1}s",
+            c.ratio,
+            c.state,
+            c.calls,
+            c.panics,
+            c.errors,
+            c.control_calls,
+            c.control_errors,
+            c.since_s
+        )?;
+        match &c.reason {
+            Some(r) => writeln!(out, "; rolled back: {r}"),
+            None => writeln!(out),
+        }?;
+    }
+    Ok(())
 }
 
 /// What the agent said about the two signatures.
@@ -254,6 +316,13 @@ pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
             target: a.target.clone(),
             with: a.replacement.with.clone(),
             force: a.replacement.force,
+            canary: a.canary.clone(),
+            promote_after: a
+                .promote_after
+                .as_deref()
+                .map(|p| seconds(p, a.json))
+                .transpose()?,
+            rollback_on: a.rollback_on.clone(),
         },
     )?;
     emit(out, a.json, &v, |o| {

@@ -83,6 +83,21 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             s["enabled_seconds"].as_f64().unwrap_or(0.0),
         )
         .map_err(io)?;
+        if let Ok(c) = serde_json::from_value::<crate::protocol::CanaryInfo>(s["canary"].clone()) {
+            writeln!(
+                out,
+                "    canary {} [{}] replacement calls {} panics {} errors {}, current code calls {} errors {}{}",
+                c.ratio,
+                c.state,
+                c.calls,
+                c.panics,
+                c.errors,
+                c.control_calls,
+                c.control_errors,
+                c.reason.map(|r| format!("; rolled back: {r}")).unwrap_or_default(),
+            )
+            .map_err(io)?;
+        }
     }
     Ok(())
 }

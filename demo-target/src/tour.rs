@@ -119,6 +119,9 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
             target: "demo_price".into(),
             with: "pricing-v1:pricing_v1_quote".into(),
             force: false,
+            canary: None,
+            promote_after: None,
+            rollback_on: None,
         },
     )?;
     println!(
@@ -185,6 +188,9 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
             target: "demo_target::pricing::apply_tax".into(),
             with: "pricing-fix:pricing_fix_apply_tax".into(),
             force: false,
+            canary: None,
+            promote_after: None,
+            rollback_on: None,
         },
     )?;
     let fixed = workers

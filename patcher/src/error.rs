@@ -39,6 +39,8 @@ pub const E_PATCH_SYMBOL_NOT_FOUND: Code = "E_PATCH_SYMBOL_NOT_FOUND";
 pub const E_PATCH_NULL_ADDRESS: Code = "E_PATCH_NULL_ADDRESS";
 /// An operating-system call failed.
 pub const E_PATCH_OS: Code = "E_PATCH_OS";
+/// A canary ratio that is not `M/N` with `0 < M < N <= 1000000`.
+pub const E_PATCH_CANARY_RATIO: Code = "E_PATCH_CANARY_RATIO";
 
 /// Everything the patcher can refuse or fail at.
 ///
@@ -209,6 +211,16 @@ pub enum Error {
         /// Which argument.
         what: &'static str,
     },
+    /// A canary ratio that is not `M/N` with `0 < M < N <= 1000000`.
+    #[error(
+        "bad canary ratio {given:?}: {why}; write M/N with 0 < M < N <= 1000000 (e.g. 1/10: one call in ten goes to the replacement)"
+    )]
+    CanaryRatio {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// An operating-system call failed in a way not covered above.
     #[error("{what} failed: {source}")]
     Os {
@@ -241,6 +253,7 @@ impl Error {
             Error::SymbolNotFound { .. } => E_PATCH_SYMBOL_NOT_FOUND,
             Error::NullAddress { .. } => E_PATCH_NULL_ADDRESS,
             Error::Os { .. } => E_PATCH_OS,
+            Error::CanaryRatio { .. } => E_PATCH_CANARY_RATIO,
         }
     }
 
@@ -350,6 +363,10 @@ mod tests {
                 detail: "d".into(),
             },
             Error::NullAddress { what: "target" },
+            Error::CanaryRatio {
+                given: "0/10".into(),
+                why: "M is 0",
+            },
             Error::Os {
                 what: "w",
                 source: io(),

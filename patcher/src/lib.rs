@@ -21,6 +21,7 @@
 //! The safety argument is in the repository's `SAFETY.md`.
 
 pub mod by_name;
+pub mod canary;
 mod code;
 mod counters;
 pub mod error;
@@ -35,6 +36,7 @@ pub mod verify;
 pub mod world;
 pub mod x86_64;
 
+pub use canary::{Canary, Ratio};
 pub use counters::{Stats, stats};
 pub use error::{Code, Error, Refusal, Result};
 pub use hook::{Function, Hook};

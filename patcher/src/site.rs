@@ -193,6 +193,35 @@ impl Site {
         replacement: *const u8,
         opts: &InstallOptions,
     ) -> Result<Site> {
+        // SAFETY: the caller upholds `install`'s conditions.
+        unsafe { Self::install_with(target, replacement, opts, true) }
+    }
+
+    /// [`Site::install`], but the site starts disabled (the slot points at
+    /// the trampoline): a canary stub needs the trampoline's address
+    /// ([`Site::original`]) before calls may reach it; [`Site::enable`]
+    /// then starts it with one store.
+    ///
+    /// # Safety
+    /// As [`Site::install`].
+    ///
+    /// # Errors
+    /// As [`Site::install`].
+    pub unsafe fn install_disabled(
+        target: *const u8,
+        replacement: *const u8,
+        opts: &InstallOptions,
+    ) -> Result<Site> {
+        // SAFETY: the caller upholds `install`'s conditions.
+        unsafe { Self::install_with(target, replacement, opts, false) }
+    }
+
+    unsafe fn install_with(
+        target: *const u8,
+        replacement: *const u8,
+        opts: &InstallOptions,
+        enabled: bool,
+    ) -> Result<Site> {
         let target = target as usize;
         let replacement = replacement as usize;
         if replacement == 0 {
@@ -310,7 +339,12 @@ impl Site {
             None => None,
         };
         let cell_pages = Pages::covering(&maps_now, cell.relay, cell_code.len())?;
-        cell.slot().store(replacement, Ordering::Release);
+        let first = if enabled {
+            replacement
+        } else {
+            cached.tramp.at
+        };
+        cell.slot().store(first, Ordering::Release);
 
         let patch_at = a.patch_at;
         let patch_end = a.patch_end();
@@ -423,7 +457,7 @@ impl Site {
             cell,
             tramp: cached.tramp,
             replacement,
-            enabled: true,
+            enabled,
             installed: true,
             name,
             stop_timeout: opts.stop_timeout,

@@ -72,6 +72,16 @@ pub const E_AGENT_PATCH_CYCLE: &str = "E_AGENT_PATCH_CYCLE";
 /// The symbol names data (a static, `environ`, a TLS variable, the plugin
 /// descriptor), not a function: it can be neither patched nor jumped to.
 pub const E_AGENT_NOT_A_FUNCTION: &str = "E_AGENT_NOT_A_FUNCTION";
+/// A canary's rollback rule is not `panic` or `errors>P%` (0 < P <= 100),
+/// or a canary option was given without `canary`, or `promote_after` is not
+/// a finite number of seconds in (0, 86400].
+pub const E_AGENT_CANARY_BAD_RULE: &str = "E_AGENT_CANARY_BAD_RULE";
+/// The target already has a canary running (one at a time per site).
+pub const E_AGENT_CANARY_ACTIVE: &str = "E_AGENT_CANARY_ACTIVE";
+/// The rollback rules need the replacement's canary counters
+/// (`hotpatch_canary_F`, declared with `canary_replacement!`), which it
+/// does not export (or they are not valid counters).
+pub const E_AGENT_CANARY_NO_COUNTERS: &str = "E_AGENT_CANARY_NO_COUNTERS";
 /// Client side: the socket, its directory or the process serving it is not
 /// the user's own (another owner, a loose mode, another uid or pid in
 /// `SO_PEERCRED`); nothing was sent.
@@ -148,6 +158,21 @@ pub enum Request {
         /// (`E_AGENT_SIGNATURE_MISMATCH` otherwise).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         force: bool,
+        /// A canary instead of a plain patch: `M/N` of the calls go to
+        /// `with`, the rest to the current code (`E_PATCH_CANARY_RATIO`
+        /// for a bad ratio).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<String>,
+        /// With `canary`: promote (every call to `with`) after this many
+        /// seconds without a rollback (default 30).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        promote_after: Option<f64>,
+        /// With `canary`: when to roll back by itself, comma-separated
+        /// rules: `panic` (the first caught panic; the default when the
+        /// replacement has canary counters), `errors>P%` (the canary's
+        /// error rate exceeds the current code's by P points).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollback_on: Option<String>,
     },
     /// Point a live site at another replacement (atomic, no code written).
     Swap {

@@ -165,7 +165,7 @@ impl SignatureCheck {
 }
 
 /// A patch site (`patch`, `swap`, `disable`, `enable`, `revert`, `list`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteInfo {
     /// Its id (`#ID`).
     pub id: u32,
@@ -191,10 +191,65 @@ pub struct SiteInfo {
     /// `swap`: the replacement before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// A site started as a canary: its state and figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryInfo>,
+}
+
+/// Where a canary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryState {
+    /// `ratio` of the calls go to the replacement.
+    Canary,
+    /// Every call goes to the replacement (the window passed clean).
+    Promoted,
+    /// Every call goes to the current code again; `reason` says why.
+    RolledBack,
+}
+
+impl std::fmt::Display for CanaryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CanaryState::Canary => "canary",
+            CanaryState::Promoted => "promoted",
+            CanaryState::RolledBack => "rolled_back",
+        })
+    }
+}
+
+/// A canary site's state and figures (in [`SiteInfo`] and `stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryInfo {
+    /// `M/N`.
+    pub ratio: String,
+    /// Canary, promoted or rolled back.
+    pub state: CanaryState,
+    /// Why it was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Seconds since the canary started.
+    pub since_s: f64,
+    /// Seconds of clean window before promotion.
+    pub promote_after_s: f64,
+    /// The rollback rules (`panic`, `errors>5%`).
+    pub rollback_on: Vec<String>,
+    /// Calls through the dispatcher (modulo 2^32).
+    pub dispatched: u64,
+    /// Calls of the replacement (its counters; 0 without them).
+    pub calls: u64,
+    /// Panics caught in the replacement.
+    pub panics: u64,
+    /// Errors of the replacement (its classifier).
+    pub errors: u64,
+    /// Calls of the current code through the control wrapper.
+    pub control_calls: u64,
+    /// Errors of the current code (the same classifier).
+    pub control_errors: u64,
 }
 
 /// `list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListInfo {
     /// Plugins loaded through the agent.
     pub plugins: Vec<PluginInfo>,
@@ -371,6 +426,7 @@ mod tests {
             trampoline: "0x3000".into(),
             signature: None,
             previous: None,
+            canary: None,
         };
         assert_eq!(
             serde_json::to_value(&site).unwrap(),

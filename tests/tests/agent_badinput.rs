@@ -121,6 +121,9 @@ fn bad_input_gets_codes_and_the_host_keeps_serving() {
             target: "no_such_function_anywhere".into(),
             with: "x:y".into(),
             force: false,
+            canary: None,
+            promote_after: None,
+            rollback_on: None,
         },
     );
     assert_eq!(code(&r), "E_SYM_SYMBOL_NOT_FOUND");
@@ -130,6 +133,9 @@ fn bad_input_gets_codes_and_the_host_keeps_serving() {
             target: "demo_price".into(),
             with: "pricing-v9:quote".into(),
             force: false,
+            canary: None,
+            promote_after: None,
+            rollback_on: None,
         },
     );
     assert_eq!(code(&r), "E_AGENT_NO_SUCH_PLUGIN");

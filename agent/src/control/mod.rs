@@ -4,6 +4,7 @@
 //! policy) and [`replies`] (what the agent says about plugins and sites).
 //! Requests reach [`Control::handle`] from the server's dispatch.
 
+mod canary;
 mod lookup;
 mod plugins;
 mod replies;
@@ -20,6 +21,7 @@ use serde_json::Value;
 
 use crate::protocol::{Coded, ErrorBody, PingInfo, Reply, Request, StatusInfo};
 
+pub(crate) use canary::TICK as CANARY_TICK;
 pub use lookup::split_spec;
 
 /// What the host's `status` closure returns: any JSON value, shown under
@@ -115,7 +117,17 @@ impl Control {
                 target,
                 with,
                 force,
-            } => Reply::typed(&self.patch(&target, &with, force)?),
+                canary,
+                promote_after,
+                rollback_on,
+            } => {
+                let c = canary::CanaryRequest::parse(
+                    canary.as_deref(),
+                    promote_after,
+                    rollback_on.as_deref(),
+                )?;
+                Reply::typed(&self.patch(&target, &with, force, c)?)
+            }
             Request::Swap { site, with, force } => Reply::typed(&self.swap(&site, &with, force)?),
             Request::Disable { site } => {
                 let s = self.site_mut(&site)?;

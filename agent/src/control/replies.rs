@@ -25,6 +25,7 @@ impl SiteEntry {
             trampoline: format!("{:#x}", self.site.original()),
             signature: None,
             previous: None,
+            canary: self.canary.as_ref().map(|c| c.info()),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hotpatch_patcher::{InstallOptions, Site};
 use hotpatch_symbolizer::Registry;
 
+use super::canary::{CanaryRequest, CanaryRun};
 use super::lookup::Found;
 use super::signature::{check_signature, signature_reader};
 use super::{Control, Fallible};
@@ -20,6 +21,8 @@ pub(super) struct SiteEntry {
     pub(super) target: Found,
     pub(super) with: Found,
     pub(super) site: Site,
+    /// Set when the site was started as a canary.
+    pub(super) canary: Option<CanaryRun>,
 }
 
 impl Control {
@@ -110,11 +113,24 @@ impl Control {
         Ok(())
     }
 
-    pub(super) fn patch(&mut self, target: &str, with: &str, force: bool) -> Fallible<SiteInfo> {
+    pub(super) fn patch(
+        &mut self,
+        target: &str,
+        with: &str,
+        force: bool,
+        canary: Option<CanaryRequest>,
+    ) -> Fallible<SiteInfo> {
         let t = self.find(target, false)?;
         let w = self.find(with, true)?;
         self.refuse_cycle(&t, &w, None)?;
+        if canary.is_some() {
+            self.refuse_second_canary(&t)?;
+        }
         let signature = check_signature(&t, &w, force)?;
+        let exports = match &canary {
+            Some(c) => Some(self.canary_exports(&w, c)?),
+            None => None,
+        };
         Self::pin(&t)?;
         if let Err(e) = Self::pin(&w) {
             Self::unpin_found(&t);
@@ -135,9 +151,16 @@ impl Control {
         // - the two functions have the same signature and ABI: checked
         //   against DWARF when both modules have it (`check_signature`
         //   refused a mismatch above unless forced); otherwise, or when
-        //   forced, it is the user's claim (the CLI and SAFETY.md say so).
-        let site = unsafe { Site::install(t.ptr(), w.ptr(), &opts) };
-        let site = match site {
+        //   forced, it is the user's claim (the CLI and SAFETY.md say so);
+        // - a canary starts disabled: its stub needs the trampoline first.
+        let site = unsafe {
+            if canary.is_some() {
+                Site::install_disabled(t.ptr(), w.ptr(), &opts)
+            } else {
+                Site::install(t.ptr(), w.ptr(), &opts)
+            }
+        };
+        let mut site = match site {
             Ok(s) => s,
             Err(e) => {
                 Self::unpin_found(&t);
@@ -145,12 +168,29 @@ impl Control {
                 return Err(e.to_body());
             }
         };
+        let canary = match (canary, exports) {
+            (Some(c), Some(x)) => match Self::start_canary(&mut site, &w, &c, x) {
+                Ok(run) => Some(run),
+                Err(e) => {
+                    // Nothing reached the stub (the site stayed disabled).
+                    if site.remove().is_err() {
+                        site.leak();
+                    } else {
+                        Self::unpin_found(&t);
+                        Self::unpin_found(&w);
+                    }
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let entry = SiteEntry {
             id: self.next_site,
             name: t.symbol.clone(),
             target: t,
             with: w,
             site,
+            canary,
         };
         self.next_site += 1;
         let mut v = entry.describe();
