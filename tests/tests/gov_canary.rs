@@ -432,11 +432,15 @@ fn bad_canaries_are_refused_with_their_codes() {
     let h = Host::start();
     h.load();
     let patch = |extra: &[&str]| -> Vec<String> {
-        let mut a = vec!["patch", "canary_target", "--with"];
-        a.extend_from_slice(extra);
-        a.iter().map(|s| (*s).to_owned()).collect()
+        ["patch", "canary_target", "--with"]
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned())
+            .collect()
     };
-    let args = |v: &Vec<String>| v.iter().map(String::as_str).collect::<Vec<_>>();
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
     for ratio in ["0/10", "11/10", "10/10", "garbage"] {
         let a = patch(&["canary-plugin:canary_clean", "--canary", ratio]);
         h.fails_with(&args(&a), "E_PATCH_CANARY_RATIO");
