@@ -106,11 +106,10 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<InspectReport> {
         }
         .to_body());
     };
-    let vaddr = s.addr.get();
     let known = (s.size > 0).then_some(s.size as usize);
     // With the file's branch index: other functions jumping into the bytes.
-    let report = hotpatch_patcher::preflight_in_file(file, vaddr as usize, known)
-        .map_err(|e| e.to_body())?;
+    let report =
+        hotpatch_patcher::preflight_in_file(file, s.addr, known).map_err(|e| e.to_body())?;
     let signature = match sym.signature(s.addr) {
         Ok(Some(sig)) => Some(sig.to_string()),
         _ => None,
@@ -128,7 +127,7 @@ pub fn offline_report(file: &Path, symbol: &str) -> Offline<InspectReport> {
         signature,
         target: format!("{}:{}", file.display(), symbol),
         file: Some(file.display().to_string()),
-        addr: format!("{vaddr:#x}"),
+        addr: format!("{:#x}", s.addr.get()),
         size: s.size,
         local: Some(s.local),
         patchable: report.is_patchable(),

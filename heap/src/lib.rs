@@ -49,7 +49,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use hotpatch_patcher::{InstallOptions, Site, by_name};
+use hotpatch_patcher::{InstallOptions, RuntimeAddr, Site, by_name};
 
 pub use error::{Error, Result};
 pub use leak::{LeakCheck, LeakReport, leak_check};
@@ -168,7 +168,7 @@ pub fn start(rate: u64) -> Result<()> {
     sampler::reset();
 
     let mut sites: Vec<(String, Site)> = Vec::new();
-    let mut at: Vec<usize> = Vec::new();
+    let mut at: Vec<RuntimeAddr> = Vec::new();
     for (symbol, required, f) in sampler::HOOKS {
         let target = match by_name::find(Some(&module), symbol) {
             Ok(t) => t,
@@ -198,10 +198,10 @@ pub fn start(rate: u64) -> Result<()> {
         // the life of the process (libc, or an allocator the process
         // resolves malloc to, which it cannot unload while in use); the
         // allocator's code is not read as data.
-        let site = unsafe { Site::install(target.addr as *const u8, sampler::hook_addr(f), &opts) };
+        let site = unsafe { Site::install(target.addr, sampler::hook_addr(f), &opts) };
         match site {
             Ok(site) => {
-                sampler::set_original(f, site.original());
+                sampler::set_original(f, site.original().as_usize());
                 at.push(target.addr);
                 sites.push((symbol.to_string(), site));
             }

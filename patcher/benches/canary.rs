@@ -75,7 +75,7 @@ fn main() {
         let stub = unsafe { Canary::new(site.original(), repl as *const () as usize, ratio) }
             .expect("stub");
         // SAFETY: the stub forwards to functions of the target's signature.
-        unsafe { site.swap(stub.entry() as *const u8) }.expect("swap");
+        unsafe { site.swap(stub.entry()) }.expect("swap");
         site.enable().expect("enable");
         (site, stub)
     };

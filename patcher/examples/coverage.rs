@@ -72,7 +72,7 @@ fn main() {
             let r = hotpatch_patcher::preflight_in_image(
                 Path::new(f),
                 &data,
-                addr as usize,
+                hotpatch_patcher::FileVirtAddr(addr),
                 Some(*size as usize),
             )
             .expect("preflight");
@@ -192,7 +192,7 @@ fn install_all(
             Ok(mut s) => {
                 let o = s.original();
                 // SAFETY: the trampoline is the original function.
-                unsafe { s.swap(o as *const u8) }.expect("swap");
+                unsafe { s.swap(o) }.expect("swap");
                 sites.push(s);
             }
             Err(e) => refusals.push(format!("{f}: {name}: install: {e}")),

@@ -2,7 +2,7 @@
 //! (local, non-exported symbols included), through the symbolizer. The
 //! symbol's size bounds the preflight exactly.
 
-use hotpatch_symbolizer::{Module, Registry, find};
+use hotpatch_symbolizer::{Module, Registry, RuntimeAddr, find};
 
 use crate::error::{Error, Result};
 use crate::preflight::{PreflightReport, preflight};
@@ -16,7 +16,7 @@ pub struct SymbolTarget {
     /// The symbol name as asked.
     pub symbol: String,
     /// Runtime address of its entry.
-    pub addr: usize,
+    pub addr: RuntimeAddr,
     /// Its size from the symbol table, when known.
     pub size: Option<usize>,
 }
@@ -65,7 +65,7 @@ pub fn find(module: Option<&str>, symbol: &str) -> Result<SymbolTarget> {
             .map(|e| e.path.display().to_string())
             .unwrap_or_default(),
         symbol: symbol.to_string(),
-        addr: found.addr.0 as usize,
+        addr: found.addr,
         size: (found.size > 0).then_some(found.size as usize),
     })
 }
@@ -79,7 +79,7 @@ pub fn preflight_symbol(
     symbol: &str,
 ) -> Result<(SymbolTarget, PreflightReport)> {
     let t = find(module, symbol)?;
-    let report = preflight(t.addr as *const u8, t.size)?;
+    let report = preflight(t.addr, t.size)?;
     Ok((t, report))
 }
 
@@ -96,7 +96,7 @@ pub fn preflight_symbol(
 pub unsafe fn install_symbol(
     module: Option<&str>,
     symbol: &str,
-    replacement: *const u8,
+    replacement: impl Into<RuntimeAddr>,
     opts: &InstallOptions,
 ) -> Result<Site> {
     let t = find(module, symbol)?;
@@ -106,5 +106,5 @@ pub unsafe fn install_symbol(
         stop_timeout: opts.stop_timeout,
     };
     // SAFETY: forwarded to the caller (this function's contract).
-    unsafe { Site::install(t.addr as *const u8, replacement, &opts) }
+    unsafe { Site::install(t.addr, replacement, &opts) }
 }

@@ -33,6 +33,8 @@
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
+use hotpatch_symbolizer::RuntimeAddr;
+
 use crate::error::{Error, Result};
 
 /// The Weyl step: `2^32 / golden ratio`, odd.
@@ -114,7 +116,7 @@ impl Ratio {
     /// `ceil(M * 2^32 / N)`: a previous counter value below it sends the
     /// call to the replacement. Below 2^32 since `M < N <= MAX_DEN`.
     pub fn threshold(&self) -> u32 {
-        let t = ((u64::from(self.num) << 32) + u64::from(self.den) - 1) / u64::from(self.den);
+        let t = (u64::from(self.num) << 32).div_ceil(u64::from(self.den));
         u32::try_from(t).unwrap_or(u32::MAX)
     }
 
@@ -208,7 +210,12 @@ impl Canary {
     /// # Errors
     /// `E_PATCH_NULL_ADDRESS`; `E_PATCH_OS` when the pages cannot be mapped;
     /// `E_PATCH_PROTECT_DENIED` when the code page cannot be made r-x.
-    pub unsafe fn new(current: usize, canary: usize, ratio: Ratio) -> Result<Canary> {
+    pub unsafe fn new(
+        current: impl Into<RuntimeAddr>,
+        canary: impl Into<RuntimeAddr>,
+        ratio: Ratio,
+    ) -> Result<Canary> {
+        let (current, canary) = (current.into().as_usize(), canary.into().as_usize());
         if current == 0 {
             return Err(Error::NullAddress { what: "current" });
         }
@@ -271,8 +278,8 @@ impl Canary {
     }
 
     /// The stub's address: store it in a slot to start the canary.
-    pub fn entry(&self) -> usize {
-        self.code
+    pub fn entry(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.code)
     }
 
     /// The ratio.
@@ -281,13 +288,13 @@ impl Canary {
     }
 
     /// Where the other calls go.
-    pub fn current(&self) -> usize {
-        self.data_cell().current.load(Ordering::Relaxed)
+    pub fn current(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.data_cell().current.load(Ordering::Relaxed))
     }
 
     /// Where `ratio` of the calls go.
-    pub fn canary(&self) -> usize {
-        self.data_cell().canary.load(Ordering::Relaxed)
+    pub fn canary(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.data_cell().canary.load(Ordering::Relaxed))
     }
 
     /// The Weyl counter now (`calls * WEYL_STEP mod 2^32`).
@@ -396,7 +403,7 @@ mod tests {
         let c = unsafe { Canary::new(cur as *const () as usize, can as *const () as usize, r) }
             .expect("stub");
         // SAFETY: the stub forwards to one of two `extern "C" fn(u64) -> u64`.
-        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(c.entry()) };
+        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(c.entry().as_usize()) };
         let k = 100_000u64;
         let mut hits = 0;
         for i in 0..k {

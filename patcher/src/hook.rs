@@ -3,6 +3,8 @@
 
 use std::marker::PhantomData;
 
+use hotpatch_symbolizer::RuntimeAddr;
+
 use crate::error::Result;
 use crate::site::{InstallOptions, Site};
 
@@ -18,11 +20,11 @@ mod sealed {
 /// [`Site`] for those.
 pub trait Function: Copy + sealed::Sealed + 'static {
     /// The code address.
-    fn addr(self) -> usize;
+    fn addr(self) -> RuntimeAddr;
     /// # Safety
     /// `addr` must be the entry of code with exactly this type's ABI and
     /// signature, valid for as long as the pointer is used.
-    unsafe fn from_addr(addr: usize) -> Self;
+    unsafe fn from_addr(addr: RuntimeAddr) -> Self;
 }
 
 macro_rules! impl_function {
@@ -35,13 +37,13 @@ macro_rules! impl_function {
     (@one $ty:ty; $($arg:ident),*) => {
         impl<R: 'static, $($arg: 'static),*> sealed::Sealed for $ty {}
         impl<R: 'static, $($arg: 'static),*> Function for $ty {
-            fn addr(self) -> usize {
-                self as usize
+            fn addr(self) -> RuntimeAddr {
+                RuntimeAddr::from(self as usize)
             }
-            unsafe fn from_addr(addr: usize) -> Self {
+            unsafe fn from_addr(addr: RuntimeAddr) -> Self {
                 // SAFETY: function pointers are address-sized; the caller
                 // guarantees `addr` is a function of this type.
-                unsafe { std::mem::transmute::<usize, Self>(addr) }
+                unsafe { std::mem::transmute::<usize, Self>(addr.as_usize()) }
             }
         }
     };
@@ -121,13 +123,7 @@ impl<F: Function> Hook<F> {
     pub fn install_with(target: F, replacement: F, opts: &InstallOptions) -> Result<Self> {
         // SAFETY: both are functions of type F (same ABI and signature),
         // obtained as valid function pointers.
-        let site = unsafe {
-            Site::install(
-                target.addr() as *const u8,
-                replacement.addr() as *const u8,
-                opts,
-            )?
-        };
+        let site = unsafe { Site::install(target.addr(), replacement.addr(), opts)? };
         Ok(Hook {
             site,
             _f: PhantomData,
@@ -148,7 +144,7 @@ impl<F: Function> Hook<F> {
     /// `E_PATCH_NOT_INSTALLED` after `remove`.
     pub fn swap(&mut self, replacement: F) -> Result<F> {
         // SAFETY: `replacement` has the target's type F.
-        let prev = unsafe { self.site.swap(replacement.addr() as *const u8)? };
+        let prev = unsafe { self.site.swap(replacement.addr())? };
         // SAFETY: `prev` was stored from an F by install or swap.
         Ok(unsafe { F::from_addr(prev) })
     }

@@ -40,6 +40,11 @@ pub use canary::{Canary, Ratio};
 pub use counters::{Stats, stats};
 pub use error::{Code, Error, Refusal, Result};
 pub use hook::{Function, Hook};
+/// The address types of the patcher's API: [`RuntimeAddr`] (an address in
+/// this process; `From<*const T>` and `From<usize>` make a function pointer
+/// or an integer one argument) and [`FileVirtAddr`] (an ELF file's virtual
+/// address, for the offline [`preflight_in_file`]).
+pub use hotpatch_symbolizer::{FileVirtAddr, RuntimeAddr};
 pub use preflight::{
     Overwritten, PreflightReport, preflight, preflight_bytes, preflight_in_file, preflight_in_image,
 };

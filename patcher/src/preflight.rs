@@ -4,6 +4,7 @@ use std::fmt;
 
 use std::path::Path;
 
+use hotpatch_symbolizer::{FileVirtAddr, RuntimeAddr};
 use object::{Object, ObjectSegment, SegmentFlags};
 
 use crate::error::{Error, Refusal, Result};
@@ -111,8 +112,11 @@ impl fmt::Display for PreflightReport {
 /// # Errors
 /// `E_PATCH_NOT_EXECUTABLE` / `E_PATCH_NULL_ADDRESS` when there is no code to analyse;
 /// every other refusal is reported in the verdict, not as an error.
-pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<PreflightReport> {
-    let target = target as usize;
+pub fn preflight(
+    target: impl Into<RuntimeAddr>,
+    known_size: Option<usize>,
+) -> Result<PreflightReport> {
+    let target = target.into().as_usize();
     let (bytes, _maps) = site::read_code(target, site::read_len(known_size))?;
     let module = branches::module_of(target);
     let mut report = report_for(target, &bytes, known_size, module.as_ref());
@@ -125,30 +129,35 @@ pub fn preflight(target: *const u8, known_size: Option<usize>) -> Result<Preflig
 }
 
 /// The same analysis over bytes that are not (necessarily) mapped in this
-/// process — e.g. a function read from an ELF file at its file offset, with
-/// `entry` its virtual address. Used by the offline `hotpatch inspect`.
-/// Only the function's own branches are checked; [`preflight_in_file`] also
-/// checks the rest of the module.
-pub fn preflight_bytes(entry: usize, bytes: &[u8], known_size: Option<usize>) -> PreflightReport {
-    report_for(entry, bytes, known_size, None)
+/// process, as if they ran at `entry` (e.g. a copy of a function's code).
+/// Only the function's own branches are checked; [`preflight_in_file`]
+/// analyses a function of an ELF file with the rest of its module.
+pub fn preflight_bytes(
+    entry: impl Into<RuntimeAddr>,
+    bytes: &[u8],
+    known_size: Option<usize>,
+) -> PreflightReport {
+    report_for(entry.into().as_usize(), bytes, known_size, None)
 }
 
 /// The offline analysis of the function at file virtual address `vaddr`
 /// (of `known_size` bytes, when known) in the ELF file at `path`, exactly as
 /// install would run it in a process that loaded the file: with the
 /// alignment padding after it and the index of every direct branch and
-/// function symbol of the file.
+/// function symbol of the file. The report's addresses are the file's
+/// virtual addresses (the module loaded with a zero bias).
 ///
 /// # Errors
 /// `E_PATCH_NOT_EXECUTABLE` when the file cannot be read, is not ELF, or
 /// `vaddr` is not in an executable segment's file bytes.
 pub fn preflight_in_file(
     path: &Path,
-    vaddr: usize,
+    vaddr: FileVirtAddr,
     known_size: Option<usize>,
 ) -> Result<PreflightReport> {
+    let vaddr_u = vaddr.get() as usize;
     let data = std::fs::read(path).map_err(|e| Error::NotExecutable {
-        addr: vaddr,
+        addr: vaddr_u,
         detail: format!("{}: {e}", path.display()),
     })?;
     preflight_in_image(path, &data, vaddr, known_size)
@@ -162,16 +171,17 @@ pub fn preflight_in_file(
 pub fn preflight_in_image(
     path: &Path,
     data: &[u8],
-    vaddr: usize,
+    vaddr: FileVirtAddr,
     known_size: Option<usize>,
 ) -> Result<PreflightReport> {
+    let v = vaddr.get();
+    let vaddr = v as usize;
     let not_exec = |detail: String| Error::NotExecutable {
         addr: vaddr,
         detail,
     };
     let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data)
         .map_err(|e| not_exec(format!("{}: {e}", path.display())))?;
-    let v = vaddr as u64;
     let seg = elf
         .segments()
         .find(|g| {

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use hotpatch_symbolizer::RuntimeAddr;
+
 use crate::error::Result;
 use crate::{maps, site, world};
 
@@ -20,7 +22,12 @@ const MAX_SCAN: usize = 8 << 20;
 /// # Errors
 /// `E_OS` (reading `/proc/self/maps`, installing the stop handler),
 /// `E_THREAD_UNSTOPPABLE`, `E_PTRACE_DENIED`.
-pub fn range_in_use(lo: usize, hi: usize, timeout: Duration) -> Result<bool> {
+pub fn range_in_use(
+    lo: impl Into<RuntimeAddr>,
+    hi: impl Into<RuntimeAddr>,
+    timeout: Duration,
+) -> Result<bool> {
+    let (lo, hi) = (lo.into().as_usize(), hi.into().as_usize());
     // Read before the stop: nothing may allocate while threads are parked
     // (one of them could hold the allocator's lock).
     let maps = maps::read()?;
@@ -32,6 +39,7 @@ pub fn range_in_use(lo: usize, hi: usize, timeout: Duration) -> Result<bool> {
     }
     let mut used = false;
     stopped.for_each_parked_regs(|rip, rsp| {
+        let (rip, rsp) = (rip.as_usize(), rsp.as_usize());
         if used || (lo <= rip && rip < hi) {
             used = true;
             return;

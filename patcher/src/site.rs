@@ -25,6 +25,7 @@ use crate::x86_64::branches;
 use crate::x86_64::decode;
 use crate::x86_64::encode;
 use crate::x86_64::relocate::{self, Trampoline};
+use hotpatch_symbolizer::RuntimeAddr;
 
 /// Options for [`Site::install`].
 #[derive(Debug, Clone)]
@@ -76,7 +77,8 @@ pub(crate) fn lock_global() -> MutexGuard<'static, Option<Global>> {
 }
 
 /// Whether `addr` lies in the bytes of a live site.
-pub fn is_patched(addr: usize) -> bool {
+pub fn is_patched(addr: impl Into<RuntimeAddr>) -> bool {
+    let addr = addr.into().as_usize();
     let g = lock_global();
     g.as_ref()
         .is_some_and(|g| overlapping(g, addr, 1).is_some())
@@ -174,7 +176,9 @@ struct Hole {
 }
 
 impl Site {
-    /// Installs a patch: calls to `target` go to `replacement`.
+    /// Installs a patch: calls to `target` go to `replacement`. Both are
+    /// [`RuntimeAddr`]s or anything that converts to one: a pointer
+    /// (`f as *const u8`) or a `usize`.
     ///
     /// # Safety
     /// - `target` must be the first instruction of a function in code that
@@ -189,12 +193,12 @@ impl Site {
     /// The refusals of [`crate::preflight`], plus `E_PATCH_ALREADY_PATCHED`,
     /// `E_PATCH_NO_NEAR_MEMORY`, `E_PATCH_PROTECT_DENIED`, `E_PATCH_THREAD_UNSTOPPABLE`.
     pub unsafe fn install(
-        target: *const u8,
-        replacement: *const u8,
+        target: impl Into<RuntimeAddr>,
+        replacement: impl Into<RuntimeAddr>,
         opts: &InstallOptions,
     ) -> Result<Site> {
         // SAFETY: the caller upholds `install`'s conditions.
-        unsafe { Self::install_with(target, replacement, opts, true) }
+        unsafe { Self::install_with(target.into(), replacement.into(), opts, true) }
     }
 
     /// [`Site::install`], but the site starts disabled (the slot points at
@@ -208,22 +212,22 @@ impl Site {
     /// # Errors
     /// As [`Site::install`].
     pub unsafe fn install_disabled(
-        target: *const u8,
-        replacement: *const u8,
+        target: impl Into<RuntimeAddr>,
+        replacement: impl Into<RuntimeAddr>,
         opts: &InstallOptions,
     ) -> Result<Site> {
         // SAFETY: the caller upholds `install`'s conditions.
-        unsafe { Self::install_with(target, replacement, opts, false) }
+        unsafe { Self::install_with(target.into(), replacement.into(), opts, false) }
     }
 
     unsafe fn install_with(
-        target: *const u8,
-        replacement: *const u8,
+        target: RuntimeAddr,
+        replacement: RuntimeAddr,
         opts: &InstallOptions,
         enabled: bool,
     ) -> Result<Site> {
-        let target = target as usize;
-        let replacement = replacement as usize;
+        let target = target.as_usize();
+        let replacement = replacement.as_usize();
         if replacement == 0 {
             return Err(Error::NullAddress {
                 what: "replacement",
@@ -362,7 +366,7 @@ impl Site {
                 }
                 // Threads parked strictly inside the bytes move to the same
                 // point of the trampoline.
-                parked.for_each_parked(|rip| {
+                each_parked(parked, |rip| {
                     if hole.is_some_and(|h| rip >= h && rip < h + decode::HOLE_LEN) {
                         // Padding no code reaches (find_hole): a thread
                         // here means the index is wrong. Write nothing.
@@ -425,12 +429,12 @@ impl Site {
             let reg = hotpatch_symbolizer::Registry::global();
             let _ = reg.register_anon(
                 format!("hotpatch::relay<{name}>"),
-                hotpatch_symbolizer::RuntimeAddr(cell.relay as u64),
+                RuntimeAddr::from(cell.relay),
                 encode::RELAY_LEN as u64,
             );
             let _ = reg.register_anon(
                 format!("hotpatch::trampoline<{name}>"),
-                hotpatch_symbolizer::RuntimeAddr(cell.trampoline as u64),
+                RuntimeAddr::from(cell.trampoline),
                 cached.tramp.bytes.len() as u64,
             );
         }
@@ -474,18 +478,19 @@ impl Site {
     ///
     /// # Errors
     /// `E_PATCH_NOT_INSTALLED` after [`Site::remove`].
-    pub unsafe fn swap(&mut self, replacement: *const u8) -> Result<usize> {
+    pub unsafe fn swap(&mut self, replacement: impl Into<RuntimeAddr>) -> Result<RuntimeAddr> {
         self.check_installed()?;
+        let replacement = replacement.into();
         if replacement.is_null() {
             return Err(Error::NullAddress {
                 what: "replacement",
             });
         }
-        let prev = std::mem::replace(&mut self.replacement, replacement as usize);
+        let prev = std::mem::replace(&mut self.replacement, replacement.as_usize());
         if self.enabled {
             self.cell.slot().store(self.replacement, Ordering::Release);
         }
-        Ok(prev)
+        Ok(RuntimeAddr::from(prev))
     }
 
     /// Calls go to the original again (slot = trampoline); the entry jump stays.
@@ -563,7 +568,7 @@ impl Site {
             patch_at,
             patch_end,
             |parked, stragglers| {
-                parked.for_each_parked(|rip| {
+                each_parked(parked, |rip| {
                     if let Some(h) = hole.filter(|h| rip >= h.at && rip < h.at + decode::HOLE_LEN) {
                         if rip == h.at {
                             // Took the entry's `jmp rel8`, not yet the hole's
@@ -626,18 +631,18 @@ impl Site {
     }
 
     /// The trampoline: calling it runs the original function.
-    pub fn original(&self) -> usize {
-        self.tramp.at
+    pub fn original(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.tramp.at)
     }
 
     /// The target's entry address.
-    pub fn target(&self) -> usize {
-        self.entry
+    pub fn target(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.entry)
     }
 
     /// Where the jump is written (after `endbr64` if any).
-    pub fn patch_address(&self) -> usize {
-        self.patch_at
+    pub fn patch_address(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.patch_at)
     }
 
     /// The bytes the jump overwrote (restored by `remove`).
@@ -648,18 +653,20 @@ impl Site {
     /// The padding hole holding the 5-byte jump of a short function
     /// (reached by the entry's `jmp rel8`), and its original bytes
     /// (restored by `remove`).
-    pub fn hole(&self) -> Option<(usize, &[u8])> {
-        self.hole.as_ref().map(|h| (h.at, &h.original[..]))
+    pub fn hole(&self) -> Option<(RuntimeAddr, &[u8])> {
+        self.hole
+            .as_ref()
+            .map(|h| (RuntimeAddr::from(h.at), &h.original[..]))
     }
 
     /// The relay address.
-    pub fn relay(&self) -> usize {
-        self.cell.relay
+    pub fn relay(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.cell.relay)
     }
 
     /// The current replacement.
-    pub fn replacement(&self) -> usize {
-        self.replacement
+    pub fn replacement(&self) -> RuntimeAddr {
+        RuntimeAddr::from(self.replacement)
     }
 
     /// The site's name.
@@ -702,6 +709,12 @@ fn holds(addr: usize, bytes: &[u8]) -> bool {
     })
 }
 
+/// [`world::Stopped::for_each_parked`] over plain integers (the site's
+/// arithmetic). Allocation-free.
+fn each_parked(stopped: &world::Stopped, mut f: impl FnMut(usize) -> usize) {
+    stopped.for_each_parked(|rip| RuntimeAddr::from(f(rip.as_usize())));
+}
+
 /// Stops the world, vets threads that would not park, runs `f` with the
 /// world stopped, releases. `f` gets whether the int3 protocol is needed.
 fn with_world_stopped(
@@ -731,7 +744,9 @@ fn with_world_stopped(
                 // `pc` follows the `syscall`; a restarted call re-executes
                 // it at `pc - 2`, so a `syscall` ending at `patch_end`
                 // (relocated, the last overwritten instruction) counts too.
-                Whereabouts::InSyscall { pc } if !(pc > patch_at && pc <= patch_end) => {
+                Whereabouts::InSyscall { pc }
+                    if !(pc.as_usize() > patch_at && pc.as_usize() <= patch_end) =>
+                {
                     if attempt == 1 && !vetted.contains(&s.tid) {
                         unknown = Some((s.tid, "appeared after vetting"));
                     }

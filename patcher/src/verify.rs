@@ -248,8 +248,8 @@ where
             elapsed: Duration::ZERO,
             outcome: Outcome::Safe,
         };
-        let addr = self.target.addr();
-        match preflight(addr as *const u8, self.known_size) {
+        let addr = self.target.addr().as_usize();
+        match preflight(addr, self.known_size) {
             Ok(p) => {
                 let verdict = p.verdict.clone();
                 report.preflight = Some(p);

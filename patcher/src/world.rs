@@ -19,6 +19,7 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hotpatch_symbolizer::RuntimeAddr;
 use hotpatch_sys::helper::{self, Helper, HelperStack};
 use hotpatch_sys::signal::MaskGuard;
 use hotpatch_sys::{mem, ptrace, raw, status};
@@ -441,7 +442,8 @@ pub struct Stopped {
 impl Stopped {
     /// Each parked thread's interrupted RIP, with a setter: `f(rip)` returns
     /// the RIP the thread should resume at.
-    pub fn for_each_parked(&self, mut f: impl FnMut(usize) -> usize) {
+    pub fn for_each_parked(&self, mut f: impl FnMut(RuntimeAddr) -> RuntimeAddr) {
+        let mut f = |rip: usize| f(RuntimeAddr::from(rip)).as_usize();
         let n = COUNT.load(Ordering::Acquire);
         for e in &TABLE[..n] {
             if e.state() == STOPPED {
@@ -458,13 +460,13 @@ impl Stopped {
 
     /// Each parked thread's interrupted RIP and RSP, read only (for
     /// [`crate::quiesce::range_in_use`]). Allocation-free.
-    pub fn for_each_parked_regs(&self, mut f: impl FnMut(usize, usize)) {
+    pub fn for_each_parked_regs(&self, mut f: impl FnMut(RuntimeAddr, RuntimeAddr)) {
         let n = COUNT.load(Ordering::Acquire);
         for e in &TABLE[..n] {
             if e.state() == STOPPED {
                 f(
-                    e.new_rip.load(Ordering::Acquire) as usize,
-                    e.rsp.load(Ordering::Acquire) as usize,
+                    RuntimeAddr(e.new_rip.load(Ordering::Acquire)),
+                    RuntimeAddr(e.rsp.load(Ordering::Acquire)),
                 );
             }
         }
@@ -1236,7 +1238,7 @@ pub enum Whereabouts {
     /// Blocked in a system call; user-space PC is known.
     InSyscall {
         /// The user-space instruction pointer (after the `syscall` instruction).
-        pc: usize,
+        pc: RuntimeAddr,
     },
     /// Running (or runnable) in user space: position unknown.
     Running,
@@ -1274,7 +1276,9 @@ pub fn whereabouts(tid: i32) -> Whereabouts {
     if text.starts_with(b"-1") {
         return Whereabouts::Running;
     }
-    Whereabouts::InSyscall { pc }
+    Whereabouts::InSyscall {
+        pc: RuntimeAddr::from(pc),
+    }
 }
 
 /// Whether thread `tid` blocks `sig` (from `/proc/self/task/<tid>/status`).

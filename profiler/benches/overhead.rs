@@ -12,6 +12,10 @@
 //!   interleaved, 7 rounds; medians reported.
 //! * The same workload timed *while* a session runs (start and stop outside
 //!   the timed span): the per-sample sampling cost alone.
+//! * In `HOTPATCH_BENCH_ONLY=sampling` mode, also the *floor*: the same
+//!   per-thread `perf_event_open` cpu-clock with its signal sent to the
+//!   workload thread, but an empty handler and no profiler — what the
+//!   kernel's signal delivery alone costs at each rate on this machine.
 //! * Resolution of a 100,000-sample profile: 100,000 distinct 8-deep stacks
 //!   over this binary's own code, through `Report::from_raw_stacks`.
 
@@ -185,14 +189,122 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Baseline and hotpatch sampling-only rows, interleaved, 7 rounds, with
-/// the samples each session took.
+/// Signals the floor's empty handler counted.
+static FLOOR_SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn floor_handler(_: libc::c_int) {
+    FLOOR_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `perf_event_attr` as far as the floor needs it (VER0 layout, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct FloorAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    bp_addr: u64,
+}
+
+/// Runs `work` on this thread with a per-thread cpu-clock perf event at
+/// `hz` whose signal (SIGPROF) goes to this thread and runs an empty
+/// handler: the cost of the kernel's sampling and signal delivery alone,
+/// the same clock the profiler uses. Returns (this thread's CPU time,
+/// signals handled).
+fn floor(hz: u64) -> (Duration, u64) {
+    const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+    const PERF_TYPE_SOFTWARE: u32 = 1;
+    const DISABLED: u64 = 1;
+    const EXCLUDE_KERNEL: u64 = 1 << 5;
+    const EXCLUDE_HV: u64 = 1 << 6;
+    const F_SETSIG: libc::c_int = 10;
+    const F_SETOWN_EX: libc::c_int = 15;
+    const F_OWNER_TID: libc::c_int = 0;
+    const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+    #[repr(C)]
+    struct Owner {
+        kind: libc::c_int,
+        pid: libc::pid_t,
+    }
+    let attr = FloorAttr {
+        kind: PERF_TYPE_SOFTWARE,
+        size: std::mem::size_of::<FloorAttr>() as u32,
+        config: PERF_COUNT_SW_CPU_CLOCK,
+        sample_period: 1_000_000_000 / hz,
+        flags: DISABLED | EXCLUDE_KERNEL | EXCLUDE_HV,
+        wakeup_events: 1,
+        ..Default::default()
+    };
+    // SAFETY: sigaction is plain data; zeroed is a valid empty value.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = floor_handler as extern "C" fn(libc::c_int) as usize;
+    sa.sa_flags = libc::SA_RESTART;
+    // SAFETY: zeroed is valid for the out-value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigaction structs; no profiler session runs now (the
+    // rounds are sequential), so SIGPROF is ours until restored below.
+    unsafe { libc::sigaction(libc::SIGPROF, &sa, &mut old) };
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: perf_event_open reads `attr` (64 bytes, VER0) and returns a
+    // new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const FloorAttr,
+            tid,
+            -1 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    } as libc::c_int;
+    assert!(
+        fd >= 0,
+        "perf_event_open: {}",
+        std::io::Error::last_os_error()
+    );
+    let owner = Owner {
+        kind: F_OWNER_TID,
+        pid: tid,
+    };
+    // SAFETY: fcntl/ioctl on our own fd with valid arguments.
+    let ok = unsafe {
+        libc::fcntl(fd, F_SETOWN_EX, &owner as *const Owner) == 0
+            && libc::fcntl(fd, F_SETSIG, libc::SIGPROF) == 0
+            && libc::fcntl(fd, libc::F_SETFL, libc::O_ASYNC) == 0
+    };
+    assert!(ok, "fcntl: {}", std::io::Error::last_os_error());
+    let before = FLOOR_SIGNALS.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = thread_cpu();
+    // SAFETY: enables our own event.
+    unsafe { libc::ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) };
+    work(ITERS);
+    // SAFETY: closing our own fd stops the event; no signal is sent after.
+    unsafe { libc::close(fd) };
+    let spent = thread_cpu() - t0;
+    let n = FLOOR_SIGNALS.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // SAFETY: restores the disposition saved above.
+    unsafe { libc::sigaction(libc::SIGPROF, &old, std::ptr::null_mut()) };
+    (spent, n)
+}
+
+/// Baseline, floor and hotpatch sampling-only rows, interleaved, 7 rounds,
+/// with the samples each session took.
 fn sampling_only() {
     let rounds = 7;
     let mut base = Vec::new();
     let mut ours = [Vec::new(), Vec::new()];
     let mut samples = [Vec::new(), Vec::new()];
     let mut in_thread = [Vec::new(), Vec::new()];
+    let mut floors = [Vec::new(), Vec::new()];
+    let mut floor_signals = [Vec::new(), Vec::new()];
     let mut base_thread = Vec::new();
     for _ in 0..rounds {
         let t0 = thread_cpu();
@@ -201,6 +313,9 @@ fn sampling_only() {
         }));
         base_thread.push(thread_cpu() - t0);
         for (i, hz) in [99, 1000].into_iter().enumerate() {
+            let (spent, n) = floor(hz as u64);
+            floors[i].push(spent);
+            floor_signals[i].push(n);
             let s = ProfilerBuilder::new().frequency(hz).start().expect("start");
             let t0 = thread_cpu();
             ours[i].push(time(|| {
@@ -230,9 +345,18 @@ fn sampling_only() {
                 .map(|(p, t)| p.saturating_sub(*t))
                 .collect(),
         );
+        let fl = median(floors[i].clone());
+        let mut fs = floor_signals[i].clone();
+        fs.sort_unstable();
         println!(
-            "{hz:>5} Hz: workload thread {th:?} ({:+.2}% vs its {bt:?} without), other threads {helper:?}",
-            (th.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0
+            "{hz:>5} Hz: floor (same clock, empty handler) {fl:?} ({:+.2}%), median {} signals",
+            (fl.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0,
+            fs[fs.len() / 2]
+        );
+        println!(
+            "{hz:>5} Hz: workload thread {th:?} ({:+.2}% vs its {bt:?} without; {:+.2}% vs the floor), other threads {helper:?}",
+            (th.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0,
+            (th.as_secs_f64() / fl.as_secs_f64() - 1.0) * 100.0
         );
         println!(
             "{hz:>5} Hz sampling only: {o:?} ({:+.2}%), median {n} samples, {:.1} us extra CPU per sample",

@@ -23,7 +23,7 @@
 //!
 //! Threads that exist at start get their clock before `start()` returns;
 //! threads started later are found by the session's helper thread, which
-//! checks the thread count every [`WATCH_INTERVAL`] (one `fstat`) and lists
+//! checks the thread count every [`watch_interval`] (one `fstat`) and lists
 //! `/proc/self/task` when it changed, or [`FULL_SCAN_INTERVAL`] after the
 //! last listing (see docs/DESIGN-NOTES.md, "per-thread clocks" and "where a
 //! sample's cost goes", for what a new thread's first milliseconds lose).
@@ -48,9 +48,22 @@ use std::time::Duration;
 pub(crate) const MAX_FRAMES: usize = 128;
 /// Samples the buffer holds between two drains.
 pub(crate) const SLOTS: usize = 4096;
-/// How often the helper thread drains the buffer and looks for new threads
-/// (a one-`fstat` check of the thread count).
+/// The shortest interval at which the helper thread drains the buffer and
+/// looks for new threads (a one-`fstat` check of the thread count).
 pub(crate) const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest one (see [`watch_interval`]).
+pub(crate) const WATCH_INTERVAL_MAX: Duration = Duration::from_millis(40);
+
+/// How often the helper wakes for a sampling period of `period_ns`: four
+/// periods, within [`WATCH_INTERVAL`]..=[`WATCH_INTERVAL_MAX`]. Each wake
+/// costs the process ~70 µs of CPU on the 2-core VM (measured: the helper's
+/// 5-6 ms per 0.75 s at a 10 ms interval, `cargo bench -p hotpatch-profiler
+/// --bench overhead`, BENCHMARKS.md), which at 99 Hz was more than the
+/// samples themselves; a thread started during a session waits at most one
+/// interval — four sampling periods — for its clock.
+pub(crate) fn watch_interval(period_ns: u64) -> Duration {
+    Duration::from_nanos(period_ns.saturating_mul(4)).clamp(WATCH_INTERVAL, WATCH_INTERVAL_MAX)
+}
 /// How often the thread list is read even though the thread count did not
 /// change (see [`Clocks::sync`]).
 pub(crate) const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
@@ -108,7 +121,7 @@ struct Slot {
 }
 
 /// The state of each slot (FREE, WRITING, READY), apart from the slots'
-/// data: the drain, every [`WATCH_INTERVAL`], reads all of them, and 16 KiB
+/// data: the drain, every [`watch_interval`], reads all of them, and 16 KiB
 /// of states are 4 pages, where states inside the ~1 KiB slots were 4,096
 /// cache lines over ~1,100 pages (measured in BENCHMARKS.md, "overhead").
 static STATES: [AtomicU32; SLOTS] = [const { AtomicU32::new(FREE) }; SLOTS];

@@ -269,11 +269,12 @@ fn stop_sampling(clock: Clock) {
     }
 }
 
-/// The session's helper thread: every [`sampler::WATCH_INTERVAL`], gives new
+/// The session's helper thread: every [`sampler::watch_interval`], gives new
 /// threads their clock and drains the sample buffer; returns (dropping every
 /// clock) when told to stop.
 fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
-    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(sampler::WATCH_INTERVAL) {
+    let interval = sampler::watch_interval(period_ns);
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         let before = clocks.by_tid.len();
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();

@@ -59,6 +59,49 @@ impl RuntimeAddr {
     pub fn of<T>(ptr: *const T) -> Self {
         RuntimeAddr(ptr as usize as u64)
     }
+
+    /// The address as a `usize` (lossless: addresses of this process are
+    /// pointer-sized; the crate targets 64-bit Linux).
+    pub const fn as_usize(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The address as a raw pointer (for calling or reading what is there,
+    /// which stays the caller's `unsafe` business).
+    pub fn as_ptr<T>(self) -> *const T {
+        self.0 as usize as *const T
+    }
+
+    /// Whether it is the null address.
+    pub const fn is_null(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// A caller holding a pointer (a function's `f as *const u8`) passes it
+/// where an address is taken, in one line.
+impl<T> From<*const T> for RuntimeAddr {
+    fn from(ptr: *const T) -> Self {
+        RuntimeAddr::of(ptr)
+    }
+}
+
+impl<T> From<*mut T> for RuntimeAddr {
+    fn from(ptr: *mut T) -> Self {
+        RuntimeAddr::of(ptr.cast_const())
+    }
+}
+
+impl From<usize> for RuntimeAddr {
+    fn from(addr: usize) -> Self {
+        RuntimeAddr(addr as u64)
+    }
+}
+
+impl From<RuntimeAddr> for usize {
+    fn from(addr: RuntimeAddr) -> Self {
+        addr.as_usize()
+    }
 }
 
 /// A module's load bias: `runtime = file_vaddr + bias` (wrapping, as the
@@ -97,5 +140,18 @@ mod tests {
         // Prelinked objects can have a "negative" bias; it wraps like ld.so.
         let neg = Bias(0u64.wrapping_sub(0x1000));
         assert_eq!(neg.to_runtime(FileVirtAddr(0x5000)), RuntimeAddr(0x4000));
+    }
+
+    #[test]
+    fn runtime_addr_converts_from_pointers_and_usize() {
+        let x = 5u8;
+        let p: *const u8 = &x;
+        let a = RuntimeAddr::from(p);
+        assert_eq!(a.as_usize(), p as usize);
+        assert_eq!(a.as_ptr::<u8>(), p);
+        assert_eq!(RuntimeAddr::from(0x1234usize), RuntimeAddr(0x1234));
+        assert_eq!(usize::from(RuntimeAddr(0x1234)), 0x1234);
+        assert!(RuntimeAddr::from(std::ptr::null::<u8>()).is_null());
+        assert_eq!(format!("{:#x}", RuntimeAddr(0x10)), "0x10");
     }
 }

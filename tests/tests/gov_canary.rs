@@ -73,7 +73,7 @@ fn the_split_is_exact_single_threaded() {
         }
         .expect("stub");
         // SAFETY: the stub forwards to one of two `extern "C" fn(u64) -> u64`.
-        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(c.entry()) };
+        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(c.entry().as_usize()) };
         let start = c.counter();
         let hits = count_canary(f, |x| x.wrapping_mul(3).wrapping_add(1), k);
         // Exact: the Weyl sequence decides each call.
@@ -106,7 +106,7 @@ fn the_split_is_exact_single_threaded() {
     let c = unsafe { Canary::new(site.original(), split_canary as *const () as usize, r) }
         .expect("stub");
     // SAFETY: the stub forwards to functions of `split_target`'s signature.
-    unsafe { site.swap(c.entry() as *const u8) }.expect("swap");
+    unsafe { site.swap(c.entry()) }.expect("swap");
     site.enable().expect("enable");
     let start = c.counter();
     let hits = count_canary(f, current, k);

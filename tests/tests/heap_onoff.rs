@@ -128,7 +128,7 @@ fn entry_bytes() -> Vec<(String, Vec<u8>)> {
     .map(|s| {
         let t = by_name::find(Some("libc.so.6"), s).expect("find");
         // SAFETY: libc's code, mapped for the process's life.
-        let b = unsafe { std::slice::from_raw_parts(t.addr as *const u8, 16) }.to_vec();
+        let b = unsafe { std::slice::from_raw_parts(t.addr.as_ptr::<u8>(), 16) }.to_vec();
         (s.to_string(), b)
     })
     .collect()

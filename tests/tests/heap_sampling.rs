@@ -50,6 +50,7 @@ type Entry = (usize, Vec<u8>, Vec<u8>, String);
 fn file_and_memory(symbol: &str) -> Entry {
     use object::{Object, ObjectSection, ObjectSymbol};
     let t = by_name::find(Some("libc.so.6"), symbol).expect("find");
+    let addr = t.addr.as_usize();
     let data = std::fs::read(&t.module).expect("read libc");
     let elf = object::File::parse(&*data).expect("parse libc");
     let sym = elf
@@ -64,7 +65,7 @@ fn file_and_memory(symbol: &str) -> Entry {
     let n = 16;
     let file = data[file_off..file_off + n].to_vec();
     // SAFETY: `t.addr` is libc's code, mapped r-x for the process's life.
-    let mem = unsafe { std::slice::from_raw_parts(t.addr as *const u8, n) }.to_vec();
+    let mem = unsafe { std::slice::from_raw_parts(t.addr.as_ptr::<u8>(), n) }.to_vec();
     let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
     let perms = maps
         .lines()
@@ -73,12 +74,12 @@ fn file_and_memory(symbol: &str) -> Entry {
             let (a, b) = r.split_once('-').unwrap_or(("0", "0"));
             let a = usize::from_str_radix(a, 16).unwrap_or(0);
             let b = usize::from_str_radix(b, 16).unwrap_or(0);
-            t.addr >= a && t.addr < b
+            addr >= a && addr < b
         })
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("")
         .to_string();
-    (t.addr, file, mem, perms)
+    (addr, file, mem, perms)
 }
 
 #[test]

@@ -395,7 +395,7 @@ fn refusals_with_codes() {
     )
     .expect_err("data is not code");
     assert_eq!(e.code(), "E_PATCH_NOT_EXECUTABLE");
-    let e = preflight(std::ptr::null(), None).expect_err("null");
+    let e = preflight(std::ptr::null::<u8>(), None).expect_err("null");
     assert_eq!(e.code(), "E_PATCH_NULL_ADDRESS");
 
     let mut mem = ExecMem::new(1);
@@ -880,7 +880,7 @@ fn a_padding_hole_reached_by_rel8_with_a_thread_parked_at_every_boundary() {
             assert_eq!(got, want, "{name}: parked at {at:#x} on install");
             let mut hook = hook.expect("installed");
             assert_eq!(
-                hook.site().hole().map(|(a, b)| (a, b.to_vec())),
+                hook.site().hole().map(|(a, b)| (a.as_usize(), b.to_vec())),
                 Some((hole_a, hole_before.clone()))
             );
             assert_eq!(
@@ -970,8 +970,8 @@ fn a_padding_hole_reached_by_rel8_with_a_thread_parked_at_every_boundary() {
         },
     )
     .expect("install ret");
-    assert_eq!(a.site().hole().map(|h| h.0), Some(hole_a));
-    assert_eq!(b.site().hole().map(|h| h.0), Some(hole_b));
+    assert_eq!(a.site().hole().map(|h| h.0.as_usize()), Some(hole_a));
+    assert_eq!(b.site().hole().map(|h| h.0.as_usize()), Some(hole_b));
     assert_eq!((tx(x), tr(x)), (replacement(x), replacement(x)));
     a.remove().expect("remove xor");
     assert_eq!(tr(x), replacement(x), "the other site still works");

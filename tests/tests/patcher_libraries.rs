@@ -160,7 +160,7 @@ fn patch_all(lib: &Lib) -> Patched {
                 let original = site.original();
                 // SAFETY: the trampoline runs the original function: same
                 // signature and ABI, valid forever.
-                unsafe { site.swap(original as *const u8) }.expect("swap");
+                unsafe { site.swap(original) }.expect("swap");
                 p.sites.push(site);
             }
             Err(e) => {
@@ -446,7 +446,7 @@ fn pass_through_sites_on_every_exported_function_of_libz_libm_libbz2() {
     for p in [&pz, &pm, &pb] {
         let s = &p.sites[0];
         assert_eq!(
-            code_bytes(s.patch_address(), 1),
+            code_bytes(s.patch_address().as_usize(), 1),
             [0xE9],
             "{}: entry jumps",
             s.name()
@@ -506,7 +506,7 @@ fn an_entry_another_function_jumps_into_is_refused() {
 
     let module = so.file_name().expect("name").to_str().expect("utf-8");
     let t = by_name::find(Some(module), "fx_fj_target").expect("local symbol found");
-    assert_eq!(t.addr, target);
+    assert_eq!(t.addr, RuntimeAddr::from(target));
     // The function alone looks patchable: its own bytes have no branch.
     let alone = preflight_bytes(target, &code_bytes(target, t.size.expect("size")), t.size);
     assert!(alone.is_patchable(), "{alone}");
@@ -523,7 +523,7 @@ fn an_entry_another_function_jumps_into_is_refused() {
     let hit = reg
         .lookup(RuntimeAddr(target as u64), reg.current_seq())
         .expect("hit");
-    let offline = preflight_in_file(&so, target - hit.bias.0 as usize, t.size).expect("offline");
+    let offline = preflight_in_file(&so, hit.bias.to_file(t.addr), t.size).expect("offline");
     assert_eq!(
         offline.verdict.map_err(|r| r.code),
         Err("E_PATCH_FOREIGN_JUMP_IN_PATCH")
@@ -563,7 +563,7 @@ fn an_entry_another_function_jumps_into_is_refused() {
     }
     .expect("install clean");
     assert_eq!(call(clean, 5), 11);
-    assert_eq!(call(site.original(), 7), 15);
+    assert_eq!(call(site.original().as_usize(), 7), 15);
     site.remove().expect("remove");
 }
 
@@ -585,7 +585,7 @@ fn glibc_memmove_avx512_is_refused_offline() {
     else {
         panic!("__memmove_avx512_unaligned_erms not found: install libc6-dbg (debug symbols)");
     };
-    let r = preflight_in_file(&libc, s.addr.get() as usize, Some(s.size as usize)).expect("report");
+    let r = preflight_in_file(&libc, s.addr, Some(s.size as usize)).expect("report");
     let e = r.verdict.expect_err("refused");
     assert_eq!(e.code, "E_PATCH_FOREIGN_JUMP_IN_PATCH", "{}", e.message);
     assert!(

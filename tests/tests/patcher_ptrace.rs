@@ -995,8 +995,9 @@ fn a_thread_stopped_in_a_restartable_syscall_is_reported_at_the_syscall() {
         assert_eq!(stopped.straggler_count, 0, "every thread stopped");
         let mut seen = Vec::new();
         stopped.for_each_parked(|rip| {
+            let rip = rip.as_usize();
             seen.push(rip);
-            if rip == a_sc { b_sc } else { rip }
+            (if rip == a_sc { b_sc } else { rip }).into()
         });
         stopped.release();
         println!("parked at {seen:x?}; A's syscall {a_sc:#x}");

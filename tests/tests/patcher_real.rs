@@ -95,7 +95,7 @@ fn a_local_symbol_is_found_by_name_with_its_size() {
     // `price` is not exported: a local symbol of the test binary.
     let (t, report) =
         by_name::preflight_symbol(None, "patcher_real::price").expect("found by name");
-    assert_eq!(t.addr, price as fn(u64) -> u64 as usize);
+    assert_eq!(t.addr, RuntimeAddr::from(price as fn(u64) -> u64 as usize));
     assert!(
         t.size.is_some_and(|s| s >= 5),
         "size from the symbol table: {t:?}"
@@ -121,12 +121,7 @@ fn a_local_symbol_is_found_by_name_with_its_size() {
     // The trampoline is named for the symbolizer.
     let reg = Registry::global();
     let sym = Symbolizer::new(DebugSearch::default());
-    let r = sym.resolve(
-        reg,
-        RuntimeAddr(site.original() as u64),
-        reg.current_seq(),
-        false,
-    );
+    let r = sym.resolve(reg, site.original(), reg.current_seq(), false);
     assert_eq!(r.source, Source::Anonymous, "{r:?}");
     assert_eq!(r.symbol(), "hotpatch::trampoline<patcher_real::price>");
     site.remove().expect("remove");
@@ -192,8 +187,9 @@ fn a_panic_unwinds_through_a_relocated_call() {
     }
     .expect("install");
     // SAFETY: the trampoline runs hp_call_at_1: same signature.
-    let original =
-        unsafe { std::mem::transmute::<usize, extern "C-unwind" fn(u64) -> u64>(site.original()) };
+    let original = unsafe {
+        std::mem::transmute::<usize, extern "C-unwind" fn(u64) -> u64>(site.original().as_usize())
+    };
     // SAFETY: hp_call_at_1 is `u64 -> u64`; the site sends it to hp_replacement.
     assert_eq!(unsafe { hp_call_at_1(std::hint::black_box(4)) }, 4000);
     assert_eq!(original(4), 5);

@@ -799,7 +799,7 @@ fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
     let mut keep = Vec::new();
     for g in std::mem::take(&mut st.generations) {
         let pointed = st.sites.values().any(|w| {
-            let r = w.site.replacement();
+            let r = w.site.replacement().as_usize();
             r >= g.base && r < g.base + g.len
         });
         if g.id == current && pointed {

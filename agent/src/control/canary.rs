@@ -304,7 +304,7 @@ impl Control {
         exports: (Option<usize>, Option<usize>, Vec<Rule>),
     ) -> Fallible<CanaryRun> {
         let (counters, ctl, rules) = exports;
-        let original = site.original();
+        let original = site.original().as_usize();
         if let Some(c) = counters {
             // SAFETY: `c` is the plugin's `CanaryCounters` (magic checked),
             // mapped while the plugin is pinned by this site.
@@ -321,7 +321,7 @@ impl Control {
             .map_err(|e| e.to_body())?;
         // SAFETY: the stub forwards to functions of the target's signature
         // (above); it is never freed.
-        unsafe { site.swap(stub.entry() as *const u8) }.map_err(|e| e.to_body())?;
+        unsafe { site.swap(stub.entry()) }.map_err(|e| e.to_body())?;
         site.enable().map_err(|e| e.to_body())?;
         tracing::info!(
             target: "hotpatch::canary",
@@ -361,7 +361,7 @@ impl Control {
                     continue;
                 }
                 // SAFETY: `with` is the site's replacement, checked at patch.
-                let _ = unsafe { s.site.swap(run.with as *const u8) };
+                let _ = unsafe { s.site.swap(run.with) };
                 run.state = CanaryState::RolledBack;
                 run.reason = Some(reason.clone());
                 tracing::warn!(
@@ -374,7 +374,7 @@ impl Control {
                 );
             } else if run.since.elapsed() >= run.promote_after {
                 // SAFETY: as above; the slot now holds the replacement.
-                if unsafe { s.site.swap(run.with as *const u8) }.is_err() {
+                if unsafe { s.site.swap(run.with) }.is_err() {
                     continue;
                 }
                 run.state = CanaryState::Promoted;
