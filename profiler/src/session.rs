@@ -13,7 +13,7 @@ use hotpatch_symbolizer::{DebugSearch, Event, Registry};
 use crate::error::{Error, Result};
 use crate::raw::{Captured, Epoch, RawSample, SamplerCounts, SessionFacts};
 use crate::report::Report;
-use crate::sampler::{self, Clock, Clocks, RESTORER};
+use crate::sampler::{self, Clock, Clocks, RESTORER, ThreadClock};
 use crate::unwind;
 
 /// One session at a time: SIGPROF and the sample buffer are process-wide.
@@ -131,10 +131,14 @@ impl ProfilerBuilder {
         };
         let (clock, clocks) = started;
         let gate_at_start = unwind::gate_counts();
-        let counters_at_start = sampler::counters();
+        let counters_at_start = {
+            let (signals, lost) = sampler::counters();
+            (signals, lost + crate::ring::counters().1)
+        };
         let shared = Arc::new(Shared {
             config: self,
             clock,
+            period_ns,
             inner: Mutex::new(Inner {
                 current: HashMap::new(),
                 epochs: Vec::new(),
@@ -146,13 +150,14 @@ impl ProfilerBuilder {
                 stopped: false,
             }),
             checkpoints: AtomicU64::new(0),
+            clocks: Mutex::new(clocks),
         });
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let helper = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(String::from("hotpatch-prof"))
-                .spawn(move || helper(&shared, clocks, period_ns, &stop_rx))
+                .spawn(move || helper(&shared, period_ns, &stop_rx))
         };
         let helper = match helper {
             Ok(h) => h,
@@ -221,8 +226,10 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
         }
         // Probe on this thread first: the error says why a clock is refused.
         let me = hotpatch_sys::raw::gettid();
+        let pages = crate::ring::data_pages(period_ns, sampler::watch_interval(period_ns));
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
+            Clock::PerfRing => crate::ring::Ring::open(me, period_ns, pages).map(ThreadClock::Ring),
             _ => sampler::timer_clock(me, period_ns),
         };
         match probe {
@@ -231,6 +238,7 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
                 // clock, keyed by which thread it is.
                 drop(c);
                 let mut clocks = Clocks::new();
+                clocks.ring_pages = pages;
                 clocks.sync(clock, period_ns);
                 return Ok((clock, clocks));
             }
@@ -272,9 +280,11 @@ fn stop_sampling(clock: Clock) {
 /// The session's helper thread: every [`sampler::watch_interval`], gives new
 /// threads their clock and drains the sample buffer; returns (dropping every
 /// clock) when told to stop.
-fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
+fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
     let interval = sampler::watch_interval(period_ns);
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        // Lock order: clocks, then inner (as `checkpoint`).
+        let mut clocks = shared.lock_clocks();
         let before = clocks.by_tid.len();
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();
@@ -286,8 +296,20 @@ fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<(
         }
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
+        drain_rings_into(&mut clocks, period_ns, current);
     }
-    drop(clocks);
+}
+
+/// Unwinds the samples of every ring ([`Clock::PerfRing`]) into `acc`.
+fn drain_rings_into(clocks: &mut Clocks, period_ns: u64, acc: &mut Acc) {
+    clocks.drain_rings(period_ns, |d| {
+        if d.stack.is_empty() {
+            return;
+        }
+        let e = acc.entry((d.stack, d.name, d.anchored)).or_default();
+        e.0 += 1;
+        e.1 += d.value_ns;
+    });
 }
 
 /// Samples of one epoch being collected: per (stack, thread, anchored), the
@@ -339,11 +361,19 @@ struct Inner {
 struct Shared {
     config: ProfilerBuilder,
     clock: Clock,
+    period_ns: u64,
     inner: Mutex<Inner>,
     checkpoints: AtomicU64,
+    /// Every thread's clock (and the rings' unwinder). Locked before
+    /// `inner` when both are needed.
+    clocks: Mutex<Clocks>,
 }
 
 impl Shared {
+    fn lock_clocks(&self) -> MutexGuard<'_, Clocks> {
+        self.clocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -378,6 +408,7 @@ impl Shared {
     /// before the checkpoint lands in its epoch; a handler that does not
     /// finish within 20 ms has its sample go to the next epoch.
     fn checkpoint(&self) {
+        let mut clocks = self.lock_clocks();
         let mut inner = self.lock();
         if inner.stopped {
             return;
@@ -391,6 +422,10 @@ impl Shared {
             std::thread::yield_now();
         }
         drain_into(&mut inner.current);
+        // The rings' samples are unwound now, while every module they may
+        // lie in is still mapped and registered.
+        drain_rings_into(&mut clocks, self.period_ns, &mut inner.current);
+        drop(clocks);
         let samples = std::mem::take(&mut inner.current)
             .into_iter()
             .map(|((stack, thread, anchored), (count, value_ns))| RawSample {
@@ -420,7 +455,8 @@ pub struct Session {
     helper: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
     /// `unwind::gate_counts()` when the session started.
     gate_at_start: (u64, u64, u64),
-    /// `sampler::counters()` when the session started.
+    /// `sampler::counters()` when the session started (lost: plus the
+    /// rings' lost records).
     counters_at_start: (u64, u64),
     started: Instant,
     started_at: SystemTime,
@@ -502,6 +538,8 @@ impl Session {
     fn facts(&self) -> SessionFacts {
         let (dropped, skipped, abandoned) = unwind::gate_counts();
         let (signals, lost) = sampler::counters();
+        let (_, ring_lost) = crate::ring::counters();
+        let lost = lost + ring_lost;
         let inner = self.shared.lock();
         SessionFacts {
             gate: (
@@ -535,7 +573,12 @@ impl Session {
             }
         }
         stop_sampling(self.shared.clock);
+        // Signal clocks go; rings stop but keep their records for the last
+        // checkpoint's drain.
+        self.shared.lock_clocks().stop_all();
         self.shared.checkpoint();
+        // Closes the rings.
+        drop(std::mem::take(&mut *self.shared.lock_clocks()));
         sampler::deactivate();
         let mut inner = self.shared.lock();
         inner.stopped = true;
