@@ -27,9 +27,13 @@ use hotpatch_symbolizer::{Registry, Seq};
 
 use crate::sampler::{Drained, MAX_FRAMES};
 
-/// Bytes of user stack the kernel copies per sample (measured 8 vs 16 vs
-/// 32 KiB in BENCHMARKS.md, "perf ring").
+/// Bytes of user stack the kernel copies per sample by default (measured 8
+/// vs 16 vs 32 KiB in BENCHMARKS.md, "perf ring";
+/// [`ProfilerBuilder::ring_stack`](crate::ProfilerBuilder::ring_stack)).
 pub(crate) const STACK_BYTES: u32 = 16 * 1024;
+/// The least and the most [`ProfilerBuilder::ring_stack`](crate::ProfilerBuilder::ring_stack)
+/// takes (a record's size is a `u16`: 32 KiB plus the rest fits).
+pub(crate) const STACK_BYTES_RANGE: std::ops::RangeInclusive<u32> = 1024..=32 * 1024;
 /// The most data pages a ring gets (a power of two).
 const MAX_DATA_PAGES: usize = 128;
 /// The fewest.
@@ -97,14 +101,32 @@ struct Attr {
 /// Data pages for a ring sampled every `period_ns` and drained every
 /// `interval`: room for twice the samples of one interval, a power of two
 /// within [`MIN_DATA_PAGES`]..=[`MAX_DATA_PAGES`].
-pub(crate) fn data_pages(period_ns: u64, interval: std::time::Duration) -> usize {
+pub(crate) fn data_pages(period_ns: u64, interval: std::time::Duration, stack: u32) -> usize {
     let per_interval = (interval.as_nanos() as u64 / period_ns.max(1)).max(1) as usize;
-    let record = STACK_BYTES as usize + 64;
+    let record = stack as usize + 64;
     let bytes = per_interval.saturating_mul(2).saturating_mul(record);
     bytes
         .div_ceil(PAGE)
         .next_power_of_two()
         .clamp(MIN_DATA_PAGES, MAX_DATA_PAGES)
+}
+
+/// How often the helper must drain rings of `pages` data pages sampled
+/// every `period_ns`: before half of a ring fills (at most `interval`, at
+/// least 1 ms). Above ~1.5 kHz with 16 KiB stacks the largest ring holds
+/// less than the helper's usual interval.
+pub(crate) fn drain_interval(
+    period_ns: u64,
+    pages: usize,
+    stack: u32,
+    interval: std::time::Duration,
+) -> std::time::Duration {
+    let record = stack as u64 + 64;
+    let fits = (pages * PAGE) as u64 / 2 / record;
+    std::time::Duration::from_nanos(fits.max(1).saturating_mul(period_ns)).clamp(
+        std::time::Duration::from_millis(1),
+        interval.max(std::time::Duration::from_millis(1)),
+    )
 }
 
 /// One thread's event and its mmap'd ring. Disabled, unmapped and closed on
@@ -126,8 +148,14 @@ unsafe impl Send for Ring {}
 impl Ring {
     /// Opens a cpu-clock event on thread `tid` sampling every `period_ns` of
     /// its user CPU time into a ring of `pages` data pages (a power of two),
-    /// enabled.
-    pub(crate) fn open(tid: i32, period_ns: u64, pages: usize) -> std::io::Result<Ring> {
+    /// enabled, copying `stack` bytes of user stack per sample (a multiple
+    /// of 8).
+    pub(crate) fn open(
+        tid: i32,
+        period_ns: u64,
+        pages: usize,
+        stack: u32,
+    ) -> std::io::Result<Ring> {
         let attr = Attr {
             kind: PERF_TYPE_SOFTWARE,
             size: std::mem::size_of::<Attr>() as u32,
@@ -141,7 +169,7 @@ impl Ring {
             // Never woken: nobody polls the fd; the helper drains by time.
             wakeup_events: 0,
             sample_regs_user: REGS_MASK,
-            sample_stack_user: STACK_BYTES,
+            sample_stack_user: stack,
             ..Default::default()
         };
         // SAFETY: perf_event_open reads `attr` (a valid struct of the size
@@ -235,7 +263,8 @@ impl Ring {
     }
 
     /// Hands every record written since the last drain to `each` (as its
-    /// bytes, header included), then frees their space.
+    /// bytes, header included: in place, or copied into `scratch` when it
+    /// wraps at the ring's end), then frees their space.
     fn drain(&mut self, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) {
         // Acquire: the records before `data_head` are visible (pairs with
         // the kernel's store after writing them).
@@ -250,9 +279,20 @@ impl Ring {
                 tail = head;
                 break;
             }
-            scratch.resize(size, 0);
-            self.copy(tail, scratch);
-            each(scratch);
+            let start = (tail as usize) & (self.data_size - 1);
+            if start + size <= self.data_size {
+                // Not wrapped: read in place (a 16 KiB copy per record was
+                // a fifth of the helper's CPU).
+                // SAFETY: `[start, start + size)` lies in the data area; the
+                // kernel does not write between `data_tail` and `data_head`
+                // until we publish the new tail below, after `each`.
+                let rec = unsafe { std::slice::from_raw_parts(self.base.add(PAGE + start), size) };
+                each(rec);
+            } else {
+                scratch.resize(size, 0);
+                self.copy(tail, scratch);
+                each(scratch);
+            }
             tail += size as u64;
         }
         // Release: our reads of the records happen before the kernel may
@@ -599,12 +639,12 @@ mod tests {
     fn ring_sizes_are_powers_of_two_within_bounds() {
         let ms = std::time::Duration::from_millis;
         for (hz, iv) in [(99, 40), (1000, 10), (4999, 10), (10_000, 10)] {
-            let p = data_pages(1_000_000_000 / hz, ms(iv));
+            let p = data_pages(1_000_000_000 / hz, ms(iv), STACK_BYTES);
             assert!(p.is_power_of_two(), "{p}");
             assert!((MIN_DATA_PAGES..=MAX_DATA_PAGES).contains(&p), "{p}");
         }
         // 1 kHz drained every 10 ms: 20 records of 16 KiB fit.
-        assert!(data_pages(1_000_000, ms(10)) * PAGE >= 20 * STACK_BYTES as usize);
+        assert!(data_pages(1_000_000, ms(10), STACK_BYTES) * PAGE >= 20 * STACK_BYTES as usize);
     }
 
     #[inline(never)]
@@ -624,7 +664,7 @@ mod tests {
     fn samples_of_this_thread_unwind_into_the_caller() {
         let _ = Registry::global().refresh();
         let tid = hotpatch_sys::raw::gettid();
-        let mut ring = match Ring::open(tid, 1_000_000, 64) {
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
             Ok(r) => r,
             Err(e) => panic!("perf ring on this thread: {e}"),
         };

@@ -682,6 +682,8 @@ pub(crate) struct Clocks {
     listed_at: Option<std::time::Instant>,
     /// Data pages per ring ([`Clock::PerfRing`]).
     pub(crate) ring_pages: usize,
+    /// Bytes of user stack per ring sample.
+    pub(crate) ring_stack: u32,
     /// Unwinds the rings' samples ([`Clock::PerfRing`]).
     pub(crate) ring: crate::ring::Drainer,
 }
@@ -761,33 +763,37 @@ impl Clocks {
                 continue;
             }
             let c = match clock {
-                Clock::PerfRing => match crate::ring::Ring::open(tid, period_ns, self.ring_pages) {
-                    Ok(r) if i64::from(r.fd()) >= ceiling => {
-                        drop(r);
-                        let t = timer_clock(tid, period_ns);
-                        if t.is_ok() {
-                            self.fallbacks += 1;
+                Clock::PerfRing => {
+                    match crate::ring::Ring::open(tid, period_ns, self.ring_pages, self.ring_stack)
+                    {
+                        Ok(r) if i64::from(r.fd()) >= ceiling => {
+                            drop(r);
+                            let t = timer_clock(tid, period_ns);
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
                         }
-                        t
-                    }
-                    Ok(r) => Ok(ThreadClock::Ring(r)),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                        let t = timer_clock(tid, period_ns);
-                        if t.is_ok() {
-                            self.fallbacks += 1;
+                        Ok(r) => Ok(ThreadClock::Ring(r)),
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                            let t = timer_clock(tid, period_ns);
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
                         }
-                        t
-                    }
-                    // No ring (e.g. EPERM: over the perf mlock budget): the
-                    // thread is sampled by signal.
-                    Err(_) => {
-                        let t = perf_clock(tid, period_ns).or_else(|_| timer_clock(tid, period_ns));
-                        if t.is_ok() {
-                            self.fallbacks += 1;
+                        // No ring (e.g. EPERM: over the perf mlock budget): the
+                        // thread is sampled by signal.
+                        Err(_) => {
+                            let t =
+                                perf_clock(tid, period_ns).or_else(|_| timer_clock(tid, period_ns));
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
                         }
-                        t
                     }
-                },
+                }
                 Clock::PerfEvent => match perf_clock(tid, period_ns) {
                     // fds are handed out lowest first: an fd at the ceiling
                     // means fewer than FD_RESERVE are left for the host.

@@ -27,6 +27,7 @@ pub struct ProfilerBuilder {
     anon_unwind_info: bool,
     clock: Option<Clock>,
     debug_search: DebugSearch,
+    ring_stack: u32,
 }
 
 impl Default for ProfilerBuilder {
@@ -37,6 +38,7 @@ impl Default for ProfilerBuilder {
             anon_unwind_info: true,
             clock: None,
             debug_search: DebugSearch::default(),
+            ring_stack: crate::ring::STACK_BYTES,
         }
     }
 }
@@ -75,6 +77,16 @@ impl ProfilerBuilder {
     /// error ([`Error::Clock`]).
     pub fn clock(mut self, clock: Option<Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// With [`Clock::PerfRing`]: bytes of each thread's stack (from its
+    /// stack pointer up) the kernel copies per sample for the unwinder
+    /// (default 16 KiB). Frames above that are cut off the sample's stack.
+    /// Rounded down to a multiple of 8 and clamped to 1-32 KiB.
+    pub fn ring_stack(mut self, bytes: u32) -> Self {
+        let r = crate::ring::STACK_BYTES_RANGE;
+        self.ring_stack = bytes.clamp(*r.start(), *r.end()) & !7;
         self
     }
 
@@ -122,7 +134,12 @@ impl ProfilerBuilder {
             }
         }
         let period_ns = 1_000_000_000 / self.frequency as u64;
-        let started = match start_sampling(self.clock, period_ns, self.anon_unwind_info) {
+        let started = match start_sampling(
+            self.clock,
+            period_ns,
+            self.anon_unwind_info,
+            self.ring_stack,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 RUNNING.store(false, Ordering::Release);
@@ -188,7 +205,12 @@ impl ProfilerBuilder {
 /// Installs the handler (and the gate in front of it), starts recording and
 /// gives every thread its clock: the first of `wanted` (or of all, best
 /// first) that works.
-fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
+fn start_sampling(
+    wanted: Option<Clock>,
+    period_ns: u64,
+    gate: bool,
+    ring_stack: u32,
+) -> Result<(Clock, Clocks)> {
     if !handler_installed() {
         if let Some(what) = foreign_sigprof() {
             return Err(Error::SignalTaken(format!(
@@ -226,10 +248,13 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
         }
         // Probe on this thread first: the error says why a clock is refused.
         let me = hotpatch_sys::raw::gettid();
-        let pages = crate::ring::data_pages(period_ns, sampler::watch_interval(period_ns));
+        let pages =
+            crate::ring::data_pages(period_ns, sampler::watch_interval(period_ns), ring_stack);
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
-            Clock::PerfRing => crate::ring::Ring::open(me, period_ns, pages).map(ThreadClock::Ring),
+            Clock::PerfRing => {
+                crate::ring::Ring::open(me, period_ns, pages, ring_stack).map(ThreadClock::Ring)
+            }
             _ => sampler::timer_clock(me, period_ns),
         };
         match probe {
@@ -239,6 +264,7 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
                 drop(c);
                 let mut clocks = Clocks::new();
                 clocks.ring_pages = pages;
+                clocks.ring_stack = ring_stack;
                 clocks.sync(clock, period_ns);
                 return Ok((clock, clocks));
             }
@@ -281,7 +307,11 @@ fn stop_sampling(clock: Clock) {
 /// threads their clock and drains the sample buffer; returns (dropping every
 /// clock) when told to stop.
 fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
-    let interval = sampler::watch_interval(period_ns);
+    let mut interval = sampler::watch_interval(period_ns);
+    if shared.clock == Clock::PerfRing {
+        let c = shared.lock_clocks();
+        interval = crate::ring::drain_interval(period_ns, c.ring_pages, c.ring_stack, interval);
+    }
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         // Lock order: clocks, then inner (as `checkpoint`).
         let mut clocks = shared.lock_clocks();
