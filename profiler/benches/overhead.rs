@@ -478,11 +478,11 @@ fn ring_stack_sizes(b: Duration) {
                 }
             }
             if std::env::var_os("RING_DEBUG").is_some() {
-                let s0 = r.samples.iter().max_by_key(|s| s.count).unwrap();
+                let deepest = r.samples.iter().max_by_key(|s| s.count);
                 println!(
                     "{} KiB: {all} in work, {deep} reach ring_stack_sizes, commonest stack {} frames deep",
                     bytes / 1024,
-                    s0.stack.len()
+                    deepest.map_or(0, |s| s.stack.len())
                 );
             }
             reach[i].push(Duration::from_nanos(deep * 1_000_000 / all.max(1)));

@@ -831,6 +831,15 @@ impl Clocks {
     /// Drains every thread's ring ([`Clock::PerfRing`]) and unwinds the
     /// samples into `each`.
     pub(crate) fn drain_rings(&mut self, period_ns: u64, each: impl FnMut(Drained)) {
+        // No ring (every clock but PerfRing): nothing to drain, and no module
+        // list for the unwinder to build.
+        if !self
+            .by_tid
+            .values()
+            .any(|(_, c)| matches!(c, ThreadClock::Ring(_)))
+        {
+            return;
+        }
         let rings = self.by_tid.values_mut().filter_map(|(_, c)| match c {
             ThreadClock::Ring(r) => Some(r),
             _ => None,
