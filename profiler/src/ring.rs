@@ -401,8 +401,12 @@ pub(crate) struct Drainer {
     seq: Option<Seq>,
     /// Modules given to framehop: id -> start of their address range.
     added: HashMap<ModuleId, u64>,
-    /// Thread names by id (the thread's `comm`, re-read each drain).
+    /// Thread names by id (the thread's `comm`, re-read once per drain;
+    /// the last one read is kept for a thread that has exited since, whose
+    /// samples are still in its ring).
     names: HashMap<i32, String>,
+    /// Threads whose name was read in this drain.
+    fresh: std::collections::HashSet<i32>,
     scratch: Vec<u8>,
 }
 
@@ -422,6 +426,7 @@ impl Default for Drainer {
             seq: None,
             added: HashMap::new(),
             names: HashMap::new(),
+            fresh: std::collections::HashSet::new(),
             scratch: Vec::new(),
         }
     }
@@ -478,7 +483,7 @@ impl Drainer {
         mut each: impl FnMut(Drained),
     ) {
         self.sync_modules();
-        self.names.clear();
+        self.fresh.clear();
         let mut scratch = std::mem::take(&mut self.scratch);
         for ring in rings {
             ring.drain(&mut scratch, |rec| match parse(rec) {
@@ -502,15 +507,20 @@ impl Drainer {
         self.scratch = scratch;
     }
 
+    /// Reads thread `tid`'s name now (when its ring is opened), so a thread
+    /// that exits before the first drain keeps it.
+    pub(crate) fn note_thread(&mut self, tid: i32) {
+        self.fresh.remove(&tid);
+        let _ = self.name(tid);
+    }
+
     fn name(&mut self, tid: i32) -> String {
-        self.names
-            .entry(tid)
-            .or_insert_with(|| {
-                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                    .map(|s| s.trim_end_matches('\n').to_string())
-                    .unwrap_or_default()
-            })
-            .clone()
+        if self.fresh.insert(tid) {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) {
+                self.names.insert(tid, s.trim_end_matches('\n').to_string());
+            }
+        }
+        self.names.get(&tid).cloned().unwrap_or_default()
     }
 
     /// The sample's stack, leaf (its exact `ip`) first, then return

@@ -774,7 +774,10 @@ impl Clocks {
                             }
                             t
                         }
-                        Ok(r) => Ok(ThreadClock::Ring(r)),
+                        Ok(r) => {
+                            self.ring.note_thread(tid);
+                            Ok(ThreadClock::Ring(r))
+                        }
                         Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                             let t = timer_clock(tid, period_ns);
                             if t.is_ok() {
