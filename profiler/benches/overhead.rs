@@ -16,12 +16,18 @@
 //!   per-thread `perf_event_open` cpu-clock with its signal sent to the
 //!   workload thread, but an empty handler and no profiler — what the
 //!   kernel's signal delivery alone costs at each rate on this machine.
+//! * In the same mode, `Clock::PerfRing` rows (the kernel takes the
+//!   samples into a ring, the helper unwinds them): the workload thread's
+//!   CPU and the process's (the helper's unwinding counts; a checkpoint
+//!   inside the timed span drains what is left), and per stack copy size
+//!   (8/16/32 KiB) the cost at 1 kHz and the share of samples whose stack
+//!   reaches the root of a ~12 KiB deep call chain.
 //! * Resolution of a 100,000-sample profile: 100,000 distinct 8-deep stacks
 //!   over this binary's own code, through `Report::from_raw_stacks`.
 
 use std::time::{Duration, Instant};
 
-use hotpatch_profiler::{ProfilerBuilder, Report};
+use hotpatch_profiler::{Clock, ProfilerBuilder, Report};
 use hotpatch_symbolizer::{DebugSearch, Registry};
 
 #[inline(never)]
@@ -71,6 +77,21 @@ fn main() {
     }
     // `HOTPATCH_BENCH_ONLY=sampling`: the baseline and the sampling-only
     // rows, with the samples taken (per-sample cost = extra CPU / samples).
+    // `HOTPATCH_BENCH_ONLY=ring-stack`: the perf-ring stack size rows alone.
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("ring-stack") {
+        let b = median(
+            (0..3)
+                .map(|_| {
+                    time(|| {
+                        nested_root(ITERS);
+                    })
+                })
+                .collect(),
+        );
+        println!("baseline (no profiler): {b:?}");
+        ring_stack_sizes(b);
+        return;
+    }
     if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("sampling") {
         sampling_only();
         return;
@@ -306,6 +327,9 @@ fn sampling_only() {
     let mut floors = [Vec::new(), Vec::new()];
     let mut floor_signals = [Vec::new(), Vec::new()];
     let mut base_thread = Vec::new();
+    let mut ring = [Vec::new(), Vec::new()];
+    let mut ring_thread = [Vec::new(), Vec::new()];
+    let mut ring_samples = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
         let t0 = thread_cpu();
         base.push(time(|| {
@@ -324,6 +348,23 @@ fn sampling_only() {
             in_thread[i].push(thread_cpu() - t0);
             let r = s.stop().expect("stop");
             samples[i].push(r.stats.samples);
+
+            let s = ProfilerBuilder::new()
+                .frequency(hz)
+                .clock(Some(Clock::PerfRing))
+                .start()
+                .expect("start perf-ring");
+            let t0 = thread_cpu();
+            let mut th = Duration::ZERO;
+            ring[i].push(time(|| {
+                work(ITERS);
+                th = thread_cpu() - t0;
+                // What the helper has not drained yet is unwound here.
+                s.checkpoint();
+            }));
+            ring_thread[i].push(th);
+            let r = s.stop().expect("stop");
+            ring_samples[i].push(r.stats.samples);
         }
     }
     let b = median(base);
@@ -362,6 +403,98 @@ fn sampling_only() {
             "{hz:>5} Hz sampling only: {o:?} ({:+.2}%), median {n} samples, {:.1} us extra CPU per sample",
             (o.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
             extra * 1e6 / n.max(1) as f64
+        );
+        let rp = median(ring[i].clone());
+        let rt = median(ring_thread[i].clone());
+        let mut rn = ring_samples[i].clone();
+        rn.sort_unstable();
+        println!(
+            "{hz:>5} Hz perf-ring: workload thread {rt:?} ({:+.2}% vs without), process {rp:?} ({:+.2}% vs without), median {} samples",
+            (rt.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0,
+            (rp.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
+            rn[rn.len() / 2]
+        );
+    }
+    ring_stack_sizes(b);
+}
+
+/// A call chain `levels` deep, each frame holding 512 bytes (~600 with
+/// the rest of the frame), with the work at its bottom.
+#[inline(never)]
+fn nested(levels: u32, iters: u64) -> u64 {
+    let pad = std::hint::black_box([levels as u8; 512]);
+    if levels == 0 {
+        return work(iters);
+    }
+    nested(levels - 1, iters).wrapping_add(u64::from(pad[7]))
+}
+
+#[inline(never)]
+fn nested_root(iters: u64) -> u64 {
+    nested(20, iters)
+}
+
+/// perf-ring at 1 kHz with 8, 16 and 32 KiB of stack copied per sample:
+/// process CPU against the baseline `b`, and the share of samples in
+/// `work` whose stack reaches `ring_stack_sizes` (above 21 `nested`
+/// frames, ~12.5 KiB; `nested_root` itself tail-calls, it has no frame).
+fn ring_stack_sizes(b: Duration) {
+    let sizes = [8 * 1024, 16 * 1024, 32 * 1024];
+    let mut cost = [Vec::new(), Vec::new(), Vec::new()];
+    let mut reach = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..5 {
+        for (i, &bytes) in sizes.iter().enumerate() {
+            let s = ProfilerBuilder::new()
+                .frequency(1000)
+                .clock(Some(Clock::PerfRing))
+                .ring_stack(bytes)
+                .start()
+                .expect("start perf-ring");
+            cost[i].push(time(|| {
+                nested_root(ITERS);
+                s.checkpoint();
+            }));
+            let r = s.stop().expect("stop");
+            let has = |st: &[usize], f: &str| {
+                st.iter().any(|&l| {
+                    r.locations[l]
+                        .function_names()
+                        .iter()
+                        .any(|n| n.ends_with(f))
+                })
+            };
+            let (mut all, mut deep) = (0u64, 0u64);
+            for smp in &r.samples {
+                if has(&smp.stack, "overhead::work") {
+                    all += smp.count;
+                    if smp.stack.iter().any(|&l| {
+                        r.locations[l]
+                            .function_names()
+                            .iter()
+                            .any(|n| n.contains("ring_stack_sizes"))
+                    }) {
+                        deep += smp.count;
+                    }
+                }
+            }
+            if std::env::var_os("RING_DEBUG").is_some() {
+                let deepest = r.samples.iter().max_by_key(|s| s.count);
+                println!(
+                    "{} KiB: {all} in work, {deep} reach ring_stack_sizes, commonest stack {} frames deep",
+                    bytes / 1024,
+                    deepest.map_or(0, |s| s.stack.len())
+                );
+            }
+            reach[i].push(Duration::from_nanos(deep * 1_000_000 / all.max(1)));
+        }
+    }
+    for (i, bytes) in sizes.iter().enumerate() {
+        let c = median(cost[i].clone());
+        let r = median(reach[i].clone()).as_nanos() as f64 / 10_000.0;
+        println!(
+            " 1000 Hz perf-ring, {} KiB of stack: process {c:?} ({:+.2}% vs the baseline), {r:.1}% of samples in work reach ring_stack_sizes",
+            bytes / 1024,
+            (c.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
         );
     }
 }

@@ -94,6 +94,7 @@ mod fallback;
 pub mod output;
 mod raw;
 pub mod report;
+mod ring;
 mod sampler;
 mod session;
 mod unwind;

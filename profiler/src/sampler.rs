@@ -79,23 +79,35 @@ pub enum Clock {
     ThreadTimer,
     /// The process-wide `setitimer(ITIMER_PROF)`.
     ItimerProf,
+    /// A perf cpu-clock event per thread whose samples (registers and a
+    /// copy of the top of the user stack) the kernel writes into a ring
+    /// buffer, unwound by the session's helper: no signal per sample.
+    /// Opt-in (see `ring.rs` and docs/DESIGN-NOTES.md).
+    PerfRing,
 }
 
 impl Clock {
-    /// A short stable name (`perf-event`, `thread-timer`, `itimer-prof`).
+    /// A short stable name (`perf-event`, `thread-timer`, `itimer-prof`,
+    /// `perf-ring`).
     pub fn name(self) -> &'static str {
         match self {
             Clock::PerfEvent => "perf-event",
             Clock::ThreadTimer => "thread-timer",
             Clock::ItimerProf => "itimer-prof",
+            Clock::PerfRing => "perf-ring",
         }
     }
 
     /// The clock called `name` by [`name`](Self::name), if any.
     pub fn from_name(name: &str) -> Option<Clock> {
-        [Clock::PerfEvent, Clock::ThreadTimer, Clock::ItimerProf]
-            .into_iter()
-            .find(|c| c.name() == name)
+        [
+            Clock::PerfEvent,
+            Clock::ThreadTimer,
+            Clock::ItimerProf,
+            Clock::PerfRing,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
     }
 }
 
@@ -453,6 +465,8 @@ struct FOwnerEx {
 pub(crate) enum ThreadClock {
     Perf(libc::c_int),
     Timer(libc::timer_t),
+    /// A perf event with its ring ([`crate::ring::Ring`] closes itself).
+    Ring(crate::ring::Ring),
 }
 
 // SAFETY: a perf fd and a timer id are plain handles, usable from any thread.
@@ -477,6 +491,7 @@ impl Drop for ThreadClock {
             ThreadClock::Timer(t) => unsafe {
                 libc::timer_delete(t);
             },
+            ThreadClock::Ring(_) => {}
         }
     }
 }
@@ -665,6 +680,12 @@ pub(crate) struct Clocks {
     listed_count: Option<u64>,
     /// When the last listing was taken.
     listed_at: Option<std::time::Instant>,
+    /// Data pages per ring ([`Clock::PerfRing`]).
+    pub(crate) ring_pages: usize,
+    /// Bytes of user stack per ring sample.
+    pub(crate) ring_stack: u32,
+    /// Unwinds the rings' samples ([`Clock::PerfRing`]).
+    pub(crate) ring: crate::ring::Drainer,
 }
 
 impl Clocks {
@@ -742,6 +763,40 @@ impl Clocks {
                 continue;
             }
             let c = match clock {
+                Clock::PerfRing => {
+                    match crate::ring::Ring::open(tid, period_ns, self.ring_pages, self.ring_stack)
+                    {
+                        Ok(r) if i64::from(r.fd()) >= ceiling => {
+                            drop(r);
+                            let t = timer_clock(tid, period_ns);
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
+                        }
+                        Ok(r) => {
+                            self.ring.note_thread(tid);
+                            Ok(ThreadClock::Ring(r))
+                        }
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                            let t = timer_clock(tid, period_ns);
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
+                        }
+                        // No ring (e.g. EPERM: over the perf mlock budget): the
+                        // thread is sampled by signal.
+                        Err(_) => {
+                            let t =
+                                perf_clock(tid, period_ns).or_else(|_| timer_clock(tid, period_ns));
+                            if t.is_ok() {
+                                self.fallbacks += 1;
+                            }
+                            t
+                        }
+                    }
+                }
                 Clock::PerfEvent => match perf_clock(tid, period_ns) {
                     // fds are handed out lowest first: an fd at the ceiling
                     // means fewer than FD_RESERVE are left for the host.
@@ -774,6 +829,38 @@ impl Clocks {
             }
         }
         added
+    }
+
+    /// Drains every thread's ring ([`Clock::PerfRing`]) and unwinds the
+    /// samples into `each`.
+    pub(crate) fn drain_rings(&mut self, period_ns: u64, each: impl FnMut(Drained)) {
+        // No ring (every clock but PerfRing): nothing to drain, and no module
+        // list for the unwinder to build.
+        if !self
+            .by_tid
+            .values()
+            .any(|(_, c)| matches!(c, ThreadClock::Ring(_)))
+        {
+            return;
+        }
+        let rings = self.by_tid.values_mut().filter_map(|(_, c)| match c {
+            ThreadClock::Ring(r) => Some(r),
+            _ => None,
+        });
+        self.ring.drain(rings, period_ns, each);
+    }
+
+    /// Stops every clock: signal clocks are dropped, rings disabled (their
+    /// records stay for a last [`drain_rings`](Self::drain_rings)).
+    pub(crate) fn stop_all(&mut self) {
+        self.by_tid.retain(|_, (_, c)| {
+            if let ThreadClock::Ring(r) = c {
+                r.disable();
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 

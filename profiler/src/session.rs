@@ -13,7 +13,7 @@ use hotpatch_symbolizer::{DebugSearch, Event, Registry};
 use crate::error::{Error, Result};
 use crate::raw::{Captured, Epoch, RawSample, SamplerCounts, SessionFacts};
 use crate::report::Report;
-use crate::sampler::{self, Clock, Clocks, RESTORER};
+use crate::sampler::{self, Clock, Clocks, RESTORER, ThreadClock};
 use crate::unwind;
 
 /// One session at a time: SIGPROF and the sample buffer are process-wide.
@@ -27,6 +27,7 @@ pub struct ProfilerBuilder {
     anon_unwind_info: bool,
     clock: Option<Clock>,
     debug_search: DebugSearch,
+    ring_stack: u32,
 }
 
 impl Default for ProfilerBuilder {
@@ -37,6 +38,7 @@ impl Default for ProfilerBuilder {
             anon_unwind_info: true,
             clock: None,
             debug_search: DebugSearch::default(),
+            ring_stack: crate::ring::STACK_BYTES,
         }
     }
 }
@@ -75,6 +77,16 @@ impl ProfilerBuilder {
     /// error ([`Error::Clock`]).
     pub fn clock(mut self, clock: Option<Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// With [`Clock::PerfRing`]: bytes of each thread's stack (from its
+    /// stack pointer up) the kernel copies per sample for the unwinder
+    /// (default 16 KiB). Frames above that are cut off the sample's stack.
+    /// Rounded down to a multiple of 8 and clamped to 1-32 KiB.
+    pub fn ring_stack(mut self, bytes: u32) -> Self {
+        let r = crate::ring::STACK_BYTES_RANGE;
+        self.ring_stack = bytes.clamp(*r.start(), *r.end()) & !7;
         self
     }
 
@@ -122,7 +134,12 @@ impl ProfilerBuilder {
             }
         }
         let period_ns = 1_000_000_000 / self.frequency as u64;
-        let started = match start_sampling(self.clock, period_ns, self.anon_unwind_info) {
+        let started = match start_sampling(
+            self.clock,
+            period_ns,
+            self.anon_unwind_info,
+            self.ring_stack,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 RUNNING.store(false, Ordering::Release);
@@ -131,10 +148,14 @@ impl ProfilerBuilder {
         };
         let (clock, clocks) = started;
         let gate_at_start = unwind::gate_counts();
-        let counters_at_start = sampler::counters();
+        let counters_at_start = {
+            let (signals, lost) = sampler::counters();
+            (signals, lost + crate::ring::counters().1)
+        };
         let shared = Arc::new(Shared {
             config: self,
             clock,
+            period_ns,
             inner: Mutex::new(Inner {
                 current: HashMap::new(),
                 epochs: Vec::new(),
@@ -146,13 +167,14 @@ impl ProfilerBuilder {
                 stopped: false,
             }),
             checkpoints: AtomicU64::new(0),
+            clocks: Mutex::new(clocks),
         });
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
         let helper = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(String::from("hotpatch-prof"))
-                .spawn(move || helper(&shared, clocks, period_ns, &stop_rx))
+                .spawn(move || helper(&shared, period_ns, &stop_rx))
         };
         let helper = match helper {
             Ok(h) => h,
@@ -183,7 +205,12 @@ impl ProfilerBuilder {
 /// Installs the handler (and the gate in front of it), starts recording and
 /// gives every thread its clock: the first of `wanted` (or of all, best
 /// first) that works.
-fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(Clock, Clocks)> {
+fn start_sampling(
+    wanted: Option<Clock>,
+    period_ns: u64,
+    gate: bool,
+    ring_stack: u32,
+) -> Result<(Clock, Clocks)> {
     if !handler_installed() {
         if let Some(what) = foreign_sigprof() {
             return Err(Error::SignalTaken(format!(
@@ -221,8 +248,13 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
         }
         // Probe on this thread first: the error says why a clock is refused.
         let me = hotpatch_sys::raw::gettid();
+        let pages =
+            crate::ring::data_pages(period_ns, sampler::watch_interval(period_ns), ring_stack);
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
+            Clock::PerfRing => {
+                crate::ring::Ring::open(me, period_ns, pages, ring_stack).map(ThreadClock::Ring)
+            }
             _ => sampler::timer_clock(me, period_ns),
         };
         match probe {
@@ -231,6 +263,8 @@ fn start_sampling(wanted: Option<Clock>, period_ns: u64, gate: bool) -> Result<(
                 // clock, keyed by which thread it is.
                 drop(c);
                 let mut clocks = Clocks::new();
+                clocks.ring_pages = pages;
+                clocks.ring_stack = ring_stack;
                 clocks.sync(clock, period_ns);
                 return Ok((clock, clocks));
             }
@@ -272,9 +306,15 @@ fn stop_sampling(clock: Clock) {
 /// The session's helper thread: every [`sampler::watch_interval`], gives new
 /// threads their clock and drains the sample buffer; returns (dropping every
 /// clock) when told to stop.
-fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<()>) {
-    let interval = sampler::watch_interval(period_ns);
+fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
+    let mut interval = sampler::watch_interval(period_ns);
+    if shared.clock == Clock::PerfRing {
+        let c = shared.lock_clocks();
+        interval = crate::ring::drain_interval(period_ns, c.ring_pages, c.ring_stack, interval);
+    }
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        // Lock order: clocks, then inner (as `checkpoint`).
+        let mut clocks = shared.lock_clocks();
         let before = clocks.by_tid.len();
         let added = clocks.sync(shared.clock, period_ns);
         let mut inner = shared.lock();
@@ -286,8 +326,20 @@ fn helper(shared: &Shared, mut clocks: Clocks, period_ns: u64, stop: &Receiver<(
         }
         let Inner { current, .. } = &mut *inner;
         drain_into(current);
+        drain_rings_into(&mut clocks, period_ns, current);
     }
-    drop(clocks);
+}
+
+/// Unwinds the samples of every ring ([`Clock::PerfRing`]) into `acc`.
+fn drain_rings_into(clocks: &mut Clocks, period_ns: u64, acc: &mut Acc) {
+    clocks.drain_rings(period_ns, |d| {
+        if d.stack.is_empty() {
+            return;
+        }
+        let e = acc.entry((d.stack, d.name, d.anchored)).or_default();
+        e.0 += 1;
+        e.1 += d.value_ns;
+    });
 }
 
 /// Samples of one epoch being collected: per (stack, thread, anchored), the
@@ -339,11 +391,19 @@ struct Inner {
 struct Shared {
     config: ProfilerBuilder,
     clock: Clock,
+    period_ns: u64,
     inner: Mutex<Inner>,
     checkpoints: AtomicU64,
+    /// Every thread's clock (and the rings' unwinder). Locked before
+    /// `inner` when both are needed.
+    clocks: Mutex<Clocks>,
 }
 
 impl Shared {
+    fn lock_clocks(&self) -> MutexGuard<'_, Clocks> {
+        self.clocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -378,6 +438,7 @@ impl Shared {
     /// before the checkpoint lands in its epoch; a handler that does not
     /// finish within 20 ms has its sample go to the next epoch.
     fn checkpoint(&self) {
+        let mut clocks = self.lock_clocks();
         let mut inner = self.lock();
         if inner.stopped {
             return;
@@ -391,6 +452,10 @@ impl Shared {
             std::thread::yield_now();
         }
         drain_into(&mut inner.current);
+        // The rings' samples are unwound now, while every module they may
+        // lie in is still mapped and registered.
+        drain_rings_into(&mut clocks, self.period_ns, &mut inner.current);
+        drop(clocks);
         let samples = std::mem::take(&mut inner.current)
             .into_iter()
             .map(|((stack, thread, anchored), (count, value_ns))| RawSample {
@@ -420,7 +485,8 @@ pub struct Session {
     helper: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
     /// `unwind::gate_counts()` when the session started.
     gate_at_start: (u64, u64, u64),
-    /// `sampler::counters()` when the session started.
+    /// `sampler::counters()` when the session started (lost: plus the
+    /// rings' lost records).
     counters_at_start: (u64, u64),
     started: Instant,
     started_at: SystemTime,
@@ -502,6 +568,8 @@ impl Session {
     fn facts(&self) -> SessionFacts {
         let (dropped, skipped, abandoned) = unwind::gate_counts();
         let (signals, lost) = sampler::counters();
+        let (_, ring_lost) = crate::ring::counters();
+        let lost = lost + ring_lost;
         let inner = self.shared.lock();
         SessionFacts {
             gate: (
@@ -535,7 +603,12 @@ impl Session {
             }
         }
         stop_sampling(self.shared.clock);
+        // Signal clocks go; rings stop but keep their records for the last
+        // checkpoint's drain.
+        self.shared.lock_clocks().stop_all();
         self.shared.checkpoint();
+        // Closes the rings.
+        drop(std::mem::take(&mut *self.shared.lock_clocks()));
         sampler::deactivate();
         let mut inner = self.shared.lock();
         inner.stopped = true;

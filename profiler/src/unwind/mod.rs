@@ -35,7 +35,7 @@
 //! [`ProfilerBuilder::anon_unwind_info`](crate::ProfilerBuilder::anon_unwind_info)
 //! turns this off.
 
-mod cfi;
+pub(crate) mod cfi;
 mod gate;
 mod libgcc;
 

@@ -1,0 +1,700 @@
+//! [`Clock::PerfRing`](crate::Clock::PerfRing): the kernel takes the
+//! samples, no signal per sample.
+//!
+//! Each thread gets a perf software `cpu-clock` event with a sample period,
+//! `exclude_kernel`, no `O_ASYNC`, and an mmap'd ring buffer. At each
+//! overflow the kernel writes a `PERF_RECORD_SAMPLE` with the interrupted
+//! `ip`, the thread id, the user registers an unwinder needs (`bp`, `sp`,
+//! `ip`) and a copy of the top [`STACK_BYTES`] of the user stack. The
+//! session's helper drains every ring each interval (and at every
+//! checkpoint, before a module unloads) and unwinds each sample over its
+//! copied stack with `framehop` (DWARF CFI from `.eh_frame_hdr`/`.eh_frame`,
+//! frame pointers where no CFI covers the address), fed with the modules of
+//! the registry. Anonymous ranges the registry knows (trampolines, relays)
+//! get the CFI [`cfi`](crate::unwind) synthesises for libgcc.
+//!
+//! See docs/DESIGN-NOTES.md, "profiler: a perf ring buffer per thread".
+
+use std::collections::HashMap;
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
+use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
+use hotpatch_symbolizer::registry::{ModuleId, ModuleKind};
+use hotpatch_symbolizer::{Registry, Seq};
+
+use crate::sampler::{Drained, MAX_FRAMES};
+
+/// Bytes of user stack the kernel copies per sample by default (measured 8
+/// vs 16 vs 32 KiB in BENCHMARKS.md, "perf ring";
+/// [`ProfilerBuilder::ring_stack`](crate::ProfilerBuilder::ring_stack)).
+pub(crate) const STACK_BYTES: u32 = 16 * 1024;
+/// The least and the most [`ProfilerBuilder::ring_stack`](crate::ProfilerBuilder::ring_stack)
+/// takes (a record's size is a `u16`: 32 KiB plus the rest fits).
+pub(crate) const STACK_BYTES_RANGE: std::ops::RangeInclusive<u32> = 1024..=32 * 1024;
+/// The most data pages a ring gets (a power of two).
+const MAX_DATA_PAGES: usize = 128;
+/// The fewest.
+const MIN_DATA_PAGES: usize = 8;
+const PAGE: usize = 4096;
+
+/// Records lost because a ring was full (`PERF_RECORD_LOST`), all sessions.
+static LOST: AtomicU64 = AtomicU64::new(0);
+/// Samples drained from rings, all sessions.
+static SAMPLES: AtomicU64 = AtomicU64::new(0);
+
+/// (samples drained from rings, records lost to a full ring), since the
+/// process started.
+pub(crate) fn counters() -> (u64, u64) {
+    (
+        SAMPLES.load(Ordering::Relaxed),
+        LOST.load(Ordering::Relaxed),
+    )
+}
+
+const PERF_TYPE_SOFTWARE: u32 = 1;
+const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+const ATTR_DISABLED: u64 = 1 << 0;
+const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
+const ATTR_EXCLUDE_HV: u64 = 1 << 6;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
+const PERF_SAMPLE_IP: u64 = 1 << 0;
+const PERF_SAMPLE_TID: u64 = 1 << 1;
+const PERF_SAMPLE_REGS_USER: u64 = 1 << 12;
+const PERF_SAMPLE_STACK_USER: u64 = 1 << 13;
+/// x86-64 `perf_event_x86_regs`: BP = 6, SP = 7, IP = 8. The kernel writes
+/// the selected registers in bit order: bp, sp, ip.
+const REGS_MASK: u64 = (1 << 6) | (1 << 7) | (1 << 8);
+const PERF_RECORD_LOST: u32 = 2;
+const PERF_RECORD_SAMPLE: u32 = 9;
+/// `perf_event_mmap_page`: offsets of `data_head`, `data_tail`,
+/// `data_offset`, `data_size`.
+const DATA_HEAD: usize = 1024;
+const DATA_TAIL: usize = 1032;
+
+/// `struct perf_event_attr` up to `sample_stack_user` (`PERF_ATTR_SIZE_VER3`
+/// is 96 bytes; `sample_regs_user` came with VER3).
+#[repr(C)]
+#[derive(Default)]
+struct Attr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+    config2: u64,
+    branch_sample_type: u64,
+    sample_regs_user: u64,
+    sample_stack_user: u32,
+    clockid: i32,
+}
+
+/// Data pages for a ring sampled every `period_ns` and drained every
+/// `interval`: room for twice the samples of one interval, a power of two
+/// within [`MIN_DATA_PAGES`]..=[`MAX_DATA_PAGES`].
+pub(crate) fn data_pages(period_ns: u64, interval: std::time::Duration, stack: u32) -> usize {
+    let per_interval = (interval.as_nanos() as u64 / period_ns.max(1)).max(1) as usize;
+    let record = stack as usize + 64;
+    let bytes = per_interval.saturating_mul(2).saturating_mul(record);
+    bytes
+        .div_ceil(PAGE)
+        .next_power_of_two()
+        .clamp(MIN_DATA_PAGES, MAX_DATA_PAGES)
+}
+
+/// How often the helper must drain rings of `pages` data pages sampled
+/// every `period_ns`: before half of a ring fills (at most `interval`, at
+/// least 1 ms). Above ~1.5 kHz with 16 KiB stacks the largest ring holds
+/// less than the helper's usual interval.
+pub(crate) fn drain_interval(
+    period_ns: u64,
+    pages: usize,
+    stack: u32,
+    interval: std::time::Duration,
+) -> std::time::Duration {
+    let record = stack as u64 + 64;
+    let fits = (pages * PAGE) as u64 / 2 / record;
+    std::time::Duration::from_nanos(fits.max(1).saturating_mul(period_ns)).clamp(
+        std::time::Duration::from_millis(1),
+        interval.max(std::time::Duration::from_millis(1)),
+    )
+}
+
+/// One thread's event and its mmap'd ring. Disabled, unmapped and closed on
+/// drop.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    fd: libc::c_int,
+    /// The mapping: the metadata page, then `data_size` bytes of data.
+    base: *mut u8,
+    map_len: usize,
+    data_size: usize,
+}
+
+// SAFETY: the mapping and the fd are plain handles; only the holder of
+// `&mut Ring` reads the data and moves `data_tail` (the kernel is the one
+// writer of the data and `data_head`).
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// Opens a cpu-clock event on thread `tid` sampling every `period_ns` of
+    /// its user CPU time into a ring of `pages` data pages (a power of two),
+    /// enabled, copying `stack` bytes of user stack per sample (a multiple
+    /// of 8).
+    pub(crate) fn open(
+        tid: i32,
+        period_ns: u64,
+        pages: usize,
+        stack: u32,
+    ) -> std::io::Result<Ring> {
+        let attr = Attr {
+            kind: PERF_TYPE_SOFTWARE,
+            size: std::mem::size_of::<Attr>() as u32,
+            config: PERF_COUNT_SW_CPU_CLOCK,
+            sample_period: period_ns,
+            sample_type: PERF_SAMPLE_IP
+                | PERF_SAMPLE_TID
+                | PERF_SAMPLE_REGS_USER
+                | PERF_SAMPLE_STACK_USER,
+            flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV,
+            // Never woken: nobody polls the fd; the helper drains by time.
+            wakeup_events: 0,
+            sample_regs_user: REGS_MASK,
+            sample_stack_user: stack,
+            ..Default::default()
+        };
+        // SAFETY: perf_event_open reads `attr` (a valid struct of the size
+        // it states) and returns a new fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                &attr as *const Attr,
+                tid as libc::pid_t,
+                -1 as libc::c_int,
+                -1 as libc::c_int,
+                PERF_FLAG_FD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = fd as libc::c_int;
+        let data_size = pages.next_power_of_two() * PAGE;
+        let map_len = PAGE + data_size;
+        // SAFETY: maps our own perf fd, shared and writable (the kernel
+        // requires it for a ring whose tail we move); a fresh mapping.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: our own fd, closed once.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        let ring = Ring {
+            fd,
+            base: base.cast(),
+            map_len,
+            data_size,
+        };
+        // SAFETY: ioctl on our own fd.
+        if unsafe { libc::ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ring)
+    }
+
+    /// The fd (for the fd reserve check).
+    pub(crate) fn fd(&self) -> libc::c_int {
+        self.fd
+    }
+
+    /// Stops sampling; the records already in the ring stay readable.
+    pub(crate) fn disable(&self) {
+        // SAFETY: ioctl on our own fd.
+        unsafe { libc::ioctl(self.fd, PERF_EVENT_IOC_DISABLE, 0) };
+    }
+
+    fn head(&self) -> &AtomicU64 {
+        // SAFETY: `data_head` is an aligned u64 of the metadata page, which
+        // lives as long as `self`; the kernel writes it, we only read it
+        // through an atomic.
+        unsafe { &*self.base.add(DATA_HEAD).cast::<AtomicU64>() }
+    }
+
+    fn tail(&self) -> &AtomicU64 {
+        // SAFETY: as `head`: `data_tail`, aligned, in our mapping; we are its
+        // one writer, the kernel reads it.
+        unsafe { &*self.base.add(DATA_TAIL).cast::<AtomicU64>() }
+    }
+
+    /// Copies `out.len()` bytes of ring data starting at stream position
+    /// `pos` (wrapping).
+    fn copy(&self, pos: u64, out: &mut [u8]) {
+        let mask = self.data_size - 1;
+        let start = (pos as usize) & mask;
+        let first = out.len().min(self.data_size - start);
+        // SAFETY: both ranges lie within the data area (`start + first <=
+        // data_size`, and the rest wraps to its beginning); between
+        // `data_tail` and `data_head` the kernel does not write (we have not
+        // published the new tail yet).
+        unsafe {
+            let data = self.base.add(PAGE);
+            std::ptr::copy_nonoverlapping(data.add(start), out.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(data, out.as_mut_ptr().add(first), out.len() - first);
+        }
+    }
+
+    /// Hands every record written since the last drain to `each` (as its
+    /// bytes, header included: in place, or copied into `scratch` when it
+    /// wraps at the ring's end), then frees their space.
+    fn drain(&mut self, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) {
+        // Acquire: the records before `data_head` are visible (pairs with
+        // the kernel's store after writing them).
+        let head = self.head().load(Ordering::Acquire);
+        let mut tail = self.tail().load(Ordering::Relaxed);
+        while tail < head {
+            let mut hdr = [0u8; 8];
+            self.copy(tail, &mut hdr);
+            let size = u16::from_ne_bytes([hdr[6], hdr[7]]) as usize;
+            if size < 8 || tail + size as u64 > head {
+                // A corrupt header: drop what is left.
+                tail = head;
+                break;
+            }
+            let start = (tail as usize) & (self.data_size - 1);
+            if start + size <= self.data_size {
+                // Not wrapped: read in place (a 16 KiB copy per record was
+                // a fifth of the helper's CPU).
+                // SAFETY: `[start, start + size)` lies in the data area; the
+                // kernel does not write between `data_tail` and `data_head`
+                // until we publish the new tail below, after `each`.
+                let rec = unsafe { std::slice::from_raw_parts(self.base.add(PAGE + start), size) };
+                each(rec);
+            } else {
+                scratch.resize(size, 0);
+                self.copy(tail, scratch);
+                each(scratch);
+            }
+            tail += size as u64;
+        }
+        // Release: our reads of the records happen before the kernel may
+        // overwrite them.
+        self.tail().store(tail, Ordering::Release);
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.disable();
+        // SAFETY: our own mapping and fd, released once; nothing refers to
+        // the mapping after `self` is gone.
+        unsafe {
+            libc::munmap(self.base.cast(), self.map_len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// One parsed `PERF_RECORD_SAMPLE`.
+struct Sample<'a> {
+    tid: i32,
+    ip: u64,
+    /// bp, sp, ip (when the kernel had user registers).
+    regs: Option<[u64; 3]>,
+    stack: &'a [u8],
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Parses a record: `Ok(Some)` a sample, `Err(n)` `n` lost records,
+/// `Ok(None)` anything else.
+fn parse(rec: &[u8]) -> Result<Option<Sample<'_>>, u64> {
+    let kind = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
+    match kind {
+        // struct { header; u64 id; u64 lost; }
+        PERF_RECORD_LOST => Err(u64_at(rec, 16).unwrap_or(0)),
+        PERF_RECORD_SAMPLE => {
+            let ip = u64_at(rec, 8).ok_or(0u64)?;
+            let tid = u64_at(rec, 16).ok_or(0u64)?;
+            let tid = (tid >> 32) as u32 as i32;
+            let abi = u64_at(rec, 24).ok_or(0u64)?;
+            let mut at = 32;
+            let regs = if abi != 0 {
+                let r = [
+                    u64_at(rec, at).ok_or(0u64)?,
+                    u64_at(rec, at + 8).ok_or(0u64)?,
+                    u64_at(rec, at + 16).ok_or(0u64)?,
+                ];
+                at += 24;
+                Some(r)
+            } else {
+                None
+            };
+            let size = u64_at(rec, at).ok_or(0u64)? as usize;
+            at += 8;
+            let stack = if size > 0 {
+                let data = rec.get(at..at + size).ok_or(0u64)?;
+                let dyn_size = u64_at(rec, at + size).unwrap_or(0) as usize;
+                &data[..dyn_size.min(size)]
+            } else {
+                &[][..]
+            };
+            Ok(Some(Sample {
+                tid,
+                ip,
+                regs,
+                stack,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Section bytes framehop reads: a slice of a mapped file, or owned bytes.
+#[derive(Debug)]
+pub(crate) enum Bytes {
+    Mapped(Arc<memmap2::Mmap>, Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl Default for Bytes {
+    fn default() -> Self {
+        Bytes::Owned(Vec::new())
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m, r) => &m[r.clone()],
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// The modules known to framehop, kept in step with the registry.
+pub(crate) struct Drainer {
+    unwinder: UnwinderX86_64<Bytes>,
+    cache: CacheX86_64,
+    /// The registry sequence the module list was taken at.
+    seq: Option<Seq>,
+    /// Modules given to framehop: id -> start of their address range.
+    added: HashMap<ModuleId, u64>,
+    /// Thread names by id (the thread's `comm`, re-read once per drain;
+    /// the last one read is kept for a thread that has exited since, whose
+    /// samples are still in its ring).
+    names: HashMap<i32, String>,
+    /// Threads whose name was read in this drain.
+    fresh: std::collections::HashSet<i32>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Drainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drainer")
+            .field("modules", &self.added.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Drainer {
+    fn default() -> Self {
+        Drainer {
+            unwinder: UnwinderX86_64::new(),
+            cache: CacheX86_64::new(),
+            seq: None,
+            added: HashMap::new(),
+            names: HashMap::new(),
+            fresh: std::collections::HashSet::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl Drainer {
+    /// Brings framehop's module list up to the registry's current one.
+    fn sync_modules(&mut self) {
+        let reg = Registry::global();
+        let seq = reg.current_seq();
+        if self.seq == Some(seq) {
+            return;
+        }
+        self.seq = Some(seq);
+        let modules = reg.modules();
+        let live: std::collections::HashSet<ModuleId> = modules
+            .iter()
+            .filter(|m| m.unloaded_seq.is_none())
+            .map(|m| m.id)
+            .collect();
+        let gone: Vec<ModuleId> = self
+            .added
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(start) = self.added.remove(&id) {
+                self.unwinder.remove_module(start);
+            }
+        }
+        for m in modules.iter().filter(|m| m.unloaded_seq.is_none()) {
+            if self.added.contains_key(&m.id) {
+                continue;
+            }
+            let module = match &m.kind {
+                ModuleKind::Elf(e) => elf_module(e),
+                ModuleKind::Anon(a) => anon_module(&a.name, a.start.0, a.len),
+                _ => None,
+            };
+            if let Some(module) = module {
+                self.added.insert(m.id, module.avma_range().start);
+                self.unwinder.add_module(module);
+            }
+        }
+    }
+
+    /// Drains every ring of `rings`, unwinds each sample and hands it to
+    /// `each` with `period_ns` as its value.
+    pub(crate) fn drain<'r>(
+        &mut self,
+        rings: impl Iterator<Item = &'r mut Ring>,
+        period_ns: u64,
+        mut each: impl FnMut(Drained),
+    ) {
+        self.sync_modules();
+        self.fresh.clear();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for ring in rings {
+            ring.drain(&mut scratch, |rec| match parse(rec) {
+                Err(lost) => {
+                    LOST.fetch_add(lost, Ordering::Relaxed);
+                }
+                Ok(None) => {}
+                Ok(Some(s)) => {
+                    SAMPLES.fetch_add(1, Ordering::Relaxed);
+                    let stack = self.unwind(&s);
+                    let name = self.name(s.tid);
+                    each(Drained {
+                        stack,
+                        anchored: s.regs.is_some(),
+                        name,
+                        value_ns: period_ns,
+                    });
+                }
+            });
+        }
+        self.scratch = scratch;
+    }
+
+    /// Reads thread `tid`'s name now (when its ring is opened), so a thread
+    /// that exits before the first drain keeps it.
+    pub(crate) fn note_thread(&mut self, tid: i32) {
+        self.fresh.remove(&tid);
+        let _ = self.name(tid);
+    }
+
+    fn name(&mut self, tid: i32) -> String {
+        if self.fresh.insert(tid) {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) {
+                self.names.insert(tid, s.trim_end_matches('\n').to_string());
+            }
+        }
+        self.names.get(&tid).cloned().unwrap_or_default()
+    }
+
+    /// The sample's stack, leaf (its exact `ip`) first, then return
+    /// addresses; the leaf alone without user registers.
+    fn unwind(&mut self, s: &Sample<'_>) -> Vec<u64> {
+        let Some([bp, sp, ip]) = s.regs else {
+            return vec![s.ip];
+        };
+        let stack = s.stack;
+        let mut read = |addr: u64| -> Result<u64, ()> {
+            let off = addr.checked_sub(sp).ok_or(())? as usize;
+            u64_at(stack, off).ok_or(())
+        };
+        let mut out = Vec::with_capacity(32);
+        let regs = UnwindRegsX86_64::new(ip, sp, bp);
+        let mut it = self
+            .unwinder
+            .iter_frames(ip, regs, &mut self.cache, &mut read);
+        while out.len() < MAX_FRAMES {
+            match it.next() {
+                Ok(Some(f)) => out.push(f.address()),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if out.is_empty() {
+            out.push(s.ip);
+        }
+        out
+    }
+}
+
+/// framehop's module for a file-backed ELF module: `.eh_frame_hdr`,
+/// `.eh_frame`, `.text` and `.got` of the file (mapped, not copied),
+/// covering its executable segments.
+fn elf_module(e: &hotpatch_symbolizer::registry::ElfModule) -> Option<Module<Bytes>> {
+    use object::{Object, ObjectSection};
+    let (lo, hi) = e
+        .exec_ranges()
+        .fold((u64::MAX, 0), |(lo, hi), (s, t)| (lo.min(s.0), hi.max(t.0)));
+    if lo >= hi {
+        return None;
+    }
+    let file = std::fs::File::open(&e.path).ok()?;
+    // SAFETY: a read-only private mapping of a module's file. A file
+    // rewritten in place while mapped would change the bytes under us (as
+    // for any reader of the file): the loader and cargo replace files
+    // (new inode), they do not rewrite them.
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.ok()?);
+    let obj = object::File::parse(&map[..]).ok()?;
+    let section = |name: &str| -> Option<(Range<u64>, Bytes)> {
+        let s = obj.section_by_name(name)?;
+        let (off, size) = s.file_range()?;
+        let r = usize::try_from(off).ok()?..usize::try_from(off + size).ok()?;
+        (r.end <= map.len()).then(|| {
+            (
+                s.address()..s.address() + s.size(),
+                Bytes::Mapped(Arc::clone(&map), r),
+            )
+        })
+    };
+    let text = section(".text");
+    let eh = section(".eh_frame");
+    let hdr = section(".eh_frame_hdr");
+    let got = obj
+        .section_by_name(".got")
+        .map(|s| s.address()..s.address() + s.size());
+    let (text_svma, text) = text.map_or((None, None), |(r, b)| (Some(r), Some(b)));
+    let (eh_frame_svma, eh_frame) = eh.map_or((None, None), |(r, b)| (Some(r), Some(b)));
+    let (eh_frame_hdr_svma, eh_frame_hdr) = hdr.map_or((None, None), |(r, b)| (Some(r), Some(b)));
+    let info = ExplicitModuleSectionInfo {
+        base_svma: 0,
+        text_svma,
+        text,
+        got_svma: got,
+        eh_frame_svma,
+        eh_frame,
+        eh_frame_hdr_svma,
+        eh_frame_hdr,
+        ..Default::default()
+    };
+    Some(Module::new(
+        e.path.display().to_string(),
+        lo..hi,
+        e.bias.0,
+        info,
+    ))
+}
+
+/// framehop's module for an anonymous range: the CFI the profiler
+/// synthesises for libgcc (`unwind/cfi.rs`), as an `.eh_frame` with
+/// absolute addresses. `None` when the code is unreadable or not
+/// describable (frames there fall back to frame pointers).
+fn anon_module(name: &str, start: u64, len: u64) -> Option<Module<Bytes>> {
+    if len == 0 || len > 1 << 20 {
+        return None;
+    }
+    let code = hotpatch_sys::mem::read_self_vec(start as usize, len as usize)?;
+    let cfi = crate::unwind::cfi::rows_for(&code, start);
+    if cfi.len == 0 {
+        return None;
+    }
+    let image = crate::unwind::cfi::eh_frame(start, cfi.len, &cfi.rows)?;
+    // The image's addresses are absolute: relative address (from
+    // `base_avma` = start) + `base_svma` (= start) gives them back.
+    let info = ExplicitModuleSectionInfo {
+        base_svma: start,
+        eh_frame_svma: Some(0..image.len() as u64),
+        eh_frame: Some(Bytes::Owned(image)),
+        ..Default::default()
+    };
+    Some(Module::new(
+        name.to_string(),
+        start..start + len,
+        start,
+        info,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    #[test]
+    fn ring_sizes_are_powers_of_two_within_bounds() {
+        let ms = std::time::Duration::from_millis;
+        for (hz, iv) in [(99, 40), (1000, 10), (4999, 10), (10_000, 10)] {
+            let p = data_pages(1_000_000_000 / hz, ms(iv), STACK_BYTES);
+            assert!(p.is_power_of_two(), "{p}");
+            assert!((MIN_DATA_PAGES..=MAX_DATA_PAGES).contains(&p), "{p}");
+        }
+        // 1 kHz drained every 10 ms: 20 records of 16 KiB fit.
+        assert!(data_pages(1_000_000, ms(10), STACK_BYTES) * PAGE >= 20 * STACK_BYTES as usize);
+    }
+
+    #[inline(never)]
+    fn spin_here(until: std::time::Duration) -> u64 {
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < until {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        x
+    }
+
+    /// A ring on this thread collects samples whose unwound stacks reach
+    /// this test function (a caller of the spin), i.e. the copied stack and
+    /// the registers were unwound through `.eh_frame`.
+    #[test]
+    fn samples_of_this_thread_unwind_into_the_caller() {
+        let _ = Registry::global().refresh();
+        let tid = hotpatch_sys::raw::gettid();
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
+            Ok(r) => r,
+            Err(e) => panic!("perf ring on this thread: {e}"),
+        };
+        spin_here(std::time::Duration::from_millis(300));
+        ring.disable();
+        let mut d = Drainer::default();
+        let mut got = Vec::new();
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| got.push(s));
+        assert!(!got.is_empty(), "no samples");
+        let me = samples_of_this_thread_unwind_into_the_caller as *const () as u64;
+        let deep = got
+            .iter()
+            .filter(|s| {
+                s.stack.len() > 2 && s.stack.iter().skip(1).any(|&a| a > me && a < me + 4096)
+            })
+            .count();
+        assert!(
+            deep * 2 > got.len(),
+            "{deep} of {} samples unwound into the test function",
+            got.len()
+        );
+    }
+}
