@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::remote::call;
+use super::remote::{Plain, call};
 use super::{Conn, Failure, Outcome, Written, print_json};
 use crate::client::{self, Client};
 use crate::error::{E_AGENT_IO, E_AGENT_PROTOCOL};
@@ -81,16 +81,6 @@ pub struct Snapshot {
         default_value = "heap.pb.gz"
     )]
     pub output: PathBuf,
-    #[command(flatten)]
-    conn: Conn,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Arguments without their own.
-#[derive(Debug, clap::Args)]
-pub struct Plain {
     #[command(flatten)]
     conn: Conn,
     /// Print the result as JSON.

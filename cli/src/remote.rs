@@ -36,11 +36,11 @@ fn emit<T: Serialize>(
     r.map_err(|e| Failure::io(&e))
 }
 
-/// Arguments of commands without their own (`status`, `list`).
+/// Arguments of commands without their own (`status`, `list`, `heap stop`).
 #[derive(Debug, clap::Args)]
 pub struct Plain {
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -77,7 +77,7 @@ pub struct Patch {
     /// plugins, then in every mapped library) or `MODULE:SYMBOL`. Rust paths
     /// work (`demo_target::pricing::apply_tax`), local symbols included.
     pub target: String,
-    /// The replacement and the override.
+    /// The replacement, the override, the connection.
     #[command(flatten)]
     pub replacement: Replacement,
     /// A canary: M in N calls go to the replacement, the rest to the
@@ -95,11 +95,6 @@ pub struct Patch {
     /// replacement has canary counters.
     #[arg(long, value_name = "RULES", requires = "canary")]
     pub rollback_on: Option<String>,
-    #[command(flatten)]
-    conn: Conn,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `30s`, `500ms`, `2m`, `1.5` (seconds) as seconds.
@@ -130,8 +125,8 @@ fn seconds(s: &str, json: bool) -> Result<f64, Failure> {
         })
 }
 
-/// The replacement of `patch` and `swap`, and whether to override the
-/// signature check.
+/// The replacement of `patch` and `swap`, whether to override the
+/// signature check, and the options every remote command has.
 #[derive(Debug, clap::Args)]
 pub struct Replacement {
     /// The replacement: `PLUGIN:SYMBOL` of a plugin loaded with `load`.
@@ -142,6 +137,11 @@ pub struct Replacement {
     /// otherwise). Without DWARF for either side nothing is checked.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    conn: Conn,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `hotpatch swap`.
@@ -149,14 +149,9 @@ pub struct Replacement {
 pub struct Swap {
     /// The site: its name (the target as given to `patch`) or `#ID`.
     pub site: String,
-    /// The replacement and the override.
+    /// The replacement, the override, the connection.
     #[command(flatten)]
     pub replacement: Replacement,
-    #[command(flatten)]
-    conn: Conn,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Arguments of `hotpatch disable|enable|revert`.
@@ -309,26 +304,20 @@ pub fn unload(a: &Unload, out: &mut dyn Write) -> Outcome {
 /// See [`call`]; the patcher's refusals (`E_PATCH_BACK_JUMP`, …), the
 /// symbolizer's `E_SYM_SYMBOL_NOT_FOUND`.
 pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
-    let v: SiteInfo = call(
-        &a.conn,
-        a.json,
-        &Request::Patch {
-            target: a.target.clone(),
-            with: a.replacement.with.clone(),
-            force: a.replacement.force,
-            canary: a.canary.clone(),
-            promote_after: a
-                .promote_after
-                .as_deref()
-                .map(|p| seconds(p, a.json))
-                .transpose()?,
-            rollback_on: a.rollback_on.clone(),
-        },
-    )?;
-    emit(out, a.json, &v, |o| {
-        site_line(o, &v)?;
-        signature_line(o, &v)
-    })
+    let json = a.replacement.json;
+    let req = Request::Patch {
+        target: a.target.clone(),
+        with: a.replacement.with.clone(),
+        force: a.replacement.force,
+        canary: a.canary.clone(),
+        promote_after: a
+            .promote_after
+            .as_deref()
+            .map(|p| seconds(p, json))
+            .transpose()?,
+        rollback_on: a.rollback_on.clone(),
+    };
+    replace(&a.replacement, &req, out)
 }
 
 /// `hotpatch swap`.
@@ -336,16 +325,19 @@ pub fn patch(a: &Patch, out: &mut dyn Write) -> Outcome {
 /// # Errors
 /// See [`call`].
 pub fn swap(a: &Swap, out: &mut dyn Write) -> Outcome {
-    let v: SiteInfo = call(
-        &a.conn,
-        a.json,
-        &Request::Swap {
-            site: a.site.clone(),
-            with: a.replacement.with.clone(),
-            force: a.replacement.force,
-        },
-    )?;
-    emit(out, a.json, &v, |o| {
+    let req = Request::Swap {
+        site: a.site.clone(),
+        with: a.replacement.with.clone(),
+        force: a.replacement.force,
+    };
+    replace(&a.replacement, &req, out)
+}
+
+/// `patch` and `swap` after their request is built: the site and what the
+/// signature check found.
+fn replace(r: &Replacement, req: &Request, out: &mut dyn Write) -> Outcome {
+    let v: SiteInfo = call(&r.conn, r.json, req)?;
+    emit(out, r.json, &v, |o| {
         site_line(o, &v)?;
         signature_line(o, &v)
     })

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hotpatch_cli::client::Client;
-use hotpatch_protocol::{Coded, PayloadHeader, Request};
-use serde_json::Value;
+use hotpatch_protocol::reply::{PluginInfo, ProfileSummary, SiteInfo, StatusInfo, UnloadInfo};
+use hotpatch_protocol::{Coded, Request};
+use serde::de::DeserializeOwned;
 
 use crate::plugins;
-use crate::workers::{Seen, Workers};
+use crate::workers::{HostStatus, Seen, Workers};
 
 type Step<T> = Result<T, String>;
 
@@ -42,9 +43,13 @@ impl Tour {
         println!("\n[{}/{STEPS}] {what}", self.step);
     }
 
-    fn call(&mut self, cli: &str, req: &Request) -> Step<Value> {
+    /// Prints the equivalent command, sends `req`, and reads the reply as
+    /// the command's result type `T` (`hotpatch_protocol::reply`).
+    fn call<T: DeserializeOwned>(&mut self, cli: &str, req: &Request) -> Step<T> {
         println!("  $ hotpatch {cli}");
-        self.client.call(req).map_err(|e| e.to_body().to_string())
+        self.client
+            .call_as(req)
+            .map_err(|e| e.to_body().to_string())
     }
 }
 
@@ -99,21 +104,17 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     t.step("load the plugins (checked: file, ELF, ABI descriptor; then dlopen)");
     for p in plugins::PACKAGES {
         let so = plugins::so_in(&dir, p);
-        let v = t.call(
+        let v: PluginInfo = t.call(
             &format!("load {}", so.display()),
             &Request::Load {
                 path: so.display().to_string(),
             },
         )?;
-        println!(
-            "    loaded {} {}",
-            v["name"].as_str().unwrap_or("?"),
-            v["version"].as_str().unwrap_or("?")
-        );
+        println!("    loaded {} {}", v.name, v.version);
     }
 
     t.step("hot-patch demo_price to price list v1 while the workers run");
-    let v = t.call(
+    let v: SiteInfo = t.call(
         "patch demo_price --with pricing-v1:pricing_v1_quote",
         &Request::Patch {
             target: "demo_price".into(),
@@ -126,10 +127,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     )?;
     println!(
         "    site #{} {} -> {} ({})",
-        v["id"],
-        v["target"].as_str().unwrap_or("?"),
-        v["with"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?")
+        v.id, v.target, v.with, v.state
     );
     println!("  {}", show(&wait(&workers, "v1")?));
 
@@ -141,7 +139,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     t.step("swap to v2: one atomic store, the workers never stop");
     // First a replacement called differently: DWARF says it takes no
     // parameter where demo_price takes one.
-    match t.call(
+    match t.call::<SiteInfo>(
         "swap demo_price --with pricing-v2:pricing_v2_calls_on_this_thread",
         &Request::Swap {
             site: "demo_price".into(),
@@ -152,10 +150,12 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
         Err(e) => println!("    refused: {e}"),
         Ok(v) => {
             // Only without DWARF (a stripped build); the swap below replaces it.
-            println!("    not checked ({}); swapping on", v["signature"]["why"]);
+            // As JSON (`null` or a quoted string), as the tour always printed it.
+            let why = serde_json::json!(v.signature.and_then(|s| s.why));
+            println!("    not checked ({why}); swapping on");
         }
     }
-    t.call(
+    t.call::<SiteInfo>(
         "swap demo_price --with pricing-v2:pricing_v2_quote",
         &Request::Swap {
             site: "demo_price".into(),
@@ -164,14 +164,14 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
         },
     )?;
     println!("  {}", show(&wait(&workers, "v2")?));
-    t.call(
+    t.call::<SiteInfo>(
         "disable demo_price",
         &Request::Disable {
             site: "demo_price".into(),
         },
     )?;
     println!("  {}", show(&wait(&workers, "builtin")?));
-    t.call(
+    t.call::<SiteInfo>(
         "enable demo_price",
         &Request::Enable {
             site: "demo_price".into(),
@@ -182,7 +182,7 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     t.step("fix a local (non-exported) function of the binary: apply_tax");
     let before = workers.seen();
     println!("  before: {}", show(&before));
-    t.call(
+    t.call::<SiteInfo>(
         "patch demo_target::pricing::apply_tax --with pricing-fix:pricing_fix_apply_tax",
         &Request::Patch {
             target: "demo_target::pricing::apply_tax".into(),
@@ -199,13 +199,13 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
     println!("  after:  {}", show(&fixed));
 
     t.step("revert both sites: the original bytes are restored");
-    t.call(
+    t.call::<SiteInfo>(
         "revert demo_price",
         &Request::Revert {
             site: "demo_price".into(),
         },
     )?;
-    t.call(
+    t.call::<SiteInfo>(
         "revert demo_target::pricing::apply_tax",
         &Request::Revert {
             site: "demo_target::pricing::apply_tax".into(),
@@ -215,13 +215,15 @@ fn tour(out: Option<PathBuf>, n: usize) -> Step<()> {
 
     t.step("unload the plugins");
     for p in plugins::PACKAGES {
-        let v = t.call(&format!("unload {p}"), &Request::Unload { name: p.into() })?;
-        println!("    {p}: {}", v["outcome"].as_str().unwrap_or("?"));
+        let v: UnloadInfo = t.call(&format!("unload {p}"), &Request::Unload { name: p.into() })?;
+        println!("    {p}: {}", v.outcome);
     }
-    let status = t.call("status", &Request::Status)?;
+    let status: StatusInfo = t.call("status", &Request::Status)?;
+    let host: HostStatus = serde_json::from_value(status.host)
+        .map_err(|e| format!("the host's status is not this demo's: {e}"))?;
     println!(
         "    requests served: {} (the counter was never reset)",
-        status["host"]["requests"]
+        host.requests
     );
 
     t.step("the profile, taken while v1 was loaded, still names the plugin's frames");
@@ -272,15 +274,14 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
             flamegraph: true,
         })
         .map_err(|e| e.to_body().to_string())?;
-    let v = match hotpatch_cli::client::into_result(reply) {
+    let v: ProfileSummary = match hotpatch_cli::client::into_typed(reply) {
         Ok(v) => v,
         Err(e) => {
             println!("  profiling failed, going on without it: {}", e.to_body());
             return Ok(None);
         }
     };
-    let headers: Vec<PayloadHeader> = serde_json::from_value(v["payloads"].clone())
-        .map_err(|e| format!("bad payload list: {e}"))?;
+    let headers = v.payloads.ok_or("bad payload list: the reply has none")?;
     let bodies = t
         .client
         .read_payloads(&headers)
@@ -293,6 +294,6 @@ fn profile_to(t: &mut Tour, profile: &Path, svg: &Path) -> Step<Option<String>> 
         };
         std::fs::write(path, b).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    println!("    {} samples", v["samples"]);
-    Ok(Some(v["top"].as_str().unwrap_or_default().to_owned()))
+    println!("    {} samples", v.samples);
+    Ok(Some(v.top))
 }

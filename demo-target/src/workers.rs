@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::pricing;
 
@@ -25,6 +26,29 @@ pub struct Workers {
     stop: Arc<AtomicBool>,
     slots: Arc<Vec<Slot>>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// The host's part of the `status` reply (`StatusInfo::host`): built here,
+/// read back by the tour, one type on both sides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Requests served since start ([`REQUESTS`]).
+    pub requests: u64,
+    /// Each worker's last request.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker in [`HostStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Last quote.
+    pub price: u64,
+    /// Which code quoted it (`pricing::engine_of`).
+    pub engine: String,
+    /// Tax in percent.
+    pub tax_pct: u64,
+    /// Requests this worker served.
+    pub served: u64,
 }
 
 /// What one worker saw last.
@@ -132,15 +156,19 @@ fn seen(slots: &[Slot]) -> Vec<Seen> {
 }
 
 fn status(slots: &[Slot]) -> Value {
-    json!({
-        "requests": REQUESTS.load(Ordering::Relaxed),
-        "workers": seen(slots).iter().map(|s| json!({
-            "price": s.price,
-            "engine": pricing::engine_of(s.price),
-            "tax_pct": s.tax_pct(),
-            "served": s.served,
-        })).collect::<Vec<_>>(),
-    })
+    let status = HostStatus {
+        requests: REQUESTS.load(Ordering::Relaxed),
+        workers: seen(slots)
+            .iter()
+            .map(|s| WorkerStatus {
+                price: s.price,
+                engine: pricing::engine_of(s.price).to_owned(),
+                tax_pct: s.tax_pct(),
+                served: s.served,
+            })
+            .collect(),
+    };
+    serde_json::to_value(status).unwrap_or(Value::Null)
 }
 
 fn run(i: usize, slot: &Slot, stop: &AtomicBool) {

@@ -65,14 +65,10 @@ impl Busy {
             .map(|i| {
                 let (stop, running) = (stop.clone(), running.clone());
                 std::thread::spawn(move || {
-                    if block {
-                        // SAFETY: a full set applied to this thread only.
-                        unsafe {
-                            let mut set: libc::sigset_t = std::mem::zeroed();
-                            libc::sigfillset(&mut set);
-                            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-                        }
-                    }
+                    // Every signal blocked on this thread, for its life.
+                    let _mask = block.then(|| {
+                        hotpatch_sys::signal::MaskGuard::block_all().expect("block every signal")
+                    });
                     let mut acc = i as u64;
                     let mut first = true;
                     loop {

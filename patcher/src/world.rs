@@ -1341,12 +1341,8 @@ mod tests {
             .map(|i| {
                 let (quit, spins) = (quit.clone(), spins.clone());
                 std::thread::spawn(move || {
-                    // SAFETY: a full set applied to this thread only.
-                    unsafe {
-                        let mut set: libc::sigset_t = std::mem::zeroed();
-                        libc::sigfillset(&mut set);
-                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-                    }
+                    // Every signal blocked on this thread, for its life.
+                    let _mask = MaskGuard::block_all().expect("block every signal");
                     while !quit.load(Ordering::Relaxed) {
                         if i % 2 == 0 {
                             spins.fetch_add(1, Ordering::Relaxed);

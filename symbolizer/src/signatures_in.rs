@@ -25,6 +25,35 @@ pub fn signatures_in_crate(
     root_src: &Path,
     entries: &HashMap<String, u64>,
 ) -> Result<HashMap<String, Signature>> {
+    let mut out = HashMap::new();
+    each_crate_unit(path, root_src, |unit| {
+        for (f, addr) in entries {
+            if out.contains_key(f) {
+                continue;
+            }
+            if let Some(s) = crate::signature::read(unit, *addr)? {
+                out.insert(f.clone(), s);
+            }
+        }
+        Ok(out.len() == entries.len())
+    })?;
+    Ok(out)
+}
+
+/// Runs `f` on each compile unit of the crate rooted at `root_src` in the
+/// ELF file at `path`, until it returns `true` (done). The file's DWARF
+/// sections are read once (compressed ones inflated); a unit's name is read
+/// from its root entry alone, and a full `Unit` (line program, base
+/// attributes) is built only for the crate's units.
+///
+/// # Errors
+/// The file's errors (`E_SYM_IO`, `E_SYM_NOT_ELF`...), `E_SYM_BAD_DWARF`
+/// (also for a DWARF error `f` returns).
+fn each_crate_unit(
+    path: &Path,
+    root_src: &Path,
+    mut f: impl FnMut(gimli::UnitRef<'_, Slice<'_>>) -> gimli::Result<bool>,
+) -> Result<()> {
     let file = Mapped::open(path)?;
     let obj = elf::parse(path, file.data())?;
     let endian = if object::Object::is_little_endian(&obj) {
@@ -56,28 +85,17 @@ pub fn signatures_in_crate(
         Ok(EndianSlice::new(bytes, endian))
     })
     .map_err(bad)?;
-    let mut out = HashMap::new();
     let mut headers = dwarf.units();
     while let Some(h) = headers.next().map_err(bad)? {
-        // The unit's name from its root entry alone: a full `Unit` (line
-        // program, base attributes) is built only for the crate's units.
         if !of_crate(&dwarf, &h, root_src).map_err(bad)? {
             continue;
         }
         let unit = dwarf.unit(h).map_err(bad)?;
-        for (f, addr) in entries {
-            if out.contains_key(f) {
-                continue;
-            }
-            if let Some(s) = crate::signature::read(unit.unit_ref(&dwarf), *addr).map_err(bad)? {
-                out.insert(f.clone(), s);
-            }
-        }
-        if out.len() == entries.len() {
+        if f(unit.unit_ref(&dwarf)).map_err(bad)? {
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The memory layout of a type as DWARF gives it.
@@ -113,45 +131,8 @@ struct Die {
 /// As [`signatures_in_crate`].
 pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
     use gimli::constants as c;
-    let file = Mapped::open(path)?;
-    let obj = elf::parse(path, file.data())?;
-    let endian = if object::Object::is_little_endian(&obj) {
-        RunTimeEndian::Little
-    } else {
-        RunTimeEndian::Big
-    };
-    let mut owned: HashMap<&'static str, std::borrow::Cow<'_, [u8]>> = HashMap::new();
-    for name in [
-        ".debug_info",
-        ".debug_abbrev",
-        ".debug_str",
-        ".debug_line_str",
-        ".debug_str_offsets",
-        ".debug_addr",
-        ".debug_ranges",
-        ".debug_rnglists",
-        ".debug_line",
-        ".debug_types",
-    ] {
-        owned.insert(name, elf::section(&obj, name));
-    }
-    let bad = |e: gimli::Error| Error::BadDwarf {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let dwarf = gimli::Dwarf::load(|id| -> std::result::Result<_, gimli::Error> {
-        let bytes: &[u8] = owned.get(id.name()).map_or(&[], |c| &c[..]);
-        Ok(EndianSlice::new(bytes, endian))
-    })
-    .map_err(bad)?;
     let mut out = CrateTypes::default();
-    let mut headers = dwarf.units();
-    while let Some(h) = headers.next().map_err(bad)? {
-        if !of_crate(&dwarf, &h, root_src).map_err(bad)? {
-            continue;
-        }
-        let unit = dwarf.unit(h).map_err(bad)?;
-        let u = unit.unit_ref(&dwarf);
+    each_crate_unit(path, root_src, |u| {
         let mut dies: HashMap<usize, Die> = HashMap::new();
         let mut qualified: HashMap<usize, String> = HashMap::new();
         // (depth, namespace or type name) of the enclosing scopes.
@@ -162,7 +143,7 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
         let mut current_type: Option<(isize, usize)> = None;
         let mut depth: isize = 0;
         let mut entries = u.entries();
-        while let Some((delta, die)) = entries.next_dfs().map_err(bad)? {
+        while let Some((delta, die)) = entries.next_dfs()? {
             depth += delta;
             while scopes.last().is_some_and(|(d, _)| *d >= depth) {
                 scopes.pop();
@@ -175,11 +156,10 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
             }
             let off = die.offset().0;
             let name = die
-                .attr_value(c::DW_AT_name)
-                .map_err(bad)?
+                .attr_value(c::DW_AT_name)?
                 .and_then(|v| u.attr_string(v).ok())
                 .map(|s| String::from_utf8_lossy(s.slice()).into_owned());
-            let ty = match die.attr_value(c::DW_AT_type).map_err(bad)? {
+            let ty = match die.attr_value(c::DW_AT_type)? {
                 Some(gimli::AttributeValue::UnitRef(o)) => Some(o.0),
                 _ => None,
             };
@@ -193,12 +173,11 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
                     let n = name.clone().unwrap_or_default();
                     q.push(&n);
                     let q = q.join("::");
-                    let size = match die.attr_value(c::DW_AT_byte_size).map_err(bad)? {
+                    let size = match die.attr_value(c::DW_AT_byte_size)? {
                         Some(v) => v.udata_value(),
                         None => None,
                     };
-                    if !n.is_empty() && die.attr_value(c::DW_AT_declaration).map_err(bad)?.is_none()
-                    {
+                    if !n.is_empty() && die.attr_value(c::DW_AT_declaration)?.is_none() {
                         // Every unit that uses a type describes it: the
                         // first description is kept, with its members.
                         if let std::collections::hash_map::Entry::Vacant(v) =
@@ -217,11 +196,10 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
                 c::DW_TAG_member => {
                     if let Some((d, t)) = current_type {
                         if depth == d + 1 {
-                            let at =
-                                match die.attr_value(c::DW_AT_data_member_location).map_err(bad)? {
-                                    Some(v) => v.udata_value(),
-                                    None => None,
-                                };
+                            let at = match die.attr_value(c::DW_AT_data_member_location)? {
+                                Some(v) => v.udata_value(),
+                                None => None,
+                            };
                             if let Some(q) = qualified.get(&t) {
                                 if let Some(l) = out.layouts.get_mut(q) {
                                     l.members.push((name.clone().unwrap_or_default(), at));
@@ -232,11 +210,10 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
                 }
                 c::DW_TAG_subprogram => {
                     let linkage = die
-                        .attr_value(c::DW_AT_linkage_name)
-                        .map_err(bad)?
+                        .attr_value(c::DW_AT_linkage_name)?
                         .and_then(|v| u.attr_string(v).ok())
                         .map(|s| String::from_utf8_lossy(s.slice()).into_owned());
-                    let has_code = die.attr_value(c::DW_AT_low_pc).map_err(bad)?.is_some();
+                    let has_code = die.attr_value(c::DW_AT_low_pc)?.is_some();
                     if let (Some(l), true) = (linkage, has_code) {
                         func = Some((depth, l));
                     }
@@ -269,7 +246,8 @@ pub fn types_in_crate(path: &Path, root_src: &Path) -> Result<CrateTypes> {
                 }
             }
         }
-    }
+        Ok(false)
+    })?;
     Ok(out)
 }
 

@@ -49,6 +49,15 @@ struct Target {
 }
 
 impl Target {
+    /// Starts `cmd` isolated in `dir` (its runtime directory) and waits for
+    /// its first line that satisfies `ready`.
+    fn start(mut cmd: Command, dir: &Path, ready: impl Fn(&str) -> bool) -> Target {
+        isolate(&mut cmd, dir);
+        let mut t = Target::spawn(cmd);
+        t.wait_line(0, "ready", ready);
+        t
+    }
+
     fn spawn(mut cmd: Command) -> Target {
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -143,6 +152,27 @@ fn ok(cli: &Path, dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `hotpatch profile --pid PID --seconds SECONDS -o OUT --top TOP`: its
+/// stdout (the top table).
+fn profile(cli: &Path, dir: &Path, pid: &str, seconds: &str, out: &Path, top: &str) -> String {
+    let out = out.to_str().expect("utf8");
+    ok(
+        cli,
+        dir,
+        &[
+            "profile",
+            "--pid",
+            pid,
+            "--seconds",
+            seconds,
+            "-o",
+            out,
+            "--top",
+            top,
+        ],
+    )
+}
+
 /// The code of a failed command (`--json` error object on stdout).
 fn refused(o: &Output) -> String {
     assert!(!o.status.success(), "expected a refusal: {}", text(o));
@@ -207,9 +237,7 @@ fn c_program_attach_profile_patch_revert_detach() {
 
     let mut cmd = Command::new(&exe);
     cmd.arg(&lib).arg("2");
-    isolate(&mut cmd, &dir);
-    let mut t = Target::spawn(cmd);
-    t.wait_line(0, "ready", |l| l.starts_with("ready"));
+    let mut t = Target::start(cmd, &dir, |l| l.starts_with("ready"));
     let before_line = t.wait_line(0, "a result", |l| l.starts_with("R "));
     assert!(
         (1000..1007).contains(&compute_of(&before_line)),
@@ -232,22 +260,7 @@ fn c_program_attach_profile_patch_revert_detach() {
     );
 
     // Profile: the binary's and the dlopen'ed library's frames named.
-    let prof = dir.join("c.pb.gz");
-    let out = ok(
-        &cli,
-        &dir,
-        &[
-            "profile",
-            "--pid",
-            &p,
-            "--seconds",
-            "2",
-            "-o",
-            prof.to_str().expect("utf8"),
-            "--top",
-            "40",
-        ],
-    );
+    let out = profile(&cli, &dir, &p, "2", &dir.join("c.pb.gz"), "40");
     let names = top_names(&out);
     assert!(names.iter().any(|n| n == "attach_compute"), "{out}");
     assert!(names.iter().any(|n| n == "work"), "{out}");
@@ -322,29 +335,12 @@ fn python_attach_profile_detach() {
                   \x20   if n % 20 == 0: print('alive', n, flush=True)\n";
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg("-c").arg(script);
-    isolate(&mut cmd, &dir);
-    let mut t = Target::spawn(cmd);
-    t.wait_line(0, "ready", |l| l == "ready");
+    let mut t = Target::start(cmd, &dir, |l| l == "ready");
     let pid = t.pid();
     let p = pid.to_string();
     let before = state(pid);
     ok(&cli, &dir, &["attach", &p]);
-    let prof = dir.join("py.pb.gz");
-    let out = ok(
-        &cli,
-        &dir,
-        &[
-            "profile",
-            "--pid",
-            &p,
-            "--seconds",
-            "3",
-            "-o",
-            prof.to_str().expect("utf8"),
-            "--top",
-            "200",
-        ],
-    );
+    let out = profile(&cli, &dir, &p, "3", &dir.join("py.pb.gz"), "200");
     let names = top_names(&out);
     // libz's deflate machinery, and libm.
     let libz = [
@@ -424,13 +420,10 @@ fn refusals_static_traced_seccomp_other_uid() {
     let start = |exe: &Path, arg: &str, uid: Option<(u32, u32)>| {
         let mut cmd = Command::new(exe);
         cmd.arg(arg);
-        isolate(&mut cmd, &dir);
         if let Some((u, g)) = uid {
             cmd.uid(u).gid(g);
         }
-        let mut t = Target::spawn(cmd);
-        t.wait_line(0, "ready", |l| l == "ready");
-        t
+        Target::start(cmd, &dir, |l| l == "ready")
     };
 
     // Statically linked.

@@ -109,3 +109,124 @@ fn profiler_example_names_the_plugin_function_in_its_top_frames() {
         .unwrap_or_else(|| panic!("no flat count in {line:?}"));
     assert!(flat > 0, "{out}");
 }
+
+fn has_lines(out: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            out.lines().any(|l| l == *line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn sys_example_lists_the_loaded_objects_and_reads_its_own_code() {
+    let out = run("hotpatch-sys", "loaded_modules", &[]);
+    has_lines(
+        &out,
+        &[
+            "libc loaded: true",
+            "mapping is the executable: true",
+            "mapping executable: true",
+            "read here(): true",
+            "read address 8: false",
+            "here() = 7",
+        ],
+    );
+    let n: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("objects: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no object count in:\n{out}"));
+    assert!(n >= 2, "the program and libc at least: {out}");
+}
+
+#[test]
+fn heap_example_writes_a_profile_that_names_its_allocating_function() {
+    let dir = loader_fixtures::TempDir::new("heap-example");
+    let pb = dir.join("heap.pb.gz");
+    let out = run_with("hotpatch-heap", "heap_profile", &[], &[&pb]);
+    has_lines(
+        &out,
+        &[
+            "names allocate_blocks: true",
+            "running after stop: false",
+            &format!("wrote: {}", pb.display()),
+        ],
+    );
+    assert!(std::fs::metadata(&pb).is_ok_and(|m| m.len() > 0), "{out}");
+    let samples: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("samples: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sample count in:\n{out}"));
+    assert!(samples > 0, "{out}");
+    // 16 MiB kept alive at one sample per 64 KiB: the estimate's standard
+    // deviation is about 1 MiB; [8, 32] MiB is many deviations wide.
+    let mib: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("in-use estimate: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no estimate in:\n{out}"));
+    assert!((8.0..=32.0).contains(&mib), "{out}");
+}
+
+#[test]
+fn watch_example_diffs_two_builds_per_function() {
+    let out = run("hotpatch-watch", "diff_builds", &[]);
+    has_lines(
+        &out,
+        &[
+            "changed: tiny::price",
+            "added: tiny::discount",
+            "statics changed: 0",
+            "a build against itself: 0 changed",
+        ],
+    );
+    let before = out
+        .lines()
+        .find_map(|l| l.strip_prefix("before: "))
+        .unwrap_or_else(|| panic!("no function list in:\n{out}"));
+    assert!(before.contains("tiny::tax"), "{out}");
+}
+
+#[test]
+fn protocol_example_round_trips_a_request_and_a_typed_reply() {
+    let out = run("hotpatch-protocol", "wire", &[]);
+    has_lines(
+        &out,
+        &[
+            "parsed back equal: true",
+            "decoded back equal: true",
+            "site #1 demo_price (enabled)",
+            "unload result as a site: refused",
+            "refused: E_AGENT_BAD_JSON",
+            "refused: E_AGENT_UNKNOWN_COMMAND",
+            "refused: E_AGENT_BAD_ARGS",
+        ],
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("request: ") && l.contains(r#""cmd":"patch""#)),
+        "{out}"
+    );
+}
+
+#[test]
+fn agent_example_serves_status_on_a_private_socket() {
+    let out = run("hotpatch-agent", "agent_status", &[]);
+    has_lines(
+        &out,
+        &[
+            "listening: true",
+            "status pid matches: true",
+            "host requests: 42",
+            "plugins: 0, sites: 0",
+            "bad line: E_AGENT_UNKNOWN_COMMAND",
+            "still serving: ping pid matches true",
+            "socket removed: true",
+        ],
+    );
+}

@@ -284,13 +284,13 @@ impl Published {
         if ptr.is_null() {
             return None;
         }
-        // SAFETY: `ptr` came from `Box::into_raw` in `publish` and is freed
-        // only by `publish`'s reclaim, which first observes `readers == 0`
-        // after the pointer was swapped out. This reader incremented
-        // `readers` (SeqCst) before loading `ptr` (SeqCst), so either the
-        // reclaim sees it and keeps the table, or the load is ordered after
-        // the swap and returns the newer table. Tables are never mutated
-        // after publication.
+        // `ptr` came from `Box::into_raw` in `publish` and is freed only by
+        // `publish`'s reclaim, which first observes `readers == 0` after the
+        // pointer was swapped out. This reader incremented `readers`
+        // (SeqCst) before loading `ptr` (SeqCst), so either the reclaim sees
+        // it and keeps the table, or the load is ordered after the swap and
+        // returns the newer table. Tables are never mutated after publication.
+        // SAFETY: so `ptr` is a live, immutable table while `_guard` counts us.
         let table = unsafe { &*ptr };
         f(table)
     }
@@ -319,12 +319,11 @@ impl Published {
             if self.readers.load(Ordering::SeqCst) == 0 {
                 let Retired { retired, spare } = retired;
                 for t in retired.drain(..) {
-                    // SAFETY: `t` was swapped out of `self.table` before this
-                    // load observed no reader in flight; any reader that
-                    // starts later loads a newer pointer (see `with_table`),
-                    // so this writer now owns it exclusively and may free or
-                    // rewrite it. Each retired pointer is on the list exactly
-                    // once.
+                    // `t` was swapped out of `self.table` before this load
+                    // observed no reader in flight; any reader that starts
+                    // later loads a newer pointer (see `with_table`). Each
+                    // retired pointer is on the list exactly once.
+                    // SAFETY: so this writer owns `t` (from `Box::into_raw`).
                     let t = unsafe { Box::from_raw(t) };
                     if spare.len() < 2 {
                         spare.push(*t);
@@ -346,9 +345,9 @@ impl Published {
             .drain(..)
             .chain((!current.is_null()).then_some(current))
         {
-            // SAFETY: `&mut self` means no reader can be in flight; every
-            // pointer here came from `Box::into_raw` and appears once (the
-            // current one is taken out of `self.table` above).
+            // Every pointer here came from `Box::into_raw` and appears once
+            // (the current one is taken out of `self.table` above).
+            // SAFETY: and `&mut self` means no reader can be in flight.
             drop(unsafe { Box::from_raw(t) });
         }
     }
