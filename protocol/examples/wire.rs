@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         target: "demo_price".into(),
         with: "pricing-v2:pricing_v2_quote".into(),
         force: false,
+        canary: None,
+        promote_after: None,
+        rollback_on: None,
     };
     let line = serde_json::to_string(&req)?;
     println!("request: {line}");
@@ -34,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         trampoline: "0x55d0c0ff0000".into(),
         signature: None,
         previous: None,
+        canary: None,
     };
     let reply_line = serde_json::to_string(&Reply::typed(&site).map_err(|e| e.to_string())?)?;
     println!("reply: {reply_line}");
