@@ -205,6 +205,19 @@ impl HeapProfile {
         &self.report.locations
     }
 
+    /// The standard deviation of the total `inuse_space` estimate (bytes):
+    /// the square root of the summed Horvitz-Thompson variances of the
+    /// sampled live blocks (about `sqrt(rate * in_use)` when blocks are
+    /// much smaller than the rate). An in-use figure is expected within
+    /// ±2 of these of the truth 95% of the time.
+    pub fn inuse_space_sd(&self) -> f64 {
+        self.samples
+            .iter()
+            .map(|s| s.inuse_space_variance)
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// Totals of `(alloc_objects, alloc_space, inuse_objects, inuse_space)`.
     pub fn totals(&self) -> (i64, i64, i64, i64) {
         self.samples.iter().fold((0, 0, 0, 0), |t, s| {
