@@ -39,5 +39,11 @@ for j, n in enumerate(names):
     vals = [float(r[j]) for r in raw]
     rat = [float(r[j]) / float(r[off]) for r in raw]
     print(f"{n}: median cpu {statistics.median(vals):.4f} s, median ratio to off {statistics.median(rat):.4f} (n={len(vals)})")
+if "base" in names:
+    b = names.index("base")
+    for j, n in enumerate(names):
+        if n not in ("off", "base"):
+            rat = [float(r[j]) / float(r[b]) for r in raw]
+            print(f"{n}: median ratio to base {statistics.median(rat):.4f}")
 PY
 rm -f "$raw"
