@@ -53,7 +53,7 @@ pub struct HeapStats {
 
 pub(crate) fn counters() -> HeapStats {
     HeapStats {
-        samples: sampler::buckets().iter().map(|b| b.sums().alloc_n).sum(),
+        samples: sampler::used_buckets().map(|b| b.sums().alloc_n).sum(),
         untracked: sampler::UNTRACKED.load(Relaxed),
         overflowed: sampler::OVERFLOWED.load(Relaxed),
         truncated: sampler::TRUNCATED.load(Relaxed),
@@ -67,8 +67,7 @@ pub(crate) fn counters() -> HeapStats {
 /// adds in the same block's history), so a block sampled and freed while
 /// this runs cannot make a stack look negative.
 pub(crate) fn unbalanced() -> u64 {
-    sampler::buckets()
-        .iter()
+    sampler::used_buckets()
         .filter(|b| {
             let s = b.sums();
             s.free_n > s.alloc_n || s.free_w > s.alloc_w || s.free_b > s.alloc_b

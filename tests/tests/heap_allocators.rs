@@ -99,8 +99,12 @@ via!(
     heap_via_valloc = 6
 );
 
+/// An entry point: its address, its first 16 bytes in the file and in
+/// memory.
+type Entry = (usize, Vec<u8>, Vec<u8>);
+
 /// The first 16 bytes of `symbol` in `module`: in the file, and in memory.
-fn file_and_memory(module: &str, symbol: &str) -> Option<(usize, Vec<u8>, Vec<u8>)> {
+fn file_and_memory(module: &str, symbol: &str) -> Option<Entry> {
     use object::{Object, ObjectSection, ObjectSymbol};
     let t = by_name::find(Some(module), symbol).ok()?;
     let data = std::fs::read(&t.module).expect("read the allocator");
@@ -194,7 +198,7 @@ fn sample_under(expect: &str) {
         .unwrap_or_else(|e| panic!("{preload} not loaded in the child: {e}"))
         .module;
     assert!(module.contains(expect), "{module}");
-    let before: HashMap<&str, (usize, Vec<u8>, Vec<u8>)> = SYMBOLS
+    let before: HashMap<&str, Entry> = SYMBOLS
         .iter()
         .filter_map(|s| Some((*s, file_and_memory(&module, s)?)))
         .collect();
@@ -204,7 +208,7 @@ fn sample_under(expect: &str) {
     for (s, (_, file, mem)) in &before {
         assert_eq!(file, mem, "{s}: memory differs from the file before start");
     }
-    let glibc: Vec<(&str, (usize, Vec<u8>, Vec<u8>))> = ["malloc", "free", "calloc", "realloc"]
+    let glibc: Vec<(&str, Entry)> = ["malloc", "free", "calloc", "realloc"]
         .iter()
         .map(|s| (*s, file_and_memory("libc.so.6", s).expect("glibc symbol")))
         .collect();
