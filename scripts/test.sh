@@ -10,6 +10,7 @@
 #   llvm       -> `llvm-symbolizer`, the reference for C names (profiler_names.rs)
 #   python3    -> the import-cycle check and the interpreter attach_e2e attaches to
 #   libc6-dev  -> libc.a for the static target attach_e2e must refuse
+#   libjemalloc2, libmimalloc2.0 -> the other allocators heap_allocators.rs samples
 # Plugins and fixtures are built from source by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v llvm-symbolizer >/dev/null 2>&1 || need+=(llvm)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+[ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || need+=(libjemalloc2)
+[ -e /usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ] || need+=(libmimalloc2.0)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "test.sh: installing ${need[*]}" >&2

@@ -106,6 +106,7 @@ fn snapshot() -> Result<(Reply, Vec<u8>), ErrorBody> {
         alloc_space: a,
         inuse_objects: io,
         inuse_space: i,
+        inuse_space_sd: Some(p.inuse_space_sd()),
         stacks: p.samples.len(),
         stats: heap_stats(&p.stats)?,
         payloads: vec![PayloadHeader {

@@ -194,9 +194,13 @@ fn snapshot(a: &Snapshot, out: &mut dyn Write) -> Outcome {
             },
         )
     } else {
+        let sd = v
+            .inuse_space_sd
+            .map(|sd| format!(" (±{sd:.0} bytes, 1 sd of sampling error)"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "in use: {} bytes in {} objects; allocated: {} bytes in {} objects (estimates, 1 sample per {} B)\nwrote {}",
+            "in use: {} bytes{sd} in {} objects; allocated: {} bytes in {} objects (estimates, 1 sample per {} B)\nwrote {}",
             v.inuse_space,
             v.inuse_objects,
             v.alloc_space,

@@ -9,14 +9,18 @@
 //! `sqrt(rate * in_use)` when blocks are much smaller than the rate), and
 //! `z`, the error in units of it.
 //!
+//! It also prints `mallinfo2`'s growth from just after the session's start
+//! to the end (`mallinfo2_delta`: the allocator's own figure for what was
+//! allocated since start and is still in use) and the whole in-use
+//! estimate's error against it (`err_vs_mallinfo2`).
+//!
 //! ```text
-//! malloc_bench off|RATE_BYTES [OPS_PER_THREAD]
+//! malloc_bench off|RATE_BYTES [OPS_PER_THREAD] [MIN-MAX sizes, default 16-65536] [RING, default 512]
 //! ```
 
 use std::time::Instant;
 
 const THREADS: usize = 8;
-const RING: usize = 512;
 
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -30,17 +34,23 @@ fn thread_cpu_ns() -> u64 {
 
 type Ring = Vec<(usize, usize)>;
 
-fn work(id: u64, ops: usize) -> (Ring, u64, u64) {
+fn mallinfo_inuse() -> usize {
+    // SAFETY: mallinfo2 has no preconditions.
+    let mi = unsafe { libc::mallinfo2() };
+    mi.uordblks + mi.hblkhd
+}
+
+fn work(id: u64, ops: usize, min: usize, max: usize, ring_len: usize) -> (Ring, u64, u64) {
     let cpu0 = thread_cpu_ns();
-    let mut ring: Vec<(usize, usize)> = vec![(0, 0); RING];
+    let mut ring: Vec<(usize, usize)> = vec![(0, 0); ring_len];
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ id.wrapping_mul(0xff51_afd7_ed55_8ccd);
     let mut sum = 0u64;
     for _ in 0..ops {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let i = (x % RING as u64) as usize;
-        let len = 16 + ((x >> 16) % (64 * 1024 - 16)) as usize;
+        let i = (x % ring_len as u64) as usize;
+        let len = min + ((x >> 16) % (max - min + 1) as u64) as usize;
         let (p, _) = ring[i];
         if p != 0 {
             // SAFETY: a live block from malloc, freed once.
@@ -63,6 +73,18 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("off");
     let ops: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let (min, max) = args
+        .get(3)
+        .map(|r| {
+            let (a, b) = r.split_once('-').expect("sizes as MIN-MAX");
+            (
+                a.parse::<usize>().expect("MIN"),
+                b.parse::<usize>().expect("MAX"),
+            )
+        })
+        .unwrap_or((16, 64 * 1024));
+    assert!(min >= 1 && max >= min, "sizes: 1 <= MIN <= MAX");
+    let ring_len: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(512);
     let rate = match mode {
         "off" => None,
         r => Some(r.parse::<u64>().expect("rate in bytes or 'off'")),
@@ -70,9 +92,10 @@ fn main() {
     if let Some(r) = rate {
         hotpatch_heap::start(r).expect("start");
     }
+    let mi0 = mallinfo_inuse();
     let t0 = Instant::now();
     let handles: Vec<_> = (0..THREADS)
-        .map(|i| std::thread::spawn(move || work(i as u64, ops)))
+        .map(|i| std::thread::spawn(move || work(i as u64, ops, min, max, ring_len)))
         .collect();
     let rings: Vec<(Ring, u64, u64)> = handles
         .into_iter()
@@ -86,9 +109,8 @@ fn main() {
         .filter(|(p, _)| *p != 0)
         .map(|(_, l)| l)
         .sum();
-    // SAFETY: mallinfo2 has no preconditions.
-    let mi = unsafe { libc::mallinfo2() };
-    let glibc = mi.uordblks + mi.hblkhd;
+    let glibc = mallinfo_inuse();
+    let mi_delta = glibc as f64 - mi0 as f64;
     let est = if let Some(r) = rate {
         let var: f64 = rings
             .iter()
@@ -119,11 +141,14 @@ fn main() {
         let stats = p.stats.clone();
         hotpatch_heap::stop().expect("stop");
         let err = ring_only as f64 - truth as f64;
+        let stated_sd = p.inuse_space_sd();
         format!(
-            "estimate_total={inuse} estimate_in_work={ring_only} err={:+.2}% expected_sd={:.2}% z={:+.2} samples={} untracked={}",
+            "estimate_total={inuse} estimate_in_work={ring_only} err={:+.2}% expected_sd={:.2}% z={:+.2} stated_sd={:.2}% mallinfo2_delta={mi_delta} err_vs_mallinfo2={:+.2}% samples={} untracked={}",
             100.0 * err / truth as f64,
             100.0 * sd / truth as f64,
             err / sd,
+            100.0 * stated_sd / inuse as f64,
+            100.0 * (inuse as f64 - mi_delta) / mi_delta,
             stats.samples,
             stats.untracked,
         )
@@ -131,7 +156,7 @@ fn main() {
         String::from("estimate_total=- estimate_in_work=-")
     };
     println!(
-        "mode={mode} threads={THREADS} ops/thread={ops} secs={secs:.4} cpu_work={cpu:.4} true_inuse={truth} mallinfo2_inuse={glibc} {est}"
+        "mode={mode} threads={THREADS} ops/thread={ops} sizes={min}-{max} ring={ring_len} secs={secs:.4} cpu_work={cpu:.4} true_inuse={truth} mallinfo2_inuse={glibc} {est}"
     );
     for (r, s, _) in rings {
         std::hint::black_box(s);

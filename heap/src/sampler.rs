@@ -32,6 +32,31 @@ const EMPTY: usize = 0;
 const TOMB: usize = 1;
 const RESERVED: usize = 2;
 
+/// Counter stripes: a bucket's counters, and the in-hook count, are split
+/// in this many cache lines. The first `STRIPES - 1` threads that sample
+/// get one each for the life of the thread (its only writer: plain
+/// load + store instead of a locked add, and no line pulled back and forth
+/// between cores when threads sample the same stack); later threads share
+/// the last one with atomic adds. Readers sum the stripes.
+pub(crate) const STRIPES: usize = 16;
+const SHARED_STRIPE: usize = STRIPES - 1;
+/// Stripes handed out so far (never given back: a stripe's owner may have
+/// exited, its counts stay).
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+/// One stripe of a bucket's counters (its own cache line). Sums over the
+/// stripes wrap: a stripe's free counters may exceed its allocation
+/// counters (a block freed by another thread than the one that sampled it).
+#[repr(C, align(64))]
+pub(crate) struct Counts {
+    pub(crate) alloc_n: AtomicU64,
+    pub(crate) free_n: AtomicU64,
+    pub(crate) alloc_w: AtomicU64,
+    pub(crate) alloc_b: AtomicU64,
+    pub(crate) free_w: AtomicU64,
+    pub(crate) free_b: AtomicU64,
+}
+
 /// One stack's counters. All fields atomics so that a snapshot may read
 /// while hooks write; frames are written once, before `ready`.
 #[repr(C)]
@@ -40,13 +65,91 @@ pub(crate) struct Bucket {
     pub(crate) ready: AtomicU32,
     pub(crate) depth: AtomicU32,
     pub(crate) seq: AtomicU64,
-    pub(crate) alloc_n: AtomicU64,
-    pub(crate) free_n: AtomicU64,
-    pub(crate) alloc_w: AtomicU64,
-    pub(crate) alloc_b: AtomicU64,
-    pub(crate) free_w: AtomicU64,
-    pub(crate) free_b: AtomicU64,
     pub(crate) frames: [AtomicU64; MAX_DEPTH],
+    pub(crate) counts: [Counts; STRIPES],
+}
+
+/// A bucket's counters summed over its stripes.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Sums {
+    pub(crate) alloc_n: u64,
+    pub(crate) free_n: u64,
+    pub(crate) alloc_w: u64,
+    pub(crate) alloc_b: u64,
+    pub(crate) free_w: u64,
+    pub(crate) free_b: u64,
+}
+
+impl Bucket {
+    /// The counters summed over the stripes. The free counters are read
+    /// first (`Acquire`, pairing with their `Release` adds), then the
+    /// allocation counters: a block's allocation add happens before its
+    /// free add, so no sum shows a free without its allocation.
+    pub(crate) fn sums(&self) -> Sums {
+        let mut s = Sums::default();
+        for c in &self.counts {
+            s.free_n = s.free_n.wrapping_add(c.free_n.load(Acquire));
+            s.free_w = s.free_w.wrapping_add(c.free_w.load(Acquire));
+            s.free_b = s.free_b.wrapping_add(c.free_b.load(Acquire));
+        }
+        for c in &self.counts {
+            s.alloc_n = s.alloc_n.wrapping_add(c.alloc_n.load(Relaxed));
+            s.alloc_w = s.alloc_w.wrapping_add(c.alloc_w.load(Relaxed));
+            s.alloc_b = s.alloc_b.wrapping_add(c.alloc_b.load(Relaxed));
+        }
+        s
+    }
+}
+
+/// The stripe of the thread whose state is `t`, handed out at its first
+/// use.
+#[inline(always)]
+fn stripe_of(t: &mut Tl) -> usize {
+    if t.stripe != 0 {
+        return t.stripe as usize - 1;
+    }
+    let n = NEXT_STRIPE.fetch_add(1, Relaxed).min(SHARED_STRIPE);
+    t.stripe = n as u8 + 1;
+    n
+}
+
+/// This thread's stripe (from a free: no reference to the thread's state
+/// is live there).
+#[inline(always)]
+fn stripe() -> usize {
+    // SAFETY: this thread's own slot; the free and realloc paths that call
+    // this hold no other reference to it.
+    stripe_of(unsafe { &mut *tl() })
+}
+
+/// Adds `v` to counter `c` of stripe `st`: a plain load and store on a
+/// thread's own stripe (it is the only writer), an atomic add on the
+/// shared one. `ord` orders the write (`Release` for free counters).
+#[inline(always)]
+fn bump(c: &AtomicU64, st: usize, v: u64, ord: std::sync::atomic::Ordering) {
+    if st == SHARED_STRIPE {
+        c.fetch_add(v, ord);
+    } else {
+        c.store(c.load(Relaxed).wrapping_add(v), ord);
+    }
+}
+
+/// Enters a hook's recording section on stripe `st` (then `ACTIVE` is
+/// checked: the `SeqCst` add orders the two, see SAFETY.md H3).
+#[inline(always)]
+fn enter(st: usize) {
+    IN_RECORD[st].fetch_add(1, SeqCst);
+}
+
+/// Leaves it: a plain release store on an owned stripe.
+#[inline(always)]
+fn leave(st: usize) {
+    let c = &IN_RECORD[st];
+    if st == SHARED_STRIPE {
+        c.fetch_sub(1, SeqCst);
+    } else {
+        c.store(c.load(Relaxed).wrapping_sub(1), Release);
+    }
 }
 
 /// One sampled live block: 16 bytes, four to a cache line. Its weights are
@@ -96,8 +199,9 @@ static FAR_USED: AtomicBool = AtomicBool::new(false);
 
 /// Whether hooks record samples (and unrecord frees).
 static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// Hooks inside `record`/`take` right now (the reset waits for 0).
-static IN_RECORD: Line<AtomicUsize> = Line(AtomicUsize::new(0));
+/// Hooks inside `record`/`take` right now, per stripe (the reset waits
+/// for all 0). A thread enters and leaves on the same stripe.
+static IN_RECORD: [Line<AtomicUsize>; STRIPES] = [const { Line(AtomicUsize::new(0)) }; STRIPES];
 /// Session generation: a thread whose state is older redraws its countdown.
 static GEN: AtomicU64 = AtomicU64::new(0);
 /// Mean sampling interval in bytes.
@@ -253,6 +357,13 @@ pub(crate) fn buckets() -> &'static [Bucket] {
     unsafe { std::slice::from_raw_parts(p, BUCKETS) }
 }
 
+/// The buckets that hold a stack (`ready`): only those can have counts,
+/// so readers skip the stripes of the others (reading them all is 16
+/// cache lines per bucket, 26 MB for the table).
+pub(crate) fn used_buckets() -> impl Iterator<Item = &'static Bucket> {
+    buckets().iter().filter(|b| b.ready.load(Acquire) == 1)
+}
+
 fn table(which: &AtomicPtr<LiveEntry>, n: usize) -> &'static [LiveEntry] {
     let p = which.load(Acquire);
     if p.is_null() {
@@ -321,7 +432,7 @@ pub(crate) fn reset() {
 /// is short; bounded at ~1 s in case a thread was descheduled there).
 pub(crate) fn wait_quiet() {
     for _ in 0..100_000 {
-        if IN_RECORD.load(SeqCst) == 0 {
+        if IN_RECORD.iter().all(|c| c.load(SeqCst) == 0) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_micros(10));
@@ -382,11 +493,13 @@ struct Tl {
     generation: u64,
     rng: u64,
     busy: bool,
+    /// The thread's counter stripe + 1 (0: none yet).
+    stripe: u8,
 }
 
 thread_local! {
     static TL: UnsafeCell<Tl> = const {
-        UnsafeCell::new(Tl { countdown: 0, generation: 0, rng: 0, busy: false })
+        UnsafeCell::new(Tl { countdown: 0, generation: 0, rng: 0, busy: false, stripe: 0 })
     };
 }
 
@@ -509,7 +622,8 @@ unsafe fn slow(t: *mut Tl, p: *mut c_void, size: usize, fp: usize, c: i64) {
         return;
     }
     tl.busy = true;
-    record(p as usize, size, fp);
+    let st = stripe_of(tl);
+    record(p as usize, size, fp, st);
     tl.busy = false;
 }
 
@@ -692,7 +806,7 @@ fn prefetch_w(addr: *const u8) {
     };
 }
 
-fn record(p: usize, size: usize, fp: usize) {
+fn record(p: usize, size: usize, fp: usize, st: usize) {
     // The near-table line this block will probe first, and its filter byte:
     // cold in a malloc-heavy process (their misses were most of a sample's
     // cost), fetched while the stack is walked and the bucket found.
@@ -701,7 +815,7 @@ fn record(p: usize, size: usize, fp: usize) {
         prefetch_w((e as *const LiveEntry).cast());
     }
     prefetch_w((filter_slot(p).0 as *const std::sync::atomic::AtomicU8).cast());
-    IN_RECORD.fetch_add(1, SeqCst);
+    enter(st);
     if ACTIVE.load(SeqCst) {
         let mut frames = [0u64; MAX_DEPTH];
         let n = walk(fp, &mut frames);
@@ -709,20 +823,21 @@ fn record(p: usize, size: usize, fp: usize) {
         let (wfp, wb) = scaled(size as u64, RATE.load(Relaxed));
         let idx = bucket_for(&frames[..n], seq);
         if let Some(b) = buckets().get(idx) {
-            b.alloc_n.fetch_add(1, Relaxed);
-            b.alloc_w.fetch_add(wfp, Relaxed);
-            b.alloc_b.fetch_add(wb, Relaxed);
+            let c = &b.counts[st];
+            bump(&c.alloc_n, st, 1, Relaxed);
+            bump(&c.alloc_w, st, wfp, Relaxed);
+            bump(&c.alloc_b, st, wb, Relaxed);
             if !live_insert(p, pack(idx as u32, size as u64)) {
                 // Cannot match its free: count it freed now rather than
                 // report a leak that may not be one.
                 UNTRACKED.fetch_add(1, Relaxed);
-                b.free_n.fetch_add(1, Release);
-                b.free_w.fetch_add(wfp, Release);
-                b.free_b.fetch_add(wb, Release);
+                bump(&c.free_n, st, 1, Release);
+                bump(&c.free_w, st, wfp, Release);
+                bump(&c.free_b, st, wb, Release);
             }
         }
     }
-    IN_RECORD.fetch_sub(1, SeqCst);
+    leave(st);
 }
 
 /// Records live block `p` with `meta` (see [`pack`]): in the near table,
@@ -812,7 +927,8 @@ fn unrecord(p: usize) {
 #[cold]
 #[inline(never)]
 fn take(e: &LiveEntry, p: usize) {
-    IN_RECORD.fetch_add(1, SeqCst);
+    let st = stripe();
+    enter(st);
     // Read before the entry is released: only the thread freeing `p` moves
     // its key away from `p`, so this is still `p`'s record.
     let (idx, size) = e.unpack();
@@ -820,12 +936,13 @@ fn take(e: &LiveEntry, p: usize) {
         filter_remove(p);
         if let Some(b) = buckets().get(idx as usize) {
             let (w, by) = scaled(size, RATE.load(Relaxed));
-            b.free_n.fetch_add(1, Release);
-            b.free_w.fetch_add(w, Release);
-            b.free_b.fetch_add(by, Release);
+            let c = &b.counts[st];
+            bump(&c.free_n, st, 1, Release);
+            bump(&c.free_w, st, w, Release);
+            bump(&c.free_b, st, by, Release);
         }
     }
-    IN_RECORD.fetch_sub(1, SeqCst);
+    leave(st);
 }
 
 // ---------------------------------------------------------------- hooks
@@ -1043,17 +1160,20 @@ fn forget(p: usize) -> Option<Saved> {
 }
 
 fn restore(p: usize, s: Saved) {
-    IN_RECORD.fetch_add(1, SeqCst);
+    // The same thread and stripe as the `take` this undoes.
+    let st = stripe();
+    enter(st);
     if ACTIVE.load(SeqCst) && live_insert(p, s.0) {
         let bucket = (s.0 >> SIZE_BITS) as usize;
         let (w, by) = scaled(s.0 & ((1 << SIZE_BITS) - 1), RATE.load(Relaxed));
         if let Some(b) = buckets().get(bucket) {
-            b.free_n.fetch_sub(1, Relaxed);
-            b.free_w.fetch_sub(w, Relaxed);
-            b.free_b.fetch_sub(by, Relaxed);
+            let c = &b.counts[st];
+            bump(&c.free_n, st, 1u64.wrapping_neg(), Relaxed);
+            bump(&c.free_w, st, w.wrapping_neg(), Relaxed);
+            bump(&c.free_b, st, by.wrapping_neg(), Relaxed);
         }
     }
-    IN_RECORD.fetch_sub(1, SeqCst);
+    leave(st);
 }
 
 /// The `valloc` hook.

@@ -385,6 +385,11 @@ pub struct HeapSnapshotInfo {
     pub inuse_objects: i64,
     /// Bytes in use (estimate).
     pub inuse_space: i64,
+    /// Standard deviation of `inuse_space` from sampling alone (bytes):
+    /// the estimate is within ±2 of these of the truth ~95% of the time.
+    /// Absent from agents older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inuse_space_sd: Option<f64>,
     /// Distinct stacks.
     pub stacks: usize,
     /// The sampler's counters.

@@ -60,7 +60,15 @@ fn heap_commands_and_leak_check_on_a_live_process() {
     );
     fails_with(&s.run(&["heap", "start"]), "E_HEAP_ALREADY_STARTED");
 
-    ok(s.run(&["heap", "snapshot", "-o", &p(&before)]));
+    let snap = ok(s.run(&["heap", "snapshot", "-o", &p(&before)]));
+    // The in-use figure comes with its sampling error.
+    let line = String::from_utf8_lossy(&snap.stdout).into_owned();
+    assert!(
+        line.starts_with("in use: ")
+            && line.contains(" bytes (±")
+            && line.contains("1 sd of sampling error"),
+        "{line}"
+    );
 
     let v = json(&ok(s.run(&[
         "leak-check",
