@@ -120,8 +120,8 @@ fn file_and_memory(module: &str, symbol: &str) -> Option<Entry> {
     let at = (sym.address() - section.address() + off) as usize;
     let file = data[at..at + 16].to_vec();
     // SAFETY: the allocator's code, mapped r-x for the process's life.
-    let mem = unsafe { std::slice::from_raw_parts(t.addr as *const u8, 16) }.to_vec();
-    Some((t.addr, file, mem))
+    let mem = unsafe { std::slice::from_raw_parts(t.addr.as_ptr(), 16) }.to_vec();
+    Some((t.addr.as_usize(), file, mem))
 }
 
 type MallctlFn = unsafe extern "C" fn(
