@@ -378,11 +378,9 @@ impl Shared {
                     unwind::deregister(m.id, start);
                 }
             }
-            Event::Loaded(m) => {
-                if self.config.anon_unwind_info {
-                    for (start, len) in synthesized_ranges(m) {
-                        unwind::register(m.id, start, len);
-                    }
+            Event::Loaded(m) if self.config.anon_unwind_info => {
+                for (start, len) in synthesized_ranges(m) {
+                    unwind::register(m.id, start, len);
                 }
             }
             _ => {}

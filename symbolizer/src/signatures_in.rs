@@ -81,7 +81,7 @@ pub fn signatures_in_crate(
 }
 
 /// The memory layout of a type as DWARF gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     /// `DW_AT_byte_size`.
     pub size: Option<u64>,
@@ -90,7 +90,7 @@ pub struct Layout {
 }
 
 /// Types of a crate and the functions that use them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CrateTypes {
     /// Structures, unions and enums by qualified name (`a::b::T`, generic
     /// arguments as DWARF names them).

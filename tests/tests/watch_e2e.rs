@@ -430,10 +430,9 @@ fn watch_edit_save_live() {
     let s3 = fx.wait_results(103_507..103_607);
     assert_kept(&s2, &s3);
 
-    // A changed signature whose caller did not change: `surcharge` passes
-    // a literal to `watch_fixture_fee`, the same bytes for a `u64` and a
-    // `u32` parameter, so the new callee would read the old call's
-    // argument register with the new type.
+    // A changed signature whose caller did not change: `surcharge` calls
+    // `watch_fixture_fee` through its own `extern "C"` declaration (as FFI
+    // code does), so its bytes stay those of a call with a `u64`.
     fx.edit(
         "pricing.rs",
         "fn watch_fixture_fee(x: u64) -> u64 {\n    x * 0\n}",
