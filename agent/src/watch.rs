@@ -3,9 +3,9 @@
 
 use std::io::Read;
 
-use serde_json::Value;
-
-use crate::protocol::{ErrorBody, Request};
+use crate::protocol::{
+    ErrorBody, Reply, Request, WatchApplyInfo, WatchMappedInfo, WatchSiteInfo, WatchStatusInfo,
+};
 
 /// Largest bundle file read.
 pub const MAX_BUNDLE: u64 = 256 << 20;
@@ -41,21 +41,63 @@ fn read_bundle(path: &str) -> Result<hotpatch_watch::bundle::Bundle, ErrorBody> 
     serde_json::from_slice(&text).map_err(|e| bad(format!("{path}: not a patch bundle: {e}")))
 }
 
+fn apply_info(r: hotpatch_watch::apply::ApplyReport) -> WatchApplyInfo {
+    WatchApplyInfo {
+        generation: r.generation,
+        patched: r.patched,
+        added: r.added,
+        installed: r.installed,
+        swapped: r.swapped,
+        reverted: r.reverted,
+        unloaded: r.unloaded,
+        retained: r.retained,
+        bytes: r.bytes,
+        micros: r.micros,
+        debug_file: r.debug_file,
+    }
+}
+
+fn status_info(s: hotpatch_watch::apply::Status) -> WatchStatusInfo {
+    WatchStatusInfo {
+        generation: s.generation,
+        sites: s
+            .sites
+            .into_iter()
+            .map(|w| WatchSiteInfo {
+                function: w.function,
+                generation: w.generation,
+                enabled: w.enabled,
+            })
+            .collect(),
+        mapped: s
+            .mapped
+            .into_iter()
+            .map(|m| WatchMappedInfo {
+                generation: m.generation,
+                base: m.base as u64,
+                len: m.len as u64,
+            })
+            .collect(),
+        unloaded: s.unloaded,
+    }
+}
+
 /// Serves one watch request.
-pub(crate) fn handle(req: Request) -> Result<Value, ErrorBody> {
+pub(crate) fn handle(req: Request) -> Result<Reply, ErrorBody> {
     match req {
         Request::WatchApply { bundle } => {
             let b = read_bundle(&bundle)?;
-            let r = hotpatch_watch::apply::apply(&b).map_err(|e| err(&e))?;
-            serde_json::to_value(r)
-                .map_err(|e| ErrorBody::new(crate::protocol::E_AGENT_INTERNAL, e.to_string()))
+            // The generation's debug module goes beside the bundle (the
+            // user's own directory, which the CLI reads profiles against).
+            let dir = std::path::Path::new(&bundle).parent();
+            let r = hotpatch_watch::apply::apply_in(&b, dir).map_err(|e| err(&e))?;
+            Reply::typed(&apply_info(r))
         }
         Request::WatchRevert => {
             let r = hotpatch_watch::apply::revert_all().map_err(|e| err(&e))?;
-            serde_json::to_value(r)
-                .map_err(|e| ErrorBody::new(crate::protocol::E_AGENT_INTERNAL, e.to_string()))
+            Reply::typed(&apply_info(r))
         }
-        Request::WatchStatus => Ok(hotpatch_watch::apply::status()),
+        Request::WatchStatus => Reply::typed(&status_info(hotpatch_watch::apply::status())),
         _ => Err(ErrorBody::new(
             crate::protocol::E_AGENT_INTERNAL,
             "not a watch request",

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::remote::call;
 use super::{Conn, Failure, Outcome};
-use crate::protocol::Request;
+use crate::protocol::{Request, WatchApplyInfo, WatchStatusInfo};
 
 /// Arguments of `hotpatch watch`.
 #[derive(Debug, clap::Args)]
@@ -46,46 +46,34 @@ fn fail(e: &hotpatch_watch::Error, json: bool) -> Failure {
 /// The agent's and watch's refusals, with their codes.
 pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     if a.revert {
-        let v: Value = call(&a.conn, a.json, &Request::WatchRevert)?;
+        let r: WatchApplyInfo = call(&a.conn, a.json, &Request::WatchRevert)?;
+        let v = serde_json::to_value(&r).map_err(|e| Failure::io(&std::io::Error::other(e)))?;
         return print(out, a.json, &v, |o| {
-            let names: Vec<&str> = v["reverted"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             writeln!(
                 o,
                 "reverted {} function(s) to the original code{}{}",
-                names.len(),
-                if names.is_empty() { "" } else { ": " },
-                names.join(", ")
+                r.reverted.len(),
+                if r.reverted.is_empty() { "" } else { ": " },
+                r.reverted.join(", ")
             )
         });
     }
     if a.status {
-        let v: Value = call(&a.conn, a.json, &Request::WatchStatus)?;
+        let st: WatchStatusInfo = call(&a.conn, a.json, &Request::WatchStatus)?;
+        let v = serde_json::to_value(&st).map_err(|e| Failure::io(&std::io::Error::other(e)))?;
         return print(out, a.json, &v, |o| {
-            writeln!(o, "generation {}", v["generation"])?;
-            for s in v["sites"].as_array().into_iter().flatten() {
+            writeln!(o, "generation {}", st.generation)?;
+            for s in &st.sites {
                 writeln!(
                     o,
                     "  {} (generation {}{})",
-                    s["function"].as_str().unwrap_or("?"),
-                    s["generation"],
-                    if s["enabled"] == true {
-                        ""
-                    } else {
-                        ", disabled"
-                    }
+                    s.function,
+                    s.generation,
+                    if s.enabled { "" } else { ", disabled" }
                 )?;
             }
-            for g in v["mapped"].as_array().into_iter().flatten() {
-                writeln!(
-                    o,
-                    "  mapped: generation {} ({} bytes)",
-                    g["generation"], g["len"]
-                )?;
+            for g in &st.mapped {
+                writeln!(o, "  mapped: generation {} ({} bytes)", g.generation, g.len)?;
             }
             Ok(())
         });
@@ -177,43 +165,38 @@ fn once(
     };
     let r = call(conn, json, &req);
     let _ = std::fs::remove_file(&p.bundle_path);
-    let v: Value = r?;
+    let r: WatchApplyInfo = r?;
     let apply_ms = t.elapsed().as_secs_f64() * 1e3;
     let total = t0.elapsed().as_secs_f64();
     let tm = p.timings;
     let v = json!({
-        "generation": v["generation"],
-        "patched": v["patched"],
-        "added": v["added"],
-        "reverted": v["reverted"],
-        "unloaded": v["unloaded"],
-        "retained": v["retained"],
+        "generation": r.generation,
+        "patched": r.patched,
+        "added": r.added,
+        "reverted": r.reverted,
+        "unloaded": r.unloaded,
+        "retained": r.retained,
+        "debug_file": r.debug_file,
         "timings_ms": {
             "build": tm.build_ms, "diff": tm.diff_ms, "link": tm.link_ms, "apply": apply_ms,
             "total": total * 1e3,
         },
     });
     print(out, json, &v, |o| {
-        let names: Vec<&str> = v["patched"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
         writeln!(
             o,
             "patched {} function(s) in {:.2} s (build {:.2}, diff {:.3}, link {:.3}, apply {:.3}), generation {}{}",
-            names.len(),
+            r.patched.len(),
             total,
             tm.build_ms / 1e3,
             tm.diff_ms / 1e3,
             tm.link_ms / 1e3,
             apply_ms / 1e3,
-            v["generation"],
-            if names.is_empty() { "" } else { ":" }
+            r.generation,
+            if r.patched.is_empty() { "" } else { ":" }
         )?;
-        if !names.is_empty() {
-            writeln!(o, "  {}", names.join(", "))?;
+        if !r.patched.is_empty() {
+            writeln!(o, "  {}", r.patched.join(", "))?;
         } else if p.diff.changed.is_empty() {
             writeln!(
                 o,
@@ -221,19 +204,12 @@ fn once(
                 p.project.crate_name
             )?;
         }
-        for (key, what) in [
-            ("reverted", "back to the original"),
-            ("unloaded", "generations unloaded"),
-        ] {
-            let list: Vec<String> = v[key]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
-                .collect();
-            if !list.is_empty() {
-                writeln!(o, "  {what}: {}", list.join(", "))?;
-            }
+        if !r.reverted.is_empty() {
+            writeln!(o, "  back to the original: {}", r.reverted.join(", "))?;
+        }
+        if !r.unloaded.is_empty() {
+            let list: Vec<String> = r.unloaded.iter().map(u64::to_string).collect();
+            writeln!(o, "  generations unloaded: {}", list.join(", "))?;
         }
         Ok(())
     })

@@ -27,7 +27,7 @@ pub struct SymbolTarget {
 fn module_named(reg: &Registry, module: Option<&str>) -> Option<Module> {
     match module {
         None => {
-            let exe = std::fs::read_link("/proc/self/exe").ok()?;
+            let exe = hotpatch_sys::phdr::main_program_path();
             let seq = reg.current_seq();
             reg.modules()
                 .into_iter()

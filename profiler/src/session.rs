@@ -128,8 +128,10 @@ impl ProfilerBuilder {
         unwind::retain_only(&live);
         if self.anon_unwind_info {
             for m in reg.modules() {
-                if let (ModuleKind::Anon(a), None) = (&m.kind, m.unloaded_seq) {
-                    unwind::register(m.id, a.start.0, a.len);
+                if m.unloaded_seq.is_none() {
+                    for (start, len) in synthesized_ranges(&m) {
+                        unwind::register(m.id, start, len);
+                    }
                 }
             }
         }
@@ -399,6 +401,23 @@ struct Shared {
     clocks: Mutex<Clocks>,
 }
 
+/// The ranges of `m` whose unwind info is synthesized from its code: an
+/// anonymous range, or each executable segment of an ELF module that has no
+/// bytes in its file (code placed by other means, e.g. a generation of
+/// `hotpatch watch`, whose module file holds only its DWARF and symbols).
+fn synthesized_ranges(m: &hotpatch_symbolizer::Module) -> Vec<(u64, u64)> {
+    match &m.kind {
+        ModuleKind::Anon(a) => vec![(a.start.0, a.len)],
+        ModuleKind::Elf(e) => e
+            .segments
+            .iter()
+            .filter(|s| s.is_exec() && s.filesz == 0 && s.memsz > 0)
+            .map(|s| (e.bias.to_runtime(s.vaddr).0, s.memsz))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 impl Shared {
     fn lock_clocks(&self) -> MutexGuard<'_, Clocks> {
         self.clocks.lock().unwrap_or_else(|e| e.into_inner())
@@ -416,13 +435,13 @@ impl Shared {
         match ev {
             Event::Unloading(m) => {
                 self.checkpoint();
-                if let ModuleKind::Anon(a) = &m.kind {
-                    unwind::deregister(m.id, a.start.0);
+                for (start, _) in synthesized_ranges(m) {
+                    unwind::deregister(m.id, start);
                 }
             }
-            Event::Loaded(m) => {
-                if let (ModuleKind::Anon(a), true) = (&m.kind, self.config.anon_unwind_info) {
-                    unwind::register(m.id, a.start.0, a.len);
+            Event::Loaded(m) if self.config.anon_unwind_info => {
+                for (start, len) in synthesized_ranges(m) {
+                    unwind::register(m.id, start, len);
                 }
             }
             _ => {}

@@ -17,6 +17,8 @@
 //! | `heap_stop` | [`HeapStopInfo`] |
 //! | `heap_snapshot` | [`HeapSnapshotInfo`] (+ one payload) |
 //! | `leak_check` | [`LeakCheckInfo`] |
+//! | `watch_apply`, `watch_revert` | [`WatchApplyInfo`] |
+//! | `watch_status` | [`WatchStatusInfo`] |
 //!
 //! Fields that a result has only sometimes are `Option`s left out of the
 //! JSON when `None`; fields that are always there but may be empty are
@@ -408,6 +410,71 @@ pub struct LeakCheckInfo {
     /// The report's fields (the heap crate's `LeakReport`).
     #[serde(flatten)]
     pub report: serde_json::Map<String, serde_json::Value>,
+}
+
+// ---- `hotpatch watch` (issue #13) ----
+
+/// `watch_apply` and `watch_revert`: what the step did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchApplyInfo {
+    /// The generation now live (0: the original code everywhere).
+    pub generation: u64,
+    /// Functions whose calls now go to the new generation.
+    pub patched: Vec<String>,
+    /// New functions placed with it.
+    pub added: Vec<String>,
+    /// Sites installed by this step.
+    pub installed: usize,
+    /// Sites swapped from the previous generation.
+    pub swapped: usize,
+    /// Functions put back to the original code by this step.
+    pub reverted: Vec<String>,
+    /// Generations unmapped by this step.
+    pub unloaded: Vec<u64>,
+    /// Older generations still mapped (a thread may still run in them).
+    pub retained: Vec<u64>,
+    /// Bytes mapped for this generation.
+    pub bytes: usize,
+    /// Time spent in the target, microseconds.
+    pub micros: u64,
+    /// The generation's debug module (DWARF and symbols at the code's
+    /// runtime addresses), `null` when none was written.
+    pub debug_file: Option<String>,
+}
+
+/// `watch_status`: the live generation, its sites, what is still mapped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchStatusInfo {
+    /// The live generation (0: none).
+    pub generation: u64,
+    /// The sites of `hotpatch watch`.
+    pub sites: Vec<WatchSiteInfo>,
+    /// Generations still mapped.
+    pub mapped: Vec<WatchMappedInfo>,
+    /// Generations unmapped by this request.
+    pub unloaded: Vec<u64>,
+}
+
+/// One site of `hotpatch watch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchSiteInfo {
+    /// The function's name.
+    pub function: String,
+    /// The generation it leads to.
+    pub generation: u64,
+    /// Whether calls go to the new code.
+    pub enabled: bool,
+}
+
+/// A generation still mapped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchMappedInfo {
+    /// Its number.
+    pub generation: u64,
+    /// Where its code starts.
+    pub base: u64,
+    /// Bytes of code.
+    pub len: u64,
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use gimli::{AttributeValue, DwTag, Reader, UnitOffset, constants};
 
 /// How the ABI passes a value (System V x86-64, coarse).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AbiClass {
     /// General-purpose register: integers, `bool`, `char`, enums, pointers
     /// and references.
@@ -28,7 +28,7 @@ pub enum AbiClass {
 }
 
 /// One parameter or return value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ValueType {
     /// The type's name as DWARF spells it (after typedefs), `*T` for
     /// pointers, `?` when unnamed.
@@ -55,7 +55,7 @@ impl std::fmt::Display for ValueType {
 }
 
 /// A function's parameters and return value, from its DWARF subprogram.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Signature {
     /// The subprogram's name.
     pub name: Option<String>,

@@ -99,7 +99,7 @@ fn each_crate_unit(
 }
 
 /// The memory layout of a type as DWARF gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     /// `DW_AT_byte_size`.
     pub size: Option<u64>,
@@ -108,7 +108,7 @@ pub struct Layout {
 }
 
 /// Types of a crate and the functions that use them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CrateTypes {
     /// Structures, unions and enums by qualified name (`a::b::T`, generic
     /// arguments as DWARF names them).

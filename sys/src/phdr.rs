@@ -73,10 +73,28 @@ impl LoadedObject {
     /// empty in the loader's list; `/proc/self/exe` names it).
     pub fn path(&self) -> PathBuf {
         if self.name.is_empty() {
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+            main_program_path()
         } else {
             PathBuf::from(&self.name)
         }
+    }
+}
+
+/// The path the main program was started from. Once its file has been
+/// replaced on disk (a rebuild), `/proc/self/exe` reads `<path> (deleted)`:
+/// the suffix is dropped, so the program keeps one name. Its bytes are read
+/// through `/proc/self/exe`, never through this path, which may name
+/// another build by then.
+pub fn main_program_path() -> PathBuf {
+    match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            match s.strip_suffix(" (deleted)") {
+                Some(t) if !p.exists() => PathBuf::from(t),
+                _ => p,
+            }
+        }
+        Err(_) => PathBuf::from("/proc/self/exe"),
     }
 }
 

@@ -90,6 +90,7 @@ fn code(name: &str, bytes: &[u8], relocs: Vec<BRel>) -> BSec {
         hex: hex(bytes),
         relocs,
         function: Some(name.to_owned()),
+        symbols: Vec::new(),
     }
 }
 
@@ -107,6 +108,7 @@ fn bundle(sections: Vec<BSec>, functions: Vec<(&str, usize)>) -> Bundle {
             })
             .collect(),
         added: Vec::new(),
+        debug: Vec::new(),
     }
 }
 
@@ -186,7 +188,7 @@ fn generations_relocations_and_revert() {
     assert_eq!(other, 31, "not that thread's thread-local");
     // SAFETY: getpid has no preconditions.
     assert_eq!(call(target_call), unsafe { libc::getpid() } as u64);
-    let st = hotpatch_watch::apply::status();
+    let st = serde_json::to_value(hotpatch_watch::apply::status()).expect("status json");
     let mapped: Vec<u64> = st["mapped"]
         .as_array()
         .expect("mapped")
@@ -397,7 +399,7 @@ fn a_generation_a_thread_runs_in_stays_mapped_until_it_leaves() {
     );
     SPIN_STOP.store(1, Ordering::Relaxed);
     assert_eq!(t.join().expect("spinner"), 1);
-    let st = hotpatch_watch::apply::status();
+    let st = serde_json::to_value(hotpatch_watch::apply::status()).expect("status json");
     assert!(
         st["unloaded"]
             .as_array()

@@ -152,6 +152,13 @@ impl Fixture {
             .expect("run hotpatch")
     }
 
+    /// `hotpatch ARGS` without `--pid`.
+    fn run_plain(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(&self.hotpatch);
+        self.env(&mut c);
+        c.args(args).output().expect("run hotpatch")
+    }
+
     fn watch_once(&self) -> Output {
         self.hotpatch(&["watch", "--once", "--json"])
     }
@@ -350,15 +357,24 @@ fn watch_edit_save_live() {
     let pid = fx.pid();
     let (orig_file, orig_mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(orig_file, orig_mem, "quote is not the file's code at start");
-    let s0 = patcher_refusal(&fx);
-    let (_, mem) = quote_bytes(&fx.exe(), pid);
-    assert_eq!(
-        mem, orig_mem,
-        "quote's bytes not restored after the refusal"
-    );
+    let s0 = fx.status();
 
     // Generation 1: a local function's body and the function that counts
-    // in the static and the thread-local.
+    // in the static and the thread-local. `quote` also moves down the file
+    // (lines inserted above it) and spins, so a profile finds it at lines
+    // the original file does not have.
+    let orig_lines = std::fs::read_to_string(fx.crate_dir().join("src/pricing.rs"))
+        .expect("read")
+        .lines()
+        .count();
+    fx.edit(
+        "pricing.rs",
+        "#[inline(never)]\npub fn quote(x: u64) -> u64 {\n",
+        &format!(
+            "{}#[inline(never)]\npub fn quote(x: u64) -> u64 {{\n    let mut spin = 0u64;\n    while spin < 50_000 {{\n        spin = std::hint::black_box(spin + 1);\n    }}\n",
+            "// A line inserted above quote by the test.\n".repeat(30)
+        ),
+    );
     fx.edit("pricing.rs", "1000 + (x % LIMIT)", "2000 + (x % LIMIT)");
     fx.edit(
         "main.rs",
@@ -374,12 +390,17 @@ fn watch_edit_save_live() {
     assert_kept(&s0, &s1);
     let (_, mem) = quote_bytes(&fx.exe(), pid);
     assert_ne!(mem, orig_mem, "quote's entry was not patched");
+    patched_frames_have_new_lines(&fx, &g1, orig_lines);
 
     // Generation 2 over 1: the inlined callee `bonus` (its caller `quote`
     // is what gets patched) and a brand-new function.
     fx.edit("pricing.rs", "2000 + (x % LIMIT)", "3000 + (x % LIMIT)");
     fx.edit("pricing.rs", "x / 1000\n", "x / 1000 + 500\n");
-    fx.edit("pricing.rs", "+ bonus(x)\n", "+ bonus(x) + fresh(x)\n");
+    fx.edit(
+        "pricing.rs",
+        "+ surcharge(x)\n",
+        "+ surcharge(x) + fresh(x)\n",
+    );
     let src = fx.crate_dir().join("src/pricing.rs");
     let mut t = std::fs::read_to_string(&src).expect("read");
     t.push_str("\n#[inline(never)]\nfn fresh(x: u64) -> u64 {\n    x * 0 + 7\n}\n");
@@ -408,6 +429,13 @@ fn watch_edit_save_live() {
     std::fs::write(&src, &good).expect("restore");
     let s3 = fx.wait_results(103_507..103_607);
     assert_kept(&s2, &s3);
+
+    // E_WATCH_SIGNATURE_CHANGED is not produced here: two real edits of
+    // `watch_fixture_fee`'s parameter type (called with a literal by
+    // `surcharge`, and called through `surcharge`'s own `extern "C"`
+    // declaration) both changed `surcharge`'s identity in the diff too, so
+    // its caller came along and the edit was applied (see DESIGN-NOTES).
+    let s3 = s2.clone();
 
     fx.edit("pricing.rs", "3000 + (x % LIMIT)", "3000 + (x % LIMIT) +");
     let r = fx.watch_once();
@@ -465,6 +493,17 @@ fn watch_edit_save_live() {
     let (file, mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(file, mem, "quote's original bytes are not back");
     assert_eq!(mem, orig_mem);
+
+    // `hotpatch patch` by name on a process whose executable was rebuilt
+    // since it started (its file on disk replaced: /proc/PID/exe says
+    // "(deleted)"), and a watch refused over that foreign site.
+    let s6 = patcher_refusal(&fx);
+    assert_kept(&s5, &s6);
+    let (_, mem) = quote_bytes(&fx.exe(), pid);
+    assert_eq!(
+        mem, orig_mem,
+        "quote's bytes not restored after the refusal"
+    );
 }
 
 /// A function the patcher refuses, by a real edit; returns the status after.
@@ -472,8 +511,8 @@ fn patcher_refusal(fx: &Fixture) -> Value {
     // A function the patcher refuses: `quote` already patched by hand to a
     // plugin (E_PATCH_ALREADY_PATCHED): the edit is refused, with the
     // function's name and the patcher's code, and nothing is applied. Done
-    // first, before any rebuild: the agent's own `patch` reads the
-    // executable's file, which a rebuild replaces (E_SYM_IO "(deleted)").
+    // last, after several rebuilds replaced the executable's file: the
+    // agent's own `patch` must read the running executable, not the path.
     let so = fixtures::plugin("pricing-v1");
     let so = so.display().to_string();
     let r = fx.hotpatch(&["load", &so]);
@@ -488,7 +527,7 @@ fn patcher_refusal(fx: &Fixture) -> Value {
     let s6 = fx.wait_results(2000..3000);
     let src = fx.crate_dir().join("src/pricing.rs");
     let original = std::fs::read_to_string(&src).expect("read");
-    fx.edit("pricing.rs", "1000 + (x % LIMIT)", "4000 + (x % LIMIT)");
+    fx.edit("pricing.rs", "(x % LIMIT)", "(x % LIMIT) + 4000");
     let r = fx.watch_once();
     assert!(
         !r.status.success(),
@@ -508,4 +547,95 @@ fn patcher_refusal(fx: &Fixture) -> Value {
     assert!(r.status.success(), "revert: {}", text(&r));
     std::fs::write(&src, original).expect("restore");
     fx.wait_results(1000..1100)
+}
+
+/// A CPU profile taken through the CLI names the patched `quote` with its
+/// new source line (one the original file does not have), read by `go tool
+/// pprof -raw`; `hotpatch symbolize` of that address in the generation's
+/// debug module says the same.
+fn patched_frames_have_new_lines(fx: &Fixture, g1: &Value, orig_lines: usize) {
+    let debug_file = g1["debug_file"]
+        .as_str()
+        .unwrap_or_else(|| panic!("generation 1 has no debug module: {g1}"))
+        .to_owned();
+    assert!(Path::new(&debug_file).is_file(), "{debug_file}: {g1}");
+    let pb = fx.dir.join("gen1.pb.gz");
+    // The workers spend most of their CPU time in the new `quote`; a longer
+    // profile is tried only if a short one caught no sample of it (a loaded
+    // machine), so the verdict never depends on timing.
+    let mut found = None;
+    let mut last = String::new();
+    for seconds in ["2", "6", "20"] {
+        let out = fx.hotpatch(&[
+            "profile",
+            "--seconds",
+            seconds,
+            "-o",
+            &pb.display().to_string(),
+        ]);
+        assert!(out.status.success(), "profile: {}", text(&out));
+        let raw = Command::new("go")
+            .args(["tool", "pprof", "-raw"])
+            .arg(&pb)
+            .env("HOME", &fx.runtime)
+            .output()
+            .expect("`go` is needed for this test: apt-get install -y golang-go");
+        assert!(raw.status.success(), "go tool pprof -raw: {}", text(&raw));
+        last = String::from_utf8_lossy(&raw.stdout).into_owned();
+        found = quote_location(&last);
+        if found.is_some() {
+            break;
+        }
+    }
+    let (addr, line) =
+        found.unwrap_or_else(|| panic!("no location of quote in pricing.rs in:\n{last}"));
+    assert!(
+        line > orig_lines,
+        "quote is named with line {line}, which the original file (of {orig_lines} lines) has:\n{last}"
+    );
+    let module = Path::new(&debug_file)
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(last.contains(&module), "no mapping of {module}:\n{last}");
+    let out = fx.run_plain(&["symbolize", "--exe", &debug_file, &format!("{addr:#x}")]);
+    assert!(out.status.success(), "symbolize: {}", text(&out));
+    let sym = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(sym.contains("watch_fixture::pricing::quote"), "{sym}");
+    let at = sym
+        .lines()
+        .find_map(|l| l.rsplit_once("pricing.rs:"))
+        .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no pricing.rs line: {sym}"));
+    assert!(at > orig_lines, "symbolize names line {at}: {sym}");
+}
+
+/// The address and line of a `pprof -raw` location of `quote` in
+/// `pricing.rs`: "   7: 0x7f.. M=2 watch_fixture::pricing::quote
+/// /path/src/pricing.rs:40 s=0" (inlined frames on the next lines).
+fn quote_location(raw: &str) -> Option<(u64, usize)> {
+    let mut addr = None;
+    for l in raw.lines() {
+        let t = l.trim_start();
+        if let Some((head, rest)) = t.split_once(": 0x") {
+            if head.chars().all(|c| c.is_ascii_digit()) {
+                addr = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a, 16).ok());
+            }
+        }
+        if !t.contains("watch_fixture::pricing::quote") {
+            continue;
+        }
+        let line = t
+            .split_whitespace()
+            .find_map(|w| w.rsplit_once("pricing.rs:"))
+            .and_then(|(_, n)| n.parse::<usize>().ok());
+        if let (Some(a), Some(n)) = (addr, line) {
+            return Some((a, n));
+        }
+    }
+    None
 }

@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hotpatch_patcher::{InstallOptions, Site};
 use hotpatch_symbolizer::registry::ModuleKind;
-use hotpatch_symbolizer::{ModuleId, Registry, RuntimeAddr};
+use hotpatch_symbolizer::{Bias, ElfModuleSpec, ModuleId, Registry, RuntimeAddr};
 use serde::Serialize;
 
 use crate::bundle::{BTarget, Bundle, unhex};
@@ -55,6 +56,9 @@ pub struct ApplyReport {
     pub bytes: usize,
     /// Time spent, microseconds.
     pub micros: u64,
+    /// The generation's debug module (its DWARF and symbol table, at the
+    /// code's runtime addresses), when one was written.
+    pub debug_file: Option<String>,
 }
 
 #[derive(Debug)]
@@ -560,6 +564,15 @@ fn refused(display: &str, code: &str, msg: &str) -> Error {
 /// `E_WATCH_NO_MEMORY`, `E_WATCH_PATCH_REFUSED` (with the function's name
 /// and the patcher's code). On error nothing changed.
 pub fn apply(b: &Bundle) -> Result<ApplyReport> {
+    apply_in(b, None)
+}
+
+/// [`apply`], writing the generation's debug module (see [`crate::debug`])
+/// into `debug_dir` (default: the system's temporary directory).
+///
+/// # Errors
+/// As [`apply`].
+pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     let t0 = Instant::now();
     let p = process()?;
     if b.build_id != p.syms.build_id {
@@ -597,22 +610,11 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
     }
     let (mut map, addr_of, code_len) = place(p, b)?;
     let gen_id = st.next.max(st.current) + 1;
-    // Name the new code in the symbolizer: one range per function.
+    // Name the new code in the symbolizer: a module with the new build's
+    // DWARF when it can be written, else one anonymous range per function.
     let reg = Registry::global();
-    let mut modules = Vec::new();
-    let mut module_at: HashMap<usize, ModuleId> = HashMap::new();
-    for (i, s) in b.sections.iter().enumerate() {
-        if s.kind == SecKind::Code && s.size > 0 {
-            let name = format!(
-                "{} [hotpatch watch gen {gen_id}]",
-                s.function.as_deref().unwrap_or(&s.name)
-            );
-            if let Ok(id) = reg.register_anon(name, RuntimeAddr(addr_of[i] as u64), s.size) {
-                modules.push(id);
-                module_at.insert(i, id);
-            }
-        }
-    }
+    let (modules, module_at, debug_file) =
+        name_code(p, b, &addr_of, (map.base, code_len), gen_id, debug_dir);
     let unregister_all = |modules: &[ModuleId]| {
         for m in modules {
             let _ = reg.unregister(*m);
@@ -676,6 +678,9 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
         }
         if !map.keep {
             unregister_all(&modules);
+            if let Some(f) = &debug_file {
+                let _ = std::fs::remove_file(f);
+            }
         }
         return Err(err);
     }
@@ -745,7 +750,100 @@ pub fn apply(b: &Bundle) -> Result<ApplyReport> {
         retained,
         bytes,
         micros: t0.elapsed().as_micros() as u64,
+        debug_file: debug_file.map(|f| f.display().to_string()),
     })
+}
+
+/// Registers the generation's code with the symbolizer: one ELF module
+/// with the relocated DWARF and a symbol table (written to `dir`), or, if
+/// that cannot be made, one anonymous range per function. Returns the
+/// modules, the module of each code section, and the debug file.
+fn name_code(
+    p: &Process,
+    b: &Bundle,
+    addr_of: &[usize],
+    code: (usize, usize),
+    gen_id: u64,
+    dir: Option<&Path>,
+) -> (Vec<ModuleId>, HashMap<usize, ModuleId>, Option<PathBuf>) {
+    let reg = Registry::global();
+    let code_secs = || {
+        b.sections
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kind == SecKind::Code && s.size > 0)
+    };
+    match debug_module(p, b, addr_of, code, gen_id, dir) {
+        Ok((id, path)) => {
+            let at = code_secs().map(|(i, _)| (i, id)).collect();
+            return (vec![id], at, Some(path));
+        }
+        Err(e) => trace(&format!("no debug module for generation {gen_id}: {e}")),
+    }
+    let mut modules = Vec::new();
+    let mut module_at = HashMap::new();
+    for (i, s) in code_secs() {
+        let name = format!(
+            "{} [hotpatch watch gen {gen_id}]",
+            s.function.as_deref().unwrap_or(&s.name)
+        );
+        if let Ok(id) = reg.register_anon(name, RuntimeAddr(addr_of[i] as u64), s.size) {
+            modules.push(id);
+            module_at.insert(i, id);
+        }
+    }
+    (modules, module_at, None)
+}
+
+fn debug_module(
+    p: &Process,
+    b: &Bundle,
+    addr_of: &[usize],
+    code: (usize, usize),
+    gen_id: u64,
+    dir: Option<&Path>,
+) -> Result<(ModuleId, PathBuf)> {
+    if b.debug.is_empty() {
+        return Err(bad("the bundle carries no debug sections"));
+    }
+    let tls = |name: &str| p.syms.syms.get(name).filter(|s| s.tls).map(|s| s.value);
+    let debug = crate::debug::relocate(b, addr_of, &tls)?;
+    let mut syms = Vec::new();
+    let mut loads = Vec::new();
+    for (i, s) in b.sections.iter().enumerate() {
+        if s.kind != SecKind::Code || s.size == 0 {
+            continue;
+        }
+        loads.push((addr_of[i] as u64, s.size));
+        for f in &s.symbols {
+            syms.push((f.name.clone(), addr_of[i] as u64 + f.offset, f.size));
+        }
+    }
+    if loads.len() > 200 {
+        // The registry's history carries at most 256 segments per module.
+        loads = vec![(code.0 as u64, code.1 as u64)];
+    }
+    let image = crate::debug::elf_image((code.0 as u64, code.1 as u64), &loads, &debug, &syms);
+    let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let name = format!("hotpatch-watch-{}-gen{gen_id}.elf", std::process::id());
+    let path = crate::debug::write_file(&dir, &name, &image)?;
+    match Registry::global().register_elf(ElfModuleSpec::file(&path, Bias(0))) {
+        Ok(id) => Ok((id, path)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(Error::new(
+                E_WATCH_IO,
+                format!("{}: not registered: {e}", path.display()),
+            ))
+        }
+    }
+}
+
+/// With `HOTPATCH_WATCH_TRACE` set, prints `what` to stderr.
+fn trace(what: &str) {
+    if std::env::var_os("HOTPATCH_WATCH_TRACE").is_some() {
+        eprintln!("hotpatch watch: {what}");
+    }
 }
 
 fn remove_sites(st: &mut State, names: &[String]) -> Vec<String> {
@@ -855,29 +953,72 @@ pub fn revert_all() -> Result<ApplyReport> {
     })
 }
 
+/// What [`status`] says.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The live generation (0: none).
+    pub generation: u64,
+    /// The sites.
+    pub sites: Vec<SiteStatus>,
+    /// Generations still mapped.
+    pub mapped: Vec<MappedGeneration>,
+    /// Generations unmapped by this call.
+    pub unloaded: Vec<u64>,
+}
+
+/// One site of [`Status`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteStatus {
+    /// The function (display name).
+    pub function: String,
+    /// The generation it leads to.
+    pub generation: u64,
+    /// Whether calls go to the new code.
+    pub enabled: bool,
+}
+
+/// A generation of [`Status`] still mapped.
+#[derive(Debug, Clone, Serialize)]
+pub struct MappedGeneration {
+    /// Its number.
+    pub generation: u64,
+    /// Where its code starts.
+    pub base: usize,
+    /// Bytes of code.
+    pub len: usize,
+}
+
 /// The live generation, its sites and the generations still mapped (with
 /// their addresses). Older generations that have become unused since the
-/// last apply are unmapped first (listed in `"unloaded"`).
-pub fn status() -> serde_json::Value {
+/// last apply are unmapped first (listed in `unloaded`).
+pub fn status() -> Status {
     let mut guard = lock();
     match guard.as_mut() {
-        None => serde_json::json!({ "generation": 0, "sites": [], "mapped": [], "unloaded": [] }),
+        None => Status::default(),
         Some(st) => {
             let (unloaded, _) = retire(st);
-            serde_json::json!({
-                "generation": st.current,
-                "sites": st.sites.values().map(|w| serde_json::json!({
-                    "function": w.display,
-                    "generation": w.generation,
-                    "enabled": w.site.is_enabled(),
-                })).collect::<Vec<_>>(),
-                "mapped": st.generations.iter().map(|g| serde_json::json!({
-                    "generation": g.id,
-                    "base": g.base,
-                    "len": g.len,
-                })).collect::<Vec<_>>(),
-                "unloaded": unloaded,
-            })
+            Status {
+                generation: st.current,
+                sites: st
+                    .sites
+                    .values()
+                    .map(|w| SiteStatus {
+                        function: w.display.clone(),
+                        generation: w.generation,
+                        enabled: w.site.is_enabled(),
+                    })
+                    .collect(),
+                mapped: st
+                    .generations
+                    .iter()
+                    .map(|g| MappedGeneration {
+                        generation: g.id,
+                        base: g.base,
+                        len: g.len,
+                    })
+                    .collect(),
+                unloaded,
+            }
         }
     }
 }

@@ -57,6 +57,73 @@ pub struct Bundle {
     /// New functions the new code reaches (mangled), placed but not
     /// patched (the process has no copy).
     pub added: Vec<String>,
+    /// The DWARF of the objects the code comes from, one entry per object:
+    /// relocated by the agent once the code's addresses are known, so the
+    /// new code is named with its new `file:line` ([`crate::debug`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub debug: Vec<BDebug>,
+}
+
+/// The `.debug_*` sections of one object of the new build.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BDebug {
+    /// The object (for messages).
+    pub object: String,
+    /// Its debug sections.
+    pub sections: Vec<BDebugSec>,
+}
+
+/// One debug section of an object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BDebugSec {
+    /// `.debug_info`, `.debug_line`...
+    pub name: String,
+    /// Its bytes, hex.
+    pub hex: String,
+    /// Relocations to apply (`R_X86_64_64`, `_32`, `DTPOFF32/64`).
+    pub relocs: Vec<BDebugRel>,
+}
+
+/// A relocation of a debug section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BDebugRel {
+    /// Offset in the section.
+    pub offset: u64,
+    /// `R_X86_64_*`.
+    pub r_type: u32,
+    /// What it refers to.
+    pub target: DTarget,
+    /// Addend.
+    pub addend: i64,
+}
+
+/// What a relocation of a debug section refers to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum DTarget {
+    /// A section of the patch ([`Bundle::sections`]).
+    Section {
+        /// Section index in [`Bundle::sections`].
+        index: usize,
+        /// Offset in it.
+        offset: u64,
+    },
+    /// Another debug section of the same object, by name (its start).
+    Debug {
+        /// Section name.
+        name: String,
+    },
+    /// A thread-local of the running process (its offset in the TLS block).
+    Tls {
+        /// Mangled name.
+        name: String,
+    },
+    /// Code or data the patch does not carry (unchanged functions of the
+    /// same object): resolved to 0, outside every range of the patch.
+    Absent,
 }
 
 /// A section of the patch.
@@ -78,6 +145,21 @@ pub struct BSec {
     /// For a code section of a function: its display name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
+    /// The functions it defines (the patch module's symbol table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<BSym>,
+}
+
+/// A function symbol of a patch section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BSym {
+    /// Mangled name.
+    pub name: String,
+    /// Offset in the section.
+    pub offset: u64,
+    /// `st_size`.
+    pub size: u64,
 }
 
 /// A relocation of the patch.
@@ -180,6 +262,22 @@ impl Builder<'_> {
                 .find(|s| s.kind == SymKind::Func)
                 .map(|s| display_name(&s.name))
         });
+        let symbols = if s.kind == SecKind::Code {
+            o.named_in
+                .get(&sec)
+                .into_iter()
+                .flatten()
+                .map(|&i| &o.symbols[i])
+                .filter(|s| s.kind == SymKind::Func)
+                .map(|s| BSym {
+                    name: s.name.clone(),
+                    offset: s.value,
+                    size: s.size,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let i = self.sections.len();
         self.sections.push(BSec {
             name: s.name.clone(),
@@ -189,6 +287,7 @@ impl Builder<'_> {
             hex: hex(&s.data),
             relocs: Vec::new(),
             function,
+            symbols,
         });
         self.placed.insert((obj, sec), i);
         self.queue.push((obj, sec));
@@ -319,12 +418,93 @@ pub fn build(
         }
         b.sections[idx].relocs = out;
     }
+    let debug = debug_of(set, &b.placed);
     Ok(Bundle {
         build_id: build_id.to_owned(),
         sections: b.sections,
         functions,
         added: b.added,
+        debug,
     })
+}
+
+/// The debug sections of every object the patch takes code from, their
+/// relocations resolved to patch sections, other debug sections of the
+/// same object, or nothing. Best effort: an object whose debug sections do
+/// not read contributes none (its code is then named by the symbol table
+/// only).
+fn debug_of(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<BDebug> {
+    let mut objs: Vec<usize> = placed
+        .iter()
+        .filter(|((o, s), _)| {
+            set.objs[*o]
+                .sections
+                .get(*s)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.kind == SecKind::Code)
+        })
+        .map(|((o, _), _)| *o)
+        .collect();
+    objs.sort_unstable();
+    objs.dedup();
+    let mut out = Vec::new();
+    for oi in objs {
+        let o = &set.objs[oi];
+        let Ok(secs) = crate::objects::read_debug(&o.path) else {
+            continue;
+        };
+        let names: HashMap<usize, &str> = secs.iter().map(|d| (d.index, d.name.as_str())).collect();
+        let sections = secs
+            .iter()
+            .map(|d| BDebugSec {
+                name: d.name.clone(),
+                hex: hex(&d.data),
+                relocs: d
+                    .relocs
+                    .iter()
+                    .map(|r| {
+                        let sym = o.symbols.get(r.sym);
+                        let (target, addend) = match sym {
+                            Some(s) => match s.section {
+                                Some(sec) if names.contains_key(&sec) => (
+                                    DTarget::Debug {
+                                        name: names[&sec].to_owned(),
+                                    },
+                                    r.addend + s.value as i64,
+                                ),
+                                Some(sec) if placed.contains_key(&(oi, sec)) => (
+                                    DTarget::Section {
+                                        index: placed[&(oi, sec)],
+                                        offset: s.value,
+                                    },
+                                    r.addend,
+                                ),
+                                _ if s.kind == SymKind::Tls && s.is_named() => (
+                                    DTarget::Tls {
+                                        name: s.name.clone(),
+                                    },
+                                    r.addend,
+                                ),
+                                _ => (DTarget::Absent, r.addend),
+                            },
+                            None => (DTarget::Absent, r.addend),
+                        };
+                        BDebugRel {
+                            offset: r.offset,
+                            r_type: r.r_type,
+                            target,
+                            addend,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.push(BDebug {
+            object: o.path.display().to_string(),
+            sections,
+        });
+    }
+    out
 }
 
 /// Lower-case hex of `bytes`.

@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod bundle;
+pub mod debug;
 pub mod error;
 pub mod exe;
 pub mod objects;

@@ -395,3 +395,69 @@ impl ObjSet {
         Some(h.finish())
     }
 }
+
+/// One `.debug_*` section of an object, with its relocations: what the
+/// patch's own DWARF is made of (see [`crate::debug`]).
+#[derive(Debug, Clone)]
+pub struct DebugSec {
+    /// ELF index of the section in its object.
+    pub index: usize,
+    /// Its name (`.debug_info`, `.debug_line`...).
+    pub name: String,
+    /// Its bytes.
+    pub data: Vec<u8>,
+    /// Its relocations (symbol indexes into the object's symbol table).
+    pub relocs: Vec<Rel>,
+}
+
+/// The `.debug_*` sections of the object at `path` (read again, only when
+/// a patch takes code from it: the diff itself never needs them).
+///
+/// # Errors
+/// `E_WATCH_IO`, `E_WATCH_OBJECT`.
+pub fn read_debug(path: &Path) -> Result<Vec<DebugSec>> {
+    let bytes = std::fs::read(path).map_err(|e| io(path.display(), e))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::new(
+            E_WATCH_OBJECT,
+            format!("{} does not parse: {e}", path.display()),
+        )
+    };
+    let file = object::File::parse(&*bytes).map_err(|e| bad(&e))?;
+    let mut out = Vec::new();
+    for s in file.sections() {
+        let name = s.name().unwrap_or("");
+        if !name.starts_with(".debug_") {
+            continue;
+        }
+        if let object::SectionFlags::Elf { sh_flags } = s.flags() {
+            if sh_flags & u64::from(object::elf::SHF_ALLOC) != 0
+                || sh_flags & u64::from(object::elf::SHF_COMPRESSED) != 0
+            {
+                continue;
+            }
+        }
+        let data = s.data().map_err(|e| bad(&e))?.to_vec();
+        let mut relocs = Vec::new();
+        for (offset, r) in s.relocations() {
+            let (RelocationFlags::Elf { r_type }, RelocationTarget::Symbol(i)) =
+                (r.flags(), r.target())
+            else {
+                return Err(bad(&"a debug relocation that is not ELF with a symbol"));
+            };
+            relocs.push(Rel {
+                offset,
+                r_type,
+                sym: i.0,
+                addend: r.addend(),
+            });
+        }
+        out.push(DebugSec {
+            index: s.index().0,
+            name: name.to_owned(),
+            data,
+            relocs,
+        });
+    }
+    Ok(out)
+}

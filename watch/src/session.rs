@@ -4,7 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hotpatch_symbolizer::signatures_in::{signatures_in_crate, types_in_crate};
+use hotpatch_symbolizer::signature::Signature;
+use hotpatch_symbolizer::signatures_in::{CrateTypes, signatures_in_crate, types_in_crate};
 use serde::Serialize;
 
 use crate::bundle::{self, Bundle, Diff, display_name};
@@ -93,10 +94,15 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
     let diff = bundle::diff(&baseline, &new);
     trace("diff", t);
     check_statics(&diff, &exe)?;
-    check_signatures(&diff, &baseline, &project, &exe_path, &exe)?;
-    trace("signatures", t);
-    check_layouts(&diff, &project, &exe_path, &exe)?;
+    let mut facts = Facts::load(&project, &exe.build_id);
+    let checked = check_signatures(&diff, &baseline, &project, &exe_path, &exe, &mut facts)
+        .and_then(|()| {
+            trace("signatures", t);
+            check_layouts(&diff, &project, &exe_path, &exe, &mut facts)
+        });
     trace("layouts", t);
+    facts.save(&project, &exe.build_id);
+    checked?;
     let diff_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let names: HashSet<String> = exe.syms.keys().cloned().collect();
@@ -118,6 +124,52 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
             link_ms,
         },
     })
+}
+
+/// What the DWARF checks read from the baseline executable, which depends
+/// only on its build-id: cached in `target/hotpatch-watch/<build-id>/
+/// facts.json`, so a save reads the DWARF of the new build only (the
+/// running process's executable is read once per baseline, not per save).
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct Facts {
+    /// The crate's type layouts and their users, once read.
+    types: Option<CrateTypes>,
+    /// Signatures by function (mangled); `None`: no subprogram found.
+    signatures: HashMap<String, Option<Signature>>,
+    #[serde(skip)]
+    dirty: bool,
+}
+
+impl Facts {
+    fn path(project: &Project, build_id: &str) -> PathBuf {
+        project.state_dir(build_id).join("facts.json")
+    }
+
+    /// The cached facts, or none (a missing or unreadable cache is rebuilt).
+    fn load(project: &Project, build_id: &str) -> Facts {
+        std::fs::read(Self::path(project, build_id))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes the facts if something was added (best effort: a cache that
+    /// cannot be written is read again next time).
+    fn save(&self, project: &Project, build_id: &str) {
+        if !self.dirty || build_id.is_empty() {
+            return;
+        }
+        let path = Self::path(project, build_id);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let Ok(text) = serde_json::to_vec(self) else {
+            return;
+        };
+        if std::fs::create_dir_all(project.state_dir(build_id)).is_ok()
+            && std::fs::write(&tmp, text).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
 }
 
 /// With `HOTPATCH_WATCH_TRACE` set, prints the time since `t` to stderr.
@@ -158,6 +210,7 @@ fn check_signatures(
     project: &Project,
     old_exe: &Path,
     exe: &ExeSymbols,
+    facts: &mut Facts,
 ) -> Result<()> {
     let changed: Vec<&String> = diff
         .changed
@@ -196,7 +249,31 @@ fn check_signatures(
     let sigs = |path: &Path, syms: &ExeSymbols| {
         signatures_in_crate(path, &project.src_path, &entries(syms)).unwrap_or_default()
     };
-    let old = sigs(old_exe, exe);
+    // The baseline's signatures: from the cache, the missing ones read now.
+    let missing: HashMap<String, u64> = stale_callers
+        .iter()
+        .filter(|(n, _)| !facts.signatures.contains_key(*n))
+        .filter_map(|(n, _)| exe.syms.get(*n).map(|s| ((*n).clone(), s.value)))
+        .collect();
+    if !missing.is_empty() {
+        let mut read =
+            signatures_in_crate(old_exe, &project.src_path, &missing).unwrap_or_default();
+        for n in missing.keys() {
+            facts.signatures.insert(n.clone(), read.remove(n));
+        }
+        facts.dirty = true;
+    }
+    let old: HashMap<String, Signature> = stale_callers
+        .iter()
+        .filter_map(|(n, _)| {
+            facts
+                .signatures
+                .get(*n)
+                .cloned()
+                .flatten()
+                .map(|s| ((*n).clone(), s))
+        })
+        .collect();
     trace("  old signatures", t);
     let new = sigs(&new_exe, &new_syms);
     trace("  new signatures", t);
@@ -230,14 +307,27 @@ fn check_signatures(
 /// of the process that uses it (DWARF: parameters, variables, through
 /// pointers) did not change: it would read the new values with the old
 /// layout.
-fn check_layouts(diff: &Diff, project: &Project, old_exe: &Path, exe: &ExeSymbols) -> Result<()> {
+fn check_layouts(
+    diff: &Diff,
+    project: &Project,
+    old_exe: &Path,
+    exe: &ExeSymbols,
+    facts: &mut Facts,
+) -> Result<()> {
     if diff.changed.is_empty() {
         return Ok(());
     }
-    let (Ok(old), Ok(new)) = (
-        types_in_crate(old_exe, &project.src_path),
-        types_in_crate(&project.binary(), &project.src_path),
-    ) else {
+    if facts.types.is_none() {
+        let Ok(t) = types_in_crate(old_exe, &project.src_path) else {
+            return Ok(());
+        };
+        facts.types = Some(t);
+        facts.dirty = true;
+    }
+    let Some(old) = facts.types.as_ref() else {
+        return Ok(());
+    };
+    let Ok(new) = types_in_crate(&project.binary(), &project.src_path) else {
         return Ok(());
     };
     let changed: HashSet<&str> = diff.changed.iter().map(String::as_str).collect();

@@ -146,7 +146,7 @@ impl Control {
             Request::List => Reply::typed(&self.list()),
             Request::Inspect { target } => Reply::typed(&self.inspect(&target)?),
             req @ (Request::WatchApply { .. } | Request::WatchRevert | Request::WatchStatus) => {
-                Reply::typed(&crate::watch::handle(req)?)
+                crate::watch::handle(req)
             }
             Request::Profile { .. }
             | Request::ProfileRaw { .. }

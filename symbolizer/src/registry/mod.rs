@@ -626,7 +626,15 @@ impl Registry {
             .into_iter()
             .map(|(key, o)| {
                 let path = o.path();
-                let file = self.file_slot(&path, key.2.as_ref(), None);
+                // The main program's bytes through /proc/self/exe: its file
+                // may have been replaced on disk since it started (a
+                // rebuild), and its path then names another build.
+                let from = if o.name.is_empty() {
+                    PathBuf::from("/proc/self/exe")
+                } else {
+                    path.clone()
+                };
+                let file = self.file_slot(&from, key.2.as_ref(), None);
                 (key.clone(), elf_from_loaded(o, path, file))
             })
             .collect();
