@@ -89,6 +89,7 @@
 //! ```
 
 pub mod capture;
+mod drained;
 pub mod error;
 mod fallback;
 pub mod output;

@@ -25,7 +25,7 @@ use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
 use hotpatch_symbolizer::registry::{ModuleId, ModuleKind};
 use hotpatch_symbolizer::{Registry, Seq};
 
-use crate::sampler::{Drained, MAX_FRAMES};
+use crate::drained::{Drained, MAX_FRAMES};
 
 /// Bytes of user stack the kernel copies per sample by default (measured 8
 /// vs 16 vs 32 KiB in BENCHMARKS.md, "perf ring";

@@ -44,8 +44,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Frames kept per sample (the handler's own included).
-pub(crate) const MAX_FRAMES: usize = 128;
+pub(crate) use crate::drained::{Drained, MAX_FRAMES};
 /// Samples the buffer holds between two drains.
 pub(crate) const SLOTS: usize = 4096;
 /// The shortest interval at which the helper thread drains the buffer and
@@ -343,14 +342,6 @@ pub(crate) fn counters() -> (u64, u64) {
         SIGNALS.load(Ordering::Relaxed),
         LOST_FULL.load(Ordering::Relaxed),
     )
-}
-
-/// One drained sample, before aggregation.
-pub(crate) struct Drained {
-    pub stack: Vec<u64>,
-    pub anchored: bool,
-    pub name: String,
-    pub value_ns: u64,
 }
 
 /// Moves every ready sample out of the buffer.
