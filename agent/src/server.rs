@@ -583,7 +583,7 @@ pub(crate) fn dispatch(shared: &Shared, req: Request, w: &mut impl Write) -> io:
             for (target, info) in shared.control().canary_infos() {
                 crate::stats::record_canary(&target, info);
             }
-            Reply::ok(crate::stats::reply())
+            Reply::typed(&crate::stats::reply()).unwrap_or_else(Reply::err)
         }
         req => {
             let op = crate::stats::SiteOp::of(&req);

@@ -9,9 +9,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hotpatch_loader::stats::Exposition;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::protocol::{CanaryInfo, Request};
+use crate::protocol::{CanaryInfo, PluginStats, Request, SiteInfo, SiteStats, StatsReport};
 
 /// Which site operation a request is, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,27 +74,31 @@ fn sites() -> std::sync::MutexGuard<'static, BTreeMap<String, SiteFigures>> {
 /// site's `id`, `name`, `target` and `with`).
 pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
     let Some(op) = op else { return };
-    let Some(id) = reply["id"].as_u64() else {
+    // Every site operation replies with a `SiteInfo`; anything else is not
+    // a site's reply and is not counted.
+    let Ok(site) = SiteInfo::deserialize(reply) else {
         return;
     };
+    let id = u64::from(site.id);
     let now = Instant::now();
-    let s = |k: &str| reply[k].as_str().unwrap_or("").to_owned();
     let mut map = sites();
-    let f = map.entry(s("target")).or_insert_with(|| SiteFigures {
-        id,
-        name: s("name"),
-        target: s("target"),
-        with: s("with"),
-        installs: 0,
-        swaps: 0,
-        enables: 0,
-        disables: 0,
-        reverts: 0,
-        enabled_since: None,
-        enabled_before: Duration::ZERO,
-        state: "enabled",
-        canary: None,
-    });
+    let f = map
+        .entry(site.target.clone())
+        .or_insert_with(|| SiteFigures {
+            id,
+            name: site.name.clone(),
+            target: site.target.clone(),
+            with: site.with.clone(),
+            installs: 0,
+            swaps: 0,
+            enables: 0,
+            disables: 0,
+            reverts: 0,
+            enabled_since: None,
+            enabled_before: Duration::ZERO,
+            state: "enabled",
+            canary: None,
+        });
     let stop = |f: &mut SiteFigures| {
         if let Some(t) = f.enabled_since.take() {
             f.enabled_before += now - t;
@@ -102,14 +107,14 @@ pub(crate) fn observe(op: Option<SiteOp>, reply: &Value) {
     f.id = id;
     match op {
         SiteOp::Install => {
-            f.canary = serde_json::from_value(reply["canary"].clone()).ok();
+            f.canary = site.canary.clone();
             f.installs += 1;
             f.enabled_since = Some(now);
             f.state = "enabled";
         }
         SiteOp::Swap => {
             f.swaps += 1;
-            f.with = s("with");
+            f.with = site.with.clone();
         }
         SiteOp::Enable => {
             f.enables += 1;
@@ -139,37 +144,52 @@ pub(crate) fn record_canary(target: &str, info: CanaryInfo) {
     }
 }
 
-/// The `stats` reply: `plugins` and `sites` as JSON, and the same figures
-/// as Prometheus text in `prometheus`.
-pub(crate) fn reply() -> Value {
-    let plugins: Value =
-        serde_json::from_str(&hotpatch_loader::stats::to_json()).unwrap_or(Value::Null);
-    let now = Instant::now();
-    let map = sites().clone();
-    let sites_json: Vec<Value> = map
-        .values()
-        .map(|f| {
-            json!({
-                "id": f.id,
-                "name": f.name,
-                "target": f.target,
-                "with": f.with,
-                "state": f.state,
-                "installs": f.installs,
-                "swaps": f.swaps,
-                "enables": f.enables,
-                "disables": f.disables,
-                "reverts": f.reverts,
-                "enabled_seconds": f.enabled_for(now).as_secs_f64(),
-                "canary": f.canary,
-            })
+/// The `stats` reply: `plugins` and `sites`, and the same figures as
+/// Prometheus text in `prometheus`.
+pub(crate) fn reply() -> StatsReport {
+    let plugins = hotpatch_loader::stats::snapshot()
+        .into_iter()
+        .map(|p| PluginStats {
+            attempts: p.attempts(),
+            success_rate: p.success_rate(),
+            load_seconds_p50: p.load_time_quantile(0.5),
+            load_seconds_p99: p.load_time_quantile(0.99),
+            state: p.state.as_str().to_owned(),
+            failures: p
+                .failures
+                .iter()
+                .map(|(code, n)| ((*code).to_owned(), *n))
+                .collect(),
+            loads: p.loads,
+            unloads: p.unloads,
+            path: p.path,
+            name: p.name,
         })
         .collect();
-    json!({
-        "plugins": plugins,
-        "sites": sites_json,
-        "prometheus": prometheus(&map, now),
-    })
+    let now = Instant::now();
+    let map = sites().clone();
+    let sites = map
+        .values()
+        .map(|f| SiteStats {
+            id: f.id,
+            name: f.name.clone(),
+            target: f.target.clone(),
+            with: f.with.clone(),
+            state: f.state.to_owned(),
+            installs: f.installs,
+            swaps: f.swaps,
+            enables: f.enables,
+            disables: f.disables,
+            reverts: f.reverts,
+            enabled_seconds: f.enabled_for(now).as_secs_f64(),
+            canary: f.canary.clone(),
+        })
+        .collect();
+    StatsReport {
+        plugins,
+        sites,
+        prometheus: prometheus(&map, now),
+    }
 }
 
 fn prometheus(map: &BTreeMap<String, SiteFigures>, now: Instant) -> String {

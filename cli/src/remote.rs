@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use super::{Conn, Failure, Outcome, print_json};
 use crate::client::{self, Client};
 use crate::protocol::{
-    ListInfo, PluginInfo, Request, SignatureCheck, SiteInfo, StatusInfo, UnloadInfo,
+    CanaryInfo, ListInfo, PluginInfo, Request, SignatureCheck, SiteInfo, StatusInfo, UnloadInfo,
 };
 
 /// Connects as `conn` says, runs one request and reads its result as `T`
@@ -177,6 +177,20 @@ pub enum SiteOp {
     Revert,
 }
 
+/// A canary's state and figures, one indented line (`patch`, `list`,
+/// `stats`).
+pub(crate) fn canary_line(out: &mut dyn Write, c: &CanaryInfo) -> std::io::Result<()> {
+    write!(
+        out,
+        "    canary {} {}: {} replacement calls, {} panics, {} errors (current code: {} calls, {} errors), {:.1}s",
+        c.ratio, c.state, c.calls, c.panics, c.errors, c.control_calls, c.control_errors, c.since_s
+    )?;
+    match &c.reason {
+        Some(r) => writeln!(out, "; rolled back: {r}"),
+        None => writeln!(out),
+    }
+}
+
 fn site_line(out: &mut dyn Write, v: &SiteInfo) -> std::io::Result<()> {
     writeln!(
         out,
@@ -184,22 +198,7 @@ fn site_line(out: &mut dyn Write, v: &SiteInfo) -> std::io::Result<()> {
         v.id, v.name, v.target, v.target_addr, v.with, v.with_addr, v.state
     )?;
     if let Some(c) = &v.canary {
-        write!(
-            out,
-            "    canary {} {}: {} replacement calls, {} panics, {} errors (current code: {} calls, {} errors), {:.1}s",
-            c.ratio,
-            c.state,
-            c.calls,
-            c.panics,
-            c.errors,
-            c.control_calls,
-            c.control_errors,
-            c.since_s
-        )?;
-        match &c.reason {
-            Some(r) => writeln!(out, "; rolled back: {r}"),
-            None => writeln!(out),
-        }?;
+        canary_line(out, c)?;
     }
     Ok(())
 }

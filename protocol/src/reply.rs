@@ -220,6 +220,73 @@ impl std::fmt::Display for CanaryState {
     }
 }
 
+/// The `stats` reply: health figures per plugin and per patch site, and
+/// the same figures in the Prometheus text exposition format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// One row per plugin file given to `load`.
+    pub plugins: Vec<PluginStats>,
+    /// One row per patched target (`MODULE:SYMBOL`).
+    pub sites: Vec<SiteStats>,
+    /// Everything above as Prometheus text (`stats --prometheus`).
+    pub prometheus: String,
+}
+
+/// A plugin's load figures (in [`StatsReport`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginStats {
+    /// The path given to `load`.
+    pub path: String,
+    /// The plugin's name from its descriptor (else the file name).
+    pub name: String,
+    /// `loaded`, `unloaded` or `failed`.
+    pub state: String,
+    /// Successful loads.
+    pub loads: u64,
+    /// Failed loads by error code.
+    pub failures: std::collections::BTreeMap<String, u64>,
+    /// Unloads.
+    pub unloads: u64,
+    /// Loads plus failures.
+    pub attempts: u64,
+    /// Loads / attempts, when there was an attempt.
+    pub success_rate: Option<f64>,
+    /// Median load time (seconds) of the recent attempts.
+    pub load_seconds_p50: Option<f64>,
+    /// 99th percentile load time (seconds) of the recent attempts.
+    pub load_seconds_p99: Option<f64>,
+}
+
+/// A patch site's figures (in [`StatsReport`]); a target patched,
+/// reverted and patched again is one row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteStats {
+    /// The latest site id at this target.
+    pub id: u64,
+    /// The site's name.
+    pub name: String,
+    /// `MODULE:SYMBOL`.
+    pub target: String,
+    /// The current replacement, `PLUGIN:SYMBOL`.
+    pub with: String,
+    /// `enabled`, `disabled` or `reverted`.
+    pub state: String,
+    /// Installs.
+    pub installs: u64,
+    /// Swaps of the replacement.
+    pub swaps: u64,
+    /// Enables after a disable.
+    pub enables: u64,
+    /// Disables.
+    pub disables: u64,
+    /// Reverts.
+    pub reverts: u64,
+    /// Seconds the site was enabled, in total.
+    pub enabled_seconds: f64,
+    /// The site's canary, if it started as one (kept after a revert).
+    pub canary: Option<CanaryInfo>,
+}
+
 /// A canary site's state and figures (in [`SiteInfo`] and `stats`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CanaryInfo {
