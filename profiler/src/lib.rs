@@ -93,6 +93,7 @@ mod drained;
 pub mod error;
 mod fallback;
 pub mod output;
+mod perf;
 mod raw;
 pub mod report;
 mod ring;

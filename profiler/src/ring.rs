@@ -59,7 +59,6 @@ const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 const ATTR_DISABLED: u64 = 1 << 0;
 const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
 const ATTR_EXCLUDE_HV: u64 = 1 << 6;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 const PERF_SAMPLE_IP: u64 = 1 << 0;
@@ -172,22 +171,9 @@ impl Ring {
             sample_stack_user: stack,
             ..Default::default()
         };
-        // SAFETY: perf_event_open reads `attr` (a valid struct of the size
-        // it states) and returns a new fd or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                &attr as *const Attr,
-                tid as libc::pid_t,
-                -1 as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = fd as libc::c_int;
+        // SAFETY: `attr` is a #[repr(C)] perf_event_attr whose `size` is its
+        // own size.
+        let fd = unsafe { crate::perf::open(&attr, tid) }?;
         let data_size = pages.next_power_of_two() * PAGE;
         let map_len = PAGE + data_size;
         // SAFETY: maps our own perf fd, shared and writable (the kernel

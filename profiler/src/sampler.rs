@@ -420,7 +420,6 @@ const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 const ATTR_DISABLED: u64 = 1 << 0;
 const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
 const ATTR_EXCLUDE_HV: u64 = 1 << 6;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 /// `PERF_EVENT_IOC_ENABLE` = `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 /// `PERF_EVENT_IOC_DISABLE` = `_IO('$', 1)`.
@@ -499,22 +498,9 @@ pub(crate) fn perf_clock(tid: i32, period_ns: u64) -> std::io::Result<ThreadCloc
         wakeup_events: 1,
         ..Default::default()
     };
-    // SAFETY: perf_event_open reads `attr` (a valid VER0-sized struct) and
-    // returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttr,
-            tid as libc::pid_t,
-            -1 as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = fd as libc::c_int;
+    // SAFETY: `attr` is a #[repr(C)] perf_event_attr whose `size` is its
+    // own size.
+    let fd = unsafe { crate::perf::open(&attr, tid) }?;
     let clock = ThreadClock::Perf(fd); // closes on the error paths
     let owner = FOwnerEx {
         kind: F_OWNER_TID,
