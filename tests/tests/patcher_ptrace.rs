@@ -602,8 +602,12 @@ fn refused_when_already_traced() {
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
     #[allow(
         clippy::zombie_processes,
-        reason = "reaped by the tracer loop's waitpid(-1, __WALL) below"
+        reason = "reaped by the tracer loop's waitpid(-pgid, __WALL) below"
     )]
+    // Its own process group, so the tracer loop below waits for this child
+    // and its threads only (`waitpid(-pgid)`): a `waitpid(-1)` here reaped
+    // the children of tests running beside it (seen in CI: ECHILD).
+    cmd.process_group(0);
     let child = cmd.spawn().expect("spawn traced child");
     let pid = child.id() as i32;
     // The tracer loop: continue every stop, forwarding real signals.
@@ -611,7 +615,7 @@ fn refused_when_already_traced() {
     let code = loop {
         let mut status = 0;
         // SAFETY: waits for our own tracees.
-        let w = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        let w = unsafe { libc::waitpid(-pid, &mut status, libc::__WALL) };
         assert!(w > 0, "waitpid: {}", std::io::Error::last_os_error());
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             if w == pid {
