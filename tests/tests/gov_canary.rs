@@ -2,7 +2,9 @@
 //! single-threaded; a canary whose replacement panics on 1 input in 100
 //! rolled back by the agent itself while worker threads call the function
 //! (no caller sees a panic or a wrong value, the host keeps counting, the
-//! reason in `list`, `stats --json` and `stats --prometheus`); a clean
+//! reason in `list`, `stats --json`, `stats --prometheus` and the agent's
+//! `tracing` event); a canary erring on 1 call in 4 rolled back by the
+//! `errors>5%` rule with both rates in its reason; a clean
 //! canary promoted, after which every call goes to the replacement; bad
 //! ratios, bad rules, a replacement without counters and a second canary
 //! refused with their codes. Timing never decides a verdict: the tests wait
@@ -137,13 +139,18 @@ struct Host {
     runtime_dir: PathBuf,
     hotpatch: PathBuf,
     plugin: PathBuf,
+    /// Where the host writes the agent's `tracing` events (a directory of
+    /// the test's own).
+    events_dir: PathBuf,
 }
 
 impl Host {
     fn start() -> Host {
         let dir = fixtures::build(&["hotpatch-cli", "canary-host", "canary-plugin"]);
         let runtime_dir = fresh_dir("canary", 0o700);
+        let events_dir = fresh_dir("canary-events", 0o700);
         let mut cmd = Command::new(dir.join("canary-host"));
+        cmd.env("CANARY_HOST_EVENTS", events_dir.join("events.log"));
         cmd.args(["serve", "3"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -160,7 +167,13 @@ impl Host {
             runtime_dir,
             hotpatch: dir.join("hotpatch"),
             plugin: dir.join("libcanary_plugin.so"),
+            events_dir,
         }
+    }
+
+    /// The agent's `tracing` events so far, one per line.
+    fn events(&self) -> String {
+        std::fs::read_to_string(self.events_dir.join("events.log")).unwrap_or_default()
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -275,6 +288,7 @@ impl Drop for Host {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.runtime_dir);
+        let _ = std::fs::remove_dir_all(&self.events_dir);
     }
 }
 
@@ -380,9 +394,94 @@ fn a_panicking_canary_is_rolled_back_by_the_agent() {
         "{prom}"
     );
 
+    // The `tracing` event the agent emitted, with the same reason.
+    let events = h.events();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.starts_with("WARN hotpatch::canary")
+                && l.contains("canary rolled back")
+                && l.contains(reason)),
+        "no rollback event with {reason:?} in:\n{events}"
+    );
+
     h.ok(&["revert", "canary_target"]);
     let end = h.wait_calls(&after, 1000);
     no_wrong_values(&end);
+}
+
+/// `--rollback-on errors>P%`: a replacement whose `error_if` is true on 1
+/// call in 4 (and returns the same value as the current code otherwise),
+/// against current code that never errs, is rolled back with the two rates
+/// in the reason; after the rollback no caller gets an error value again.
+#[test]
+fn an_erring_canary_is_rolled_back_on_its_error_rate() {
+    let mut h = Host::start();
+    h.load();
+    let before = h.wait_calls(&[[0; 4]; 3], 1);
+    no_wrong_values(&before);
+    let v = h.json(&[
+        "patch",
+        "canary_target",
+        "--with",
+        "canary-plugin:canary_erring",
+        "--canary",
+        "1/4",
+        "--promote-after",
+        "1h",
+        "--rollback-on",
+        "errors>5%",
+        "--json",
+    ]);
+    assert_eq!(
+        v["canary"]["rollback_on"],
+        serde_json::json!(["errors>5%"]),
+        "{v}"
+    );
+    let c = h.wait_canary_done();
+    assert_eq!(c["state"], "rolled_back", "{c}");
+    let reason = c["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reason: {c}"))
+        .to_owned();
+    assert!(reason.starts_with("errors: "), "{reason}");
+    assert!(reason.contains("(rule errors>5%)"), "{reason}");
+    // The replacement erred on ~25% of its calls, the current code never:
+    // the reason's two rates, read back as numbers.
+    let rates: Vec<f64> = reason
+        .split('%')
+        .filter_map(|p| p.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(rates.len() >= 2, "two rates in {reason:?}");
+    assert!(
+        rates[0] > 5.0 && rates[0] <= 100.0,
+        "replacement rate {rates:?}: {reason}"
+    );
+    assert_eq!(rates[1], 0.0, "current-code rate: {reason}");
+    assert!(c["errors"].as_u64() >= Some(1), "{c}");
+    assert_eq!(c["panics"].as_u64(), Some(0), "{c}");
+
+    // While it ran, the canary's errors reached callers as its return
+    // value (an error is a value, not a panic): the hosts counted them as
+    // wrong. After the rollback the count stops (settle: a call already
+    // inside the replacement may still return).
+    let settled = h.wait_calls(&before, 1);
+    let settled = h.wait_calls(&settled, 1);
+    let later = h.wait_calls(&settled, 10_000);
+    for (i, (a, b)) in settled.iter().zip(&later).enumerate() {
+        assert_eq!(a[3], b[3], "worker {i}: an error value after rollback");
+        assert!(b[1] >= a[1] + 10_000, "worker {i}: {a:?} -> {b:?}");
+    }
+    let events = h.events();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.starts_with("WARN hotpatch::canary")
+                && l.contains("canary rolled back")
+                && l.contains(&reason)),
+        "no rollback event with {reason:?} in:\n{events}"
+    );
+    h.ok(&["revert", "canary_target"]);
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! result: `3x + 1` (the current code) or `3x + 2` (the clean canary);
 //! anything else is counted as wrong. A panic reaching a caller would abort
 //! the process (it cannot unwind through `extern "C"`). `status` reports
-//! the counts.
+//! the counts. With `CANARY_HOST_EVENTS=FILE`, every `tracing` event of a
+//! `hotpatch*` target is appended to FILE as one line (level, target, then
+//! `field=value`s), so a test can read what the agent announced.
 
 use std::hint::black_box;
 use std::io::{Read as _, Write as _};
@@ -29,7 +31,47 @@ struct Worker {
     wrong: AtomicU64,
 }
 
+/// A minimal `tracing` subscriber: one line per event, no spans.
+struct EventsToFile(std::sync::Mutex<std::fs::File>);
+
+impl tracing::Subscriber for EventsToFile {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        m.target().starts_with("hotpatch")
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                use std::fmt::Write as _;
+                let _ = write!(self.0, " {}={:?}", f.name(), v);
+            }
+        }
+        let m = e.metadata();
+        let mut line = Line(format!("{} {}", m.level(), m.target()));
+        e.record(&mut line);
+        if let Ok(mut f) = self.0.lock() {
+            let _ = writeln!(f, "{}", line.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 fn main() {
+    if let Some(path) = std::env::var_os("CANARY_HOST_EVENTS") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("CANARY_HOST_EVENTS {path:?}: {e}"));
+        tracing::subscriber::set_global_default(EventsToFile(std::sync::Mutex::new(file)))
+            .expect("the first subscriber");
+    }
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("serve") {
         println!("usage: canary-host serve [WORKERS]");
