@@ -743,6 +743,14 @@ fn peers(hz: u32, dir: &std::path::Path) -> Vec<Peer> {
     };
     let mut v = vec![
         ("bare child (no profiler)", Vec::new()),
+        // perf's fixed cost (start-up, reading the child's maps, exit):
+        // one sample per second, ~none in a 0.75 s workload.
+        ("perf record -F 1 (perf's fixed cost)", {
+            let mut a = base(&["-g"]);
+            let f = a.iter().position(|x| x == "-F").expect("-F") + 1;
+            a[f] = "1".to_string();
+            a
+        }),
         ("perf record -g", base(&["-g"])),
         (
             "perf record --call-graph dwarf,8192",
@@ -815,14 +823,28 @@ fn run_peer(p: &mut Peer) {
         .unwrap_or_else(|| panic!("{}: no workload time in {stdout:?}", p.label));
     p.thread.push(Duration::from_nanos(ns));
     p.total.push(total);
-    // "[ perf record: Captured and wrote 0.123 MB <file> (737 samples) ]"
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if let Some(n) = stderr
-        .rsplit_once(" samples)")
-        .and_then(|(head, _)| head.rsplit_once('(').map(|(_, n)| n))
-        .and_then(|n| n.trim().parse().ok())
+    // The samples perf wrote (`--no-buildid` leaves them uncounted in its
+    // own summary): `perf report --stats`' "SAMPLE events: N", read after
+    // the timed span.
+    if let Some(data) = p
+        .args
+        .iter()
+        .position(|a| a == "-o")
+        .map(|i| &p.args[i + 1])
     {
-        p.samples.push(n);
+        let stats = std::process::Command::new("perf")
+            .args(["report", "--stats", "-i"])
+            .arg(data)
+            .output();
+        if let Some(n) = stats.ok().and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("SAMPLE events:")
+                    .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            })
+        }) {
+            p.samples.push(n);
+        }
     }
 }
 
@@ -837,6 +859,7 @@ fn print_peers(hz: u32, peers: &[Peer]) {
         "{hz:>5} Hz peer: {}: workload thread {bt:?}, child process {bp:?}",
         bare.label
     );
+    let fixed = rest.first().map_or(bp, |f| median(f.total.clone()));
     for p in rest {
         let t = median(p.thread.clone());
         let c = median(p.total.clone());
@@ -844,11 +867,12 @@ fn print_peers(hz: u32, peers: &[Peer]) {
         n.sort_unstable();
         let n = n.get(n.len() / 2).copied().unwrap_or(0);
         println!(
-            "{hz:>5} Hz peer: {}: workload thread {t:?} ({:+.2}% vs bare), perf + child {c:?} ({:+.2}% vs bare child, {:+.1} ms), median {n} samples",
+            "{hz:>5} Hz peer: {}: workload thread {t:?} ({:+.2}% vs bare), perf + child {c:?} ({:+.2}% vs bare child, {:+.1} ms; {:+.2}% of the bare child beyond perf's fixed cost), median {n} samples",
             p.label,
             (t.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0,
             (c.as_secs_f64() / bp.as_secs_f64() - 1.0) * 100.0,
             (c.as_secs_f64() - bp.as_secs_f64()) * 1e3,
+            (c.as_secs_f64() - fixed.as_secs_f64()) / bp.as_secs_f64() * 100.0,
         );
     }
 }
