@@ -22,6 +22,21 @@
 //!   inside the timed span drains what is left), and per stack copy size
 //!   (8/16/32 KiB) the cost at 1 kHz and the share of samples whose stack
 //!   reaches the root of a ~12 KiB deep call chain.
+//! * In the same mode, the **perf peers**: this bench binary run as the
+//!   child of `perf record -e cpu-clock:u -F <hz> --no-buildid` with `-g`
+//!   (frame pointers) and `--call-graph dwarf,8192` (the peer of the
+//!   perf-ring's stack copy; at 1 kHz also `dwarf,16384`, the ring's
+//!   default), and bare (their baseline), in its
+//!   `HOTPATCH_BENCH_ONLY=workload` mode, which runs `work` once and prints
+//!   its thread's CPU time. Per peer: that workload thread's CPU against
+//!   the bare child's, and perf's and the child's CPU together
+//!   (`RUSAGE_CHILDREN`) against the bare child's. Skipped, with the
+//!   reason printed, when `perf record` cannot run.
+//! * `HOTPATCH_BENCH_ONLY=handler-parts`: at 1 kHz, the floor's handler
+//!   doing each part of the sampler's handler (`gettid` + `prctl`, libgcc's
+//!   unwind, a frame-pointer walk for comparison), with the handler body's
+//!   own time per signal (median, `CLOCK_MONOTONIC` inside the handler):
+//!   where a sample's user-space cost goes, apart from the kernel's.
 //! * Resolution of a 100,000-sample profile: 100,000 distinct 8-deep stacks
 //!   over this binary's own code, through `Report::from_raw_stacks`.
 
@@ -68,6 +83,15 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
+    // `HOTPATCH_BENCH_ONLY=workload`: the workload alone, for `perf record`
+    // to record as its child (the peer rows of `sampling` mode). Prints the
+    // workload thread's CPU time in nanoseconds.
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("workload") {
+        let t0 = thread_cpu();
+        work(ITERS);
+        println!("workload_thread_ns {}", (thread_cpu() - t0).as_nanos());
+        return;
+    }
     Registry::global().refresh().ok();
     // `HOTPATCH_BENCH_ONLY=resolve` skips the sampling rounds (for profiling
     // the resolution alone).
@@ -90,6 +114,10 @@ fn main() {
         );
         println!("baseline (no profiler): {b:?}");
         ring_stack_sizes(b);
+        return;
+    }
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("handler-parts") {
+        handler_parts();
         return;
     }
     if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("sampling") {
@@ -217,6 +245,139 @@ extern "C" fn floor_handler(_: libc::c_int) {
     FLOOR_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// What [`parts_handler`] does besides counting (the `handler-parts`
+/// mode): [`PART_SYSCALLS`], [`PART_UNWIND`], [`PART_FP`].
+static FLOOR_PARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// `gettid` and `prctl(PR_GET_NAME)`, as the sampler's handler does.
+const PART_SYSCALLS: u32 = 1;
+/// libgcc's `_Unwind_Backtrace` (backtrace-rs `trace_unsynchronized`), as
+/// the sampler's handler does, its frames written to a buffer.
+const PART_UNWIND: u32 = 2;
+/// A frame-pointer walk from the interrupted context (rbp chain), for
+/// comparison.
+const PART_FP: u32 = 4;
+/// The end of the main thread's stack mapping (`[stack]`), for the
+/// frame-pointer walk's bound.
+static STACK_TOP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The end address of `[stack]` in /proc/self/maps.
+fn main_stack_top() -> u64 {
+    std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.ends_with("[stack]")).and_then(|l| {
+                let range = l.split_whitespace().next()?;
+                u64::from_str_radix(range.split_once('-')?.1, 16).ok()
+            })
+        })
+        .unwrap_or(0)
+}
+/// Frames the last unwind found (to print a depth).
+static PART_DEPTH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The floor's handler plus the parts of the sampler's handler selected in
+/// [`FLOOR_PARTS`]: the cost of each part, measured in the signal context
+/// it runs in.
+extern "C" fn parts_handler(_: libc::c_int, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    use std::sync::atomic::Ordering::Relaxed;
+    FLOOR_SIGNALS.fetch_add(1, Relaxed);
+    let parts = FLOOR_PARTS.load(Relaxed);
+    let t0 = mono_ns();
+    let mut frames = [0u64; 128];
+    if parts & PART_SYSCALLS != 0 {
+        let mut name = [0u8; 16];
+        // SAFETY: gettid has no preconditions; PR_GET_NAME writes at most
+        // 16 bytes into `name`.
+        unsafe {
+            std::hint::black_box(libc::gettid());
+            libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr());
+        }
+        std::hint::black_box(name);
+    }
+    if parts & PART_UNWIND != 0 {
+        let mut depth = 0usize;
+        // SAFETY: as in the sampler: libgcc's unwinder without
+        // backtrace-rs's lock; the closure only stores integers. No unwind
+        // info is registered in this bench (no trampolines), so no libgcc
+        // lock or lazy sort is involved.
+        unsafe {
+            backtrace::trace_unsynchronized(|f| {
+                if depth >= frames.len() {
+                    return false;
+                }
+                frames[depth] = f.ip() as u64;
+                depth += 1;
+                true
+            });
+        }
+        PART_DEPTH.store(depth as u32, Relaxed);
+    }
+    if parts & PART_FP != 0 && !uc.is_null() {
+        // SAFETY: `uc` is the kernel's ucontext_t for this signal.
+        let g = unsafe { &(*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+        frames[0] = g[libc::REG_RIP as usize] as u64;
+        let mut bp = g[libc::REG_RBP as usize] as u64;
+        let sp = g[libc::REG_RSP as usize] as u64;
+        let mut depth = 1;
+        // Walks up while rbp points into the stack above sp, 8-aligned and
+        // strictly increasing: this bench's own threads, built with frame
+        // pointers, whose stack is mapped up to the top.
+        let top = STACK_TOP.load(Relaxed);
+        while depth < frames.len() && bp >= sp && bp % 8 == 0 && bp + 16 <= top {
+            // SAFETY: [bp, bp + 16) lies between the interrupted sp and the
+            // top of the main thread's stack (`[stack]` in /proc/self/maps,
+            // read before the signals were enabled; the workload runs on
+            // the main thread), which is mapped: [bp] and [bp+8] are the
+            // saved rbp and the return address in frames built with frame
+            // pointers (.cargo/config.toml), plain stack words otherwise.
+            let (next, ret) = unsafe { (*(bp as *const u64), *((bp + 8) as *const u64)) };
+            if ret == 0 {
+                break;
+            }
+            frames[depth] = ret;
+            depth += 1;
+            if next <= bp {
+                break;
+            }
+            bp = next;
+        }
+        PART_DEPTH.store(depth as u32, Relaxed);
+    }
+    std::hint::black_box(&frames);
+    let i = PART_N.fetch_add(1, Relaxed);
+    if let Some(slot) = PART_NS.get(i as usize) {
+        slot.store(mono_ns().saturating_sub(t0), Relaxed);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call, usable in
+/// a signal handler).
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The handler body's own time per signal (wall time inside the
+/// handler, user space only: what the parts cost, without the kernel's
+/// delivery), for the first signals of a run.
+static PART_NS: [std::sync::atomic::AtomicU64; 4096] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 4096];
+static PART_N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The median of the first `PART_N` handler times, then resets them.
+fn part_median_ns() -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = (PART_N.swap(0, Relaxed) as usize).min(PART_NS.len());
+    let mut v: Vec<u64> = PART_NS[..n].iter().map(|a| a.load(Relaxed)).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
 /// `perf_event_attr` as far as the floor needs it (VER0 layout, 64 bytes).
 #[repr(C)]
 #[derive(Default)]
@@ -239,6 +400,11 @@ struct FloorAttr {
 /// the same clock the profiler uses. Returns (this thread's CPU time,
 /// signals handled).
 fn floor(hz: u64) -> (Duration, u64) {
+    floor_with(hz, None)
+}
+
+/// [`floor`] with [`parts_handler`] doing `parts` when `Some`.
+fn floor_with(hz: u64, parts: Option<u32>) -> (Duration, u64) {
     const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
     const PERF_TYPE_SOFTWARE: u32 = 1;
     const DISABLED: u64 = 1;
@@ -267,6 +433,13 @@ fn floor(hz: u64) -> (Duration, u64) {
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
     sa.sa_sigaction = floor_handler as extern "C" fn(libc::c_int) as usize;
     sa.sa_flags = libc::SA_RESTART;
+    if let Some(p) = parts {
+        FLOOR_PARTS.store(p, std::sync::atomic::Ordering::Relaxed);
+        sa.sa_sigaction = parts_handler
+            as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+            as usize;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
+    }
     // SAFETY: zeroed is valid for the out-value.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: valid sigaction structs; no profiler session runs now (the
@@ -330,7 +503,23 @@ fn sampling_only() {
     let mut ring = [Vec::new(), Vec::new()];
     let mut ring_thread = [Vec::new(), Vec::new()];
     let mut ring_samples = [Vec::new(), Vec::new()];
+    // The perf peers: this binary's `workload` mode as perf's child, in
+    // the same rounds (skipped, with the reason, where perf cannot run).
+    let dir = std::env::temp_dir().join(format!("hotpatch-overhead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut perf = match perf_usable(&dir) {
+        Ok(()) => Some([peers(99, &dir), peers(1000, &dir)]),
+        Err(why) => {
+            println!("perf peer rows skipped: {why}");
+            None
+        }
+    };
     for _ in 0..rounds {
+        if let Some(perf) = perf.as_mut() {
+            for p in perf.iter_mut().flatten() {
+                run_peer(p);
+            }
+        }
         let t0 = thread_cpu();
         base.push(time(|| {
             work(ITERS);
@@ -415,6 +604,12 @@ fn sampling_only() {
             rn[rn.len() / 2]
         );
     }
+    if let Some(perf) = &perf {
+        for (hz, p) in [99, 1000].into_iter().zip(perf) {
+            print_peers(hz, p);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     ring_stack_sizes(b);
 }
 
@@ -497,4 +692,256 @@ fn ring_stack_sizes(b: Duration) {
             (c.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
         );
     }
+}
+
+/// CPU time of every waited-for descendant so far (`RUSAGE_CHILDREN`:
+/// `perf record` and, through it, the workload it ran).
+fn children_cpu() -> Duration {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The `perf record` peer rows: a configuration's arguments after
+/// `perf record` (empty: the workload run bare, the peers' baseline).
+struct Peer {
+    label: &'static str,
+    args: Vec<String>,
+    /// The workload thread's CPU, as the child measured it.
+    thread: Vec<Duration>,
+    /// perf's and the child's CPU together (`RUSAGE_CHILDREN`).
+    total: Vec<Duration>,
+    /// Samples perf wrote, from its "(N samples)" line.
+    samples: Vec<u64>,
+}
+
+/// The peer configurations at `hz`: the bare child, `perf record` with
+/// frame-pointer call graphs (`-g`) and with DWARF call graphs copying
+/// 8 KiB of stack per sample (the peer of `Clock::PerfRing`), and at 1 kHz
+/// also 16 KiB (the ring's default copy).
+fn peers(hz: u32, dir: &std::path::Path) -> Vec<Peer> {
+    let out = dir.join(format!("perf-{hz}.data"));
+    let base = |cg: &[&str]| {
+        let mut a: Vec<String> = [
+            "record",
+            "-e",
+            "cpu-clock:u",
+            "-F",
+            &hz.to_string(),
+            "--no-buildid",
+            "-o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(out.display().to_string());
+        a.extend(cg.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut v = vec![
+        ("bare child (no profiler)", Vec::new()),
+        // perf's fixed cost (start-up, reading the child's maps, exit):
+        // one sample per second, ~none in a 0.75 s workload.
+        ("perf record -F 1 (perf's fixed cost)", {
+            let mut a = base(&["-g"]);
+            let f = a.iter().position(|x| x == "-F").expect("-F") + 1;
+            a[f] = "1".to_string();
+            a
+        }),
+        ("perf record -g", base(&["-g"])),
+        (
+            "perf record --call-graph dwarf,8192",
+            base(&["--call-graph", "dwarf,8192"]),
+        ),
+    ];
+    if hz >= 1000 {
+        v.push((
+            "perf record --call-graph dwarf,16384",
+            base(&["--call-graph", "dwarf,16384"]),
+        ));
+    }
+    v.into_iter()
+        .map(|(label, args)| Peer {
+            label,
+            args,
+            thread: Vec::new(),
+            total: Vec::new(),
+            samples: Vec::new(),
+        })
+        .collect()
+}
+
+/// Whether `perf record -e cpu-clock:u` works here (the reason if not).
+fn perf_usable(dir: &std::path::Path) -> Result<(), String> {
+    let out = std::process::Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock:u", "-F", "99", "-o"])
+        .arg(dir.join("probe.data"))
+        .args(["--", "true"])
+        .output()
+        .map_err(|e| format!("cannot run perf: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "perf record failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs this bench binary's `workload` mode once, under `perf <args>`
+/// (bare when `args` is empty), and records the peer's figures.
+fn run_peer(p: &mut Peer) {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = if p.args.is_empty() {
+        std::process::Command::new(&exe)
+    } else {
+        let mut c = std::process::Command::new("perf");
+        c.args(&p.args).arg("--").arg(&exe);
+        c
+    };
+    cmd.arg("--bench").env("HOTPATCH_BENCH_ONLY", "workload");
+    let before = children_cpu();
+    let out = cmd.output().expect("spawn the peer");
+    let total = children_cpu() - before;
+    assert!(
+        out.status.success(),
+        "{}: {}\n{}",
+        p.label,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ns: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("workload_thread_ns "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}: no workload time in {stdout:?}", p.label));
+    p.thread.push(Duration::from_nanos(ns));
+    p.total.push(total);
+    // The samples perf wrote (`--no-buildid` leaves them uncounted in its
+    // own summary): `perf report --stats`' "SAMPLE events: N", read after
+    // the timed span.
+    if let Some(data) = p
+        .args
+        .iter()
+        .position(|a| a == "-o")
+        .map(|i| &p.args[i + 1])
+    {
+        let stats = std::process::Command::new("perf")
+            .args(["report", "--stats", "-i"])
+            .arg(data)
+            .output();
+        if let Some(n) = stats.ok().and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("SAMPLE events:")
+                    .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            })
+        }) {
+            p.samples.push(n);
+        }
+    }
+}
+
+/// Prints the peer rows of `hz` against their bare-child baseline.
+fn print_peers(hz: u32, peers: &[Peer]) {
+    let Some((bare, rest)) = peers.split_first() else {
+        return;
+    };
+    let bt = median(bare.thread.clone());
+    let bp = median(bare.total.clone());
+    println!(
+        "{hz:>5} Hz peer: {}: workload thread {bt:?}, child process {bp:?}",
+        bare.label
+    );
+    let fixed = rest.first().map_or(bp, |f| median(f.total.clone()));
+    for p in rest {
+        let t = median(p.thread.clone());
+        let c = median(p.total.clone());
+        let mut n = p.samples.clone();
+        n.sort_unstable();
+        let n = n.get(n.len() / 2).copied().unwrap_or(0);
+        println!(
+            "{hz:>5} Hz peer: {}: workload thread {t:?} ({:+.2}% vs bare), perf + child {c:?} ({:+.2}% vs bare child, {:+.1} ms; {:+.2}% of the bare child beyond perf's fixed cost), median {n} samples",
+            p.label,
+            (t.as_secs_f64() / bt.as_secs_f64() - 1.0) * 100.0,
+            (c.as_secs_f64() / bp.as_secs_f64() - 1.0) * 100.0,
+            (c.as_secs_f64() - bp.as_secs_f64()) * 1e3,
+            (c.as_secs_f64() - fixed.as_secs_f64()) / bp.as_secs_f64() * 100.0,
+        );
+    }
+}
+
+/// `HOTPATCH_BENCH_ONLY=handler-parts`: at 1 kHz, the floor (empty
+/// handler) against the floor's handler doing each part of the sampler's
+/// handler, and the sampler itself (workload thread), interleaved, 5
+/// rounds: what each part costs per signal in the signal context.
+fn handler_parts() {
+    let variants: [(&str, Option<u32>); 6] = [
+        ("empty handler (floor)", None),
+        ("SA_SIGINFO, count only", Some(0)),
+        ("gettid + prctl(PR_GET_NAME)", Some(PART_SYSCALLS)),
+        ("libgcc _Unwind_Backtrace", Some(PART_UNWIND)),
+        ("frame-pointer walk", Some(PART_FP)),
+        ("gettid + prctl + libgcc", Some(PART_SYSCALLS | PART_UNWIND)),
+    ];
+    STACK_TOP.store(main_stack_top(), std::sync::atomic::Ordering::Relaxed);
+    let rounds = 5;
+    let mut base = Vec::new();
+    let mut cost: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); variants.len()];
+    let mut depth = vec![0u32; variants.len()];
+    let mut inside: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
+    let mut ours = Vec::new();
+    let mut ours_n = Vec::new();
+    for _ in 0..rounds {
+        let t0 = thread_cpu();
+        work(ITERS);
+        base.push(thread_cpu() - t0);
+        for (i, (_, parts)) in variants.iter().enumerate() {
+            cost[i].push(floor_with(1000, *parts));
+            depth[i] = PART_DEPTH.swap(0, std::sync::atomic::Ordering::Relaxed);
+            inside[i].push(part_median_ns());
+        }
+        let s = ProfilerBuilder::new()
+            .frequency(1000)
+            .start()
+            .expect("start");
+        let t0 = thread_cpu();
+        work(ITERS);
+        ours.push(thread_cpu() - t0);
+        ours_n.push(s.stop().expect("stop").stats.samples);
+    }
+    let b = median(base);
+    println!("workload thread, no signals: {b:?}");
+    let per = |d: Duration, n: u64| (d.as_secs_f64() - b.as_secs_f64()) * 1e6 / n.max(1) as f64;
+    for (i, (label, _)) in variants.iter().enumerate() {
+        let d = median(cost[i].iter().map(|c| c.0).collect());
+        let mut n: Vec<u64> = cost[i].iter().map(|c| c.1).collect();
+        n.sort_unstable();
+        let n = n[n.len() / 2];
+        println!(
+            " 1000 Hz {label}: {d:?} ({:+.2}%), {n} signals, {:.1} us per signal, handler body {:.2} us (median), last depth {}",
+            (d.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
+            per(d, n),
+            {
+                let mut v = inside[i].clone();
+                v.sort_unstable();
+                v[v.len() / 2] as f64 / 1e3
+            },
+            depth[i]
+        );
+    }
+    let d = median(ours);
+    ours_n.sort_unstable();
+    let n = ours_n[ours_n.len() / 2];
+    println!(
+        " 1000 Hz hotpatch sampler: {d:?} ({:+.2}%), {n} samples, {:.1} us per sample",
+        (d.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
+        per(d, n)
+    );
 }
