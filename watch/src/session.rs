@@ -237,7 +237,8 @@ fn check_signatures(
     }
     let t = Instant::now();
     let new_exe = project.binary();
-    let new_syms = ExeSymbols::read(&new_exe)?;
+    let wanted: HashSet<&str> = stale_callers.iter().map(|(n, _)| n.as_str()).collect();
+    let new_syms = ExeSymbols::read_only(&new_exe, &wanted)?;
     trace("  new executable's symbols", t);
     let entries = |syms: &ExeSymbols| -> HashMap<String, u64> {
         stale_callers
