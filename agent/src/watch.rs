@@ -3,9 +3,7 @@
 
 use std::io::Read;
 
-use crate::protocol::{
-    ErrorBody, Reply, Request, WatchApplyInfo, WatchMappedInfo, WatchSiteInfo, WatchStatusInfo,
-};
+use crate::protocol::{ErrorBody, Reply, Request};
 
 /// Largest bundle file read.
 pub const MAX_BUNDLE: u64 = 256 << 20;
@@ -41,47 +39,6 @@ fn read_bundle(path: &str) -> Result<hotpatch_watch::bundle::Bundle, ErrorBody> 
     serde_json::from_slice(&text).map_err(|e| bad(format!("{path}: not a patch bundle: {e}")))
 }
 
-fn apply_info(r: hotpatch_watch::apply::ApplyReport) -> WatchApplyInfo {
-    WatchApplyInfo {
-        generation: r.generation,
-        patched: r.patched,
-        added: r.added,
-        installed: r.installed,
-        swapped: r.swapped,
-        reverted: r.reverted,
-        unloaded: r.unloaded,
-        retained: r.retained,
-        bytes: r.bytes,
-        micros: r.micros,
-        debug_file: r.debug_file,
-    }
-}
-
-fn status_info(s: hotpatch_watch::apply::Status) -> WatchStatusInfo {
-    WatchStatusInfo {
-        generation: s.generation,
-        sites: s
-            .sites
-            .into_iter()
-            .map(|w| WatchSiteInfo {
-                function: w.function,
-                generation: w.generation,
-                enabled: w.enabled,
-            })
-            .collect(),
-        mapped: s
-            .mapped
-            .into_iter()
-            .map(|m| WatchMappedInfo {
-                generation: m.generation,
-                base: m.base as u64,
-                len: m.len as u64,
-            })
-            .collect(),
-        unloaded: s.unloaded,
-    }
-}
-
 /// Serves one watch request.
 pub(crate) fn handle(req: Request) -> Result<Reply, ErrorBody> {
     match req {
@@ -91,13 +48,13 @@ pub(crate) fn handle(req: Request) -> Result<Reply, ErrorBody> {
             // user's own directory, which the CLI reads profiles against).
             let dir = std::path::Path::new(&bundle).parent();
             let r = hotpatch_watch::apply::apply_in(&b, dir).map_err(|e| err(&e))?;
-            Reply::typed(&apply_info(r))
+            Reply::typed(&r)
         }
         Request::WatchRevert => {
             let r = hotpatch_watch::apply::revert_all().map_err(|e| err(&e))?;
-            Reply::typed(&apply_info(r))
+            Reply::typed(&r)
         }
-        Request::WatchStatus => Reply::typed(&status_info(hotpatch_watch::apply::status())),
+        Request::WatchStatus => Reply::typed(&hotpatch_watch::apply::status()),
         _ => Err(ErrorBody::new(
             crate::protocol::E_AGENT_INTERNAL,
             "not a watch request",

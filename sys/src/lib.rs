@@ -41,6 +41,7 @@ pub mod helper;
 pub mod maps;
 pub mod mem;
 pub mod phdr;
+pub mod procstart;
 pub mod ptrace;
 pub mod raw;
 pub mod signal;

@@ -430,12 +430,30 @@ fn watch_edit_save_live() {
     let s3 = fx.wait_results(103_507..103_607);
     assert_kept(&s2, &s3);
 
-    // E_WATCH_SIGNATURE_CHANGED is not produced here: two real edits of
-    // `watch_fixture_fee`'s parameter type (called with a literal by
-    // `surcharge`, and called through `surcharge`'s own `extern "C"`
-    // declaration) both changed `surcharge`'s identity in the diff too, so
-    // its caller came along and the edit was applied (see DESIGN-NOTES).
-    let s3 = s2.clone();
+    // A changed signature whose caller did not change: `surcharge` calls
+    // the exported `watch_fixture_fee` through its own `extern "C"`
+    // declaration (as FFI code does), so its bytes stay; it would pass a
+    // `u64` to a function that now reads a `u32`.
+    fx.edit(
+        "pricing.rs",
+        "fn watch_fixture_fee(x: u64) -> u64 {\n    x * 0\n}",
+        "fn watch_fixture_fee(x: u32) -> u64 {\n    x as u64 * 0\n}",
+    );
+    let r = fx.watch_once();
+    assert!(
+        !r.status.success(),
+        "a changed signature was applied: {}",
+        text(&r)
+    );
+    let t = text(&r);
+    assert!(t.contains("E_WATCH_SIGNATURE_CHANGED"), "{t}");
+    assert!(t.contains("watch_fixture_fee"), "{t}");
+    assert!(t.contains("surcharge"), "{t}");
+    assert!(t.contains("fn watch_fixture_fee(u64) -> u64"), "{t}");
+    assert!(t.contains("fn watch_fixture_fee(u32) -> u64"), "{t}");
+    std::fs::write(&src, &good).expect("restore");
+    let s3 = fx.wait_results(103_507..103_607);
+    assert_kept(&s2, &s3);
 
     fx.edit("pricing.rs", "3000 + (x % LIMIT)", "3000 + (x % LIMIT) +");
     let r = fx.watch_once();

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use hotpatch_patcher::{InstallOptions, Site};
 use hotpatch_symbolizer::registry::ModuleKind;
 use hotpatch_symbolizer::{Bias, ElfModuleSpec, ModuleId, Registry, RuntimeAddr};
-use serde::Serialize;
 
 use crate::bundle::{BTarget, Bundle, unhex};
 use crate::error::{
@@ -33,33 +32,9 @@ use crate::objects::SecKind;
 const PAGE: usize = 4096;
 const STUB_LEN: usize = 16;
 
-/// What an apply or revert did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ApplyReport {
-    /// The generation now live (0: the original code everywhere).
-    pub generation: u64,
-    /// Functions whose calls now go to the new generation (display names).
-    pub patched: Vec<String>,
-    /// New functions placed with it (display names).
-    pub added: Vec<String>,
-    /// Sites installed by this step.
-    pub installed: usize,
-    /// Sites swapped from the previous generation.
-    pub swapped: usize,
-    /// Functions put back to the original code by this step.
-    pub reverted: Vec<String>,
-    /// Generations unmapped by this step.
-    pub unloaded: Vec<u64>,
-    /// Older generations still mapped (a thread may still run in them).
-    pub retained: Vec<u64>,
-    /// Bytes of code and data mapped for this generation.
-    pub bytes: usize,
-    /// Time spent, microseconds.
-    pub micros: u64,
-    /// The generation's debug module (its DWARF and symbol table, at the
-    /// code's runtime addresses), when one was written.
-    pub debug_file: Option<String>,
-}
+/// What an apply or revert did: the agent's `watch_apply` reply itself
+/// (one type on both sides of the socket).
+pub use hotpatch_protocol::reply::WatchApplyInfo as ApplyReport;
 
 #[derive(Debug)]
 struct Generation {
@@ -825,7 +800,15 @@ fn debug_module(
     }
     let image = crate::debug::elf_image((code.0 as u64, code.1 as u64), &loads, &debug, &syms);
     let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
-    let name = format!("hotpatch-watch-{}-gen{gen_id}.elf", std::process::id());
+    let pid = std::process::id() as i32;
+    let removed = crate::debug::sweep_exited(&dir);
+    if removed > 0 {
+        trace(&format!(
+            "removed {removed} debug ELF(s) of exited processes"
+        ));
+    }
+    let start = hotpatch_sys::procstart::start_time(pid).unwrap_or(0);
+    let name = crate::debug::file_name(pid, start, gen_id);
     let path = crate::debug::write_file(&dir, &name, &image)?;
     match Registry::global().register_elf(ElfModuleSpec::file(&path, Bias(0))) {
         Ok(id) => Ok((id, path)),
@@ -953,40 +936,12 @@ pub fn revert_all() -> Result<ApplyReport> {
     })
 }
 
-/// What [`status`] says.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Status {
-    /// The live generation (0: none).
-    pub generation: u64,
-    /// The sites.
-    pub sites: Vec<SiteStatus>,
-    /// Generations still mapped.
-    pub mapped: Vec<MappedGeneration>,
-    /// Generations unmapped by this call.
-    pub unloaded: Vec<u64>,
-}
-
-/// One site of [`Status`].
-#[derive(Debug, Clone, Serialize)]
-pub struct SiteStatus {
-    /// The function (display name).
-    pub function: String,
-    /// The generation it leads to.
-    pub generation: u64,
-    /// Whether calls go to the new code.
-    pub enabled: bool,
-}
-
 /// A generation of [`Status`] still mapped.
-#[derive(Debug, Clone, Serialize)]
-pub struct MappedGeneration {
-    /// Its number.
-    pub generation: u64,
-    /// Where its code starts.
-    pub base: usize,
-    /// Bytes of code.
-    pub len: usize,
-}
+pub use hotpatch_protocol::reply::WatchMappedInfo as MappedGeneration;
+/// One site of [`Status`].
+pub use hotpatch_protocol::reply::WatchSiteInfo as SiteStatus;
+/// What [`status`] says: the agent's `watch_status` reply itself.
+pub use hotpatch_protocol::reply::WatchStatusInfo as Status;
 
 /// The live generation, its sites and the generations still mapped (with
 /// their addresses). Older generations that have become unused since the
@@ -1013,8 +968,8 @@ pub fn status() -> Status {
                     .iter()
                     .map(|g| MappedGeneration {
                         generation: g.id,
-                        base: g.base,
-                        len: g.len,
+                        base: g.base as u64,
+                        len: g.len as u64,
                     })
                     .collect(),
                 unloaded,

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{E_WATCH_BAD_BUNDLE, E_WATCH_NEW_TLS, Error, Result};
+use crate::exe::ExeSym;
 use crate::objects::{ObjSet, SecKind, SymKind};
 
 /// What changed between the baseline's objects and the new build's.
@@ -217,7 +218,7 @@ const R_X86_64_PLT32: u32 = 4;
 
 struct Builder<'a> {
     set: &'a ObjSet,
-    exe: &'a HashSet<String>,
+    exe: &'a HashMap<String, ExeSym>,
     patch: HashSet<String>,
     placed: HashMap<(usize, usize), usize>,
     sections: Vec<BSec>,
@@ -310,12 +311,13 @@ impl Builder<'_> {
             // calls go straight to the new code.
             if r_type != R_X86_64_PLT32
                 && self.patch.contains(&name)
-                && self.exe.contains(&name)
+                && self.exe.contains_key(&name)
                 && here.is_some_and(|d| self.set.sym(d).kind == SymKind::Func)
             {
                 return Ok((BTarget::Symbol { name }, a));
             }
-            let take = self.patch.contains(&name) || (here.is_some() && !self.exe.contains(&name));
+            let take =
+                self.patch.contains(&name) || (here.is_some() && !self.exe.contains_key(&name));
             if let (true, Some(d)) = (take, here) {
                 let s = self.set.sym(d).clone();
                 if s.kind == SymKind::Tls {
@@ -361,7 +363,7 @@ impl Builder<'_> {
 }
 
 /// Builds the patch for `changed` functions of the new build `set`.
-/// `exe` holds the names the running executable defines: a reference to one
+/// `exe` holds the symbols the running executable defines: a reference to one
 /// of them resolves to the process's copy (state kept); one it lacks comes
 /// along from the new build.
 ///
@@ -370,7 +372,7 @@ impl Builder<'_> {
 pub fn build(
     set: &ObjSet,
     changed: &[String],
-    exe: &HashSet<String>,
+    exe: &HashMap<String, ExeSym>,
     build_id: &str,
 ) -> Result<Bundle> {
     let mut b = Builder {
@@ -387,7 +389,7 @@ pub fn build(
         let Some(d) = set.defs.get(name).copied() else {
             continue;
         };
-        if !exe.contains(name) {
+        if !exe.contains_key(name) {
             // Not linked into the process (unused there): nothing calls it.
             continue;
         }

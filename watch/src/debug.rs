@@ -394,6 +394,65 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The name of generation `gen_id`'s debug ELF written by process `pid`
+/// started at `start` (clock ticks since boot, `/proc/<pid>/stat`): the
+/// pair names the process even after its pid is reused.
+pub fn file_name(pid: i32, start: u64, gen_id: u64) -> String {
+    format!("hotpatch-watch-{pid}-{start}-gen{gen_id}.elf")
+}
+
+/// The writer of a debug ELF named by [`file_name`]: `(pid, start)`.
+fn owner_of(name: &str) -> Option<(i32, u64)> {
+    let rest = name.strip_prefix("hotpatch-watch-")?.strip_suffix(".elf")?;
+    let mut it = rest.splitn(3, '-');
+    let pid = it.next()?.parse().ok()?;
+    let start = it.next()?.parse().ok()?;
+    it.next()?.strip_prefix("gen")?.parse::<u64>().ok()?;
+    Some((pid, start))
+}
+
+/// Removes the debug ELFs whose writer has exited, in `dir` and, when
+/// `dir` is a build's `target/hotpatch-watch/<build-id>/`, in the other
+/// builds' directories beside it (a restarted process runs another build).
+/// A live process's files are all kept, those of unloaded generations
+/// too: its symbolizer history names them, and a profile resolved later
+/// reads them. Once the process is gone no profile of it can be taken or
+/// resolved (a written profile carries its names), so they go. Returns how
+/// many files were removed; best effort (an unreadable directory or a file
+/// that will not go is left).
+pub fn sweep_exited(dir: &Path) -> usize {
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Some(parent) = dir.parent()
+        && parent.file_name().is_some_and(|n| n == "hotpatch-watch")
+        && let Ok(rd) = std::fs::read_dir(parent)
+    {
+        dirs.extend(
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && p.as_path() != dir),
+        );
+    }
+    let mut removed = 0;
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some((pid, start)) = name.to_str().and_then(owner_of) else {
+                continue;
+            };
+            if hotpatch_sys::procstart::start_time(pid) == Some(start) {
+                continue;
+            }
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
@@ -416,6 +475,66 @@ mod tests {
             hex: hex(&vec![0xaa; len]),
             relocs,
         }
+    }
+
+    #[test]
+    fn sweep_removes_the_debug_files_of_exited_processes_only() {
+        let root = std::env::temp_dir().join(format!(
+            "hotpatch-watch-sweep-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        let here = root.join("target/hotpatch-watch/aaaa");
+        let other = root.join("target/hotpatch-watch/bbbb");
+        std::fs::create_dir_all(&here).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let me = std::process::id() as i32;
+        let my_start = hotpatch_sys::procstart::start_time(me).unwrap();
+        // A process that ran and exited (reaped: its pid names no process,
+        // or a later one with another start time).
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let dead = c.id() as i32;
+        let dead_start = hotpatch_sys::procstart::start_time(dead).unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+        let mine = [
+            here.join(file_name(me, my_start, 1)),
+            here.join(file_name(me, my_start, 2)),
+            other.join(file_name(me, my_start, 1)),
+        ];
+        let gone = [
+            here.join(file_name(dead, dead_start, 1)),
+            other.join(file_name(dead, dead_start, 3)),
+            // Own pid, another start time: an earlier process with the pid.
+            here.join(file_name(me, my_start + 1, 1)),
+        ];
+        let unrelated = here.join("bundle-1.json");
+        for f in mine.iter().chain(&gone).chain([&unrelated]) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(sweep_exited(&here), gone.len());
+        for f in &mine {
+            assert!(f.exists(), "{} removed", f.display());
+        }
+        for f in &gone {
+            assert!(!f.exists(), "{} kept", f.display());
+        }
+        assert!(unrelated.exists());
+        // Not under a `hotpatch-watch` directory: only `dir` itself.
+        let lone = root.join("lone");
+        let beside = root.join("beside");
+        std::fs::create_dir_all(&lone).unwrap();
+        std::fs::create_dir_all(&beside).unwrap();
+        let b = beside.join(file_name(dead, dead_start, 1));
+        let l = lone.join(file_name(dead, dead_start, 1));
+        std::fs::write(&b, b"x").unwrap();
+        std::fs::write(&l, b"x").unwrap();
+        assert_eq!(sweep_exited(&lone), 1);
+        assert!(b.exists() && !l.exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

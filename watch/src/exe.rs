@@ -38,6 +38,23 @@ impl ExeSymbols {
     /// # Errors
     /// `E_WATCH_IO`, `E_WATCH_OBJECT`.
     pub fn read(path: &Path) -> Result<ExeSymbols> {
+        Self::read_filtered(path, None)
+    }
+
+    /// [`ExeSymbols::read`], keeping only the symbols named in `wanted`:
+    /// the same scan of the symbol table without a `String` and a map entry
+    /// for each of its (tens of thousands of) names.
+    ///
+    /// # Errors
+    /// As [`ExeSymbols::read`].
+    pub fn read_only(path: &Path, wanted: &std::collections::HashSet<&str>) -> Result<ExeSymbols> {
+        Self::read_filtered(path, Some(wanted))
+    }
+
+    fn read_filtered(
+        path: &Path,
+        wanted: Option<&std::collections::HashSet<&str>>,
+    ) -> Result<ExeSymbols> {
         let f = std::fs::File::open(path).map_err(|e| io(path.display(), e))?;
         // SAFETY: the map is read-only and private. The file is an
         // executable (ours through /proc/self/exe, or one cargo wrote):
@@ -66,7 +83,7 @@ impl ExeSymbols {
                 continue;
             }
             let Ok(name) = s.name() else { continue };
-            if name.is_empty() {
+            if name.is_empty() || wanted.is_some_and(|w| !w.contains(name)) {
                 continue;
             }
             syms.entry(name.to_owned()).or_insert(ExeSym {

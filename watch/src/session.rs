@@ -105,8 +105,7 @@ pub fn prepare(opts: &Options) -> Result<Prepared> {
     checked?;
     let diff_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let names: HashSet<String> = exe.syms.keys().cloned().collect();
-    let b = bundle::build(&new, &diff.changed, &names, &exe.build_id)?;
+    let b = bundle::build(&new, &diff.changed, &exe.syms, &exe.build_id)?;
     let dir = project.state_dir(&exe.build_id);
     std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
     let bundle_path = dir.join(format!("bundle-{}.json", std::process::id()));
@@ -238,7 +237,8 @@ fn check_signatures(
     }
     let t = Instant::now();
     let new_exe = project.binary();
-    let new_syms = ExeSymbols::read(&new_exe)?;
+    let wanted: HashSet<&str> = stale_callers.iter().map(|(n, _)| n.as_str()).collect();
+    let new_syms = ExeSymbols::read_only(&new_exe, &wanted)?;
     trace("  new executable's symbols", t);
     let entries = |syms: &ExeSymbols| -> HashMap<String, u64> {
         stale_callers
@@ -289,7 +289,7 @@ fn check_signatures(
         return Err(Error::new(
             E_WATCH_SIGNATURE_CHANGED,
             format!(
-                "the signature of {} changed ({}) but its callers {} did not: they would pass the old arguments; nothing was applied",
+                "the signature of {} changed from `{a}` to `{b}` ({}) but its callers {} did not: they would pass the old arguments; nothing was applied",
                 display_name(name),
                 why.join("; ")
                     .replace("the target", "the old")
