@@ -27,7 +27,7 @@
 //!   crosses zero is sampled, so a block of `s` bytes is sampled with
 //!   probability `1 - e^(-s/rate)` and weighted by its inverse. Unsampled
 //!   allocations pay one thread-local decrement; frees one byte of a
-//!   16 KiB counting filter (the live tables are probed only when it says
+//!   4 KiB counting filter (the live tables are probed only when it says
 //!   the address may have been sampled).
 //! - **A sample** records the size, the stack (frame pointers; raw return
 //!   addresses) and the registry sequence number, in preallocated lock-free

@@ -278,11 +278,11 @@ pub(crate) fn hook_addr(f: Fn) -> *const u8 {
 
 // ---------------------------------------------------------------- tables
 
-/// What every `free` reads (the filter) and every sample writes (the near
-/// table), together in one huge page: one TLB entry for both.
+/// What every sample writes (the near table), in one huge page. The filter
+/// every `free` reads is a static ([`FILTER`]): its address is a constant,
+/// so the `free` fast path loads no pointer first.
 #[repr(C)]
 pub(crate) struct Hot {
-    filter: [std::sync::atomic::AtomicU8; FILTER_BYTES],
     near: [LiveEntry; NEAR],
 }
 
@@ -417,6 +417,9 @@ pub(crate) fn reset() {
             // never makes it inaccessible, so a straggling reader is safe.
             unsafe { libc::madvise(p, n, libc::MADV_DONTNEED) };
         }
+    }
+    for b in FILTER.iter() {
+        b.store(0, Relaxed);
     }
     if let Some(b) = buckets().get(OVERFLOW_BUCKET) {
         b.hash.store(u64::MAX, Relaxed);
@@ -585,13 +588,17 @@ fn account(p: *mut c_void, size: usize, fp: usize) {
     // SAFETY: this thread's own slot; a hook is not reentered on one thread
     // except through `slow`, which sets `busy` and keeps no reference.
     unsafe {
-        let c = (*t)
-            .countdown
-            .saturating_sub(size.min(i64::MAX as usize) as i64);
-        if c > 0 && (*t).generation == GEN.load(Relaxed) {
+        // `countdown` is kept in `0..=i64::MAX / 4` (see `slow`), so for a
+        // size below 2^62 the plain subtraction cannot overflow; a larger
+        // size (no allocator returns one) takes the slow path.
+        let c = (*t).countdown.wrapping_sub(size as i64);
+        if size < 1 << 62 && c > 0 && (*t).generation == GEN.load(Relaxed) {
             (*t).countdown = c;
             return;
         }
+        let c = (*t)
+            .countdown
+            .saturating_sub(size.min(i64::MAX as usize) as i64);
         slow(t, p, size, fp, c);
     }
 }
@@ -602,7 +609,10 @@ unsafe fn slow(t: *mut Tl, p: *mut c_void, size: usize, fp: usize, c: i64) {
     // SAFETY: the caller's contract (`t` is this thread's slot).
     let tl = unsafe { &mut *t };
     if tl.busy {
-        tl.countdown = c;
+        // Kept at 0 or above (the fast path's subtraction relies on it): a
+        // countdown that ran out while busy samples at the next call either
+        // way.
+        tl.countdown = c.max(0);
         return;
     }
     let cur = GEN.load(Acquire);
@@ -704,21 +714,25 @@ fn bucket_for(frames: &[u64], seq: u64) -> usize {
 }
 
 /// A counting filter over the live tables: per hash of a sampled block's
-/// address (2^16 of them), how many live records may have it, in 2 bits
+/// address (2^14 of them), how many live records may have it, in 2 bits
 /// (3 sticks until the next session). A `free` of a block whose counter is
 /// 0 was not sampled: it skips the table probe, so the common free reads
-/// one byte of this 16 KiB array (small enough to stay cached under a
-/// malloc-heavy load) instead of a random line of the tables.
-const FILTER_BITS: u32 = 16;
+/// one byte of this 4 KiB array instead of a random line of the tables.
+/// 4 KiB, not 16: at 16 KiB the byte missed the L1 cache on 74% of the
+/// frees of the workload (callgrind's cache simulation,
+/// `scripts/heap_ir.sh`); a false positive (a few % of frees at 512 KiB,
+/// where ~250-600 records are live) costs one probe of the near table.
+const FILTER_BITS: u32 = 14;
 const FILTER_BYTES: usize = 1 << (FILTER_BITS - 2);
-/// Stands for the filter before the tables are mapped (nothing sampled).
-static NO_FILTER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The filter (zeroed by [`reset`]).
+static FILTER: Line<[std::sync::atomic::AtomicU8; FILTER_BYTES]> =
+    Line([const { std::sync::atomic::AtomicU8::new(0) }; FILTER_BYTES]);
 
 /// The byte holding `addr`'s counter, and the counter's shift in it.
 #[inline(always)]
 fn filter_slot(addr: usize) -> (&'static std::sync::atomic::AtomicU8, u32) {
     let h = ((addr as u64 >> 4).wrapping_mul(0xc4ce_b9fe_1a85_ec53) >> (64 - FILTER_BITS)) as usize;
-    let byte = hot().map_or(&NO_FILTER, |t| &t.filter[(h >> 2) & (FILTER_BYTES - 1)]);
+    let byte = &FILTER[(h >> 2) & (FILTER_BYTES - 1)];
     (byte, (h as u32 & 3) * 2)
 }
 
@@ -916,9 +930,17 @@ fn find_in(table: &'static [LiveEntry], p: usize) -> Option<&'static LiveEntry> 
 /// before the block is handed back, so no other thread can own the address.
 #[inline(always)]
 fn unrecord(p: usize) {
-    if !filter_maybe(p) {
-        return;
+    if filter_maybe(p) {
+        unrecord_maybe(p);
     }
+}
+
+/// The rest of [`unrecord`], out of line: the `free` hook's fast path (the
+/// filter says no) then needs no saved register and no stack frame of its
+/// own before it jumps to the original `free`.
+#[cold]
+#[inline(never)]
+fn unrecord_maybe(p: usize) {
     if let Some(e) = find(p) {
         take(e, p);
     }
