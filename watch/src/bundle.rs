@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{E_WATCH_BAD_BUNDLE, E_WATCH_NEW_TLS, Error, Result};
 use crate::exe::ExeSym;
+pub use crate::hex::{hex, unhex};
 use crate::objects::{ObjSet, SecKind, SymKind};
 
 /// What changed between the baseline's objects and the new build's.
@@ -507,29 +508,4 @@ fn debug_of(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<BDebug
         });
     }
     out
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of a hex string.
-///
-/// # Errors
-/// `E_WATCH_BAD_BUNDLE` for odd length or a non-hex digit.
-pub fn unhex(s: &str) -> Result<Vec<u8>> {
-    let b = s.as_bytes();
-    if b.len() % 2 != 0 {
-        return Err(Error::new(E_WATCH_BAD_BUNDLE, "odd-length hex"));
-    }
-    let digit = |c: u8| -> Result<u8> {
-        (c as char)
-            .to_digit(16)
-            .map(|d| d as u8)
-            .ok_or_else(|| Error::new(E_WATCH_BAD_BUNDLE, "a non-hex digit"))
-    };
-    b.chunks(2)
-        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
 }

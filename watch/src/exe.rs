@@ -71,7 +71,7 @@ impl ExeSymbols {
             .build_id()
             .ok()
             .flatten()
-            .map(crate::bundle::hex)
+            .map(crate::hex::hex)
             .unwrap_or_default();
         let mut syms = HashMap::new();
         for s in file.symbols() {
@@ -116,6 +116,6 @@ pub fn build_id(path: &Path) -> Result<String> {
         .build_id()
         .ok()
         .flatten()
-        .map(crate::bundle::hex)
+        .map(crate::hex::hex)
         .unwrap_or_default())
 }

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod debug;
 pub mod error;
 pub mod exe;
+pub mod hex;
 pub mod objects;
 pub mod project;
 pub mod session;
