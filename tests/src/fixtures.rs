@@ -84,7 +84,59 @@ fn build_args(extra: &[&str]) -> PathBuf {
         "building fixtures {packages:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    dir.join("fixture")
+    publish(&dir.join("fixture"), &dir, extra)
+}
+
+/// Hard-links (or copies) the files cargo just put in `built` (and in its
+/// `examples/`) into a directory of their own for this invocation,
+/// `DIR/sets/ARGS`, each by a link to a temporary name and an atomic
+/// rename, and returns that directory.
+///
+/// Cargo re-links its outputs into `built` on every build, fresh or not
+/// (remove, then link): a test process executing `built/hotpatch` while
+/// another test process asks for a build could find no file there, or the
+/// variant of another package set (feature unification: `hotpatch-cli`
+/// built beside `demo-target` is not the one built alone). A path in the
+/// set's own directory is only ever replaced atomically, by the same
+/// invocation's output.
+fn publish(built: &Path, dir: &Path, args: &[&str]) -> PathBuf {
+    let name: String = args
+        .join(" ")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let out = dir.join("sets").join(name);
+    for (from, to) in [
+        (built.to_path_buf(), out.clone()),
+        (built.join("examples"), out.join("examples")),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&from) else {
+            continue;
+        };
+        std::fs::create_dir_all(&to).expect("create fixture set dir");
+        for e in entries {
+            let e = e.expect("read fixture dir entry");
+            if !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let file = e.file_name();
+            let mut tmp_name = std::ffi::OsString::from(".publish-");
+            tmp_name.push(&file);
+            let tmp = to.join(tmp_name);
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(e.path(), &tmp).is_err() {
+                std::fs::copy(e.path(), &tmp).expect("copy a fixture");
+            }
+            std::fs::rename(&tmp, to.join(&file)).expect("publish a fixture");
+        }
+    }
+    out
 }
 
 /// Builds the workspace package `package` (a `cdylib`) with the `fixture`
