@@ -600,14 +600,14 @@ fn refused_when_already_traced() {
     let out_path = std::env::temp_dir().join(format!("hotpatch-traced-{}.out", std::process::id()));
     let file = std::fs::File::create(&out_path).unwrap();
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
-    #[allow(
-        clippy::zombie_processes,
-        reason = "reaped by the tracer loop's waitpid(-pgid, __WALL) below"
-    )]
     // Its own process group, so the tracer loop below waits for this child
     // and its threads only (`waitpid(-pgid)`): a `waitpid(-1)` here reaped
     // the children of tests running beside it (seen in CI: ECHILD).
     cmd.process_group(0);
+    #[allow(
+        clippy::zombie_processes,
+        reason = "reaped by the tracer loop's waitpid(-pgid, __WALL) below"
+    )]
     let child = cmd.spawn().expect("spawn traced child");
     let pid = child.id() as i32;
     // The tracer loop: continue every stop, forwarding real signals.
