@@ -92,11 +92,11 @@ fn build_args(extra: &[&str]) -> PathBuf {
 /// `DIR/sets/ARGS`, each by a link to a temporary name and an atomic
 /// rename, and returns that directory.
 ///
-/// Cargo re-links its outputs into `built` on every build, fresh or not
-/// (remove, then link): a test process executing `built/hotpatch` while
-/// another test process asks for a build could find no file there, or the
-/// variant of another package set (feature unification: `hotpatch-cli`
-/// built beside `demo-target` is not the one built alone). A path in the
+/// Cargo links each invocation's outputs into the shared `built` (remove,
+/// then link): a test process executing `built/hotpatch` while another test
+/// process builds another set could find no file there, or that set's
+/// variant (feature unification: `hotpatch-cli` built beside `demo-target`
+/// is not the one built alone). A path in the
 /// set's own directory is only ever replaced atomically, by the same
 /// invocation's output.
 fn publish(built: &Path, dir: &Path, args: &[&str]) -> PathBuf {
