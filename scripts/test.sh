@@ -11,7 +11,23 @@
 #   python3    -> the import-cycle check and the interpreter attach_e2e attaches to
 #   libc6-dev  -> libc.a for the static target attach_e2e must refuse
 #   libjemalloc2, libmimalloc2.0 -> the other allocators heap_allocators.rs samples
-# Plugins and fixtures are built from source by the tests themselves.
+# Plugins, binaries and examples the tests use are built from source, once,
+# before any test runs (tests/src/bin/build-fixtures.rs; a test run by hand
+# builds what it misses itself).
+#
+# Stages: (1) compile the suite, (2) build the fixtures -- both quiet work,
+# what `--no-run` stops after; (3) run the test binaries in parallel groups
+# (see GROUPS below), each group's output kept in a file and printed whole
+# when the group ends, then a summary; the exit status is 1 when any group
+# failed.
+#
+#   scripts/test.sh                  the whole suite, grouped
+#   scripts/test.sh --no-run         stages 1 and 2 only
+#   scripts/test.sh -- --nocapture   arguments after `--` go to every test binary
+#   scripts/test.sh -p hotpatch-patcher   any other cargo argument: stages 1
+#                                    and 2, then one plain `cargo test` with it
+#   HOTPATCH_TEST_GROUPS=1 scripts/test.sh   the whole suite in one plain
+#                                    sequential `cargo test` (as before groups)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +59,118 @@ fi
 # make sure a fresh shell finds it.
 export PATH="$PATH:/usr/lib/go/bin"
 
-exec cargo test --workspace --no-fail-fast "$@"
+cargo_args=()
+harness_args=()
+no_run=false
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) harness_args=("$@"); break ;;
+        --no-run) no_run=true ;;
+        *) cargo_args+=("$1") ;;
+    esac
+    shift
+done
+
+t_start=$(date +%s)
+grouped=true
+if [ ${#cargo_args[@]} -gt 0 ] || [ "${HOTPATCH_TEST_GROUPS:-3}" = 1 ]; then
+    grouped=false
+fi
+# (1) Compile everything the suite runs, with the very cargo invocations of
+# stage 3 (feature unification depends on the packages selected: compiling
+# `--workspace` and then running `-p hotpatch-tests` would compile again).
+if $grouped; then
+    cargo test --workspace --exclude hotpatch-tests --no-run
+    cargo test -p hotpatch-tests --no-run
+else
+    cargo test --workspace --no-fail-fast --no-run ${cargo_args[@]+"${cargo_args[@]}"}
+fi
+# (2) The fixtures, exactly as the tests build them (same cargo invocations,
+# same target directory), so that the tests find them fresh.
+cargo run --quiet -p hotpatch-tests --bin build-fixtures
+echo "test.sh: compiled and fixtures built in $(( $(date +%s) - t_start )) s" >&2
+if $no_run; then
+    exit 0
+fi
+
+if ! $grouped; then
+    exec cargo test --workspace --no-fail-fast ${cargo_args[@]+"${cargo_args[@]}"} ${harness_args[@]+"${harness_args[@]}"}
+fi
+
+# (3) The test binaries in three groups run side by side. Most of the slow
+# binaries wait (on ptrace stops, child processes, timers), so they overlap
+# well on two cores. The tests are hermetic (own temp and runtime
+# directories, own child processes, waits on their own process groups).
+# Within a group, cargo runs the binaries one after another.
+#
+# - profiler: the workspace's unit and doc tests, then every profiler_*
+#   binary. The profiler tests measure CPU shares (under a hog of their
+#   own); they never run alongside each other, and the unit tests are short.
+# - patcher: patcher_*, symbolizer_*, watch_*, import_cycles.
+# - rest: every other binary of tests/tests, including any new one.
+prof=() patch=() rest=()
+for f in tests/tests/*.rs; do
+    name=$(basename "$f" .rs)
+    case "$name" in
+        profiler_*) prof+=(--test "$name") ;;
+        patcher_* | symbolizer_* | watch_* | import_cycles) patch+=(--test "$name") ;;
+        *) rest+=(--test "$name") ;;
+    esac
+done
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+run_group() {
+    local name=$1
+    shift
+    local t0 status=0
+    t0=$(date +%s)
+    "$@" >"$logs/$name.out" 2>&1 || status=$?
+    echo "$status $(( $(date +%s) - t0 ))" >"$logs/$name.status"
+}
+group_profiler() {
+    local status=0
+    cargo test --workspace --exclude hotpatch-tests --no-fail-fast ${harness_args[@]+"${harness_args[@]}"} || status=1
+    cargo test -p hotpatch-tests --no-fail-fast --lib --bins ${harness_args[@]+"${harness_args[@]}"} || status=1
+    cargo test -p hotpatch-tests --no-fail-fast --doc ${harness_args[@]+"${harness_args[@]}"} || status=1
+    cargo test -p hotpatch-tests --no-fail-fast "${prof[@]}" ${harness_args[@]+"${harness_args[@]}"} || status=1
+    return "$status"
+}
+
+pids=()
+run_group profiler group_profiler &
+pids+=("$!")
+run_group patcher cargo test -p hotpatch-tests --no-fail-fast "${patch[@]}" ${harness_args[@]+"${harness_args[@]}"} &
+pids+=("$!")
+run_group rest cargo test -p hotpatch-tests --no-fail-fast "${rest[@]}" ${harness_args[@]+"${harness_args[@]}"} &
+pids+=("$!")
+# Print each group whole as soon as it ends (in the order they end).
+printed=()
+failed=()
+while [ ${#printed[@]} -lt 3 ]; do
+    for g in profiler patcher rest; do
+        if [ -e "$logs/$g.status" ] && [[ " ${printed[*]-} " != *" $g "* ]]; then
+            read -r status secs <"$logs/$g.status"
+            echo "==================== test group $g: exit $status, ${secs} s ===================="
+            cat "$logs/$g.out"
+            printed+=("$g")
+            summary+=("$g: exit $status, ${secs} s")
+            [ "$status" = 0 ] || failed+=("$g")
+        fi
+    done
+    sleep 1
+done
+for p in "${pids[@]}"; do
+    wait "$p" || true
+done
+
+echo "==================== test.sh summary ===================="
+for line in "${summary[@]}"; do
+    echo "  $line"
+done
+echo "  total (compile, fixtures, tests): $(( $(date +%s) - t_start )) s"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "test.sh: FAILED groups: ${failed[*]} (their failing tests are listed in their output above)" >&2
+    exit 1
+fi
+echo "test.sh: all groups passed"

@@ -7,7 +7,8 @@
 //!   process with `RLIMIT_NOFILE` just above its open fds and 50 threads,
 //!   the session starts, threads without an fd get a thread CPU timer
 //!   (`Stats::thread_clock_fallbacks`, said in `Report::top`), the host can
-//!   still open a file, and every thread is sampled.
+//!   still open a file, and every thread is sampled over `WORKER_CPU` of
+//!   its own CPU time (enough ticks for a tick-checked timer, see there).
 //!
 //! Verdicts count signals and samples over a fixed amount of the thread's
 //! own CPU time, never wall-clock time. The sampler is process-wide: the
@@ -107,6 +108,16 @@ fn no_sigprof_after_stop_while_a_forked_child_holds_the_perf_fds() {
 
 const CHILD_ENV: &str = "HOTPATCH_TEST_CLOCKS_CHILD";
 const WORKERS: usize = 50;
+/// CPU time each worker burns while sampled. A thread CPU timer is checked
+/// only at the kernel tick that finds its thread running (250 Hz here), so
+/// under load a timer thread got about one signal per 11 ms of its CPU
+/// (measured: 3.7 signals per 40 ms on average, 0 for 1-2 of 47 threads in
+/// 2 of 3 runs at load average 13; `cargo test -p hotpatch-tests --test
+/// profiler_clocks -- --exact every_thread_is_sampled_when_out_of_file_descriptors`).
+/// 40 ms made "every thread is sampled" a coin toss; at 250 ms a thread
+/// expects ~23 signals at that rate (P(0) ~ 1e-10), ~11 at half of it.
+/// CPU time, never wall time: a starved thread just takes longer.
+const WORKER_CPU: Duration = Duration::from_millis(250);
 
 /// Run by `every_thread_is_sampled_when_out_of_file_descriptors` in a child
 /// process (it lowers RLIMIT_NOFILE); ignored otherwise.
@@ -126,7 +137,7 @@ fn low_nofile_child() {
                 .name(format!("w{i:02}"))
                 .spawn(move || {
                     b.wait();
-                    burn(Duration::from_millis(40));
+                    burn(WORKER_CPU);
                 })
                 .unwrap()
         })
