@@ -254,6 +254,39 @@ impl Host {
         }
     }
 
+    /// `patch canary_target --with canary-plugin:WITH --canary RATIO
+    /// --promote-after AFTER [--rollback-on RULE] --json`; checks the ratio
+    /// and the rollback rules the agent took (`rules`), then waits until the
+    /// agent ends the canary and returns its last state from `list`.
+    fn run_canary(
+        &self,
+        with: &str,
+        ratio: &str,
+        after: &str,
+        rule: Option<&str>,
+        rules: &[&str],
+    ) -> Value {
+        let with = format!("canary-plugin:{with}");
+        let mut args = vec![
+            "patch",
+            "canary_target",
+            "--with",
+            &with,
+            "--canary",
+            ratio,
+            "--promote-after",
+            after,
+        ];
+        if let Some(r) = rule {
+            args.extend(["--rollback-on", r]);
+        }
+        args.push("--json");
+        let v = self.json(&args);
+        assert_eq!(v["canary"]["ratio"], ratio, "{v}");
+        assert_eq!(v["canary"]["rollback_on"], serde_json::json!(rules), "{v}");
+        self.wait_canary_done()
+    }
+
     /// The canary of the one site, from `list --json`, once its state is
     /// not `canary` any more.
     fn wait_canary_done(&self) -> Value {
@@ -315,26 +348,7 @@ fn a_panicking_canary_is_rolled_back_by_the_agent() {
     h.load();
     let before = h.wait_calls(&[[0; 4]; 3], 1);
     // A window far longer than the test: only a rollback ends it.
-    let v = h.json(&[
-        "patch",
-        "canary_target",
-        "--with",
-        "canary-plugin:canary_panicky",
-        "--canary",
-        "1/10",
-        "--promote-after",
-        "1h",
-        "--rollback-on",
-        "panic",
-        "--json",
-    ]);
-    assert_eq!(v["canary"]["ratio"], "1/10", "{v}");
-    assert_eq!(
-        v["canary"]["rollback_on"],
-        serde_json::json!(["panic"]),
-        "{v}"
-    );
-    let c = h.wait_canary_done();
+    let c = h.run_canary("canary_panicky", "1/10", "1h", Some("panic"), &["panic"]);
     assert_eq!(c["state"], "rolled_back", "{c}");
     let reason = c["reason"]
         .as_str()
@@ -420,25 +434,13 @@ fn an_erring_canary_is_rolled_back_on_its_error_rate() {
     h.load();
     let before = h.wait_calls(&[[0; 4]; 3], 1);
     no_wrong_values(&before);
-    let v = h.json(&[
-        "patch",
-        "canary_target",
-        "--with",
-        "canary-plugin:canary_erring",
-        "--canary",
+    let c = h.run_canary(
+        "canary_erring",
         "1/4",
-        "--promote-after",
         "1h",
-        "--rollback-on",
-        "errors>5%",
-        "--json",
-    ]);
-    assert_eq!(
-        v["canary"]["rollback_on"],
-        serde_json::json!(["errors>5%"]),
-        "{v}"
+        Some("errors>5%"),
+        &["errors>5%"],
     );
-    let c = h.wait_canary_done();
     assert_eq!(c["state"], "rolled_back", "{c}");
     let reason = c["reason"]
         .as_str()
@@ -488,24 +490,8 @@ fn an_erring_canary_is_rolled_back_on_its_error_rate() {
 fn a_clean_canary_is_promoted_then_takes_every_call() {
     let mut h = Host::start();
     h.load();
-    let v = h.json(&[
-        "patch",
-        "canary_target",
-        "--with",
-        "canary-plugin:canary_clean",
-        "--canary",
-        "1/10",
-        "--promote-after",
-        "2s",
-        "--json",
-    ]);
-    // The default rule, as the replacement has counters.
-    assert_eq!(
-        v["canary"]["rollback_on"],
-        serde_json::json!(["panic"]),
-        "{v}"
-    );
-    let c = h.wait_canary_done();
+    // No rule given: the default (panic), as the replacement has counters.
+    let c = h.run_canary("canary_clean", "1/10", "2s", None, &["panic"]);
     assert_eq!(c["state"], "promoted", "{c}");
     assert!(c["reason"].is_null(), "{c}");
 
