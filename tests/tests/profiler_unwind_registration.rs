@@ -47,8 +47,16 @@ fn ret_page(len: usize) -> u64 {
 }
 
 /// The FDE start libgcc finds for `pc` (0 if none); a lookup outside any
-/// signal handler.
+/// signal handler, with this thread's signals blocked: libgcc takes its
+/// `object_mutex` for the lookup, and a SIGPROF landing while this thread
+/// holds it would run the sampler's libgcc unwind on the same mutex and
+/// deadlock the thread (seen in the fresh-clone CI of 2026-12-02). That is
+/// a known hazard of the signal clock for any thread that unwinds (a panic,
+/// a backtrace) while being sampled: docs/DESIGN-NOTES.md, "libgcc's
+/// object_mutex and the sampler"; this test is about registration, so it
+/// keeps its own lookups out of the race.
 fn enclosing(pc: u64) -> u64 {
+    let _quiet = hotpatch_sys::signal::MaskGuard::block_all().expect("block signals");
     // SAFETY: a query of libgcc's unwind tables; `pc` is only compared.
     unsafe { _Unwind_FindEnclosingFunction(pc as usize as *mut libc::c_void) as usize as u64 }
 }
