@@ -171,9 +171,19 @@ impl Host {
         }
     }
 
-    /// The agent's `tracing` events so far, one per line.
-    fn events(&self) -> String {
-        std::fs::read_to_string(self.events_dir.join("events.log")).unwrap_or_default()
+    /// Asserts that the agent emitted its rollback `tracing` event with
+    /// `reason` (the host writes the events to a file, one per line).
+    fn assert_rollback_event(&self, reason: &str) {
+        let events =
+            std::fs::read_to_string(self.events_dir.join("events.log")).unwrap_or_default();
+        assert!(
+            events
+                .lines()
+                .any(|l| l.starts_with("WARN hotpatch::canary")
+                    && l.contains("canary rolled back")
+                    && l.contains(reason)),
+            "no rollback event with {reason:?} in:\n{events}"
+        );
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -409,15 +419,7 @@ fn a_panicking_canary_is_rolled_back_by_the_agent() {
     );
 
     // The `tracing` event the agent emitted, with the same reason.
-    let events = h.events();
-    assert!(
-        events
-            .lines()
-            .any(|l| l.starts_with("WARN hotpatch::canary")
-                && l.contains("canary rolled back")
-                && l.contains(reason)),
-        "no rollback event with {reason:?} in:\n{events}"
-    );
+    h.assert_rollback_event(reason);
 
     h.ok(&["revert", "canary_target"]);
     let end = h.wait_calls(&after, 1000);
@@ -474,15 +476,7 @@ fn an_erring_canary_is_rolled_back_on_its_error_rate() {
         assert_eq!(a[3], b[3], "worker {i}: an error value after rollback");
         assert!(b[1] >= a[1] + 10_000, "worker {i}: {a:?} -> {b:?}");
     }
-    let events = h.events();
-    assert!(
-        events
-            .lines()
-            .any(|l| l.starts_with("WARN hotpatch::canary")
-                && l.contains("canary rolled back")
-                && l.contains(&reason)),
-        "no rollback event with {reason:?} in:\n{events}"
-    );
+    h.assert_rollback_event(&reason);
     h.ok(&["revert", "canary_target"]);
 }
 
