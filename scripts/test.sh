@@ -130,6 +130,47 @@ run_group() {
     "$@" >"$logs/$name.out" 2>&1 || status=$?
     echo "$status $(( $(date +%s) - t0 ))" >"$logs/$name.status"
 }
+# A group that runs longer than this is stopped (HOTPATCH_GROUP_TIMEOUT,
+# seconds). Before it is killed, what it was doing is printed: its output so
+# far (cargo names the binary, the harness the tests running for over 60 s),
+# every process it started with its state and kernel wait channel, and each
+# thread's backtrace (gdb, when installed). A hang then fails the run with
+# its cause on screen instead of running into the CI's own time limit with
+# no output at all (what happened to the fresh-clone CI run of stop 13: the
+# rest group never ended and its buffered output was lost).
+group_timeout=${HOTPATCH_GROUP_TIMEOUT:-2700}
+# Every process below $1, depth first.
+descendants() {
+    local c
+    for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+# What the still-running group rooted at pid $1 is doing.
+diagnose_group() {
+    local root=$1 p exe t
+    local procs
+    procs=$(descendants "$root")
+    echo "---- processes of the group (pid, elapsed, cpu, state, wait channel, command)"
+    for p in $procs; do
+        ps -o pid=,etime=,time=,stat=,wchan:24=,args= -p "$p" 2>/dev/null | cut -c1-220 || true
+    done
+    for p in $procs; do
+        exe=$(readlink "/proc/$p/exe" 2>/dev/null) || continue
+        case "$exe" in
+            */cargo | */bash | */sh | */dash | */rustc | */sleep) continue ;;
+        esac
+        echo "---- threads of $p ($exe)"
+        for t in /proc/"$p"/task/*; do
+            echo "  tid ${t##*/}: $(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null) syscall=$(cut -d' ' -f1 "$t/syscall" 2>/dev/null)"
+        done
+        if command -v gdb >/dev/null 2>&1; then
+            timeout 120 gdb -p "$p" -batch -nx -ex "thread apply all bt 40" 2>&1 \
+                | grep -vE '^\[(New LWP|Thread debugging|Inferior)|^warning:|^Using host' | head -400 || true
+        fi
+    done
+}
 group_profiler() {
     local status=0
     cargo test --workspace --exclude hotpatch-tests --no-fail-fast ${harness_args[@]+"${harness_args[@]}"} || status=1
@@ -146,18 +187,37 @@ run_group patcher cargo test -p hotpatch-tests --no-fail-fast "${patch[@]}" ${ha
 pids+=("$!")
 run_group rest cargo test -p hotpatch-tests --no-fail-fast "${rest[@]}" ${harness_args[@]+"${harness_args[@]}"} &
 pids+=("$!")
-# Print each group whole as soon as it ends (in the order they end).
+# Print each group whole as soon as it ends (in the order they end); stop a
+# group that outlives $group_timeout after printing what it was doing.
+groups=(profiler patcher rest)
+t_groups=$(date +%s)
 printed=()
 failed=()
 while [ ${#printed[@]} -lt 3 ]; do
-    for g in profiler patcher rest; do
+    for i in 0 1 2; do
+        g=${groups[$i]}
         if [ -e "$logs/$g.status" ] && [[ " ${printed[*]-} " != *" $g "* ]]; then
             read -r status secs <"$logs/$g.status"
-            echo "==================== test group $g: exit $status, ${secs} s ===================="
+            note=""
+            [ -e "$logs/$g.timedout" ] && note=" (TIMED OUT: stopped after ${group_timeout} s)"
+            echo "==================== test group $g: exit $status, ${secs} s${note} ===================="
             cat "$logs/$g.out"
+            [ -e "$logs/$g.timedout" ] && cat "$logs/$g.timedout"
             printed+=("$g")
-            summary+=("$g: exit $status, ${secs} s")
+            summary+=("$g: exit $status, ${secs} s${note}")
             [ "$status" = 0 ] || failed+=("$g")
+        elif [ ! -e "$logs/$g.status" ] && [ ! -e "$logs/$g.timedout" ] \
+            && [ $(( $(date +%s) - t_groups )) -gt "$group_timeout" ]; then
+            echo "test.sh: group $g still running after ${group_timeout} s; what it is doing:" >&2
+            diagnose_group "${pids[$i]}" >"$logs/$g.timedout" 2>&1 || true
+            echo "test.sh: stopping group $g" >>"$logs/$g.timedout"
+        fi
+        # A stopped group's processes are killed until the group ends (a
+        # group of several cargo commands would start the next one).
+        if [ -e "$logs/$g.timedout" ] && [ ! -e "$logs/$g.status" ]; then
+            for p in $(descendants "${pids[$i]}"); do
+                kill -KILL "$p" 2>/dev/null || true
+            done
         fi
     done
     sleep 1
