@@ -171,6 +171,7 @@ fn once(
     let tm = p.timings;
     let v = json!({
         "generation": r.generation,
+        "applied": r.applied,
         "patched": r.patched,
         "added": r.added,
         "reverted": r.reverted,
@@ -183,6 +184,15 @@ fn once(
         },
     });
     print(out, json, &v, |o| {
+        if !r.applied {
+            return writeln!(
+                o,
+                "nothing to apply: the build is what the process runs (generation {}; {:.2} s, build {:.2})",
+                r.generation,
+                total,
+                tm.build_ms / 1e3,
+            );
+        }
         writeln!(
             o,
             "patched {} function(s) in {:.2} s (build {:.2}, diff {:.3}, link {:.3}, apply {:.3}), generation {}{}",

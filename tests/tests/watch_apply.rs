@@ -409,3 +409,71 @@ fn a_generation_a_thread_runs_in_stays_mapped_until_it_leaves() {
     hotpatch_watch::apply::revert_all().expect("revert");
     assert_eq!(call(target_spin), 11);
 }
+
+/// Generation numbers count the generations that went live, without gaps:
+/// a bundle with nothing to change (no function differs, or the same code
+/// as the live generation) takes no number and its reply says
+/// `applied: false`; one that only puts functions back takes none either.
+#[test]
+fn generation_numbers_are_consecutive_and_say_whether_applied() {
+    let _g = serial();
+    // Start from the original code (an earlier test may have left sites).
+    let _ = hotpatch_watch::apply::revert_all();
+    let empty = bundle(Vec::new(), Vec::new());
+    let r = hotpatch_watch::apply::apply(&empty).expect("apply nothing");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    assert_eq!(r.bytes, 0, "memory mapped for nothing: {r:?}");
+    let forty_two = || {
+        bundle(
+            vec![code("c42", &[0xb8, 42, 0, 0, 0, 0xc3], vec![])],
+            vec![("target_const", 0)],
+        )
+    };
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42");
+    assert!(r.applied, "{r:?}");
+    let first = r.generation;
+    assert!(first >= 1, "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // The same build again (a save without a change): nothing applied, the
+    // live generation is still `first`.
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42 again");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, first, "{r:?}");
+    assert_eq!((r.installed, r.swapped, r.bytes), (0, 0, 0), "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // A change: the next number.
+    let r = hotpatch_watch::apply::apply(&bundle(
+        vec![code("c43", &[0xb8, 43, 0, 0, 0, 0xc3], vec![])],
+        vec![("target_const", 0)],
+    ))
+    .expect("apply 43");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, first + 1, "{r:?}");
+    assert_eq!(call(target_const), 43);
+    // Every edit undone: the functions go back, generation 0, no number
+    // taken; a second such save applies nothing.
+    let r = hotpatch_watch::apply::apply(&empty).expect("back to the original");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    assert_eq!(r.reverted, ["target_const"], "{r:?}");
+    assert_eq!(call(target_const), 7);
+    let r = hotpatch_watch::apply::apply(&empty).expect("nothing again");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    // The same code as two steps ago is a change now: the next number.
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42 once more");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, first + 2, "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // A revert takes no number either.
+    let r = hotpatch_watch::apply::revert_all().expect("revert");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    let r = hotpatch_watch::apply::revert_all().expect("revert again");
+    assert!(!r.applied, "{r:?}");
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply after revert");
+    assert_eq!(r.generation, first + 3, "{r:?}");
+    hotpatch_watch::apply::revert_all().expect("revert");
+    assert_eq!(call(target_const), 7);
+}

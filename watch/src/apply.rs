@@ -3,8 +3,11 @@
 //! references to the process's own symbols (statics and thread-locals keep
 //! their state), and redirect the changed functions — all as one step.
 //!
-//! Generations: every apply builds generation N+1 from everything that
-//! differs from the baseline; sites of functions already patched are
+//! Generations: every apply that places code builds generation N+1 from
+//! everything that differs from the baseline (numbers are consecutive: a
+//! bundle equal to the live generation's, or one that only puts functions
+//! back, takes none, and the reply's `applied` says whether anything
+//! changed); sites of functions already patched are
 //! swapped (one atomic store each), new ones installed, sites of functions
 //! back to their baseline code removed. Generation N is unmapped once no
 //! site points into it and no thread runs in or returns into it
@@ -60,8 +63,14 @@ struct WatchSite {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The number of the last generation placed (the next is `next + 1`):
+    /// only a step that maps new code takes a number, so generations are
+    /// numbered 1, 2, 3... in the order they went live.
     next: u64,
     current: u64,
+    /// What the live generation was built from ([`digest`]): a bundle with
+    /// the same content is what already runs, and is not applied again.
+    live_digest: Option<u64>,
     sites: BTreeMap<String, WatchSite>,
     generations: Vec<Generation>,
 }
@@ -520,6 +529,25 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
     Ok((map, addr_of, starts[1]))
 }
 
+/// A digest of what a bundle places and redirects (not its debug info):
+/// equal for two builds of the same code.
+fn digest(b: &Bundle) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    b.build_id.hash(&mut h);
+    b.added.hash(&mut h);
+    for f in &b.functions {
+        (&f.name, f.section, f.offset).hash(&mut h);
+    }
+    for s in &b.sections {
+        (&s.name, s.kind, s.align, s.size, &s.hex).hash(&mut h);
+        for r in &s.relocs {
+            (r.offset, r.r_type, &r.target, r.addend).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -572,6 +600,46 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     }
     let mut guard = lock();
     let st = guard.get_or_insert_with(State::default);
+    if b.functions.is_empty() {
+        // Every function is back to its original code: the sites go, and
+        // no generation is placed (nor numbered) for that.
+        let names: Vec<String> = st.sites.keys().cloned().collect();
+        let reverted = remove_sites(st, &names);
+        let applied = !reverted.is_empty();
+        // A site that could not be removed is disabled: its calls run the
+        // original code too.
+        st.current = 0;
+        st.live_digest = None;
+        let (unloaded, retained) = retire(st);
+        return Ok(ApplyReport {
+            generation: st.current,
+            applied,
+            reverted,
+            unloaded,
+            retained,
+            micros: t0.elapsed().as_micros() as u64,
+            ..ApplyReport::default()
+        });
+    }
+    let digest = digest(b);
+    let unchanged = st.current != 0
+        && st.live_digest == Some(digest)
+        && st
+            .sites
+            .values()
+            .all(|w| w.generation == st.current && w.site.is_enabled());
+    if unchanged {
+        // The same build as the live generation: nothing to do.
+        let (unloaded, retained) = retire(st);
+        return Ok(ApplyReport {
+            generation: st.current,
+            applied: false,
+            unloaded,
+            retained,
+            micros: t0.elapsed().as_micros() as u64,
+            ..ApplyReport::default()
+        });
+    }
     // Preflight every new site before anything is written.
     for (f, addr, size) in &targets {
         if st.sites.contains_key(&f.name) {
@@ -584,7 +652,7 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         }
     }
     let (mut map, addr_of, code_len) = place(p, b)?;
-    let gen_id = st.next.max(st.current) + 1;
+    let gen_id = st.next + 1;
     // Name the new code in the symbolizer: a module with the new build's
     // DWARF when it can be written, else one anonymous range per function.
     let reg = Registry::global();
@@ -703,15 +771,13 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         len: code_len,
         modules,
     });
-    st.current = if b.functions.is_empty() && st.sites.is_empty() {
-        0
-    } else {
-        gen_id
-    };
+    st.current = gen_id;
     st.next = gen_id;
+    st.live_digest = Some(digest);
     let (unloaded, retained) = retire(st);
     Ok(ApplyReport {
         generation: st.current,
+        applied: true,
         patched,
         added: b
             .added
@@ -923,11 +989,13 @@ pub fn revert_all() -> Result<ApplyReport> {
     };
     let names: Vec<String> = st.sites.keys().cloned().collect();
     let reverted = remove_sites(st, &names);
+    let applied = !reverted.is_empty();
     st.current = 0;
-    st.next += 1;
+    st.live_digest = None;
     let (unloaded, retained) = retire(st);
     Ok(ApplyReport {
-        generation: 0,
+        generation: st.current,
+        applied,
         reverted,
         unloaded,
         retained,
