@@ -109,6 +109,7 @@ fn bundle(sections: Vec<BSec>, functions: Vec<(&str, usize)>) -> Bundle {
             .collect(),
         added: Vec::new(),
         debug: Vec::new(),
+        eh_frame: None,
     }
 }
 
@@ -215,6 +216,33 @@ fn generations_relocations_and_revert() {
     assert_eq!(r.generation, 0);
     assert_eq!(call(target_const), 7);
     assert_eq!(call(target_tls), 9);
+}
+
+/// A bundle patching `target_const` whose unwind info is section 1 with
+/// `bytes` (read-only), its first FDE at `code`+`offset`.
+fn with_eh_frame(bytes: &[u8], code_section: usize, offset: u64) -> Bundle {
+    let mut b = bundle(
+        vec![
+            code("c", &[0xb8, 1, 0, 0, 0, 0xc3], vec![]),
+            BSec {
+                name: ".eh_frame".into(),
+                kind: SecKind::ReadOnly,
+                align: 8,
+                size: bytes.len() as u64,
+                hex: hex(bytes),
+                relocs: Vec::new(),
+                function: None,
+                symbols: Vec::new(),
+            },
+        ],
+        vec![("target_const", 0)],
+    );
+    b.eh_frame = Some(hotpatch_watch::bundle::BEhFrame {
+        section: 1,
+        code: code_section,
+        offset,
+    });
+    b
 }
 
 #[test]
@@ -333,6 +361,40 @@ fn malformed_bundles_are_refused_and_change_nothing() {
                 b
             },
             codes::E_WATCH_UNRESOLVED,
+        ),
+        // Unwind info that is not a terminated read-only `.eh_frame`, or
+        // whose first FDE is not in code: refused before anything is
+        // mapped or registered.
+        (
+            with_eh_frame(&[1, 2, 3, 4, 5, 6, 7, 8], 0, 0),
+            codes::E_WATCH_BAD_BUNDLE,
+        ),
+        (with_eh_frame(&[0; 8], 1, 0), codes::E_WATCH_BAD_BUNDLE),
+        (with_eh_frame(&[0; 8], 0, 6), codes::E_WATCH_BAD_BUNDLE),
+        (
+            {
+                let mut b = with_eh_frame(&[0; 8], 0, 0);
+                b.sections[1].kind = SecKind::Code;
+                b
+            },
+            codes::E_WATCH_BAD_BUNDLE,
+        ),
+        (
+            {
+                // A relocation that would write the terminator.
+                let mut b = with_eh_frame(&[0; 8], 0, 0);
+                b.sections[1].relocs.push(BRel {
+                    offset: 4,
+                    r_type: 2,
+                    target: BTarget::Section {
+                        index: 0,
+                        offset: 0,
+                    },
+                    addend: 0,
+                });
+                b
+            },
+            codes::E_WATCH_BAD_BUNDLE,
         ),
     ];
     for (i, (b, want)) in cases.into_iter().enumerate() {

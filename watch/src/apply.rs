@@ -50,6 +50,9 @@ struct Generation {
     len: usize,
     /// Symbolizer modules of its functions.
     modules: Vec<ModuleId>,
+    /// Its unwind info as registered with libgcc (module, start), removed
+    /// before its code is unmapped.
+    unwind: Option<(ModuleId, u64)>,
 }
 
 #[derive(Debug)]
@@ -71,6 +74,11 @@ struct State {
     /// What the live generation was built from ([`digest`]): a bundle with
     /// the same content is what already runs, and is not applied again.
     live_digest: Option<u64>,
+    /// Every range a generation was ever mapped at: a new generation is
+    /// never placed where an old one was, so a stale pointer into old code
+    /// (in a register, a dead stack slot the unload check scans) never
+    /// names new code.
+    used: Vec<(usize, usize)>,
     sites: BTreeMap<String, WatchSite>,
     generations: Vec<Generation>,
 }
@@ -234,8 +242,9 @@ impl Drop for Mapped {
     }
 }
 
-/// Maps `len` bytes (read-write) within ±1 GiB of the executable.
-fn map_near(p: &Process, len: usize) -> Result<Mapped> {
+/// Maps `len` bytes (read-write) within ±1 GiB of the executable, in
+/// none of the `used` ranges.
+fn map_near(p: &Process, len: usize, used: &[(usize, usize)]) -> Result<Mapped> {
     const STEP: usize = 2 << 20;
     let top = (p.hi + STEP - 1) & !(STEP - 1);
     let bottom = p.lo & !(STEP - 1);
@@ -248,7 +257,7 @@ fn map_near(p: &Process, len: usize) -> Result<Mapped> {
     }
     for h in hints {
         let far = h.abs_diff(p.lo).max((h + len).abs_diff(p.hi));
-        if far > (1 << 30) + (p.hi - p.lo) {
+        if far > (1 << 30) + (p.hi - p.lo) || used.iter().any(|&(a, b)| h < b && a < h + len) {
             continue;
         }
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping;
@@ -311,7 +320,7 @@ enum Slot {
 /// Places the bundle's sections, applies relocations, protects the pages.
 /// Returns the mapping, each section's address and the length of the code
 /// part (page-aligned, from the mapping's start).
-fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
+fn place(p: &Process, b: &Bundle, used: &[(usize, usize)]) -> Result<(Mapped, Vec<usize>, usize)> {
     // Layout: code (+ stubs) | read-only (+ GOT) | writable.
     let mut off = vec![0usize; b.sections.len()];
     let mut sizes = [0usize; 3];
@@ -384,7 +393,7 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
         align(sizes[0], PAGE) + align(sizes[1], PAGE),
     ];
     let total = (starts[2] + align(sizes[2], PAGE)).max(PAGE);
-    let map = map_near(p, total)?;
+    let map = map_near(p, total, used)?;
     let base = map.base;
     let addr_of: Vec<usize> = b
         .sections
@@ -529,6 +538,38 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
     Ok((map, addr_of, starts[1]))
 }
 
+/// The bundle's unwind info, checked: its `.eh_frame` section (read-only,
+/// ending in the zero terminator, which no relocation touches) and the
+/// code section and offset of its first FDE. `None` when it has none.
+fn check_eh_frame(b: &Bundle) -> Result<Option<(usize, usize, u64)>> {
+    let Some(e) = &b.eh_frame else {
+        return Ok(None);
+    };
+    let eh = b
+        .sections
+        .get(e.section)
+        .filter(|s| s.kind == SecKind::ReadOnly && s.size >= 4)
+        .ok_or_else(|| bad("eh_frame: not a read-only section of the bundle"))?;
+    let terminated = eh.hex.len() as u64 == eh.size * 2
+        && eh.hex.ends_with("00000000")
+        && eh.relocs.iter().all(|r| {
+            let width = if matches!(r.r_type, R_64 | R_PC64) {
+                8
+            } else {
+                4
+            };
+            r.offset + width <= eh.size - 4
+        });
+    if !terminated {
+        return Err(bad("eh_frame: the section does not end in a terminator"));
+    }
+    b.sections
+        .get(e.code)
+        .filter(|s| s.kind == SecKind::Code && e.offset < s.size)
+        .ok_or_else(|| bad("eh_frame: its first FDE is not in a code section"))?;
+    Ok(Some((e.section, e.code, e.offset)))
+}
+
 /// A digest of what a bundle places and redirects (not its debug info):
 /// equal for two builds of the same code.
 fn digest(b: &Bundle) -> u64 {
@@ -603,23 +644,7 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     if b.functions.is_empty() {
         // Every function is back to its original code: the sites go, and
         // no generation is placed (nor numbered) for that.
-        let names: Vec<String> = st.sites.keys().cloned().collect();
-        let reverted = remove_sites(st, &names);
-        let applied = !reverted.is_empty();
-        // A site that could not be removed is disabled: its calls run the
-        // original code too.
-        st.current = 0;
-        st.live_digest = None;
-        let (unloaded, retained) = retire(st);
-        return Ok(ApplyReport {
-            generation: st.current,
-            applied,
-            reverted,
-            unloaded,
-            retained,
-            micros: t0.elapsed().as_micros() as u64,
-            ..ApplyReport::default()
-        });
+        return Ok(back_to_original(st, t0));
     }
     let digest = digest(b);
     let unchanged = st.current != 0
@@ -651,14 +676,41 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
             return Err(refused(&f.display, r.code, &r.message));
         }
     }
-    let (mut map, addr_of, code_len) = place(p, b)?;
+    let unwind_at = check_eh_frame(b)?;
+    let (mut map, addr_of, code_len) = place(p, b, &st.used)?;
     let gen_id = st.next + 1;
     // Name the new code in the symbolizer: a module with the new build's
     // DWARF when it can be written, else one anonymous range per function.
     let reg = Registry::global();
     let (modules, module_at, debug_file) =
         name_code(p, b, &addr_of, (map.base, code_len), gen_id, debug_dir);
+    let unwind = unwind_at.and_then(|(eh, code, offset)| {
+        let start = (addr_of[code] + offset as usize) as u64;
+        let id = module_at
+            .get(&code)
+            .copied()
+            .or_else(|| modules.first().copied())?;
+        let end = (map.base + code_len) as u64;
+        // SAFETY: `eh` is the bundle's `.eh_frame` section, checked to end
+        // in a zero terminator (`check_eh_frame`) and relocated against
+        // the code's addresses (`place`); it lies in the generation's
+        // read-only data, which is never unmapped, and its FDEs describe
+        // the generation's code, whose registration `retire` removes
+        // before unmapping it.
+        let ok = unsafe {
+            hotpatch_profiler::register_eh_frame(id, start, end - start, addr_of[eh] as *const u8)
+        };
+        if !ok {
+            trace(&format!(
+                "generation {gen_id}: its unwind info was not registered (a panic through it aborts)"
+            ));
+        }
+        ok.then_some((id, start))
+    });
     let unregister_all = |modules: &[ModuleId]| {
+        if let Some((id, start)) = unwind {
+            hotpatch_profiler::deregister_eh_frame(id, start);
+        }
         for m in modules {
             let _ = reg.unregister(*m);
         }
@@ -764,12 +816,14 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         .collect();
     let reverted = remove_sites(st, &gone);
     map.keep = true;
+    st.used.push((map.base, map.base + map.len));
     let bytes = map.len;
     st.generations.push(Generation {
         id: gen_id,
         base: map.base,
         len: code_len,
         modules,
+        unwind,
     });
     st.current = gen_id;
     st.next = gen_id;
@@ -958,6 +1012,9 @@ fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
             keep.push(g);
             continue;
         }
+        if let Some((id, start)) = g.unwind {
+            hotpatch_profiler::deregister_eh_frame(id, start);
+        }
         for m in &g.modules {
             let _ = reg.unregister(*m);
         }
@@ -987,21 +1044,27 @@ pub fn revert_all() -> Result<ApplyReport> {
             "no patch of hotpatch watch was applied in this process",
         ));
     };
+    Ok(back_to_original(st, t0))
+}
+
+/// Removes every site (generation 0; a site that cannot be removed is
+/// disabled, so its calls run the original code too) and unmaps what can
+/// be. Takes no generation number.
+fn back_to_original(st: &mut State, t0: Instant) -> ApplyReport {
     let names: Vec<String> = st.sites.keys().cloned().collect();
     let reverted = remove_sites(st, &names);
-    let applied = !reverted.is_empty();
     st.current = 0;
     st.live_digest = None;
     let (unloaded, retained) = retire(st);
-    Ok(ApplyReport {
-        generation: st.current,
-        applied,
+    ApplyReport {
+        generation: 0,
+        applied: !reverted.is_empty(),
         reverted,
         unloaded,
         retained,
         micros: t0.elapsed().as_micros() as u64,
         ..ApplyReport::default()
-    })
+    }
 }
 
 /// A generation of [`Status`] still mapped.
