@@ -91,22 +91,16 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         package: a.package.clone(),
     };
     if a.once {
-        return once(&conn, &opts, a.json, out);
+        let mut session = hotpatch_watch::session::Session::new(opts, false);
+        return once(&conn, &mut session, a.json, out);
     }
-    // Capture the baseline now, before the first edit is built over it.
-    let (exe_path, exe_name) =
-        hotpatch_watch::session::exe_of(pid).map_err(|e| fail(&e, a.json))?;
-    let exe = hotpatch_watch::exe::ExeSymbols::read(&exe_path).map_err(|e| fail(&e, a.json))?;
-    let project = hotpatch_watch::project::Project::find(
-        opts.manifest_path.as_deref(),
-        opts.package.as_deref(),
-        &exe_name,
-    )
-    .map_err(|e| fail(&e, a.json))?;
-    project
-        .baseline(&exe.build_id, &exe)
-        .map_err(|e| fail(&e, a.json))?;
-    let src = project
+    // Capture the baseline now, before the first edit is built over it;
+    // the session keeps it, the project and the executable's symbols.
+    let mut session = hotpatch_watch::session::Session::new(opts, true);
+    session.baseline().map_err(|e| fail(&e, a.json))?;
+    let src = session
+        .project()
+        .map_err(|e| fail(&e, a.json))?
         .manifest
         .parent()
         .map(|d| d.join("src"))
@@ -127,7 +121,7 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             continue;
         }
         last = now;
-        if let Err(f) = once(&conn, &opts, a.json, out) {
+        if let Err(f) = once(&conn, &mut session, a.json, out) {
             // Keep watching: print the refusal like the CLI does on exit.
             let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
             let _ = out.flush();
@@ -153,12 +147,12 @@ fn newest_mtime(dir: &std::path::Path) -> SystemTime {
 
 fn once(
     conn: &Conn,
-    opts: &hotpatch_watch::session::Options,
+    session: &mut hotpatch_watch::session::Session,
     json: bool,
     out: &mut dyn Write,
 ) -> Outcome {
     let t0 = Instant::now();
-    let p = hotpatch_watch::session::prepare(opts).map_err(|e| fail(&e, json))?;
+    let p = session.prepare().map_err(|e| fail(&e, json))?;
     let t = Instant::now();
     let req = Request::WatchApply {
         bundle: p.bundle_path.display().to_string(),
@@ -179,8 +173,9 @@ fn once(
         "retained": r.retained,
         "debug_file": r.debug_file,
         "timings_ms": {
-            "build": tm.build_ms, "diff": tm.diff_ms, "link": tm.link_ms, "apply": apply_ms,
-            "total": total * 1e3,
+            "setup": tm.setup_ms, "build": tm.build_ms, "diff": tm.diff_ms,
+            "exe_symbols": tm.exe_ms, "checks": tm.check_ms, "link": tm.link_ms,
+            "apply": apply_ms, "total": total * 1e3,
         },
     });
     print(out, json, &v, |o| {
