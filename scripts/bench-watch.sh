@@ -9,9 +9,10 @@
 # one-line edit), runs `hotpatch watch --once --json` and polls `hotpatch
 # status --json` until the Python expression STATUS_EXPR (over `h`, the
 # host's status, and `n`, the new number) is true. One line per round:
-#   total_ms build_ms diff_ms link_ms apply_ms observed_ms
+#   total_ms build_ms diff_ms link_ms apply_ms observed_ms setup_ms exe_ms checks_ms
 # total: the CLI's own count (start to reply); observed: file saved -> the
-# first status showing the new code's results.
+# first status showing the new code's results; setup: build-id, cargo
+# metadata, baseline (before the build); exe and checks are parts of diff.
 set -euo pipefail
 H=$1; DIR=$2; FILE=$3; SUFFIX=$4; EXPR=$5; N=$6
 cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s|${SUFFIX}\$||")
@@ -26,6 +27,6 @@ for i in $(seq 1 "$N"); do
     sleep 0.01
   done
   t1=$(date +%s%N)
-  echo "$out" | python3 -c "import json,sys; t=json.load(sys.stdin)['timings_ms']; print('%.0f %.0f %.1f %.1f %.1f %.0f' % (t['total'], t['build'], t['diff'], t['link'], t['apply'], ($t1-$t0)/1e6))"
+  echo "$out" | python3 -c "import json,sys; t=json.load(sys.stdin)['timings_ms']; print('%.0f %.0f %.1f %.1f %.1f %.0f %.1f %.1f %.1f' % (t['total'], t['build'], t['diff'], t['link'], t['apply'], ($t1-$t0)/1e6, t.get('setup', 0), t.get('exe_symbols', 0), t.get('checks', 0)))"
   cur=$next
 done

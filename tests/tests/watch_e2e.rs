@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hotpatch_tests::agent_bins::fresh_dir;
+use hotpatch_tests::agent_bins::{fresh_dir, text};
 use hotpatch_tests::fixtures;
 use serde_json::Value;
 
@@ -272,15 +272,6 @@ impl Fixture {
         assert!(text.contains(from), "{file} has no {from:?}");
         std::fs::write(&p, text.replacen(from, to, 1)).expect("write source");
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn applied(o: &Output) -> Value {

@@ -138,8 +138,10 @@ impl Session {
     /// # Errors
     /// As [`Project::baseline`].
     pub fn baseline(&mut self) -> Result<()> {
+        let t = Instant::now();
         let (exe_path, _) = exe_of(self.opts.pid)?;
         let build_id = crate::exe::build_id(&exe_path)?;
+        trace("  build-id", t);
         if build_id != self.build_id {
             self.build_id = build_id;
             self.baseline = None;
@@ -149,12 +151,14 @@ impl Session {
             return Ok(());
         }
         self.project()?;
+        trace("  cargo metadata", t);
         let build_id = self.build_id.clone();
         let project = self.project.as_ref().ok_or_else(|| io("project", "none"))?;
         let (set, read) = project.baseline(&build_id, || ExeSymbols::read(&exe_path))?;
         if self.keep_exe {
             self.exe = read;
         }
+        trace("  baseline", t);
         self.baseline = Some(set);
         Ok(())
     }
