@@ -98,6 +98,9 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
     // the session keeps it, the project and the executable's symbols.
     let mut session = hotpatch_watch::session::Session::new(opts, true);
     session.baseline().map_err(|e| fail(&e, a.json))?;
+    // The agent reads the executable's symbol table once, on the first
+    // apply or status: now, rather than on the first save.
+    let _: WatchStatusInfo = call(&conn, a.json, &Request::WatchStatus)?;
     let src = session
         .project()
         .map_err(|e| fail(&e, a.json))?
@@ -105,14 +108,16 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         .parent()
         .map(|d| d.join("src"))
         .unwrap_or_else(|| PathBuf::from("src"));
-    if !a.json {
+    if a.json {
+        let _ = writeln!(out, "{}", json!({"watching": src, "pid": pid}));
+    } else {
         let _ = writeln!(
             out,
             "watching {} (pid {pid}); save a file to patch, Ctrl-C to stop",
             src.display()
         );
-        let _ = out.flush();
     }
+    let _ = out.flush();
     let mut last = newest_mtime(&src);
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -122,8 +127,18 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         }
         last = now;
         if let Err(f) = once(&conn, &mut session, a.json, out) {
-            // Keep watching: print the refusal like the CLI does on exit.
-            let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
+            // Keep watching: print the refusal like the CLI does on exit
+            // (JSON on stdout with --json, the sentence on stderr).
+            if f.json {
+                let body = json!({
+                    "ok": false,
+                    "error": { "code": f.code, "message": f.message },
+                });
+                let _ = writeln!(out, "{body}");
+                eprintln!("hotpatch: {}: {}", f.code, f.message);
+            } else {
+                let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
+            }
             let _ = out.flush();
         }
     }
@@ -175,7 +190,7 @@ fn once(
         "timings_ms": {
             "setup": tm.setup_ms, "build": tm.build_ms, "diff": tm.diff_ms,
             "exe_symbols": tm.exe_ms, "checks": tm.check_ms, "link": tm.link_ms,
-            "apply": apply_ms, "total": total * 1e3,
+            "apply": apply_ms, "agent": r.micros as f64 / 1e3, "total": total * 1e3,
         },
     });
     print(out, json, &v, |o| {

@@ -665,6 +665,10 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
             ..ApplyReport::default()
         });
     }
+    trace(&format!(
+        "apply: process known at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     // Preflight every new site before anything is written.
     for (f, addr, size) in &targets {
         if st.sites.contains_key(&f.name) {
@@ -676,14 +680,26 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
             return Err(refused(&f.display, r.code, &r.message));
         }
     }
+    trace(&format!(
+        "apply: preflight at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let unwind_at = check_eh_frame(b)?;
     let (mut map, addr_of, code_len) = place(p, b, &st.used)?;
     let gen_id = st.next + 1;
     // Name the new code in the symbolizer: a module with the new build's
     // DWARF when it can be written, else one anonymous range per function.
     let reg = Registry::global();
+    trace(&format!(
+        "apply: placed at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let (modules, module_at, debug_file) =
         name_code(p, b, &addr_of, (map.base, code_len), gen_id, debug_dir);
+    trace(&format!(
+        "apply: named at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let unwind = unwind_at.and_then(|(eh, code, offset)| {
         let start = (addr_of[code] + offset as usize) as u64;
         let id = module_at
@@ -715,6 +731,10 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
             let _ = reg.unregister(*m);
         }
     };
+    trace(&format!(
+        "apply: named and unwind info at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     // Install new sites (all or nothing).
     let mut installed: Vec<String> = Vec::new();
     let mut failure = None;
@@ -779,6 +799,10 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         }
         return Err(err);
     }
+    trace(&format!(
+        "apply: installed at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     // Swap the sites of functions patched by an earlier generation.
     let mut swapped = 0;
     let mut patched = Vec::new();
@@ -828,7 +852,15 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     st.current = gen_id;
     st.next = gen_id;
     st.live_digest = Some(digest);
+    trace(&format!(
+        "apply: sites done at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let (unloaded, retained) = retire(st);
+    trace(&format!(
+        "apply: retired at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     Ok(ApplyReport {
         generation: st.current,
         applied: true,
@@ -1077,7 +1109,12 @@ pub use hotpatch_protocol::reply::WatchStatusInfo as Status;
 /// The live generation, its sites and the generations still mapped (with
 /// their addresses). Older generations that have become unused since the
 /// last apply are unmapped first (listed in `unloaded`).
+///
+/// Also reads, once per process, what applying needs to know of the
+/// executable (its symbol table), so that a `hotpatch watch` session that
+/// asks for the status when it starts does not pay that on its first save.
 pub fn status() -> Status {
+    let _ = process();
     let mut guard = lock();
     match guard.as_mut() {
         None => Status::default(),
