@@ -730,3 +730,40 @@ fn debug_of(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<BDebug
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::eh_records;
+
+    fn record(id: u32, body: &[u8]) -> Vec<u8> {
+        let mut r = ((body.len() + 4) as u32).to_le_bytes().to_vec();
+        r.extend_from_slice(&id.to_le_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn eh_frame_records_and_their_cies() {
+        // CIE at 0 (16 bytes), FDE at 16 pointing back to it, terminator.
+        let mut d = record(0, &[1; 8]);
+        let fde_at = d.len();
+        d.extend(record((fde_at + 4) as u32, &[2; 12]));
+        d.extend_from_slice(&[0; 4]);
+        assert_eq!(eh_records(&d).unwrap(), [(0, 16, None), (16, 36, Some(0))]);
+        // A length past the end, a CIE pointer before the section, the
+        // 64-bit form: not parsed (the object contributes no unwind info).
+        let mut long = d.clone();
+        long[0] = 200;
+        assert!(eh_records(&long).is_none());
+        let mut back = d.clone();
+        back[fde_at + 4..fde_at + 8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(eh_records(&back).is_none());
+        let mut wide = d;
+        wide[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(eh_records(&wide).is_none());
+        // Empty, or only a terminator: no records.
+        assert_eq!(eh_records(&[]).unwrap(), []);
+        assert_eq!(eh_records(&[0; 4]).unwrap(), []);
+    }
+}
