@@ -606,7 +606,9 @@ fn refused(display: &str, code: &str, msg: &str) -> Error {
 /// `E_WATCH_BASELINE_MISMATCH` (the bundle is for another executable),
 /// `E_WATCH_BAD_BUNDLE`, `E_WATCH_UNRESOLVED`, `E_WATCH_RELOCATION`,
 /// `E_WATCH_NO_MEMORY`, `E_WATCH_PATCH_REFUSED` (with the function's name
-/// and the patcher's code). On error nothing changed.
+/// and the patcher's code). On error nothing changed, except after a swap
+/// that failed part-way (the world could not be stopped): the sites before
+/// it run the new generation, which stays mapped, and the message says so.
 pub fn apply(b: &Bundle) -> Result<ApplyReport> {
     apply_in(b, None)
 }
@@ -803,19 +805,35 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         "apply: installed at {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
     ));
-    // Swap the sites of functions patched by an earlier generation.
+    // Swap the sites of functions patched by an earlier generation. A swap
+    // that fails (the world could not be stopped) ends the step, but the
+    // sites installed or swapped before it point into this generation now:
+    // it is kept like any live generation (never unmapped under them) and
+    // the error says what runs what.
     let mut swapped = 0;
     let mut patched = Vec::new();
+    let mut swap_failure = None;
     for (f, _, _) in &targets {
         patched.push(f.display.clone());
-        let w = st.sites.get_mut(&f.name).ok_or_else(|| bad("lost site"))?;
+        let Some(w) = st.sites.get_mut(&f.name) else {
+            continue;
+        };
         if w.generation == gen_id {
             continue;
         }
         let to = addr_of[f.section] + f.offset as usize;
         // SAFETY: as for the install above.
-        unsafe { w.site.swap(to as *const u8) }
-            .map_err(|e| refused(&f.display, e.code(), &e.to_string()))?;
+        if let Err(e) = unsafe { w.site.swap(to as *const u8) } {
+            swap_failure = Some(Error::new(
+                E_WATCH_PATCH_REFUSED,
+                format!(
+                    "{}: {}: {e}; the step stopped there: the functions installed or swapped before it run generation {gen_id}, the others what they ran before (save again to retry)",
+                    f.display,
+                    e.code()
+                ),
+            ));
+            break;
+        }
         let module = module_at.get(&f.section).copied();
         if let Some(m) = module {
             let _ = reg.pin(m);
@@ -835,7 +853,7 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     let gone: Vec<String> = st
         .sites
         .keys()
-        .filter(|k| !keep.contains(k.as_str()))
+        .filter(|k| !keep.contains(k.as_str()) && swap_failure.is_none())
         .cloned()
         .collect();
     let reverted = remove_sites(st, &gone);
@@ -851,6 +869,11 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     });
     st.current = gen_id;
     st.next = gen_id;
+    if let Some(e) = swap_failure {
+        // Not what the bundle says everywhere: the next save applies again.
+        st.live_digest = None;
+        return Err(e);
+    }
     st.live_digest = Some(digest);
     trace(&format!(
         "apply: sites done at {:.1} ms",
