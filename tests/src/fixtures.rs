@@ -211,11 +211,12 @@ pub const EXAMPLES: &[(&str, &str, &[&str])] = &[
 
 /// Builds every entry of [`PACKAGE_SETS`] and [`EXAMPLES`] the way the
 /// tests do (same cargo invocation, same target directory), so that the
-/// tests' own calls find them fresh. Prints one line per build with its
-/// wall time.
+/// tests' own calls find them fresh, then the watch fixture's
+/// dependencies ([`prebuild_watch_fixture`]). Prints one line per build
+/// with its wall time.
 ///
 /// # Panics
-/// As [`build`] and [`example`].
+/// As [`build`], [`example`] and [`prebuild_watch_fixture`].
 pub fn build_all() {
     for set in PACKAGE_SETS {
         let t = std::time::Instant::now();
@@ -227,11 +228,140 @@ pub fn build_all() {
         example(package, name, features);
         eprintln!("example {package} {name}: {:.1?}", t.elapsed());
     }
+    let t = std::time::Instant::now();
+    drop(prebuild_watch_fixture());
+    eprintln!(
+        "watch fixture dependencies ({WATCH_FIXTURE}): {:.1?}",
+        t.elapsed()
+    );
+}
+
+/// The watch fixture crate (`hotpatch watch` end to end), relative to the
+/// workspace root: a cargo project of its own that depends on the agent.
+pub const WATCH_FIXTURE: &str = "tests/fixtures/watch-fixture";
+
+/// The target directory every build of the watch fixture shares:
+/// `target/fixtures/watch-fixture-target`. Its dependencies (the agent and
+/// all it pulls in, minutes of cold compiling) are built once, by
+/// [`prebuild_watch_fixture`]; each test copy of the crate, at a fresh
+/// path, is still compiled into it itself. `hotpatch watch` keeps its
+/// state per build-id under `<dir>/hotpatch-watch/<build-id>/`, so runs
+/// do not share it.
+pub fn watch_fixture_target_dir() -> PathBuf {
+    fixture_target_dir().join("watch-fixture-target")
+}
+
+/// Places a copy of [`WATCH_FIXTURE`] at `to` the way a user's checkout
+/// would be: the agent dependency's placeholder replaced by this
+/// workspace's `agent/`, the workspace's `Cargo.lock` beside it (the same
+/// dependency versions, buildable offline). A file whose content is
+/// already what it would write is left alone (its mtime too, so a
+/// prebuilt copy stays fresh for cargo).
+///
+/// # Panics
+/// When a file cannot be read or written.
+pub fn place_watch_fixture(to: &Path) {
+    let root = workspace_root();
+    let mut files = Vec::new();
+    list_files(&root.join(WATCH_FIXTURE), Path::new(""), &mut files);
+    for rel in files {
+        let mut bytes = std::fs::read(root.join(WATCH_FIXTURE).join(&rel)).expect("read fixture");
+        if rel == Path::new("Cargo.toml") {
+            let text = String::from_utf8(bytes).expect("manifest is UTF-8");
+            bytes = text
+                .replace(
+                    "HOTPATCH_AGENT_PATH",
+                    &root.join("agent").display().to_string(),
+                )
+                .into_bytes();
+        }
+        write_if_changed(&to.join(rel), &bytes);
+    }
+    let lock = std::fs::read(root.join("Cargo.lock")).expect("read Cargo.lock");
+    write_if_changed(&to.join("Cargo.lock"), &lock);
+}
+
+fn list_files(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir.join(rel)).expect("read fixture dir") {
+        let e = e.expect("fixture dir entry");
+        let r = rel.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            list_files(dir, &r, out);
+        } else {
+            out.push(r);
+        }
+    }
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8]) {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return;
+    }
+    std::fs::create_dir_all(path.parent().expect("a file has a parent")).expect("mkdir");
+    std::fs::write(path, bytes).expect("write fixture file");
+}
+
+/// The environment of every cargo (and `hotpatch`) run on the watch
+/// fixture: the shared target dir, offline, and none of the outer build's
+/// RUSTFLAGS (which would change every dependency's fingerprint, and the
+/// prebuild is only reused when they match).
+pub fn watch_fixture_env(c: &mut Command, target: &Path) {
+    c.env("CARGO_TARGET_DIR", target)
+        .env("CARGO_NET_OFFLINE", "true")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+}
+
+/// The shared watch-fixture target dir, built; held exclusively (an
+/// `flock`) until dropped. A test keeps it for its whole run: the fixture's
+/// executable is one path in that dir (`debug/watch-fixture`), which the
+/// watch tool reads back to capture its baseline, so a second run's build
+/// must not replace it meanwhile.
+#[derive(Debug)]
+pub struct WatchTarget {
+    /// The target dir ([`watch_fixture_target_dir`]).
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+/// Builds a copy of the watch fixture, placed by [`place_watch_fixture`]
+/// at `target/fixtures/watch-fixture-src`, with `cargo build` and
+/// [`watch_fixture_env`], exactly as the test builds its own copy, so the
+/// dependencies are built (or found fresh) in [`watch_fixture_target_dir`].
+/// Cheap when they are fresh. Returns the dir, locked (see
+/// [`WatchTarget`]): another process's call waits until it is dropped.
+///
+/// # Panics
+/// When cargo fails, with its output.
+pub fn prebuild_watch_fixture() -> WatchTarget {
+    let dir = watch_fixture_target_dir();
+    std::fs::create_dir_all(&dir).expect("create watch fixture target dir");
+    let lock = File::create(fixture_target_dir().join(".watch-fixture-lock"))
+        .expect("create watch fixture lock");
+    // SAFETY: `lock` is an open file descriptor owned by this frame (then
+    // by the returned `WatchTarget`); flock has no memory-safety
+    // preconditions. The lock is released when the file is closed.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    let src = fixture_target_dir().join("watch-fixture-src");
+    place_watch_fixture(&src);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet"]).current_dir(&src);
+    watch_fixture_env(&mut cmd, &dir);
+    let out = cmd.output().expect("spawn cargo");
+    assert!(
+        out.status.success(),
+        "prebuilding the watch fixture failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    WatchTarget { dir, _lock: lock }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{EXAMPLES, PACKAGE_SETS, workspace_root};
+    use super::{EXAMPLES, PACKAGE_SETS, WATCH_FIXTURE, place_watch_fixture, workspace_root};
 
     /// The quoted strings of a `[...]` or `(...)` argument list starting at
     /// `s` (up to its closing bracket).
@@ -328,6 +458,91 @@ mod tests {
             missing.is_empty(),
             "add these to fixtures::EXAMPLES:\n{}",
             missing.join("\n")
+        );
+    }
+
+    /// The prebuild and the test place the fixture the same way: the
+    /// agent's placeholder replaced, the workspace's lock file beside it;
+    /// placing it again changes no file (cargo would rebuild the prebuilt
+    /// copy on every call otherwise).
+    #[test]
+    fn the_watch_fixture_is_placed_like_a_checkout_and_again_untouched() {
+        let root = workspace_root();
+        let dir = std::env::temp_dir().join(format!("hp-place-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        place_watch_fixture(&dir);
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        assert!(!manifest.contains("HOTPATCH_AGENT_PATH"), "{manifest}");
+        assert!(
+            manifest.contains(&root.join("agent").display().to_string()),
+            "{manifest}"
+        );
+        let lock = std::fs::read(dir.join("Cargo.lock")).expect("lock");
+        assert_eq!(
+            lock,
+            std::fs::read(root.join("Cargo.lock")).expect("workspace lock")
+        );
+        let main = dir.join("src/main.rs");
+        assert_eq!(
+            std::fs::read(&main).expect("main.rs"),
+            std::fs::read(root.join(WATCH_FIXTURE).join("src/main.rs")).expect("source")
+        );
+        let mtimes = |d: &std::path::Path| -> Vec<std::time::SystemTime> {
+            ["Cargo.toml", "Cargo.lock", "src/main.rs"]
+                .iter()
+                .map(|f| {
+                    std::fs::metadata(d.join(f))
+                        .and_then(|m| m.modified())
+                        .expect("mtime")
+                })
+                .collect()
+        };
+        let before = mtimes(&dir);
+        // An edited copy is put back; an unchanged one is left as it is.
+        std::fs::write(&main, "edited").expect("edit");
+        let edited = mtimes(&dir);
+        place_watch_fixture(&dir);
+        assert_ne!(std::fs::read(&main).expect("main.rs"), b"edited");
+        let after = mtimes(&dir);
+        assert_eq!(before[..2], after[..2], "unchanged files were rewritten");
+        assert!(after[2] >= edited[2]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every test that builds the watch fixture builds it into the shared,
+    /// prebuilt target dir (a target dir of its own would compile every
+    /// dependency cold, ten minutes and more under load), and
+    /// `build-fixtures` prebuilds it.
+    #[test]
+    fn every_watch_fixture_build_uses_the_prebuilt_target() {
+        let root = workspace_root();
+        let mut files = Vec::new();
+        sources(&root.join("tests/tests"), &mut files);
+        let mut users = 0;
+        for (path, text) in &files {
+            if !text.contains("place_watch_fixture") && !text.contains("watch-fixture") {
+                continue;
+            }
+            users += 1;
+            assert!(
+                text.contains("fixtures::prebuild_watch_fixture()"),
+                "{path} builds the watch fixture without the prebuilt target dir"
+            );
+            assert!(
+                !text.contains("\"CARGO_TARGET_DIR\""),
+                "{path} sets a target dir of its own for the watch fixture"
+            );
+        }
+        assert!(
+            users >= 1,
+            "no test builds the watch fixture: the scan is broken"
+        );
+        let own = std::fs::read_to_string(root.join("tests/src/fixtures.rs")).expect("read");
+        let start = own.find("pub fn build_all()").expect("build_all");
+        let body = &own[start..start + own[start..].find("\n}\n").expect("end")];
+        assert!(
+            body.contains("prebuild_watch_fixture()"),
+            "build_all does not prebuild the watch fixture"
         );
     }
 }

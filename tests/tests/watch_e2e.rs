@@ -1,8 +1,11 @@
 //! `hotpatch watch` end to end, in processes: the fixture crate
-//! (tests/fixtures/watch-fixture) is copied to a temp dir, built with its
-//! own target dir, started (three worker threads, the agent), edited, and
-//! patched with `hotpatch watch --once`. One test, in sequence: each step
-//! builds on the state the previous one left (one fixture build, minutes).
+//! (tests/fixtures/watch-fixture) is copied to a temp dir, built into the
+//! shared target dir whose dependencies `build-fixtures` prebuilt
+//! (`fixtures::prebuild_watch_fixture`: only the copy itself compiles
+//! here; a run without the prebuild builds them first, minutes), started
+//! (three worker threads, the agent), edited, and patched with `hotpatch
+//! watch --once`. One test, in sequence: each step builds on the state the
+//! previous one left.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,6 +21,8 @@ struct Fixture {
     runtime: PathBuf,
     hotpatch: PathBuf,
     child: Option<Child>,
+    /// Holds the shared target dir for this run (see `WatchTarget`).
+    _shared: fixtures::WatchTarget,
 }
 
 impl Drop for Fixture {
@@ -41,35 +46,17 @@ impl Drop for Fixture {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read fixture dir") {
-        let e = e.expect("entry");
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
-        }
-    }
-}
-
 impl Fixture {
     fn new() -> Fixture {
-        let root = fixtures::workspace_root();
         let hotpatch = fixtures::build(&["hotpatch-cli"]).join("hotpatch");
-        let dir = fresh_dir("watch", 0o700);
-        let crate_dir = dir.join("fx");
-        copy_dir(&root.join("tests/fixtures/watch-fixture"), &crate_dir);
-        let manifest = crate_dir.join("Cargo.toml");
-        let text = std::fs::read_to_string(&manifest).expect("read manifest");
-        let text = text.replace(
-            "HOTPATCH_AGENT_PATH",
-            &root.join("agent").display().to_string(),
+        let t = Instant::now();
+        let shared = fixtures::prebuild_watch_fixture();
+        eprintln!(
+            "watch_e2e: the fixture's dependencies fresh in {:.1?}",
+            t.elapsed()
         );
-        std::fs::write(&manifest, text).expect("write manifest");
-        // The workspace's lock file: the same dependency versions, offline.
-        std::fs::copy(root.join("Cargo.lock"), crate_dir.join("Cargo.lock")).expect("lock");
+        let dir = fresh_dir("watch", 0o700);
+        fixtures::place_watch_fixture(&dir.join("fx"));
         let runtime = dir.join("run");
         std::fs::create_dir(&runtime).expect("mkdir run");
         std::fs::set_permissions(
@@ -78,11 +65,12 @@ impl Fixture {
         )
         .expect("chmod");
         Fixture {
-            target: dir.join("target"),
+            target: shared.dir.clone(),
             dir,
             runtime,
             hotpatch,
             child: None,
+            _shared: shared,
         }
     }
 
@@ -91,13 +79,9 @@ impl Fixture {
     }
 
     fn env(&self, c: &mut Command) {
-        c.env("CARGO_TARGET_DIR", &self.target)
-            .env("CARGO_NET_OFFLINE", "true")
-            .env("XDG_RUNTIME_DIR", &self.runtime)
+        fixtures::watch_fixture_env(c, &self.target);
+        c.env("XDG_RUNTIME_DIR", &self.runtime)
             .env("TMPDIR", &self.runtime)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_BUILD_RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .current_dir(self.crate_dir());
     }
 
@@ -107,7 +91,9 @@ impl Fixture {
         let mut c = Command::new(cargo);
         c.args(["build", "--quiet"]);
         self.env(&mut c);
+        let t = Instant::now();
         let out = c.output().expect("spawn cargo");
+        eprintln!("watch_e2e: the fixture copy built in {:.1?}", t.elapsed());
         assert!(
             out.status.success(),
             "building the fixture failed:\n{}",
