@@ -348,7 +348,14 @@ pub fn prebuild_watch_fixture() -> WatchTarget {
     place_watch_fixture(&src);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet"]).current_dir(&src);
+    // Cargo reads `.cargo/config.toml` from the directories above its
+    // working directory, not above the manifest: run from the temp dir,
+    // where the test's copy lives, so this workspace's config (its
+    // `force-frame-pointers` rustflags) is not read here either. Read, it
+    // changes every dependency's hash and the test rebuilds them all.
+    cmd.args(["build", "--quiet", "--manifest-path"])
+        .arg(src.join("Cargo.toml"))
+        .current_dir(crate::agent_bins::reachable_tmp());
     watch_fixture_env(&mut cmd, &dir);
     let out = cmd.output().expect("spawn cargo");
     assert!(

@@ -99,6 +99,15 @@ impl Fixture {
             "building the fixture failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Built from this copy, not found fresh from another run's copy in
+        // the shared target dir: its DWARF names this copy's directory.
+        let exe = std::fs::read(self.exe()).expect("read the fixture executable");
+        let here = self.crate_dir().display().to_string();
+        assert!(
+            exe.windows(here.len()).any(|w| w == here.as_bytes()),
+            "{} was not built from {here}",
+            self.exe().display()
+        );
     }
 
     fn exe(&self) -> PathBuf {
