@@ -9,6 +9,11 @@
 //! `ITIMER_PROF`, checked once per kernel tick and delivered to whichever
 //! thread runs, does not: golang/go#35057). In order of preference:
 //!
+//! 0. [`Clock::PerfRing`] (the default since issue #12: the lowest
+//!    measured overhead, BENCHMARKS.md): the same per-thread perf event,
+//!    but the kernel writes each sample (registers and the top of the
+//!    stack) into a ring per thread, no signal (`ring.rs`). A thread whose
+//!    ring cannot be mapped gets the next clock.
 //! 1. [`Clock::PerfEvent`]: a `perf_event_open` software `cpu-clock` event per
 //!    thread (hrtimer-based, not capped by the tick), its overflow signal
 //!    routed to that thread (`F_SETOWN_EX`/`F_OWNER_TID`, `F_SETSIG`,
@@ -83,8 +88,8 @@ pub(crate) const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Clock {
-    /// A `perf_event_open` software cpu-clock event per thread.
-    #[default]
+    /// A `perf_event_open` software cpu-clock event per thread, its
+    /// overflow signalled to the thread.
     PerfEvent,
     /// A `timer_create(CLOCK_THREAD_CPUTIME_ID)` timer per thread.
     ThreadTimer,
@@ -93,7 +98,8 @@ pub enum Clock {
     /// A perf cpu-clock event per thread whose samples (registers and a
     /// copy of the top of the user stack) the kernel writes into a ring
     /// buffer, unwound by the session's helper: no signal per sample.
-    /// Opt-in (see `ring.rs` and docs/DESIGN-NOTES.md).
+    /// The default (see `ring.rs` and docs/DESIGN-NOTES.md).
+    #[default]
     PerfRing,
 }
 
@@ -184,39 +190,37 @@ static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
 static LOST_FULL: AtomicU64 = AtomicU64::new(0);
 /// Signals the handler saw while active (recorded or not).
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
-fn buffer_layout() -> std::alloc::Layout {
-    std::alloc::Layout::array::<Slot>(SLOTS).unwrap_or_else(|_| std::alloc::Layout::new::<Slot>())
-}
-
-fn buffer() -> &'static [Slot] {
-    let mut p = BUFFER.load(Ordering::Acquire);
+/// Allocates the buffer if it is not yet (outside any handler). Without
+/// it (an allocation refused) handlers drop their samples.
+fn allocate_buffer() {
+    let p = BUFFER.load(Ordering::Acquire);
     if p.is_null() {
-        let layout = buffer_layout();
+        // SLOTS slots of a fixed size: cannot overflow.
+        let Ok(layout) = std::alloc::Layout::array::<Slot>(SLOTS) else {
+            return;
+        };
         // SAFETY: a non-zero-sized layout; all-zero bytes are a valid `Slot`
         // (integers and byte arrays in an UnsafeCell). Zeroed, so the
         // allocator hands out fresh zero pages (calloc of a large block is
         // an mmap) that become resident only when written.
         let fresh = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Slot>();
         if fresh.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return;
         }
-        match BUFFER.compare_exchange(
-            std::ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => p = fresh,
-            Err(other) => {
-                // SAFETY: `fresh` came from alloc_zeroed with this layout
-                // just above and was never published.
-                unsafe { std::alloc::dealloc(fresh.cast(), layout) };
-                p = other;
-            }
+        if BUFFER
+            .compare_exchange(
+                std::ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // SAFETY: `fresh` came from alloc_zeroed with this layout just
+            // above and was never published.
+            unsafe { std::alloc::dealloc(fresh.cast(), layout) };
         }
     }
-    // SAFETY: `p` points to SLOTS slots leaked above, never freed.
-    unsafe { std::slice::from_raw_parts(p, SLOTS) }
 }
 
 /// The buffer if allocated, without allocating (for the handler).
@@ -329,7 +333,7 @@ pub(crate) fn is_handler(act: &libc::sigaction) -> bool {
 
 /// Starts recording with `period_ns` per sample under `clock`.
 pub(crate) fn activate(clock: Clock, period_ns: u64) {
-    let _ = buffer();
+    allocate_buffer();
     PERIOD_NS.store(period_ns, Ordering::Relaxed);
     CLOCK.store(clock as u32, Ordering::Relaxed);
     ACTIVE.store(true, Ordering::Release);
@@ -359,7 +363,10 @@ pub(crate) struct Copied<'a> {
 
 /// Moves every ready sample out of the buffer: `unwind` turns each copy
 /// into its stack (leaf first), before the slot is freed.
-pub(crate) fn drain(mut unwind: impl FnMut(&Copied<'_>) -> Vec<u64>, mut each: impl FnMut(Drained)) {
+pub(crate) fn drain(
+    mut unwind: impl FnMut(&Copied<'_>) -> Vec<u64>,
+    mut each: impl FnMut(Drained),
+) {
     let Some(buf) = buffer_if_any() else { return };
     for (slot, state) in buf.iter().zip(&STATES) {
         if state.load(Ordering::Acquire) != READY {

@@ -72,8 +72,10 @@ impl ProfilerBuilder {
     }
 
     /// The clock to use, or (with `None`, the default) the best that works:
-    /// [`Clock::PerfEvent`], then [`Clock::ThreadTimer`], then
-    /// [`Clock::ItimerProf`]. A named clock that cannot be set up is an
+    /// [`Clock::PerfRing`], then [`Clock::PerfEvent`] (when
+    /// `perf_event_open` works but the ring cannot be mapped), then
+    /// [`Clock::ThreadTimer`], then [`Clock::ItimerProf`]
+    /// ([`Stats::clock`](crate::Stats::clock) says which ran). A named clock that cannot be set up is an
     /// error ([`Error::Clock`]).
     pub fn clock(mut self, clock: Option<Clock>) -> Self {
         self.clock = clock;
@@ -235,7 +237,12 @@ fn start_sampling(
     }
     let order: Vec<Clock> = match wanted {
         Some(c) => vec![c],
-        None => vec![Clock::PerfEvent, Clock::ThreadTimer, Clock::ItimerProf],
+        None => vec![
+            Clock::PerfRing,
+            Clock::PerfEvent,
+            Clock::ThreadTimer,
+            Clock::ItimerProf,
+        ],
     };
     let mut why = Vec::new();
     for clock in order {
@@ -368,7 +375,6 @@ fn drain_into(clocks: &mut Clocks, acc: &mut Acc) {
         e.1 += d.value_ns;
     });
 }
-
 
 struct Inner {
     /// Samples since the previous checkpoint.

@@ -88,7 +88,10 @@ mod tests {
         // SAFETY: within our mapping.
         unsafe {
             std::ptr::write_bytes(base as *mut u8, 0xab, 2 * 4096);
-            assert_eq!(libc::munmap((base + 2 * 4096) as *mut libc::c_void, 4096), 0);
+            assert_eq!(
+                libc::munmap((base + 2 * 4096) as *mut libc::c_void, 4096),
+                0
+            );
         }
         let mut buf = vec![0u8; 8192];
         // From 100 bytes below the end of the readable part: 100 bytes.

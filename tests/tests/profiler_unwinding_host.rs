@@ -137,7 +137,10 @@ fn unwinding_child() {
         .filter(|x| x.thread.starts_with("unwinder"))
         .map(|x| x.count)
         .sum::<u64>();
-    assert!(in_worker >= 50, "the workers were sampled: {in_worker}; {s:?}");
+    assert!(
+        in_worker >= 50,
+        "the workers were sampled: {in_worker}; {s:?}"
+    );
     let named = report.locations.iter().any(|l| {
         l.frames.iter().any(|f| {
             f.function
