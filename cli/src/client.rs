@@ -86,11 +86,42 @@ fn dirs_text() -> String {
         .join(" and ")
 }
 
+/// How long a read from the agent may block unless a command sets its own
+/// bound: a hang guard (every request the agent serves answers in seconds;
+/// the ones that take longer, `profile`, `heap`, `leak-check`, set theirs).
+pub const DEFAULT_READ_TIMEOUT_SECS: u64 = 300;
+
+/// The read bound: `HOTPATCH_TIMEOUT` (whole seconds, `0` for none) or
+/// [`DEFAULT_READ_TIMEOUT_SECS`].
+///
+/// # Errors
+/// `E_AGENT_BAD_ENV` when `HOTPATCH_TIMEOUT` is not a whole number.
+pub fn read_timeout_from_env() -> Result<Option<Duration>> {
+    const NAME: &str = "HOTPATCH_TIMEOUT";
+    let Some(v) = std::env::var_os(NAME) else {
+        return Ok(Some(Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS)));
+    };
+    let text = v.to_string_lossy().into_owned();
+    match text.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(s) => Ok(Some(Duration::from_secs(s))),
+        Err(_) => Err(Error::BadEnv {
+            name: NAME,
+            value: text,
+            why: "not a whole number of seconds (0: no bound)",
+        }),
+    }
+}
+
 /// A connection to an agent.
 #[derive(Debug)]
 pub struct Client {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
+    /// The agent's pid, from the socket's peer credentials.
+    pid: i32,
+    /// The read bound in force, for the timeout message.
+    timeout: Option<Duration>,
 }
 
 impl Client {
@@ -133,24 +164,44 @@ impl Client {
             what: "clone the socket",
             source,
         })?;
-        Ok(Client {
+        let mut c = Client {
             writer: stream,
             reader: BufReader::new(reader),
-        })
+            pid: cred.pid,
+            timeout: None,
+        };
+        c.set_read_timeout(read_timeout_from_env()?)?;
+        Ok(c)
+    }
+
+    /// The error for a failed read: a passed read bound is
+    /// `E_AGENT_TIMEOUT`, anything else `E_AGENT_IO`.
+    fn read_error(&self, what: &'static str, source: std::io::Error) -> Error {
+        match (source.kind(), self.timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+                Error::Timeout {
+                    pid: self.pid,
+                    secs: t.as_secs(),
+                }
+            }
+            _ => Error::Io { what, source },
+        }
     }
 
     /// Sets how long a read may block (`None`: forever).
     ///
     /// # Errors
     /// `E_AGENT_IO`.
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> Result<()> {
         self.reader
             .get_ref()
             .set_read_timeout(t)
             .map_err(|source| Error::Io {
                 what: "set the read timeout",
                 source,
-            })
+            })?;
+        self.timeout = t;
+        Ok(())
     }
 
     /// Sends `req` and reads the reply. An error reply is `Ok` here (see
@@ -213,12 +264,9 @@ impl Client {
     /// the line is not a reply.
     pub fn read_reply(&mut self) -> Result<Reply> {
         let mut line = Vec::new();
-        self.reader
-            .read_until(b'\n', &mut line)
-            .map_err(|source| Error::Io {
-                what: "read the reply",
-                source,
-            })?;
+        if let Err(source) = self.reader.read_until(b'\n', &mut line) {
+            return Err(self.read_error("read the reply", source));
+        }
         if line.is_empty() {
             return Err(Error::Protocol {
                 detail: "the agent closed the connection without a reply".into(),
@@ -238,13 +286,9 @@ impl Client {
             .iter()
             .map(|h| {
                 let mut buf = Vec::new();
-                (&mut self.reader)
-                    .take(h.len)
-                    .read_to_end(&mut buf)
-                    .map_err(|source| Error::Io {
-                        what: "read a payload",
-                        source,
-                    })?;
+                if let Err(source) = (&mut self.reader).take(h.len).read_to_end(&mut buf) {
+                    return Err(self.read_error("read a payload", source));
+                }
                 if buf.len() as u64 != h.len {
                     return Err(Error::Protocol {
                         detail: format!(

@@ -14,6 +14,10 @@ pub const E_AGENT_CONNECT: &str = "E_AGENT_CONNECT";
 pub const E_AGENT_IO: &str = "E_AGENT_IO";
 /// The agent's reply did not follow the protocol.
 pub const E_AGENT_PROTOCOL: &str = "E_AGENT_PROTOCOL";
+/// The agent sent no reply within the read bound (`HOTPATCH_TIMEOUT`).
+pub const E_AGENT_TIMEOUT: &str = "E_AGENT_TIMEOUT";
+/// An environment variable the client reads has a value it cannot use.
+pub const E_AGENT_BAD_ENV: &str = "E_AGENT_BAD_ENV";
 
 /// What can go wrong finding an agent or talking to one. `Display` is the
 /// message, without the code ([`Error::code`]; [`Coded::to_body`] has both).
@@ -65,6 +69,29 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The agent sent no reply within `secs` seconds: it is stuck or far
+    /// slower than any request needs. Nothing more is read.
+    #[error(
+        "the agent (pid {pid}) sent no reply within {secs} s; it may be stuck \
+         (`gdb -p {pid} -batch -ex 'thread apply all bt'` shows where), or set \
+         HOTPATCH_TIMEOUT=SECONDS (0: no bound) for a longer wait"
+    )]
+    Timeout {
+        /// The agent's pid (from the socket's peer credentials).
+        pid: i32,
+        /// The bound that passed.
+        secs: u64,
+    },
+    /// An environment variable has a value the client cannot use.
+    #[error("{name}={value:?}: {why}")]
+    BadEnv {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The agent answered with an error.
     #[error("{}", .0.message)]
     Remote(ErrorBody),
@@ -80,6 +107,8 @@ impl Error {
             Error::Connect { .. } => E_AGENT_CONNECT,
             Error::Io { .. } => E_AGENT_IO,
             Error::Protocol { .. } => E_AGENT_PROTOCOL,
+            Error::Timeout { .. } => E_AGENT_TIMEOUT,
+            Error::BadEnv { .. } => E_AGENT_BAD_ENV,
             Error::Remote(b) => &b.code,
         }
     }

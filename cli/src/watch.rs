@@ -91,34 +91,33 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
         package: a.package.clone(),
     };
     if a.once {
-        return once(&conn, &opts, a.json, out);
+        let mut session = hotpatch_watch::session::Session::new(opts, false);
+        return once(&conn, &mut session, a.json, out);
     }
-    // Capture the baseline now, before the first edit is built over it.
-    let (exe_path, exe_name) =
-        hotpatch_watch::session::exe_of(pid).map_err(|e| fail(&e, a.json))?;
-    let exe = hotpatch_watch::exe::ExeSymbols::read(&exe_path).map_err(|e| fail(&e, a.json))?;
-    let project = hotpatch_watch::project::Project::find(
-        opts.manifest_path.as_deref(),
-        opts.package.as_deref(),
-        &exe_name,
-    )
-    .map_err(|e| fail(&e, a.json))?;
-    project
-        .baseline(&exe.build_id, &exe)
-        .map_err(|e| fail(&e, a.json))?;
-    let src = project
+    // Capture the baseline now, before the first edit is built over it;
+    // the session keeps it, the project and the executable's symbols.
+    let mut session = hotpatch_watch::session::Session::new(opts, true);
+    session.baseline().map_err(|e| fail(&e, a.json))?;
+    // The agent reads the executable's symbol table once, on the first
+    // apply or status: now, rather than on the first save.
+    let _: WatchStatusInfo = call(&conn, a.json, &Request::WatchStatus)?;
+    let src = session
+        .project()
+        .map_err(|e| fail(&e, a.json))?
         .manifest
         .parent()
         .map(|d| d.join("src"))
         .unwrap_or_else(|| PathBuf::from("src"));
-    if !a.json {
+    if a.json {
+        let _ = writeln!(out, "{}", json!({"watching": src, "pid": pid}));
+    } else {
         let _ = writeln!(
             out,
             "watching {} (pid {pid}); save a file to patch, Ctrl-C to stop",
             src.display()
         );
-        let _ = out.flush();
     }
+    let _ = out.flush();
     let mut last = newest_mtime(&src);
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -127,9 +126,19 @@ pub fn run(a: &Args, out: &mut dyn Write) -> Outcome {
             continue;
         }
         last = now;
-        if let Err(f) = once(&conn, &opts, a.json, out) {
-            // Keep watching: print the refusal like the CLI does on exit.
-            let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
+        if let Err(f) = once(&conn, &mut session, a.json, out) {
+            // Keep watching: print the refusal like the CLI does on exit
+            // (JSON on stdout with --json, the sentence on stderr).
+            if f.json {
+                let body = json!({
+                    "ok": false,
+                    "error": { "code": f.code, "message": f.message },
+                });
+                let _ = writeln!(out, "{body}");
+                eprintln!("hotpatch: {}: {}", f.code, f.message);
+            } else {
+                let _ = writeln!(out, "hotpatch: {}: {}", f.code, f.message);
+            }
             let _ = out.flush();
         }
     }
@@ -153,12 +162,12 @@ fn newest_mtime(dir: &std::path::Path) -> SystemTime {
 
 fn once(
     conn: &Conn,
-    opts: &hotpatch_watch::session::Options,
+    session: &mut hotpatch_watch::session::Session,
     json: bool,
     out: &mut dyn Write,
 ) -> Outcome {
     let t0 = Instant::now();
-    let p = hotpatch_watch::session::prepare(opts).map_err(|e| fail(&e, json))?;
+    let p = session.prepare().map_err(|e| fail(&e, json))?;
     let t = Instant::now();
     let req = Request::WatchApply {
         bundle: p.bundle_path.display().to_string(),
@@ -171,6 +180,7 @@ fn once(
     let tm = p.timings;
     let v = json!({
         "generation": r.generation,
+        "applied": r.applied,
         "patched": r.patched,
         "added": r.added,
         "reverted": r.reverted,
@@ -178,11 +188,21 @@ fn once(
         "retained": r.retained,
         "debug_file": r.debug_file,
         "timings_ms": {
-            "build": tm.build_ms, "diff": tm.diff_ms, "link": tm.link_ms, "apply": apply_ms,
-            "total": total * 1e3,
+            "setup": tm.setup_ms, "build": tm.build_ms, "diff": tm.diff_ms,
+            "exe_symbols": tm.exe_ms, "checks": tm.check_ms, "link": tm.link_ms,
+            "apply": apply_ms, "agent": r.micros as f64 / 1e3, "total": total * 1e3,
         },
     });
     print(out, json, &v, |o| {
+        if !r.applied {
+            return writeln!(
+                o,
+                "nothing to apply: the build is what the process runs (generation {}; {:.2} s, build {:.2})",
+                r.generation,
+                total,
+                tm.build_ms / 1e3,
+            );
+        }
         writeln!(
             o,
             "patched {} function(s) in {:.2} s (build {:.2}, diff {:.3}, link {:.3}, apply {:.3}), generation {}{}",

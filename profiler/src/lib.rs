@@ -110,5 +110,6 @@ pub use output::proto;
 pub use report::{Location, Mapping, Report, Sample, Stats};
 pub use sampler::Clock;
 pub use session::{ProfilerBuilder, Session};
+pub use unwind::{deregister_eh_frame, register_eh_frame};
 
 pub use output::{read_profile, write_profile};

@@ -486,6 +486,10 @@ pub struct LeakCheckInfo {
 pub struct WatchApplyInfo {
     /// The generation now live (0: the original code everywhere).
     pub generation: u64,
+    /// Whether this step changed anything in the process (false: the
+    /// build is what already runs, and no generation number was taken).
+    #[serde(default)]
+    pub applied: bool,
     /// Functions whose calls now go to the new generation.
     pub patched: Vec<String>,
     /// New functions placed with it.

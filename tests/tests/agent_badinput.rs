@@ -12,7 +12,7 @@ use hotpatch_protocol::{Reply, Request};
 use hotpatch_tests::agent_bins::Serve;
 
 fn connect(s: &Serve) -> Client {
-    let c = Client::connect(&s.socket).expect("connect");
+    let mut c = Client::connect(&s.socket).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     c

@@ -344,3 +344,73 @@ fn corrupted_dwarf_is_reported_on_stderr_and_in_json() {
     assert!(v.get("warnings").is_none(), "{v}");
     assert!(v["source"] == "dwarf" || v["source"] == "Dwarf", "{v}");
 }
+
+/// An agent that accepts a request and never answers (stuck, or a stranger
+/// process of ours holding a socket) makes the CLI fail with
+/// `E_AGENT_TIMEOUT` after `HOTPATCH_TIMEOUT` seconds instead of waiting
+/// forever; a value that is not a number is `E_AGENT_BAD_ENV` before
+/// anything is sent. The silent agent is a real socket served by this test
+/// process (its name carries our pid, as the CLI checks).
+#[test]
+fn a_silent_agent_is_a_timeout_not_a_hang() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    let bins = hotpatch_tests::agent_bins::bins();
+    let runtime = hotpatch_tests::agent_bins::fresh_dir("silent-agent", 0o700);
+    let sockdir = runtime.join("hotpatch");
+    std::fs::create_dir_all(&sockdir).expect("socket dir");
+    std::fs::set_permissions(
+        &sockdir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
+    let socket = sockdir.join(format!("{}.sock", std::process::id()));
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let got = Arc::new(AtomicUsize::new(0));
+    let got2 = got.clone();
+    // Reads each request and keeps the connection open without a reply.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut b = [0u8; 1];
+            if c.read(&mut b).is_ok_and(|n| n == 1) {
+                got2.fetch_add(1, Ordering::SeqCst);
+            }
+            held.push(c);
+        }
+    });
+    let run = |timeout: &str| {
+        let mut c = std::process::Command::new(&bins.hotpatch);
+        hotpatch_tests::agent_bins::isolate(&mut c, &runtime);
+        c.env("HOTPATCH_TIMEOUT", timeout)
+            .args(["status", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("run hotpatch")
+    };
+    let o = run("2");
+    fails_with(&o, "E_AGENT_TIMEOUT");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())) && err.contains("within 2 s"),
+        "the message names the agent and the bound:\n{}",
+        text(&o)
+    );
+    assert_eq!(got.load(Ordering::SeqCst), 1, "the request was sent");
+    let o = run("soon");
+    fails_with(&o, "E_AGENT_BAD_ENV");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        1,
+        "nothing sent with a bad bound"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("HOTPATCH_TIMEOUT"),
+        "{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&runtime);
+}

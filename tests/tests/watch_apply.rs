@@ -109,6 +109,7 @@ fn bundle(sections: Vec<BSec>, functions: Vec<(&str, usize)>) -> Bundle {
             .collect(),
         added: Vec::new(),
         debug: Vec::new(),
+        eh_frame: None,
     }
 }
 
@@ -215,6 +216,33 @@ fn generations_relocations_and_revert() {
     assert_eq!(r.generation, 0);
     assert_eq!(call(target_const), 7);
     assert_eq!(call(target_tls), 9);
+}
+
+/// A bundle patching `target_const` whose unwind info is section 1 with
+/// `bytes` (read-only), its first FDE at `code`+`offset`.
+fn with_eh_frame(bytes: &[u8], code_section: usize, offset: u64) -> Bundle {
+    let mut b = bundle(
+        vec![
+            code("c", &[0xb8, 1, 0, 0, 0, 0xc3], vec![]),
+            BSec {
+                name: ".eh_frame".into(),
+                kind: SecKind::ReadOnly,
+                align: 8,
+                size: bytes.len() as u64,
+                hex: hex(bytes),
+                relocs: Vec::new(),
+                function: None,
+                symbols: Vec::new(),
+            },
+        ],
+        vec![("target_const", 0)],
+    );
+    b.eh_frame = Some(hotpatch_watch::bundle::BEhFrame {
+        section: 1,
+        code: code_section,
+        offset,
+    });
+    b
 }
 
 #[test]
@@ -334,6 +362,40 @@ fn malformed_bundles_are_refused_and_change_nothing() {
             },
             codes::E_WATCH_UNRESOLVED,
         ),
+        // Unwind info that is not a terminated read-only `.eh_frame`, or
+        // whose first FDE is not in code: refused before anything is
+        // mapped or registered.
+        (
+            with_eh_frame(&[1, 2, 3, 4, 5, 6, 7, 8], 0, 0),
+            codes::E_WATCH_BAD_BUNDLE,
+        ),
+        (with_eh_frame(&[0; 8], 1, 0), codes::E_WATCH_BAD_BUNDLE),
+        (with_eh_frame(&[0; 8], 0, 6), codes::E_WATCH_BAD_BUNDLE),
+        (
+            {
+                let mut b = with_eh_frame(&[0; 8], 0, 0);
+                b.sections[1].kind = SecKind::Code;
+                b
+            },
+            codes::E_WATCH_BAD_BUNDLE,
+        ),
+        (
+            {
+                // A relocation that would write the terminator.
+                let mut b = with_eh_frame(&[0; 8], 0, 0);
+                b.sections[1].relocs.push(BRel {
+                    offset: 4,
+                    r_type: 2,
+                    target: BTarget::Section {
+                        index: 0,
+                        offset: 0,
+                    },
+                    addend: 0,
+                });
+                b
+            },
+            codes::E_WATCH_BAD_BUNDLE,
+        ),
     ];
     for (i, (b, want)) in cases.into_iter().enumerate() {
         let e = hotpatch_watch::apply::apply(&b).expect_err("a malformed bundle was applied");
@@ -408,4 +470,72 @@ fn a_generation_a_thread_runs_in_stays_mapped_until_it_leaves() {
     );
     hotpatch_watch::apply::revert_all().expect("revert");
     assert_eq!(call(target_spin), 11);
+}
+
+/// Generation numbers count the generations that went live, without gaps:
+/// a bundle with nothing to change (no function differs, or the same code
+/// as the live generation) takes no number and its reply says
+/// `applied: false`; one that only puts functions back takes none either.
+#[test]
+fn generation_numbers_are_consecutive_and_say_whether_applied() {
+    let _g = serial();
+    // Start from the original code (an earlier test may have left sites).
+    let _ = hotpatch_watch::apply::revert_all();
+    let empty = bundle(Vec::new(), Vec::new());
+    let r = hotpatch_watch::apply::apply(&empty).expect("apply nothing");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    assert_eq!(r.bytes, 0, "memory mapped for nothing: {r:?}");
+    let forty_two = || {
+        bundle(
+            vec![code("c42", &[0xb8, 42, 0, 0, 0, 0xc3], vec![])],
+            vec![("target_const", 0)],
+        )
+    };
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42");
+    assert!(r.applied, "{r:?}");
+    let first = r.generation;
+    assert!(first >= 1, "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // The same build again (a save without a change): nothing applied, the
+    // live generation is still `first`.
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42 again");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, first, "{r:?}");
+    assert_eq!((r.installed, r.swapped, r.bytes), (0, 0, 0), "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // A change: the next number.
+    let r = hotpatch_watch::apply::apply(&bundle(
+        vec![code("c43", &[0xb8, 43, 0, 0, 0, 0xc3], vec![])],
+        vec![("target_const", 0)],
+    ))
+    .expect("apply 43");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, first + 1, "{r:?}");
+    assert_eq!(call(target_const), 43);
+    // Every edit undone: the functions go back, generation 0, no number
+    // taken; a second such save applies nothing.
+    let r = hotpatch_watch::apply::apply(&empty).expect("back to the original");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    assert_eq!(r.reverted, ["target_const"], "{r:?}");
+    assert_eq!(call(target_const), 7);
+    let r = hotpatch_watch::apply::apply(&empty).expect("nothing again");
+    assert!(!r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    // The same code as two steps ago is a change now: the next number.
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply 42 once more");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, first + 2, "{r:?}");
+    assert_eq!(call(target_const), 42);
+    // A revert takes no number either.
+    let r = hotpatch_watch::apply::revert_all().expect("revert");
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.generation, 0, "{r:?}");
+    let r = hotpatch_watch::apply::revert_all().expect("revert again");
+    assert!(!r.applied, "{r:?}");
+    let r = hotpatch_watch::apply::apply(&forty_two()).expect("apply after revert");
+    assert_eq!(r.generation, first + 3, "{r:?}");
+    hotpatch_watch::apply::revert_all().expect("revert");
+    assert_eq!(call(target_const), 7);
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hotpatch_tests::agent_bins::fresh_dir;
+use hotpatch_tests::agent_bins::{fresh_dir, text};
 use hotpatch_tests::fixtures;
 use serde_json::Value;
 
@@ -194,6 +194,31 @@ impl Fixture {
         }
     }
 
+    /// Waits until `guarded` has caught a panic of the patched `risky`
+    /// (each worker calls it with x == 7 once per 100 calls); the process
+    /// must be alive to answer. The timeout only bounds a hang.
+    fn wait_caught(&self) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let out = self.hotpatch(&["status", "--json"]);
+            assert!(
+                out.status.success(),
+                "the process stopped answering after the panicking patch (aborted?): {}",
+                text(&out)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+            let caught = v["host"]["caught"].as_u64().expect("caught");
+            if caught > 0 {
+                return caught;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no panic of risky caught: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn watch_status(&self) -> Value {
         let out = self.hotpatch(&["watch", "--status", "--json"]);
         assert!(out.status.success(), "watch --status: {}", text(&out));
@@ -247,15 +272,6 @@ impl Fixture {
         assert!(text.contains(from), "{file} has no {from:?}");
         std::fs::write(&p, text.replacen(from, to, 1)).expect("write source");
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn applied(o: &Output) -> Value {
@@ -357,6 +373,10 @@ fn watch_edit_save_live() {
     let pid = fx.pid();
     let (orig_file, orig_mem) = quote_bytes(&fx.exe(), pid);
     assert_eq!(orig_file, orig_mem, "quote is not the file's code at start");
+    // A save without a change applies nothing and takes no generation.
+    let g0 = applied(&fx.watch_once());
+    assert_eq!(g0["applied"], false, "{g0}");
+    assert_eq!(g0["generation"], 0, "{g0}");
     let s0 = fx.status();
 
     // Generation 1: a local function's body and the function that counts
@@ -391,6 +411,10 @@ fn watch_edit_save_live() {
     let (_, mem) = quote_bytes(&fx.exe(), pid);
     assert_ne!(mem, orig_mem, "quote's entry was not patched");
     patched_frames_have_new_lines(&fx, &g1, orig_lines);
+    let again = applied(&fx.watch_once());
+    assert_eq!(again["applied"], false, "{again}");
+    assert_eq!(again["generation"], 1, "{again}");
+    assert_eq!(fx.status()["caught"], 0, "a panic before any edit made one");
 
     // Generation 2 over 1: the inlined callee `bonus` (its caller `quote`
     // is what gets patched) and a brand-new function.
@@ -401,16 +425,29 @@ fn watch_edit_save_live() {
         "+ surcharge(x)\n",
         "+ surcharge(x) + fresh(x)\n",
     );
+    // `risky` panics now; its caller `guarded` (unchanged) catches the
+    // panic, which unwinds through the patched code (its unwind info
+    // registered; without it the process aborts).
+    fx.edit(
+        "pricing.rs",
+        "pub fn risky(x: u64) -> u64 {\n    x * 0\n}",
+        "pub fn risky(x: u64) -> u64 {\n    if x == 7 {\n        panic!(\"risky: x is 7\");\n    }\n    x * 0\n}",
+    );
     let src = fx.crate_dir().join("src/pricing.rs");
     let mut t = std::fs::read_to_string(&src).expect("read");
     t.push_str("\n#[inline(never)]\nfn fresh(x: u64) -> u64 {\n    x * 0 + 7\n}\n");
     std::fs::write(&src, t).expect("write");
     let g2 = applied(&fx.watch_once());
     assert_eq!(g2["generation"], 2, "{g2}");
+    assert_eq!(g2["applied"], true, "{g2}");
+    assert!(g2["patched"].to_string().contains("risky"), "{g2}");
+    let caught = fx.wait_caught();
     let g1_map = fx.unloaded_eventually(1, &g2);
     assert!(g2["added"].to_string().contains("fresh"), "{g2}");
     let s2 = fx.wait_results(103_507..103_607);
     assert_kept(&s1, &s2);
+    let more = s2["caught"].as_u64().expect("caught");
+    assert!(more >= caught, "{s2}");
     if let Some((base, len)) = g1_map {
         assert_unmapped(pid, base, len);
     }
@@ -647,10 +684,14 @@ fn quote_location(raw: &str) -> Option<(u64, usize)> {
         if !t.contains("watch_fixture::pricing::quote") {
             continue;
         }
+        // Line 0 is DWARF's "no source line" (code the compiler made up,
+        // seen at return addresses now that frames unwind through the
+        // patch): not a location to check.
         let line = t
             .split_whitespace()
             .find_map(|w| w.rsplit_once("pricing.rs:"))
-            .and_then(|(_, n)| n.parse::<usize>().ok());
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+            .filter(|n| *n > 0);
         if let (Some(a), Some(n)) = (addr, line) {
             return Some((a, n));
         }

@@ -3,8 +3,11 @@
 //! references to the process's own symbols (statics and thread-locals keep
 //! their state), and redirect the changed functions — all as one step.
 //!
-//! Generations: every apply builds generation N+1 from everything that
-//! differs from the baseline; sites of functions already patched are
+//! Generations: every apply that places code builds generation N+1 from
+//! everything that differs from the baseline (numbers are consecutive: a
+//! bundle equal to the live generation's, or one that only puts functions
+//! back, takes none, and the reply's `applied` says whether anything
+//! changed); sites of functions already patched are
 //! swapped (one atomic store each), new ones installed, sites of functions
 //! back to their baseline code removed. Generation N is unmapped once no
 //! site points into it and no thread runs in or returns into it
@@ -47,6 +50,9 @@ struct Generation {
     len: usize,
     /// Symbolizer modules of its functions.
     modules: Vec<ModuleId>,
+    /// Its unwind info as registered with libgcc (module, start), removed
+    /// before its code is unmapped.
+    unwind: Option<(ModuleId, u64)>,
 }
 
 #[derive(Debug)]
@@ -60,8 +66,19 @@ struct WatchSite {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The number of the last generation placed (the next is `next + 1`):
+    /// only a step that maps new code takes a number, so generations are
+    /// numbered 1, 2, 3... in the order they went live.
     next: u64,
     current: u64,
+    /// What the live generation was built from ([`digest`]): a bundle with
+    /// the same content is what already runs, and is not applied again.
+    live_digest: Option<u64>,
+    /// Every range a generation was ever mapped at: a new generation is
+    /// never placed where an old one was, so a stale pointer into old code
+    /// (in a register, a dead stack slot the unload check scans) never
+    /// names new code.
+    used: Vec<(usize, usize)>,
     sites: BTreeMap<String, WatchSite>,
     generations: Vec<Generation>,
 }
@@ -225,8 +242,9 @@ impl Drop for Mapped {
     }
 }
 
-/// Maps `len` bytes (read-write) within ±1 GiB of the executable.
-fn map_near(p: &Process, len: usize) -> Result<Mapped> {
+/// Maps `len` bytes (read-write) within ±1 GiB of the executable, in
+/// none of the `used` ranges.
+fn map_near(p: &Process, len: usize, used: &[(usize, usize)]) -> Result<Mapped> {
     const STEP: usize = 2 << 20;
     let top = (p.hi + STEP - 1) & !(STEP - 1);
     let bottom = p.lo & !(STEP - 1);
@@ -239,7 +257,7 @@ fn map_near(p: &Process, len: usize) -> Result<Mapped> {
     }
     for h in hints {
         let far = h.abs_diff(p.lo).max((h + len).abs_diff(p.hi));
-        if far > (1 << 30) + (p.hi - p.lo) {
+        if far > (1 << 30) + (p.hi - p.lo) || used.iter().any(|&(a, b)| h < b && a < h + len) {
             continue;
         }
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping;
@@ -302,7 +320,7 @@ enum Slot {
 /// Places the bundle's sections, applies relocations, protects the pages.
 /// Returns the mapping, each section's address and the length of the code
 /// part (page-aligned, from the mapping's start).
-fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
+fn place(p: &Process, b: &Bundle, used: &[(usize, usize)]) -> Result<(Mapped, Vec<usize>, usize)> {
     // Layout: code (+ stubs) | read-only (+ GOT) | writable.
     let mut off = vec![0usize; b.sections.len()];
     let mut sizes = [0usize; 3];
@@ -375,7 +393,7 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
         align(sizes[0], PAGE) + align(sizes[1], PAGE),
     ];
     let total = (starts[2] + align(sizes[2], PAGE)).max(PAGE);
-    let map = map_near(p, total)?;
+    let map = map_near(p, total, used)?;
     let base = map.base;
     let addr_of: Vec<usize> = b
         .sections
@@ -520,6 +538,57 @@ fn place(p: &Process, b: &Bundle) -> Result<(Mapped, Vec<usize>, usize)> {
     Ok((map, addr_of, starts[1]))
 }
 
+/// The bundle's unwind info, checked: its `.eh_frame` section (read-only,
+/// ending in the zero terminator, which no relocation touches) and the
+/// code section and offset of its first FDE. `None` when it has none.
+fn check_eh_frame(b: &Bundle) -> Result<Option<(usize, usize, u64)>> {
+    let Some(e) = &b.eh_frame else {
+        return Ok(None);
+    };
+    let eh = b
+        .sections
+        .get(e.section)
+        .filter(|s| s.kind == SecKind::ReadOnly && s.size >= 4)
+        .ok_or_else(|| bad("eh_frame: not a read-only section of the bundle"))?;
+    let terminated = eh.hex.len() as u64 == eh.size * 2
+        && eh.hex.ends_with("00000000")
+        && eh.relocs.iter().all(|r| {
+            let width = if matches!(r.r_type, R_64 | R_PC64) {
+                8
+            } else {
+                4
+            };
+            r.offset + width <= eh.size - 4
+        });
+    if !terminated {
+        return Err(bad("eh_frame: the section does not end in a terminator"));
+    }
+    b.sections
+        .get(e.code)
+        .filter(|s| s.kind == SecKind::Code && e.offset < s.size)
+        .ok_or_else(|| bad("eh_frame: its first FDE is not in a code section"))?;
+    Ok(Some((e.section, e.code, e.offset)))
+}
+
+/// A digest of what a bundle places and redirects (not its debug info):
+/// equal for two builds of the same code.
+fn digest(b: &Bundle) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    b.build_id.hash(&mut h);
+    b.added.hash(&mut h);
+    for f in &b.functions {
+        (&f.name, f.section, f.offset).hash(&mut h);
+    }
+    for s in &b.sections {
+        (&s.name, s.kind, s.align, s.size, &s.hex).hash(&mut h);
+        for r in &s.relocs {
+            (r.offset, r.r_type, &r.target, r.addend).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -537,7 +606,9 @@ fn refused(display: &str, code: &str, msg: &str) -> Error {
 /// `E_WATCH_BASELINE_MISMATCH` (the bundle is for another executable),
 /// `E_WATCH_BAD_BUNDLE`, `E_WATCH_UNRESOLVED`, `E_WATCH_RELOCATION`,
 /// `E_WATCH_NO_MEMORY`, `E_WATCH_PATCH_REFUSED` (with the function's name
-/// and the patcher's code). On error nothing changed.
+/// and the patcher's code). On error nothing changed, except after a swap
+/// that failed part-way (the world could not be stopped): the sites before
+/// it run the new generation, which stays mapped, and the message says so.
 pub fn apply(b: &Bundle) -> Result<ApplyReport> {
     apply_in(b, None)
 }
@@ -572,6 +643,34 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     }
     let mut guard = lock();
     let st = guard.get_or_insert_with(State::default);
+    if b.functions.is_empty() {
+        // Every function is back to its original code: the sites go, and
+        // no generation is placed (nor numbered) for that.
+        return Ok(back_to_original(st, t0));
+    }
+    let digest = digest(b);
+    let unchanged = st.current != 0
+        && st.live_digest == Some(digest)
+        && st
+            .sites
+            .values()
+            .all(|w| w.generation == st.current && w.site.is_enabled());
+    if unchanged {
+        // The same build as the live generation: nothing to do.
+        let (unloaded, retained) = retire(st);
+        return Ok(ApplyReport {
+            generation: st.current,
+            applied: false,
+            unloaded,
+            retained,
+            micros: t0.elapsed().as_micros() as u64,
+            ..ApplyReport::default()
+        });
+    }
+    trace(&format!(
+        "apply: process known at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     // Preflight every new site before anything is written.
     for (f, addr, size) in &targets {
         if st.sites.contains_key(&f.name) {
@@ -583,18 +682,61 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
             return Err(refused(&f.display, r.code, &r.message));
         }
     }
-    let (mut map, addr_of, code_len) = place(p, b)?;
-    let gen_id = st.next.max(st.current) + 1;
+    trace(&format!(
+        "apply: preflight at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
+    let unwind_at = check_eh_frame(b)?;
+    let (mut map, addr_of, code_len) = place(p, b, &st.used)?;
+    let gen_id = st.next + 1;
     // Name the new code in the symbolizer: a module with the new build's
     // DWARF when it can be written, else one anonymous range per function.
     let reg = Registry::global();
+    trace(&format!(
+        "apply: placed at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let (modules, module_at, debug_file) =
         name_code(p, b, &addr_of, (map.base, code_len), gen_id, debug_dir);
+    trace(&format!(
+        "apply: named at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
+    let unwind = unwind_at.and_then(|(eh, code, offset)| {
+        let start = (addr_of[code] + offset as usize) as u64;
+        let id = module_at
+            .get(&code)
+            .copied()
+            .or_else(|| modules.first().copied())?;
+        let end = (map.base + code_len) as u64;
+        // SAFETY: `eh` is the bundle's `.eh_frame` section, checked to end
+        // in a zero terminator (`check_eh_frame`) and relocated against
+        // the code's addresses (`place`); it lies in the generation's
+        // read-only data, which is never unmapped, and its FDEs describe
+        // the generation's code, whose registration `retire` removes
+        // before unmapping it.
+        let ok = unsafe {
+            hotpatch_profiler::register_eh_frame(id, start, end - start, addr_of[eh] as *const u8)
+        };
+        if !ok {
+            trace(&format!(
+                "generation {gen_id}: its unwind info was not registered (a panic through it aborts)"
+            ));
+        }
+        ok.then_some((id, start))
+    });
     let unregister_all = |modules: &[ModuleId]| {
+        if let Some((id, start)) = unwind {
+            hotpatch_profiler::deregister_eh_frame(id, start);
+        }
         for m in modules {
             let _ = reg.unregister(*m);
         }
     };
+    trace(&format!(
+        "apply: named and unwind info at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     // Install new sites (all or nothing).
     let mut installed: Vec<String> = Vec::new();
     let mut failure = None;
@@ -659,19 +801,39 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
         }
         return Err(err);
     }
-    // Swap the sites of functions patched by an earlier generation.
+    trace(&format!(
+        "apply: installed at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
+    // Swap the sites of functions patched by an earlier generation. A swap
+    // that fails (the world could not be stopped) ends the step, but the
+    // sites installed or swapped before it point into this generation now:
+    // it is kept like any live generation (never unmapped under them) and
+    // the error says what runs what.
     let mut swapped = 0;
     let mut patched = Vec::new();
+    let mut swap_failure = None;
     for (f, _, _) in &targets {
         patched.push(f.display.clone());
-        let w = st.sites.get_mut(&f.name).ok_or_else(|| bad("lost site"))?;
+        let Some(w) = st.sites.get_mut(&f.name) else {
+            continue;
+        };
         if w.generation == gen_id {
             continue;
         }
         let to = addr_of[f.section] + f.offset as usize;
         // SAFETY: as for the install above.
-        unsafe { w.site.swap(to as *const u8) }
-            .map_err(|e| refused(&f.display, e.code(), &e.to_string()))?;
+        if let Err(e) = unsafe { w.site.swap(to as *const u8) } {
+            swap_failure = Some(Error::new(
+                E_WATCH_PATCH_REFUSED,
+                format!(
+                    "{}: {}: {e}; the step stopped there: the functions installed or swapped before it run generation {gen_id}, the others what they ran before (save again to retry)",
+                    f.display,
+                    e.code()
+                ),
+            ));
+            break;
+        }
         let module = module_at.get(&f.section).copied();
         if let Some(m) = module {
             let _ = reg.pin(m);
@@ -691,27 +853,40 @@ pub fn apply_in(b: &Bundle, debug_dir: Option<&Path>) -> Result<ApplyReport> {
     let gone: Vec<String> = st
         .sites
         .keys()
-        .filter(|k| !keep.contains(k.as_str()))
+        .filter(|k| !keep.contains(k.as_str()) && swap_failure.is_none())
         .cloned()
         .collect();
     let reverted = remove_sites(st, &gone);
     map.keep = true;
+    st.used.push((map.base, map.base + map.len));
     let bytes = map.len;
     st.generations.push(Generation {
         id: gen_id,
         base: map.base,
         len: code_len,
         modules,
+        unwind,
     });
-    st.current = if b.functions.is_empty() && st.sites.is_empty() {
-        0
-    } else {
-        gen_id
-    };
+    st.current = gen_id;
     st.next = gen_id;
+    if let Some(e) = swap_failure {
+        // Not what the bundle says everywhere: the next save applies again.
+        st.live_digest = None;
+        return Err(e);
+    }
+    st.live_digest = Some(digest);
+    trace(&format!(
+        "apply: sites done at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     let (unloaded, retained) = retire(st);
+    trace(&format!(
+        "apply: retired at {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
     Ok(ApplyReport {
         generation: st.current,
+        applied: true,
         patched,
         added: b
             .added
@@ -892,6 +1067,9 @@ fn retire(st: &mut State) -> (Vec<u64>, Vec<u64>) {
             keep.push(g);
             continue;
         }
+        if let Some((id, start)) = g.unwind {
+            hotpatch_profiler::deregister_eh_frame(id, start);
+        }
         for m in &g.modules {
             let _ = reg.unregister(*m);
         }
@@ -921,19 +1099,27 @@ pub fn revert_all() -> Result<ApplyReport> {
             "no patch of hotpatch watch was applied in this process",
         ));
     };
+    Ok(back_to_original(st, t0))
+}
+
+/// Removes every site (generation 0; a site that cannot be removed is
+/// disabled, so its calls run the original code too) and unmaps what can
+/// be. Takes no generation number.
+fn back_to_original(st: &mut State, t0: Instant) -> ApplyReport {
     let names: Vec<String> = st.sites.keys().cloned().collect();
     let reverted = remove_sites(st, &names);
     st.current = 0;
-    st.next += 1;
+    st.live_digest = None;
     let (unloaded, retained) = retire(st);
-    Ok(ApplyReport {
+    ApplyReport {
         generation: 0,
+        applied: !reverted.is_empty(),
         reverted,
         unloaded,
         retained,
         micros: t0.elapsed().as_micros() as u64,
         ..ApplyReport::default()
-    })
+    }
 }
 
 /// A generation of [`Status`] still mapped.
@@ -946,7 +1132,12 @@ pub use hotpatch_protocol::reply::WatchStatusInfo as Status;
 /// The live generation, its sites and the generations still mapped (with
 /// their addresses). Older generations that have become unused since the
 /// last apply are unmapped first (listed in `unloaded`).
+///
+/// Also reads, once per process, what applying needs to know of the
+/// executable (its symbol table), so that a `hotpatch watch` session that
+/// asks for the status when it starts does not pay that on its first save.
 pub fn status() -> Status {
+    let _ = process();
     let mut guard = lock();
     match guard.as_mut() {
         None => Status::default(),

@@ -64,6 +64,25 @@ pub struct Bundle {
     /// new code is named with its new `file:line` ([`crate::debug`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub debug: Vec<BDebug>,
+    /// The code's own unwind info: a section of [`Bundle::sections`] laid
+    /// out as a zero-terminated `.eh_frame` (the FDEs of the placed code,
+    /// with their CIEs), registered by the agent so that a panic unwinds
+    /// through the new code (and the sampler walks through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eh_frame: Option<BEhFrame>,
+}
+
+/// Where a bundle's unwind info is, and the code it starts at.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BEhFrame {
+    /// The `.eh_frame` section (read-only) in [`Bundle::sections`].
+    pub section: usize,
+    /// The code section of the lowest index that has an FDE...
+    pub code: usize,
+    /// ... and the offset in it where that FDE starts: the address libgcc
+    /// must find it for (the registration's check).
+    pub offset: u64,
 }
 
 /// The `.debug_*` sections of one object of the new build.
@@ -403,24 +422,11 @@ pub fn build(
             offset: s.value,
         });
     }
-    while let Some((obj, sec)) = b.queue.pop() {
-        let idx = b.placed[&(obj, sec)];
-        let relocs = set.objs[obj].sections[sec]
-            .as_ref()
-            .map(|s| s.relocs.clone())
-            .unwrap_or_default();
-        let mut out = Vec::with_capacity(relocs.len());
-        for r in relocs {
-            let (target, addend) = b.resolve(obj, r.sym, r.addend, r.r_type)?;
-            out.push(BRel {
-                offset: r.offset,
-                r_type: r.r_type,
-                target,
-                addend,
-            });
-        }
-        b.sections[idx].relocs = out;
-    }
+    b.drain()?;
+    // The unwind info of the code placed; what it refers to (LSDAs) comes
+    // along too.
+    let eh_frame = b.eh_frame()?;
+    b.drain()?;
     let debug = debug_of(set, &b.placed);
     Ok(Bundle {
         build_id: build_id.to_owned(),
@@ -428,7 +434,234 @@ pub fn build(
         functions,
         added: b.added,
         debug,
+        eh_frame,
     })
+}
+
+const R_X86_64_PC32: u32 = 2;
+
+impl Builder<'_> {
+    /// Resolves the relocations of every placed section not yet done
+    /// (placing what they reach).
+    fn drain(&mut self) -> Result<()> {
+        let set = self.set;
+        while let Some((obj, sec)) = self.queue.pop() {
+            let idx = self.placed[&(obj, sec)];
+            let relocs = set.objs[obj].sections[sec]
+                .as_ref()
+                .map(|s| s.relocs.clone())
+                .unwrap_or_default();
+            let mut out = Vec::with_capacity(relocs.len());
+            for r in relocs {
+                let (target, addend) = self.resolve(obj, r.sym, r.addend, r.r_type)?;
+                out.push(BRel {
+                    offset: r.offset,
+                    r_type: r.r_type,
+                    target,
+                    addend,
+                });
+            }
+            self.sections[idx].relocs = out;
+        }
+        Ok(())
+    }
+
+    /// One `.eh_frame` for the placed code: from each object's `.eh_frame`,
+    /// the FDEs whose `pc_begin` names a placed code section, each after
+    /// its CIE (copied once), zero-terminated. The FDEs' relocations point
+    /// at the new code itself (never at the process's original entry, as a
+    /// function's address taken as a value would); the others (the CIE's
+    /// personality, the FDE's LSDA) resolve like the code's. An object
+    /// whose `.eh_frame` does not parse contributes none (its code then has
+    /// no unwind info: a panic through it aborts, as before).
+    fn eh_frame(&mut self) -> Result<Option<BEhFrame>> {
+        let set = self.set;
+        let objs = code_objects(set, &self.placed);
+        let mut out: Vec<u8> = Vec::new();
+        let mut relocs: Vec<BRel> = Vec::new();
+        let mut first: Option<(usize, u64)> = None;
+        for oi in objs {
+            let o = &set.objs[oi];
+            let Some(eh) = o
+                .sections
+                .iter()
+                .flatten()
+                .find(|s| s.name == ".eh_frame" && !s.data.is_empty())
+            else {
+                continue;
+            };
+            let Some(records) = eh_records(&eh.data) else {
+                continue;
+            };
+            let ends: HashMap<usize, usize> = records.iter().map(|r| (r.0, r.1)).collect();
+            let mut cie_at: HashMap<usize, usize> = HashMap::new();
+            for (off, end, cie) in records {
+                let Some(cie) = cie else { continue };
+                // pc_begin: the first field after the CIE pointer.
+                let Some(pc) = eh.relocs.iter().find(|r| r.offset == off as u64 + 8) else {
+                    continue;
+                };
+                let Some(target) = o.symbols.get(pc.sym) else {
+                    continue;
+                };
+                let Some(&index) = target.section.and_then(|sec| self.placed.get(&(oi, sec)))
+                else {
+                    continue;
+                };
+                if self.sections[index].kind != SecKind::Code || pc.r_type != R_X86_64_PC32 {
+                    continue;
+                }
+                let Some(&cie_end) = ends.get(&cie) else {
+                    // Not the start of a record: not an FDE we can copy.
+                    continue;
+                };
+                let new_cie = match cie_at.get(&cie) {
+                    Some(&n) => n,
+                    None => {
+                        let n = out.len();
+                        let range = (cie, cie_end);
+                        self.copy_record(
+                            oi,
+                            &eh.data,
+                            &eh.relocs,
+                            range,
+                            &mut out,
+                            &mut relocs,
+                            None,
+                        )?;
+                        cie_at.insert(cie, n);
+                        n
+                    }
+                };
+                let new_fde = out.len();
+                let pc_target = BTarget::Section {
+                    index,
+                    offset: target.value,
+                };
+                self.copy_record(
+                    oi,
+                    &eh.data,
+                    &eh.relocs,
+                    (off, end),
+                    &mut out,
+                    &mut relocs,
+                    Some((off + 8, pc_target)),
+                )?;
+                let ptr = (new_fde + 4 - new_cie) as u32;
+                out[new_fde + 4..new_fde + 8].copy_from_slice(&ptr.to_le_bytes());
+                let start = (index, (target.value as i64 + pc.addend) as u64);
+                if first.is_none_or(|f| start < f) {
+                    first = Some(start);
+                }
+            }
+        }
+        let Some((code, offset)) = first else {
+            return Ok(None);
+        };
+        out.extend_from_slice(&[0; 4]);
+        let section = self.sections.len();
+        self.sections.push(BSec {
+            name: ".eh_frame".to_owned(),
+            kind: SecKind::ReadOnly,
+            align: 8,
+            size: out.len() as u64,
+            hex: hex(&out),
+            relocs,
+            function: None,
+            symbols: Vec::new(),
+        });
+        Ok(Some(BEhFrame {
+            section,
+            code,
+            offset,
+        }))
+    }
+
+    /// Appends the record `range` of an object's `.eh_frame` to `out`, and
+    /// its relocations (rebased) to `relocs`; `fixed` names the target of
+    /// the relocation at that offset instead of resolving it.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site per kind of record"
+    )]
+    fn copy_record(
+        &mut self,
+        obj: usize,
+        data: &[u8],
+        rels: &[crate::objects::Rel],
+        (from, to): (usize, usize),
+        out: &mut Vec<u8>,
+        relocs: &mut Vec<BRel>,
+        fixed: Option<(usize, BTarget)>,
+    ) -> Result<()> {
+        let base = out.len();
+        out.extend_from_slice(&data[from..to]);
+        for r in rels {
+            let at = r.offset as usize;
+            if at < from || at >= to {
+                continue;
+            }
+            let (target, addend) = match &fixed {
+                Some((f, t)) if *f == at => (t.clone(), r.addend),
+                _ => self.resolve(obj, r.sym, r.addend, r.r_type)?,
+            };
+            relocs.push(BRel {
+                offset: (base + at - from) as u64,
+                r_type: r.r_type,
+                target,
+                addend,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The objects the patch takes code from (sorted).
+fn code_objects(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<usize> {
+    let mut objs: Vec<usize> = placed
+        .keys()
+        .filter(|(o, s)| {
+            set.objs[*o]
+                .sections
+                .get(*s)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.kind == SecKind::Code)
+        })
+        .map(|(o, _)| *o)
+        .collect();
+    objs.sort_unstable();
+    objs.dedup();
+    objs
+}
+
+/// The records of an `.eh_frame` section: `(start, end, cie)` with `cie`
+/// the start of an FDE's CIE (`None` for a CIE). `None` when it does not
+/// parse (or uses 64-bit lengths, which LLVM does not emit).
+fn eh_records(d: &[u8]) -> Option<Vec<(usize, usize, Option<usize>)>> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(d.get(at..at + 4)?.try_into().ok()?))
+    };
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= d.len() {
+        let len = word(off)? as usize;
+        if len == 0 {
+            break;
+        }
+        if len == 0xffff_ffff || len < 4 {
+            return None;
+        }
+        let end = off.checked_add(4 + len).filter(|e| *e <= d.len())?;
+        let id = word(off + 4)? as usize;
+        let cie = if id == 0 {
+            None
+        } else {
+            Some((off + 4).checked_sub(id)?)
+        };
+        out.push((off, end, cie));
+        off = end;
+    }
+    Some(out)
 }
 
 /// The debug sections of every object the patch takes code from, their
@@ -437,19 +670,7 @@ pub fn build(
 /// not read contributes none (its code is then named by the symbol table
 /// only).
 fn debug_of(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<BDebug> {
-    let mut objs: Vec<usize> = placed
-        .iter()
-        .filter(|((o, s), _)| {
-            set.objs[*o]
-                .sections
-                .get(*s)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.kind == SecKind::Code)
-        })
-        .map(|((o, _), _)| *o)
-        .collect();
-    objs.sort_unstable();
-    objs.dedup();
+    let objs = code_objects(set, placed);
     let mut out = Vec::new();
     for oi in objs {
         let o = &set.objs[oi];
@@ -508,4 +729,41 @@ fn debug_of(set: &ObjSet, placed: &HashMap<(usize, usize), usize>) -> Vec<BDebug
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::eh_records;
+
+    fn record(id: u32, body: &[u8]) -> Vec<u8> {
+        let mut r = ((body.len() + 4) as u32).to_le_bytes().to_vec();
+        r.extend_from_slice(&id.to_le_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn eh_frame_records_and_their_cies() {
+        // CIE at 0 (16 bytes), FDE at 16 pointing back to it, terminator.
+        let mut d = record(0, &[1; 8]);
+        let fde_at = d.len();
+        d.extend(record((fde_at + 4) as u32, &[2; 12]));
+        d.extend_from_slice(&[0; 4]);
+        assert_eq!(eh_records(&d).unwrap(), [(0, 16, None), (16, 36, Some(0))]);
+        // A length past the end, a CIE pointer before the section, the
+        // 64-bit form: not parsed (the object contributes no unwind info).
+        let mut long = d.clone();
+        long[0] = 200;
+        assert!(eh_records(&long).is_none());
+        let mut back = d.clone();
+        back[fde_at + 4..fde_at + 8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(eh_records(&back).is_none());
+        let mut wide = d;
+        wide[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(eh_records(&wide).is_none());
+        // Empty, or only a terminator: no records.
+        assert_eq!(eh_records(&[]).unwrap(), []);
+        assert_eq!(eh_records(&[0; 4]).unwrap(), []);
+    }
 }

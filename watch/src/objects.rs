@@ -182,7 +182,11 @@ fn read_obj(path: &Path) -> Result<Obj> {
             _ if sh_flags & u64::from(object::elf::SHF_WRITE) != 0 => SecKind::Data,
             _ => SecKind::ReadOnly,
         };
-        if name == ".eh_frame" || name.starts_with(".note") || name == ".comment" {
+        // `.eh_frame` is not placed as it is, but the patch's own unwind
+        // info is cut from it ([`crate::bundle`]): its bytes and
+        // relocations are kept.
+        let eh_frame = name == ".eh_frame";
+        if !eh_frame && (name.starts_with(".note") || name == ".comment") {
             sections[idx] = Some(Sec {
                 name,
                 kind: SecKind::Other,
@@ -193,13 +197,14 @@ fn read_obj(path: &Path) -> Result<Obj> {
             });
             continue;
         }
-        let data = if kind == SecKind::Other || kind == SecKind::Bss {
+        let kind = if eh_frame { SecKind::Other } else { kind };
+        let data = if (kind == SecKind::Other && !eh_frame) || kind == SecKind::Bss {
             Vec::new()
         } else {
             s.data().map_err(|e| bad(&e))?.to_vec()
         };
         let mut relocs = Vec::new();
-        if kind != SecKind::Other {
+        if kind != SecKind::Other || eh_frame {
             for (offset, r) in s.relocations() {
                 let r_type = match r.flags() {
                     RelocationFlags::Elf { r_type } => r_type,

@@ -162,16 +162,21 @@ impl Project {
     }
 
     /// The baseline objects of build `build_id` (the process's), captured
-    /// now if they were not already.
+    /// now if they were not already. `exe` reads the process's symbols,
+    /// which a capture checks the objects against (returned when read).
     ///
     /// # Errors
     /// `E_WATCH_BASELINE_MISMATCH` when they cannot be known: the binary on
     /// disk is another build and none was captured for this one, or the
-    /// objects do not match the process's symbols.
-    pub fn baseline(&self, build_id: &str, exe: &ExeSymbols) -> Result<ObjSet> {
+    /// objects do not match the process's symbols; those of `exe`.
+    pub fn baseline(
+        &self,
+        build_id: &str,
+        exe: impl FnOnce() -> Result<ExeSymbols>,
+    ) -> Result<(ObjSet, Option<ExeSymbols>)> {
         let dir = self.state_dir(build_id).join("baseline");
         if dir.join("complete").is_file() {
-            return ObjSet::read_dir(&dir);
+            return Ok((ObjSet::read_dir(&dir)?, None));
         }
         let on_disk = crate::exe::build_id(&self.binary()).unwrap_or_default();
         if on_disk != build_id {
@@ -188,9 +193,10 @@ impl Project {
                 ),
             ));
         }
+        let exe = exe()?;
         for s in self.sessions() {
             let set = ObjSet::read_dir(&s)?;
-            if set.objs.is_empty() || !matches_exe(&set, exe) {
+            if set.objs.is_empty() || !matches_exe(&set, &exe) {
                 continue;
             }
             let tmp = self.state_dir(build_id).join("baseline.tmp");
@@ -203,7 +209,7 @@ impl Project {
             std::fs::write(tmp.join("complete"), b"").map_err(|e| io(tmp.display(), e))?;
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::rename(&tmp, &dir).map_err(|e| io(dir.display(), e))?;
-            return Ok(set);
+            return Ok((set, Some(exe)));
         }
         if self.sessions().is_empty() {
             return Err(self.no_objects());

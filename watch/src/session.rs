@@ -30,10 +30,19 @@ pub struct Options {
 /// Where the time went, milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
+    /// Before the build: the process's build-id, `cargo metadata` and the
+    /// baseline objects (the last two once per [`Session`]).
+    pub setup_ms: f64,
     /// `cargo build`.
     pub build_ms: f64,
-    /// Reading both object sets and diffing them, with the refusal checks.
+    /// Reading the new objects and the executable's symbols, diffing, and
+    /// the refusal checks (`exe_ms` and `check_ms` are parts of it).
     pub diff_ms: f64,
+    /// Part of `diff_ms`: the running executable's symbols (read once per
+    /// [`Session`] that keeps them, else only those the build names).
+    pub exe_ms: f64,
+    /// Part of `diff_ms`: the signature and layout checks (DWARF).
+    pub check_ms: f64,
     /// Building the bundle (the closure of the new code) and writing it.
     pub link_ms: f64,
 }
@@ -69,60 +78,224 @@ pub fn exe_of(pid: i32) -> Result<(PathBuf, String)> {
 }
 
 /// Captures the baseline (if not yet), rebuilds, diffs, checks and builds
-/// the bundle for the process `opts.pid`.
+/// the bundle for the process `opts.pid` (a [`Session`] of one save).
 ///
 /// # Errors
 /// Every `E_WATCH_*` refusal of the build-and-diff half.
 pub fn prepare(opts: &Options) -> Result<Prepared> {
-    let t = Instant::now();
-    let (exe_path, exe_name) = exe_of(opts.pid)?;
-    let exe = ExeSymbols::read(&exe_path)?;
-    trace("read the executable's symbols", t);
-    let project = Project::find(
-        opts.manifest_path.as_deref(),
-        opts.package.as_deref(),
-        &exe_name,
-    )?;
-    let baseline = project.baseline(&exe.build_id, &exe)?;
-    trace("cargo metadata + baseline", t);
-    let t = Instant::now();
-    project.build()?;
-    let build_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    let new = project.newest_objects()?;
-    trace("read new objects", t);
-    let diff = bundle::diff(&baseline, &new);
-    trace("diff", t);
-    check_statics(&diff, &exe)?;
-    let mut facts = Facts::load(&project, &exe.build_id);
-    let checked = check_signatures(&diff, &baseline, &project, &exe_path, &exe, &mut facts)
-        .and_then(|()| {
-            trace("signatures", t);
-            check_layouts(&diff, &project, &exe_path, &exe, &mut facts)
+    Session::new(opts.clone(), false).prepare()
+}
+
+/// Successive saves of one process: the cargo project, the baseline
+/// objects and (when kept) the running executable's symbols are read once
+/// per build-id of the process's executable, not once per save.
+#[derive(Debug)]
+pub struct Session {
+    opts: Options,
+    /// Keep the executable's full symbol table across saves (a long
+    /// session); else each save reads only the symbols its build names.
+    keep_exe: bool,
+    project: Option<Project>,
+    build_id: String,
+    baseline: Option<ObjSet>,
+    exe: Option<ExeSymbols>,
+}
+
+impl Session {
+    /// A session for `opts.pid`; `keep_exe`: see [`Session`].
+    pub fn new(opts: Options, keep_exe: bool) -> Session {
+        Session {
+            opts,
+            keep_exe,
+            project: None,
+            build_id: String::new(),
+            baseline: None,
+            exe: None,
+        }
+    }
+
+    /// The project, found once.
+    ///
+    /// # Errors
+    /// As [`Project::find`] and [`exe_of`].
+    pub fn project(&mut self) -> Result<&Project> {
+        if self.project.is_none() {
+            let (_, exe_name) = exe_of(self.opts.pid)?;
+            self.project = Some(Project::find(
+                self.opts.manifest_path.as_deref(),
+                self.opts.package.as_deref(),
+                &exe_name,
+            )?);
+        }
+        self.project
+            .as_ref()
+            .ok_or_else(|| Error::new(crate::error::E_WATCH_NOTHING, "no project"))
+    }
+
+    /// Captures (or reads) the baseline of the process's build now: before
+    /// the first edit is built over it.
+    ///
+    /// # Errors
+    /// As [`Project::baseline`].
+    pub fn baseline(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let (exe_path, _) = exe_of(self.opts.pid)?;
+        let build_id = crate::exe::build_id(&exe_path)?;
+        trace("  build-id", t);
+        if build_id != self.build_id {
+            self.build_id = build_id;
+            self.baseline = None;
+            self.exe = None;
+        }
+        if self.baseline.is_some() {
+            return Ok(());
+        }
+        self.project()?;
+        trace("  cargo metadata", t);
+        let build_id = self.build_id.clone();
+        let project = self.project.as_ref().ok_or_else(|| io("project", "none"))?;
+        let (set, read) = project.baseline(&build_id, || ExeSymbols::read(&exe_path))?;
+        if self.keep_exe {
+            self.exe = read;
+        }
+        trace("  baseline", t);
+        self.baseline = Some(set);
+        Ok(())
+    }
+
+    /// Rebuilds, diffs, checks and builds the bundle.
+    ///
+    /// # Errors
+    /// Every `E_WATCH_*` refusal of the build-and-diff half.
+    pub fn prepare(&mut self) -> Result<Prepared> {
+        let t = Instant::now();
+        let (exe_path, _) = exe_of(self.opts.pid)?;
+        self.baseline()?;
+        let setup_ms = ms(t);
+        trace("build-id, cargo metadata, baseline", t);
+        let project = self.project()?.clone();
+        let t = Instant::now();
+        project.build()?;
+        let build_ms = ms(t);
+        let t = Instant::now();
+        let new = project.newest_objects()?;
+        trace("read new objects", t);
+        let baseline = self
+            .baseline
+            .as_ref()
+            .ok_or_else(|| io("baseline", "none"))?;
+        let te = Instant::now();
+        let read;
+        let exe: &ExeSymbols = match &self.exe {
+            Some(e) => e,
+            None if self.keep_exe => self.exe.insert(ExeSymbols::read(&exe_path)?),
+            None => {
+                // Only what this build and the baseline name: the same
+                // scan without a `String` per symbol of the executable.
+                let wanted: HashSet<&str> = new
+                    .objs
+                    .iter()
+                    .chain(&baseline.objs)
+                    .flat_map(|o| o.symbols.iter())
+                    .filter(|s| s.is_named())
+                    .map(|s| s.name.as_str())
+                    .collect();
+                read = ExeSymbols::read_only(&exe_path, &wanted)?;
+                &read
+            }
+        };
+        let exe_ms = ms(te);
+        trace("the executable's symbols", te);
+        let diff = bundle::diff(baseline, &new);
+        trace("diff", t);
+        check_statics(&diff, exe)?;
+        let tl = Instant::now();
+        let b = bundle::build(&new, &diff.changed, &exe.syms, &exe.build_id)?;
+        let mut link_ms = ms(tl);
+        let tc = Instant::now();
+        let mut facts = Facts::load(&project, &exe.build_id);
+        let checked = CheckImage::write(&b, &project, &exe.build_id).and_then(|image| {
+            let r = check_signatures(
+                &diff, baseline, &project, &exe_path, exe, &mut facts, &image,
+            )
+            .and_then(|()| {
+                trace("signatures", t);
+                check_layouts(&diff, &project, &exe_path, exe, &mut facts, &image)
+            });
+            image.remove();
+            r
         });
-    trace("layouts", t);
-    facts.save(&project, &exe.build_id);
-    checked?;
-    let diff_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    let b = bundle::build(&new, &diff.changed, &exe.syms, &exe.build_id)?;
-    let dir = project.state_dir(&exe.build_id);
-    std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
-    let bundle_path = dir.join(format!("bundle-{}.json", std::process::id()));
-    let text = serde_json::to_vec(&b).map_err(|e| io("bundle", e))?;
-    std::fs::write(&bundle_path, text).map_err(|e| io(bundle_path.display(), e))?;
-    let link_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok(Prepared {
-        project,
-        diff,
-        bundle: b,
-        bundle_path,
-        timings: Timings {
-            build_ms,
-            diff_ms,
-            link_ms,
-        },
-    })
+        trace("layouts", t);
+        facts.save(&project, &exe.build_id);
+        checked?;
+        let check_ms = ms(tc);
+        let diff_ms = ms(t) - link_ms;
+        let tw = Instant::now();
+        let dir = project.state_dir(&exe.build_id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+        let bundle_path = dir.join(format!("bundle-{}.json", std::process::id()));
+        let text = serde_json::to_vec(&b).map_err(|e| io("bundle", e))?;
+        std::fs::write(&bundle_path, text).map_err(|e| io(bundle_path.display(), e))?;
+        link_ms += ms(tw);
+        Ok(Prepared {
+            project,
+            diff,
+            bundle: b,
+            bundle_path,
+            timings: Timings {
+                setup_ms,
+                build_ms,
+                diff_ms,
+                exe_ms,
+                check_ms,
+                link_ms,
+            },
+        })
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The new code's DWARF as the checks read it: the bundle's debug
+/// sections (those of the objects the patch takes code from, which
+/// describe every type and signature the new code was compiled against)
+/// relocated against stand-in addresses and written as a small ELF file.
+/// Reading it replaces reading the whole new executable's DWARF.
+struct CheckImage {
+    path: PathBuf,
+    /// Stand-in address of each changed function (mangled).
+    entries: HashMap<String, u64>,
+}
+
+impl CheckImage {
+    fn write(b: &Bundle, project: &Project, build_id: &str) -> Result<CheckImage> {
+        let mut at = 0x40_0000usize;
+        let mut addr_of = Vec::with_capacity(b.sections.len());
+        for s in &b.sections {
+            let a = s.align.max(1) as usize;
+            at = at.div_ceil(a) * a;
+            addr_of.push(at);
+            at += (s.size as usize).max(1);
+        }
+        let debug = crate::debug::relocate(b, &addr_of, &|_| None)?;
+        let entries: HashMap<String, u64> = b
+            .functions
+            .iter()
+            .map(|f| (f.name.clone(), (addr_of[f.section] as u64) + f.offset))
+            .collect();
+        let image = crate::debug::elf_image((0x40_0000, (at - 0x40_0000) as u64), &[], &debug, &[]);
+        let dir = project.state_dir(build_id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+        let path = dir.join(format!("check-{}.elf", std::process::id()));
+        std::fs::write(&path, image).map_err(|e| io(path.display(), e))?;
+        Ok(CheckImage { path, entries })
+    }
+
+    fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What the DWARF checks read from the baseline executable, which depends
@@ -210,6 +383,7 @@ fn check_signatures(
     old_exe: &Path,
     exe: &ExeSymbols,
     facts: &mut Facts,
+    image: &CheckImage,
 ) -> Result<()> {
     let changed: Vec<&String> = diff
         .changed
@@ -236,19 +410,6 @@ fn check_signatures(
         return Ok(());
     }
     let t = Instant::now();
-    let new_exe = project.binary();
-    let wanted: HashSet<&str> = stale_callers.iter().map(|(n, _)| n.as_str()).collect();
-    let new_syms = ExeSymbols::read_only(&new_exe, &wanted)?;
-    trace("  new executable's symbols", t);
-    let entries = |syms: &ExeSymbols| -> HashMap<String, u64> {
-        stale_callers
-            .iter()
-            .filter_map(|(n, _)| syms.syms.get(*n).map(|s| ((*n).clone(), s.value)))
-            .collect()
-    };
-    let sigs = |path: &Path, syms: &ExeSymbols| {
-        signatures_in_crate(path, &project.src_path, &entries(syms)).unwrap_or_default()
-    };
     // The baseline's signatures: from the cache, the missing ones read now.
     let missing: HashMap<String, u64> = stale_callers
         .iter()
@@ -275,7 +436,11 @@ fn check_signatures(
         })
         .collect();
     trace("  old signatures", t);
-    let new = sigs(&new_exe, &new_syms);
+    let wanted: HashMap<String, u64> = stale_callers
+        .iter()
+        .filter_map(|(n, _)| image.entries.get(*n).map(|a| ((*n).clone(), *a)))
+        .collect();
+    let new = signatures_in_crate(&image.path, &project.src_path, &wanted).unwrap_or_default();
     trace("  new signatures", t);
     for (name, stale) in &stale_callers {
         let (Some(a), Some(b)) = (old.get(*name), new.get(*name)) else {
@@ -313,6 +478,7 @@ fn check_layouts(
     old_exe: &Path,
     exe: &ExeSymbols,
     facts: &mut Facts,
+    image: &CheckImage,
 ) -> Result<()> {
     if diff.changed.is_empty() {
         return Ok(());
@@ -327,7 +493,10 @@ fn check_layouts(
     let Some(old) = facts.types.as_ref() else {
         return Ok(());
     };
-    let Ok(new) = types_in_crate(&project.binary(), &project.src_path) else {
+    // The new layouts as the new code sees them: the types its objects
+    // describe (a type none of them mentions is not one the new code
+    // depends on).
+    let Ok(new) = types_in_crate(&image.path, &project.src_path) else {
         return Ok(());
     };
     let changed: HashSet<&str> = diff.changed.iter().map(String::as_str).collect();

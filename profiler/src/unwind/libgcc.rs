@@ -33,7 +33,26 @@ struct DwarfEhBases {
 static REGISTERED: Mutex<Option<HashMap<u64, Registered>>> = Mutex::new(None);
 
 /// One registered image: the module it describes and its `.eh_frame` bytes.
-type Registered = (ModuleId, Box<[u8]>);
+type Registered = (ModuleId, Image);
+
+/// The bytes of a registered image.
+enum Image {
+    /// Synthesized here; freed once deregistered.
+    Owned(Box<[u8]>),
+    /// The caller's own `.eh_frame` (a patch's, [`register_eh_frame`]),
+    /// which it keeps mapped until deregistered, describing code in
+    /// `[key, key + len)`.
+    Borrowed { at: usize, len: u64 },
+}
+
+impl Image {
+    fn ptr(&self) -> *const u8 {
+        match self {
+            Image::Owned(b) => b.as_ptr(),
+            Image::Borrowed { at, .. } => *at as *const u8,
+        }
+    }
+}
 
 /// Gives module `id`, the range `[start, start+len)`, unwind info, once.
 /// Returns whether it was registered now (false when already registered,
@@ -55,6 +74,15 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
     if len == 0 || len > 1 << 20 {
         return false;
     }
+    // Code that came with its own unwind info: synthesized rules would
+    // only compete with its exact ones.
+    let covered = map.iter().any(|(k, (_, img))| match img {
+        Image::Borrowed { len: l, .. } => *k < start + len && start < *k + *l,
+        Image::Owned(_) => false,
+    });
+    if covered {
+        return false;
+    }
     let Some(code) = hotpatch_sys::mem::read_self_vec(start as usize, len as usize) else {
         return false;
     };
@@ -69,17 +97,25 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
     let Some(image) = eh_frame(start, cfi.len, &cfi.rows) else {
         return false;
     };
-    let image = image.into_boxed_slice();
+    install(map, id, start, Image::Owned(image.into_boxed_slice()))
+}
+
+/// Registers `image` with libgcc behind the gate and checks that libgcc
+/// finds it for `start` (else takes it back). Returns whether it is
+/// registered (then kept in `map`).
+fn install(map: &mut HashMap<u64, Registered>, id: ModuleId, start: u64, image: Image) -> bool {
     let sorted = without_sigprof(|| {
         if !close_gate() {
             return None;
         }
-        // SAFETY: `image` is a zero-terminated .eh_frame (one CIE, one FDE),
-        // kept at a fixed heap address in REGISTERED until `drop_image`
-        // deregisters this pointer. SIGPROF is blocked here (no re-entry
-        // into libgcc under `object_mutex`) and the gate is closed (no
-        // handler elsewhere looks up an FDE before the sort below).
-        unsafe { __register_frame(image.as_ptr()) };
+        // SAFETY: `image` is a zero-terminated .eh_frame (one CIE, one FDE
+        // when synthesized; the caller's promise for a borrowed one), kept
+        // at a fixed address (in REGISTERED, or mapped by the caller) until
+        // `drop_image` deregisters this pointer. SIGPROF is blocked here
+        // (no re-entry into libgcc under `object_mutex`) and the gate is
+        // closed (no handler elsewhere looks up an FDE before the sort
+        // below).
+        unsafe { __register_frame(image.ptr()) };
         let mut bases = DwarfEhBases {
             tbase: std::ptr::null_mut(),
             dbase: std::ptr::null_mut(),
@@ -95,7 +131,7 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
             // take it back, still behind the gate, rather than keep an
             // image nobody can use (or one a handler would sort).
             // SAFETY: the pointer registered just above, not yet freed.
-            unsafe { __deregister_frame(image.as_ptr()) };
+            unsafe { __deregister_frame(image.ptr()) };
         }
         open_gate();
         Some(ours)
@@ -113,7 +149,7 @@ pub(crate) fn register(id: ModuleId, start: u64, len: u64) -> bool {
 /// other code by now, and a stale rule would mislead the unwinder). Called
 /// at every session start, before sampling.
 pub(crate) fn retain_only(live: &std::collections::HashSet<ModuleId>) {
-    let stale: Vec<(u64, Box<[u8]>)> = {
+    let stale: Vec<(u64, Image)> = {
         let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
         let Some(map) = reg.as_mut() else { return };
         let gone: Vec<u64> = map
@@ -151,20 +187,74 @@ pub(crate) fn deregister(id: ModuleId, start: u64) {
 /// the bytes may only go once no handler is running. If the gate cannot be
 /// closed in time the image is leaked (still deregistered), never freed
 /// under a reader.
-fn drop_image(image: Box<[u8]>) {
+fn drop_image(image: Image) {
     without_sigprof(|| {
         let closed = close_gate();
-        // SAFETY: `image` is the exact pointer registered in `register`,
+        // SAFETY: `image` is the exact pointer registered in `install`,
         // deregistered once (it was removed from REGISTERED by the caller).
-        unsafe { __deregister_frame(image.as_ptr()) };
+        unsafe { __deregister_frame(image.ptr()) };
         if closed {
             open_gate();
             drop(image);
         } else {
-            // A handler may still read it: keep the bytes forever.
+            // A handler may still read it: keep the bytes forever (a
+            // borrowed image's owner keeps its bytes mapped anyway).
             std::mem::forget(image);
         }
     });
+}
+
+/// Registers code's own unwind info (a `.eh_frame` section, as a linker
+/// lays it out: CIEs and FDEs, zero-terminated) for the code of module `id`
+/// in `[start, start + len)`, so that panics unwind through that code and
+/// the sampler's unwinder walks through it. The same registration (and the
+/// same gate against the sampler's SIGPROF handler) as the synthesized
+/// rules of anonymous ranges, which are then not made for that range.
+/// `start` must be the start of one of its FDEs. Returns whether it is
+/// registered (false: libgcc does not find it for `start`, the sampler's
+/// handler is not behind the gate, or `start` is taken by another module).
+///
+/// # Safety
+/// `eh_frame` points to a well-formed, zero-terminated `.eh_frame` whose
+/// FDEs describe code that stays mapped, and its bytes stay mapped and
+/// unchanged until [`deregister_eh_frame`] for `(id, start)` returned (or
+/// forever, if it never is).
+pub unsafe fn register_eh_frame(id: ModuleId, start: u64, len: u64, eh_frame: *const u8) -> bool {
+    let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = reg.get_or_insert_with(HashMap::new);
+    let taken = matches!(map.get(&start), Some((_, Image::Borrowed { .. })));
+    if taken || eh_frame.is_null() || len == 0 {
+        return false;
+    }
+    // Synthesized rules already registered inside the range go first.
+    let inside: Vec<u64> = map
+        .iter()
+        .filter(|(k, (_, img))| {
+            matches!(img, Image::Owned(_)) && start <= **k && **k < start.saturating_add(len)
+        })
+        .map(|(k, _)| *k)
+        .collect();
+    for k in inside {
+        if let Some((_, old)) = map.remove(&k) {
+            drop_image(old);
+        }
+    }
+    if !gate_in_front() {
+        count_skipped();
+        return false;
+    }
+    let image = Image::Borrowed {
+        at: eh_frame as usize,
+        len,
+    };
+    install(map, id, start, image)
+}
+
+/// Removes what [`register_eh_frame`] registered for `(id, start)`; once it
+/// returns, libgcc no longer reads those bytes. Does nothing when nothing
+/// is registered there (or another module's info is).
+pub fn deregister_eh_frame(id: ModuleId, start: u64) {
+    deregister(id, start);
 }
 
 /// Whether the range starting at `start` has registered unwind info.

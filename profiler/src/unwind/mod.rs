@@ -41,3 +41,4 @@ mod libgcc;
 
 pub(crate) use gate::{gate_counts, gate_installed, install_gate};
 pub(crate) use libgcc::{deregister, register, retain_only};
+pub use libgcc::{deregister_eh_frame, register_eh_frame};
