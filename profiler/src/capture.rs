@@ -516,9 +516,9 @@ mod tests {
 
     #[test]
     fn the_sampler_buffer_size_is_that_of_the_slot_buffer() {
-        // SLOTS slots of at least MAX_FRAMES 8-byte frames each.
+        // SLOTS slots of at least STACK_BYTES of stack copy each.
         let n = sampler_buffer_bytes();
-        let floor = crate::sampler::SLOTS * crate::sampler::MAX_FRAMES * 8;
+        let floor = crate::sampler::SLOTS * crate::sampler::STACK_BYTES;
         assert!(n >= floor, "{n} < {floor}");
         assert!(n < 1 << 30, "{n}");
     }

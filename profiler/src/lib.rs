@@ -52,27 +52,29 @@
 //!
 //! # Which unwinder
 //!
-//! backtrace-rs over libgcc's `_Unwind_Backtrace` (as pprof-rs's default),
-//! not a frame-pointer walk. Measured on this machine (BENCHMARKS.md,
-//! "profiler"): the frame-pointer walker starts
-//! at RBP and never records the interrupted RIP, so a sample inside a plugin
-//! function is charged to its caller — wrong attribution, which no
-//! resolution can fix. The default records the leaf, found FDEs through
-//! glibc's async-signal-safe `_dl_find_object` across ~119,000
-//! `dlopen`/`dlclose` cycles at 1 kHz without deadlock, and its overhead is
-//! within the budget (BENCHMARKS.md). Its two weaknesses are handled here:
+//! No unwinding in the signal handler. The handler copies the interrupted
+//! registers and the top 16 KiB of the thread's stack into its slot
+//! (`sampler.rs`), as the kernel does for [`Clock::PerfRing`]; the
+//! session's helper thread unwinds the copies with `framehop` (DWARF CFI
+//! from each module's `.eh_frame`, frame pointers where no CFI covers an
+//! address; anonymous ranges get the CFI `unwind/cfi.rs` synthesises), at
+//! every drain and at every checkpoint, while every module a sample may lie
+//! in is still mapped. Every clock takes that path.
 //!
-//! * it stops at code without CFI, so stacks through trampolines and relays
-//!   would end there: the session registers synthesized unwind info for
-//!   every anonymous range ([`ProfilerBuilder::anon_unwind_info`]);
-//! * the leaf is taken from the signal's `ucontext` (exact), not from the
-//!   unwinder.
+//! Before issue #12 the handler ran libgcc's `_Unwind_Backtrace`, which
+//! takes libgcc's `object_mutex` once anything was registered with
+//! `__register_frame`: a sample landing on a thread that was itself
+//! unwinding (a panic, a backtrace, a C++ exception) deadlocked it
+//! (docs/DESIGN-NOTES.md, "libgcc's object_mutex and the sampler";
+//! `tests/tests/profiler_unwinding_host.rs`). A frame-pointer walk was not
+//! an option either: it starts at RBP and never records the interrupted RIP,
+//! so a sample inside a leaf function is charged to its caller.
 //!
-//! The signal handler's own frames are cut at glibc's `__restore_rt` (found
-//! from SIGPROF's `sa_restorer`): the frame after it is the interrupted
-//! instruction (replaced by the `ucontext`'s `rip`), resolved as is; caller
-//! frames are return addresses,
-//! resolved (and written to the profile) as `address - 1`.
+//! The leaf is the signal's `ucontext` `rip` (exact); caller frames are
+//! return addresses, resolved (and written to the profile) as
+//! `address - 1`. The session still registers synthesized unwind info for
+//! anonymous ranges with libgcc ([`ProfilerBuilder::anon_unwind_info`]):
+//! the application's own unwinding (a panic through a trampoline) needs it.
 //!
 //! # Example
 //!

@@ -515,7 +515,21 @@ impl Drainer {
         let Some([bp, sp, ip]) = s.regs else {
             return vec![s.ip];
         };
-        let stack = s.stack;
+        self.unwind_copy(ip, sp, bp, s.stack)
+    }
+
+    /// Brings the module list up to the registry's (before unwinding
+    /// [`unwind_copy`](Self::unwind_copy)'s samples; [`drain`](Self::drain)
+    /// does it itself).
+    pub(crate) fn sync(&mut self) {
+        self.sync_modules();
+    }
+
+    /// A stack from registers and a copy of the stack from `sp` up: leaf
+    /// (`ip`, exact) first, then return addresses; `ip` alone when nothing
+    /// unwinds. Used for the perf rings' samples and for the signal
+    /// handler's copies (`sampler.rs`).
+    pub(crate) fn unwind_copy(&mut self, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Vec<u64> {
         let mut read = |addr: u64| -> Result<u64, ()> {
             let off = addr.checked_sub(sp).ok_or(())? as usize;
             u64_at(stack, off).ok_or(())
@@ -532,7 +546,7 @@ impl Drainer {
             }
         }
         if out.is_empty() {
-            out.push(s.ip);
+            out.push(ip);
         }
         out
     }

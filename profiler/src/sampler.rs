@@ -9,6 +9,11 @@
 //! `ITIMER_PROF`, checked once per kernel tick and delivered to whichever
 //! thread runs, does not: golang/go#35057). In order of preference:
 //!
+//! 0. [`Clock::PerfRing`] (the default since issue #12: the lowest
+//!    measured overhead, BENCHMARKS.md): the same per-thread perf event,
+//!    but the kernel writes each sample (registers and the top of the
+//!    stack) into a ring per thread, no signal (`ring.rs`). A thread whose
+//!    ring cannot be mapped gets the next clock.
 //! 1. [`Clock::PerfEvent`]: a `perf_event_open` software `cpu-clock` event per
 //!    thread (hrtimer-based, not capped by the tick), its overflow signal
 //!    routed to that thread (`F_SETOWN_EX`/`F_OWNER_TID`, `F_SETSIG`,
@@ -30,23 +35,35 @@
 //!
 //! # The handler
 //!
-//! Async-signal-safe: atomics, `gettid`/`prctl` system calls and libgcc's
-//! `_Unwind_Backtrace` (through backtrace-rs's `trace_unsynchronized`, as
-//! pprof-rs does; SAFETY.md, "profiler", for libgcc's hazards and the gate
-//! in `unwind.rs`). It claims a free slot of [`SLOTS`] with a CAS, writes
-//! the interrupted `rip` (from the `ucontext`, exact), the raw frames, the
-//! thread id and name, and the CPU time the sample stands for, and marks
-//! the slot ready. No allocation, no lock. When every slot is taken the
-//! sample is counted as lost.
+//! Async-signal-safe: atomics and system calls (`gettid`, `prctl`,
+//! `process_vm_readv`), no unwinding. It claims a free slot of [`SLOTS`]
+//! with a CAS, writes the interrupted `rip`, `rsp` and `rbp` (from the
+//! `ucontext`, exact), a copy of the top [`STACK_BYTES`] of the thread's
+//! stack from `rsp` up (as the kernel does for [`Clock::PerfRing`]), the
+//! thread id and name, and the CPU time the sample stands for, and marks the
+//! slot ready. No allocation, no lock. When every slot is taken the sample
+//! is counted as lost.
+//!
+//! The session's helper thread unwinds the copies with the same `framehop`
+//! unwinder as the perf rings' samples (`ring.rs`), at every drain and at
+//! every checkpoint (before a module unloads). The handler used to unwind
+//! with libgcc's `_Unwind_Backtrace`, which takes libgcc's `object_mutex`:
+//! a signal landing on a thread that was itself unwinding (a panic, a
+//! backtrace) and held it deadlocked that thread (docs/DESIGN-NOTES.md,
+//! "libgcc's object_mutex and the sampler").
 
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-pub(crate) use crate::drained::{Drained, MAX_FRAMES};
-/// Samples the buffer holds between two drains.
-pub(crate) const SLOTS: usize = 4096;
+pub(crate) use crate::drained::Drained;
+/// Samples the buffer holds between two drains (at 1 kHz on 2 cores a
+/// drain every 10-40 ms finds at most ~80).
+pub(crate) const SLOTS: usize = 1024;
+/// Bytes of stack the handler copies per sample, from the interrupted
+/// `rsp` up (the perf rings' default, [`crate::ring::STACK_BYTES`]).
+pub(crate) const STACK_BYTES: usize = crate::ring::STACK_BYTES as usize;
 /// The shortest interval at which the helper thread drains the buffer and
 /// looks for new threads (a one-`fstat` check of the thread count).
 pub(crate) const WATCH_INTERVAL: Duration = Duration::from_millis(10);
@@ -71,8 +88,8 @@ pub(crate) const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Clock {
-    /// A `perf_event_open` software cpu-clock event per thread.
-    #[default]
+    /// A `perf_event_open` software cpu-clock event per thread, its
+    /// overflow signalled to the thread.
     PerfEvent,
     /// A `timer_create(CLOCK_THREAD_CPUTIME_ID)` timer per thread.
     ThreadTimer,
@@ -81,7 +98,8 @@ pub enum Clock {
     /// A perf cpu-clock event per thread whose samples (registers and a
     /// copy of the top of the user stack) the kernel writes into a ring
     /// buffer, unwound by the session's helper: no signal per sample.
-    /// Opt-in (see `ring.rs` and docs/DESIGN-NOTES.md).
+    /// The default (see `ring.rs` and docs/DESIGN-NOTES.md).
+    #[default]
     PerfRing,
 }
 
@@ -122,6 +140,9 @@ const READY: u32 = 2;
 
 /// Bytes of the sample buffer the handlers write into ([`SLOTS`] slots),
 /// allocated when sampling first starts and kept for the process's life.
+/// Its pages are zero pages until a handler writes a slot, and handlers
+/// take the lowest free slot: what is resident is what the largest backlog
+/// between two drains needed.
 pub(crate) fn buffer_bytes() -> usize {
     SLOTS * std::mem::size_of::<Slot>() + std::mem::size_of_val(&STATES)
 }
@@ -137,14 +158,17 @@ struct Slot {
 /// cache lines over ~1,100 pages (measured in BENCHMARKS.md, "overhead").
 static STATES: [AtomicU32; SLOTS] = [const { AtomicU32::new(FREE) }; SLOTS];
 
-#[derive(Clone, Copy)]
+/// All-zero bytes are a valid value (the buffer is allocated zeroed).
 struct SlotData {
     rip: u64,
+    rsp: u64,
+    rbp: u64,
     value_ns: u64,
     tid: i32,
-    depth: u32,
+    /// Bytes of `stack` copied (0 when `rsp` was unreadable).
+    len: u32,
     name: [u8; 16],
-    frames: [u64; MAX_FRAMES],
+    stack: [u8; STACK_BYTES],
 }
 
 // SAFETY: `data` of slot `i` is written only by the one handler that moved
@@ -156,8 +180,6 @@ unsafe impl Sync for Slot {}
 /// The buffer: allocated once, on the first session, and never freed (a
 /// late signal may still be writing into it after a session ended).
 static BUFFER: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
-/// Where the next claim starts looking.
-static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// Whether handlers record (false between sessions).
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The clock of the running session, as `Clock as u32`.
@@ -168,42 +190,37 @@ static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
 static LOST_FULL: AtomicU64 = AtomicU64::new(0);
 /// Signals the handler saw while active (recorded or not).
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
-/// glibc's `__restore_rt`, the signal frame's return address.
-pub(crate) static RESTORER: AtomicU64 = AtomicU64::new(0);
-
-fn buffer() -> &'static [Slot] {
-    let mut p = BUFFER.load(Ordering::Acquire);
+/// Allocates the buffer if it is not yet (outside any handler). Without
+/// it (an allocation refused) handlers drop their samples.
+fn allocate_buffer() {
+    let p = BUFFER.load(Ordering::Acquire);
     if p.is_null() {
-        let slots: Box<[Slot]> = (0..SLOTS)
-            .map(|_| Slot {
-                data: UnsafeCell::new(SlotData {
-                    rip: 0,
-                    value_ns: 0,
-                    tid: 0,
-                    depth: 0,
-                    name: [0; 16],
-                    frames: [0; MAX_FRAMES],
-                }),
-            })
-            .collect();
-        let fresh = Box::into_raw(slots).cast::<Slot>();
-        match BUFFER.compare_exchange(
-            std::ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => p = fresh,
-            Err(other) => {
-                // SAFETY: `fresh` came from Box::into_raw of a SLOTS-long
-                // boxed slice just above and was never published.
-                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(fresh, SLOTS)) });
-                p = other;
-            }
+        // SLOTS slots of a fixed size: cannot overflow.
+        let Ok(layout) = std::alloc::Layout::array::<Slot>(SLOTS) else {
+            return;
+        };
+        // SAFETY: a non-zero-sized layout; all-zero bytes are a valid `Slot`
+        // (integers and byte arrays in an UnsafeCell). Zeroed, so the
+        // allocator hands out fresh zero pages (calloc of a large block is
+        // an mmap) that become resident only when written.
+        let fresh = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Slot>();
+        if fresh.is_null() {
+            return;
+        }
+        if BUFFER
+            .compare_exchange(
+                std::ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // SAFETY: `fresh` came from alloc_zeroed with this layout just
+            // above and was never published.
+            unsafe { std::alloc::dealloc(fresh.cast(), layout) };
         }
     }
-    // SAFETY: `p` points to SLOTS slots leaked above, never freed.
-    unsafe { std::slice::from_raw_parts(p, SLOTS) }
 }
 
 /// The buffer if allocated, without allocating (for the handler).
@@ -254,13 +271,14 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     } else {
         1
     };
-    let start = NEXT.fetch_add(1, Ordering::Relaxed);
+    // The lowest free slot: the buffer's pages stay untouched (not
+    // resident) beyond the largest backlog a drain found.
     let mut claimed = None;
-    for k in 0..16 {
-        let i = (start + k) % SLOTS;
-        if STATES[i]
-            .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
+    for (i, state) in STATES.iter().enumerate() {
+        if state.load(Ordering::Relaxed) == FREE
+            && state
+                .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
         {
             claimed = Some(i);
             break;
@@ -274,8 +292,10 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // we store READY (see `Slot`).
     let d = unsafe { &mut *buf[i].data.get() };
     // SAFETY: `uc` is the kernel's ucontext_t for this signal.
-    d.rip = unsafe { (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
-        as u64;
+    let gregs = unsafe { &(*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    d.rip = gregs[libc::REG_RIP as usize] as u64;
+    d.rsp = gregs[libc::REG_RSP as usize] as u64;
+    d.rbp = gregs[libc::REG_RBP as usize] as u64;
     d.value_ns = period.saturating_mul(periods);
     // Inside the handler: `sys::raw::gettid` is a raw, argued syscall (no
     // libc wrapper, no errno), async-signal-safe.
@@ -285,23 +305,11 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // async-signal-safe; `sys::raw::prctl` takes no pointer argument).
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer given.
     unsafe { libc::prctl(libc::PR_GET_NAME, d.name.as_mut_ptr()) };
-    let mut depth = 0usize;
-    // SAFETY: trace_unsynchronized is libgcc's _Unwind_Backtrace without
-    // backtrace-rs's lock (a lock here could be held by the interrupted
-    // thread); the closure only stores integers into our slot. The libgcc
-    // hazards (lazy sort, object_mutex) are handled by the gate (unwind.rs,
-    // SAFETY.md "profiler").
-    unsafe {
-        backtrace::trace_unsynchronized(|f| {
-            if depth >= MAX_FRAMES {
-                return false;
-            }
-            d.frames[depth] = f.ip() as u64;
-            depth += 1;
-            true
-        });
-    }
-    d.depth = depth as u32;
+    // The top of the stack, for the helper's unwinder: no unwinding here
+    // (libgcc's unwinder takes a mutex the interrupted thread may hold).
+    // `process_vm_readv` stops at the end of the stack's mapping, where a
+    // plain copy would fault.
+    d.len = hotpatch_sys::stackcopy::read_self_prefix(d.rsp as usize, &mut d.stack) as u32;
     STATES[i].store(READY, Ordering::Release);
 }
 
@@ -325,7 +333,7 @@ pub(crate) fn is_handler(act: &libc::sigaction) -> bool {
 
 /// Starts recording with `period_ns` per sample under `clock`.
 pub(crate) fn activate(clock: Clock, period_ns: u64) {
-    let _ = buffer();
+    allocate_buffer();
     PERIOD_NS.store(period_ns, Ordering::Relaxed);
     CLOCK.store(clock as u32, Ordering::Relaxed);
     ACTIVE.store(true, Ordering::Release);
@@ -344,19 +352,47 @@ pub(crate) fn counters() -> (u64, u64) {
     )
 }
 
-/// Moves every ready sample out of the buffer.
-pub(crate) fn drain(mut each: impl FnMut(Drained)) {
+/// One sample as the handler copied it, for the unwinder.
+pub(crate) struct Copied<'a> {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    /// The stack from `rsp` up.
+    pub stack: &'a [u8],
+}
+
+/// Moves every ready sample out of the buffer: `unwind` turns each copy
+/// into its stack (leaf first), before the slot is freed.
+pub(crate) fn drain(
+    mut unwind: impl FnMut(&Copied<'_>) -> Vec<u64>,
+    mut each: impl FnMut(Drained),
+) {
     let Some(buf) = buffer_if_any() else { return };
-    let restorer = RESTORER.load(Ordering::Relaxed);
     for (slot, state) in buf.iter().zip(&STATES) {
         if state.load(Ordering::Acquire) != READY {
             continue;
         }
         // SAFETY: READY: the handler is done with it and nobody else reads
-        // it (only the drain, under the session's mutex).
-        let d: SlotData = unsafe { *slot.data.get() };
+        // it (only the drain, under the session's clocks mutex) until we
+        // store FREE below.
+        let d: &SlotData = unsafe { &*slot.data.get() };
+        let copied = Copied {
+            rip: d.rip,
+            rsp: d.rsp,
+            rbp: d.rbp,
+            stack: &d.stack[..(d.len as usize).min(STACK_BYTES)],
+        };
+        let stack = unwind(&copied);
+        let len = d.name.iter().position(|&b| b == 0).unwrap_or(16);
+        let name = String::from_utf8_lossy(&d.name[..len]).into_owned();
+        let value_ns = d.value_ns;
         state.store(FREE, Ordering::Release);
-        each(to_sample(&d, restorer));
+        each(Drained {
+            stack,
+            anchored: true,
+            name,
+            value_ns,
+        });
     }
 }
 
@@ -373,42 +409,6 @@ pub(crate) fn writing() -> Vec<usize> {
 /// Whether slot `i` is still being written.
 pub(crate) fn still_writing(i: usize) -> bool {
     STATES[i].load(Ordering::Acquire) == WRITING
-}
-
-fn to_sample(d: &SlotData, restorer: u64) -> Drained {
-    let ips = &d.frames[..(d.depth as usize).min(MAX_FRAMES)];
-    // The frame after `__restore_rt` is the interrupted one; its ip is the
-    // `rip` we read from the ucontext (exact). Without the anchor, only
-    // `rip` is trusted.
-    let anchor = (restorer != 0)
-        .then(|| {
-            ips.iter()
-                .position(|&ip| ip.wrapping_sub(restorer) < 16)
-                .map(|i| i + 1)
-        })
-        .flatten()
-        .filter(|&i| i < ips.len());
-    let mut stack = match anchor {
-        Some(i) => {
-            let mut s = ips[i..].to_vec();
-            s[0] = d.rip;
-            s
-        }
-        None => vec![d.rip],
-    };
-    // The unwinder ends a thread's stack with a null return address (the
-    // outermost frame): not code.
-    if let Some(end) = stack.iter().skip(1).position(|&ip| ip == 0) {
-        stack.truncate(end + 1);
-    }
-    let len = d.name.iter().position(|&b| b == 0).unwrap_or(16);
-    let name = String::from_utf8_lossy(&d.name[..len]).into_owned();
-    Drained {
-        stack,
-        anchored: anchor.is_some(),
-        name,
-        value_ns: d.value_ns,
-    }
 }
 
 // ---------------------------------------------------------------------------

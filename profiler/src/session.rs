@@ -13,7 +13,7 @@ use hotpatch_symbolizer::{DebugSearch, Event, Registry};
 use crate::error::{Error, Result};
 use crate::raw::{Captured, Epoch, RawSample, SamplerCounts, SessionFacts};
 use crate::report::Report;
-use crate::sampler::{self, Clock, Clocks, RESTORER, ThreadClock};
+use crate::sampler::{self, Clock, Clocks, ThreadClock};
 use crate::unwind;
 
 /// One session at a time: SIGPROF and the sample buffer are process-wide.
@@ -72,8 +72,10 @@ impl ProfilerBuilder {
     }
 
     /// The clock to use, or (with `None`, the default) the best that works:
-    /// [`Clock::PerfEvent`], then [`Clock::ThreadTimer`], then
-    /// [`Clock::ItimerProf`]. A named clock that cannot be set up is an
+    /// [`Clock::PerfRing`], then [`Clock::PerfEvent`] (when
+    /// `perf_event_open` works but the ring cannot be mapped), then
+    /// [`Clock::ThreadTimer`], then [`Clock::ItimerProf`]
+    /// ([`Stats::clock`](crate::Stats::clock) says which ran). A named clock that cannot be set up is an
     /// error ([`Error::Clock`]).
     pub fn clock(mut self, clock: Option<Clock>) -> Self {
         self.clock = clock;
@@ -233,10 +235,14 @@ fn start_sampling(
         // (unwind.rs): no sample's unwind may sort a fresh object.
         unwind::install_gate();
     }
-    RESTORER.store(signal_restorer(), Ordering::Relaxed);
     let order: Vec<Clock> = match wanted {
         Some(c) => vec![c],
-        None => vec![Clock::PerfEvent, Clock::ThreadTimer, Clock::ItimerProf],
+        None => vec![
+            Clock::PerfRing,
+            Clock::PerfEvent,
+            Clock::ThreadTimer,
+            Clock::ItimerProf,
+        ],
     };
     let mut why = Vec::new();
     for clock in order {
@@ -327,7 +333,7 @@ fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
             inner.clocked = clocks.by_tid.keys().copied().collect();
         }
         let Inner { current, .. } = &mut *inner;
-        drain_into(current);
+        drain_into(&mut clocks, current);
         drain_rings_into(&mut clocks, period_ns, current);
     }
 }
@@ -348,8 +354,19 @@ fn drain_rings_into(clocks: &mut Clocks, period_ns: u64, acc: &mut Acc) {
 /// count and the CPU time.
 type Acc = HashMap<(Vec<u64>, String, bool), (u64, u64)>;
 
-fn drain_into(acc: &mut Acc) {
-    sampler::drain(|d| {
+/// Unwinds the signal handlers' copies (every clock but
+/// [`Clock::PerfRing`]) into `acc`, with the rings' unwinder.
+fn drain_into(clocks: &mut Clocks, acc: &mut Acc) {
+    let unwinder = &mut clocks.ring;
+    let mut synced = false;
+    let unwind = |c: &sampler::Copied<'_>| {
+        if !synced {
+            unwinder.sync();
+            synced = true;
+        }
+        unwinder.unwind_copy(c.rip, c.rsp, c.rbp, c.stack)
+    };
+    sampler::drain(unwind, |d| {
         if d.stack.is_empty() {
             return;
         }
@@ -358,21 +375,6 @@ fn drain_into(acc: &mut Acc) {
         e.1 += d.value_ns;
     });
 }
-
-/// The address of the signal return trampoline (`__restore_rt`) glibc
-/// installed with SIGPROF's handler: the frame after it in a sampled stack is
-/// the interrupted instruction (the leaf).
-fn signal_restorer() -> u64 {
-    match hotpatch_sys::signal::query_action(libc::SIGPROF) {
-        Ok(old) if old.sa_flags & SA_RESTORER != 0 => {
-            old.sa_restorer.map_or(0, |f| f as usize as u64)
-        }
-        _ => 0,
-    }
-}
-
-/// `SA_RESTORER` (x86-64 Linux); not exported by the libc crate.
-const SA_RESTORER: libc::c_int = 0x0400_0000;
 
 struct Inner {
     /// Samples since the previous checkpoint.
@@ -470,7 +472,7 @@ impl Shared {
         {
             std::thread::yield_now();
         }
-        drain_into(&mut inner.current);
+        drain_into(&mut clocks, &mut inner.current);
         // The rings' samples are unwound now, while every module they may
         // lie in is still mapped and registered.
         drain_rings_into(&mut clocks, self.period_ns, &mut inner.current);

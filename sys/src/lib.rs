@@ -22,6 +22,8 @@
 //! - [`mem`]: reading and writing our own memory with
 //!   `process_vm_readv`/`writev`, so a stale address is an error, not a
 //!   fault.
+//! - [`stackcopy`]: the top of a thread's stack copied from a signal
+//!   handler, up to the end of its mapping (the profiler's sampler).
 //!
 //! The rule for what uses `nix` and what is raw: code that may run while
 //! other threads are parked (they may hold malloc's or libc's locks) or
@@ -45,5 +47,6 @@ pub mod procstart;
 pub mod ptrace;
 pub mod raw;
 pub mod signal;
+pub mod stackcopy;
 pub mod status;
 pub mod tracee;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hotpatch_patcher::by_name;
+use hotpatch_tests::entry::file_and_memory;
 use hotpatch_tests::loader_fixtures::{child_code, child_role, run_child};
 
 const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
@@ -99,30 +100,8 @@ via!(
     heap_via_valloc = 6
 );
 
-/// An entry point: its address, its first 16 bytes in the file and in
-/// memory.
+/// An entry point: its address, its first bytes in the file and in memory.
 type Entry = (usize, Vec<u8>, Vec<u8>);
-
-/// The first 16 bytes of `symbol` in `module`: in the file, and in memory.
-fn file_and_memory(module: &str, symbol: &str) -> Option<Entry> {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let t = by_name::find(Some(module), symbol).ok()?;
-    let data = std::fs::read(&t.module).expect("read the allocator");
-    let elf = object::File::parse(&*data).expect("parse the allocator");
-    let sym = elf
-        .dynamic_symbols()
-        .find(|s| s.name() == Ok(symbol))
-        .expect("symbol in the dynamic table");
-    let section = elf
-        .section_by_index(sym.section_index().expect("defined"))
-        .expect("section");
-    let (off, _) = section.file_range().expect("file range");
-    let at = (sym.address() - section.address() + off) as usize;
-    let file = data[at..at + 16].to_vec();
-    // SAFETY: the allocator's code, mapped r-x for the process's life.
-    let mem = unsafe { std::slice::from_raw_parts(t.addr.as_ptr(), 16) }.to_vec();
-    Some((t.addr.as_usize(), file, mem))
-}
 
 type MallctlFn = unsafe extern "C" fn(
     *const libc::c_char,

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 
 use hotpatch_heap::HeapSession;
-use hotpatch_patcher::by_name;
 
 const SYMBOLS: [&str; 8] = [
     "free",
@@ -45,27 +44,11 @@ fn heap_test_churn() -> u64 {
 /// mapping's permissions.
 type Entry = (usize, Vec<u8>, Vec<u8>, String);
 
-/// The entry bytes of `symbol` in libc as the file has them, and the
-/// mapping's permissions in memory now.
+/// The entry bytes of `symbol` in libc as the file has them and as memory
+/// has them, and the mapping's permissions in memory now.
 fn file_and_memory(symbol: &str) -> Entry {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let t = by_name::find(Some("libc.so.6"), symbol).expect("find");
-    let addr = t.addr.as_usize();
-    let data = std::fs::read(&t.module).expect("read libc");
-    let elf = object::File::parse(&*data).expect("parse libc");
-    let sym = elf
-        .dynamic_symbols()
-        .find(|s| s.name() == Ok(symbol))
-        .expect("symbol in libc's dynamic table");
-    let section = elf
-        .section_by_index(sym.section_index().expect("defined"))
-        .expect("section");
-    let (off, _) = section.file_range().expect("file range");
-    let file_off = (sym.address() - section.address() + off) as usize;
-    let n = 16;
-    let file = data[file_off..file_off + n].to_vec();
-    // SAFETY: `t.addr` is libc's code, mapped r-x for the process's life.
-    let mem = unsafe { std::slice::from_raw_parts(t.addr.as_ptr::<u8>(), n) }.to_vec();
+    let (addr, file, mem) =
+        hotpatch_tests::entry::file_and_memory("libc.so.6", symbol).expect("libc symbol");
     let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
     let perms = maps
         .lines()

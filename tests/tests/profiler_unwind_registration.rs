@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpatch_profiler::ProfilerBuilder;
+use hotpatch_profiler::{Clock, ProfilerBuilder};
 use hotpatch_symbolizer::{Registry, RuntimeAddr};
 use hotpatch_tests::exec::ExecMem;
 use hotpatch_tests::load::Hog;
@@ -105,8 +105,16 @@ fn a_lookup_after_registration_allocates_nothing() {
     reg.refresh().unwrap();
     let page = ret_page(4096);
     // 1 Hz: the session's gate and registration path, without samples
-    // racing our measurements.
-    let session = ProfilerBuilder::new().frequency(1).start().unwrap();
+    // racing our measurements. The signal clock: `mallinfo2` counts every
+    // thread's allocations, and with the default clock (the perf ring) the
+    // session's helper builds its unwinder's entry for each new range (it
+    // allocates) every drain; a signal clock's helper unwinds, and so
+    // allocates, only when a sample is waiting, which at 1 Hz is never.
+    let session = ProfilerBuilder::new()
+        .frequency(1)
+        .clock(Some(Clock::PerfEvent))
+        .start()
+        .unwrap();
     let here = enclosing as *const () as usize as u64 + 1;
     for i in 0..32u64 {
         let at = page + i * 64;
