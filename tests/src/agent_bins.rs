@@ -251,17 +251,7 @@ pub fn exe_for_others(dir: &std::path::Path) -> PathBuf {
     copy
 }
 
-/// The temp directory, if other users can reach into it (every ancestor
-/// searchable by others), else `/tmp`: tests run processes of other uids
-/// from directories under it, wherever `TMPDIR` points.
-pub fn reachable_tmp() -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let t = std::env::temp_dir();
-    let reachable = t
-        .ancestors()
-        .all(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
-    if reachable { t } else { PathBuf::from("/tmp") }
-}
+pub use crate::fixtures::reachable_tmp;
 
 /// A fresh directory with `mode` under [`reachable_tmp`].
 pub fn fresh_dir(tag: &str, mode: u32) -> PathBuf {

@@ -355,7 +355,7 @@ pub fn prebuild_watch_fixture() -> WatchTarget {
     // changes every dependency's hash and the test rebuilds them all.
     cmd.args(["build", "--quiet", "--manifest-path"])
         .arg(src.join("Cargo.toml"))
-        .current_dir(crate::agent_bins::reachable_tmp());
+        .current_dir(reachable_tmp());
     watch_fixture_env(&mut cmd, &dir);
     let out = cmd.output().expect("spawn cargo");
     assert!(
@@ -364,6 +364,18 @@ pub fn prebuild_watch_fixture() -> WatchTarget {
         String::from_utf8_lossy(&out.stderr)
     );
     WatchTarget { dir, _lock: lock }
+}
+
+/// The temp directory, if other users can reach into it (every ancestor
+/// searchable by others), else `/tmp`: tests run processes of other uids
+/// from directories under it, wherever `TMPDIR` points.
+pub fn reachable_tmp() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let t = std::env::temp_dir();
+    let reachable = t
+        .ancestors()
+        .all(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if reachable { t } else { PathBuf::from("/tmp") }
 }
 
 #[cfg(test)]
