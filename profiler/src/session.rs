@@ -189,6 +189,16 @@ impl ProfilerBuilder {
             }
         };
         let weak: Weak<Shared> = Arc::downgrade(&shared);
+        {
+            // A patch's `.eh_frame` about to go: unwind the samples taken so
+            // far while the rings' unwinder still has it.
+            let weak = weak.clone();
+            unwind::set_before_eh_removal(Some(Arc::new(move || {
+                if let Some(s) = weak.upgrade() {
+                    s.checkpoint();
+                }
+            })));
+        }
         let subscription = reg.subscribe(move |ev| {
             if let Some(s) = weak.upgrade() {
                 s.on_event(ev);
@@ -612,6 +622,7 @@ impl Session {
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);
+            unwind::set_before_eh_removal(None);
         }
         if let Some((tx, h)) = self.helper.take() {
             let _ = tx.send(());
