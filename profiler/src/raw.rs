@@ -49,6 +49,15 @@ pub struct SamplerCounts {
     pub thread_clock_failures: u64,
     /// See [`Stats::thread_clock_fallbacks`](crate::Stats::thread_clock_fallbacks).
     pub thread_clock_fallbacks: u64,
+    /// See [`Stats::empty_stack_copies`](crate::Stats::empty_stack_copies).
+    #[serde(default)]
+    pub empty_stack_copies: u64,
+    /// See [`Stats::truncated_stack_copies`](crate::Stats::truncated_stack_copies).
+    #[serde(default)]
+    pub truncated_stack_copies: u64,
+    /// See [`Stats::late_samples_discarded`](crate::Stats::late_samples_discarded).
+    #[serde(default)]
+    pub late_samples_discarded: u64,
 }
 
 /// What a stopping session knows of itself beyond its samples.

@@ -99,6 +99,16 @@ pub struct Stats {
     /// because the process was out of file descriptors (`EMFILE`, e.g. a
     /// low `RLIMIT_NOFILE`: a perf clock takes one fd per thread).
     pub thread_clock_fallbacks: u64,
+    /// Signal-clock samples whose stack copy was empty (`rsp` unreadable):
+    /// each is its leaf alone and counts as unanchored.
+    pub empty_stack_copies: u64,
+    /// Signal-clock samples whose stack copy filled the whole 16 KiB the
+    /// handler copies: the stack went on above, their unwind may stop
+    /// early.
+    pub truncated_stack_copies: u64,
+    /// Samples taken by a handler of an earlier session that finished after
+    /// that session's last drain, discarded (not counted in this one).
+    pub late_samples_discarded: u64,
     /// Sample handlers that left by a jump (`siglongjmp` out of SIGPROF)
     /// and whose gate entry was reclaimed.
     pub handlers_left_by_jump: u64,
@@ -436,6 +446,9 @@ impl Report {
             threads_clocked: 0,
             thread_clock_failures: 0,
             thread_clock_fallbacks: 0,
+            empty_stack_copies: 0,
+            truncated_stack_copies: 0,
+            late_samples_discarded: 0,
             handlers_left_by_jump: 0,
             stacks: samples.len(),
             locations: locations.len(),
@@ -551,6 +564,9 @@ impl Report {
         self.stats.threads_clocked = facts.sampler.threads_clocked;
         self.stats.thread_clock_failures = facts.sampler.thread_clock_failures;
         self.stats.thread_clock_fallbacks = facts.sampler.thread_clock_fallbacks;
+        self.stats.empty_stack_copies = facts.sampler.empty_stack_copies;
+        self.stats.truncated_stack_copies = facts.sampler.truncated_stack_copies;
+        self.stats.late_samples_discarded = facts.sampler.late_samples_discarded;
     }
 }
 

@@ -156,6 +156,7 @@ impl ProfilerBuilder {
             let (signals, lost) = sampler::counters();
             (signals, lost + crate::ring::counters().1)
         };
+        let copies_at_start = sampler::copy_counts();
         let shared = Arc::new(Shared {
             config: self,
             clock,
@@ -210,6 +211,7 @@ impl ProfilerBuilder {
             helper: Some((stop_tx, helper)),
             gate_at_start,
             counters_at_start,
+            copies_at_start,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -519,6 +521,8 @@ pub struct Session {
     /// `sampler::counters()` when the session started (lost: plus the
     /// rings' lost records).
     counters_at_start: (u64, u64),
+    /// [`sampler::copy_counts`] at start.
+    copies_at_start: (u64, u64, u64),
     started: Instant,
     started_at: SystemTime,
 }
@@ -601,6 +605,7 @@ impl Session {
         let (signals, lost) = sampler::counters();
         let (_, ring_lost) = crate::ring::counters();
         let lost = lost + ring_lost;
+        let copies = sampler::copy_counts();
         let inner = self.shared.lock();
         SessionFacts {
             gate: (
@@ -615,6 +620,9 @@ impl Session {
                 threads_clocked: inner.threads_clocked,
                 thread_clock_failures: inner.clock_failures,
                 thread_clock_fallbacks: inner.clock_fallbacks,
+                empty_stack_copies: copies.0 - self.copies_at_start.0,
+                truncated_stack_copies: copies.1 - self.copies_at_start.1,
+                late_samples_discarded: copies.2 - self.copies_at_start.2,
             },
         }
     }
