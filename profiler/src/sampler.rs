@@ -920,6 +920,41 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use hotpatch_sys::raw::gettid;
+
+    /// A handler that passed the ACTIVE check of one session and finishes
+    /// after the next one started: its sample is not the new session's.
+    /// (No other unit test of this crate records samples.)
+    #[test]
+    fn a_late_sample_of_an_earlier_session_is_discarded() {
+        activate(Clock::ItimerProf, 1_000_000);
+        let buf = buffer_if_any().unwrap();
+        let earlier = SESSION.load(Ordering::Acquire);
+        let (_, _, late_before) = copy_counts();
+        // Two handlers of the session: one done, one still writing.
+        for i in 0..2 {
+            STATES[i]
+                .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
+                .unwrap();
+            // SAFETY: the slot is ours (moved from FREE to WRITING above).
+            let d = unsafe { &mut *buf[i].data.get() };
+            d.session = earlier;
+            d.rip = 0x1000;
+            d.len = 0;
+        }
+        STATES[0].store(READY, Ordering::Release);
+        // The session's last drain ran; the next session starts.
+        deactivate();
+        activate(Clock::ItimerProf, 1_000_000);
+        // The handler still writing finishes now.
+        STATES[1].store(READY, Ordering::Release);
+        let mut drained = 0;
+        drain(|_| vec![1], |_| drained += 1);
+        deactivate();
+        assert_eq!(drained, 0, "a sample of the earlier session was drained");
+        assert_eq!(copy_counts().2 - late_before, 2);
+        assert_eq!(STATES[0].load(Ordering::Acquire), FREE);
+        assert_eq!(STATES[1].load(Ordering::Acquire), FREE);
+    }
     use hotpatch_sys::signal::{MaskGuard, sigset_of};
 
     fn thread_cpu() -> Duration {
