@@ -327,8 +327,8 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     unsafe { libc::prctl(libc::PR_GET_NAME, d.name.as_mut_ptr()) };
     // The top of the stack, for the helper's unwinder: no unwinding here
     // (libgcc's unwinder takes a mutex the interrupted thread may hold).
-    // `process_vm_readv` stops at the end of the stack's mapping, where a
-    // plain copy would fault.
+    // `process_vm_readv` stops at the first unreadable page, where a plain
+    // copy would fault (past the stack's mapping if a readable one follows).
     d.len = hotpatch_sys::stackcopy::read_self_prefix(d.rsp as usize, &mut d.stack) as u32;
     STATES[i].store(READY, Ordering::Release);
 }
