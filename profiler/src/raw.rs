@@ -34,7 +34,7 @@ pub(crate) struct RawSample {
 
 /// The sampler's counters of one session, as [`Stats`](crate::Stats) has
 /// them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerCounts {
     /// See [`Stats::handlers_left_by_jump`](crate::Stats::handlers_left_by_jump).
@@ -58,10 +58,13 @@ pub struct SamplerCounts {
     /// See [`Stats::late_samples_discarded`](crate::Stats::late_samples_discarded).
     #[serde(default)]
     pub late_samples_discarded: u64,
+    /// See [`Stats::clocks_skipped`](crate::Stats::clocks_skipped).
+    #[serde(default)]
+    pub clocks_skipped: Vec<String>,
 }
 
 /// What a stopping session knows of itself beyond its samples.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct SessionFacts {
     /// Samples dropped at the gate and registrations skipped.
     pub(crate) gate: (u64, u64),

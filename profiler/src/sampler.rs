@@ -717,9 +717,11 @@ pub(crate) struct Clocks {
     pub(crate) by_tid: HashMap<i32, (u64, ThreadClock)>,
     /// Threads whose clock could not be set up (e.g. exited meanwhile).
     pub(crate) failed: u64,
-    /// Threads that got a thread CPU timer instead of a perf event because
-    /// the process was out of file descriptors (EMFILE/ENFILE, or the
-    /// reserve of [`fd_ceiling`] reached).
+    /// Threads that got another clock than the session's: a thread CPU
+    /// timer instead of a perf event or ring because the process was out
+    /// of file descriptors (EMFILE/ENFILE, or the reserve of
+    /// [`fd_ceiling`] reached), or (perf-ring) a perf event or timer
+    /// because the thread's ring could not be opened.
     pub(crate) fallbacks: u64,
     /// `/proc/self/task`, opened once.
     task_dir: Option<std::os::fd::OwnedFd>,

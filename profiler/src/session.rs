@@ -150,7 +150,7 @@ impl ProfilerBuilder {
                 return Err(e);
             }
         };
-        let (clock, clocks) = started;
+        let (clock, clocks, clocks_skipped) = started;
         let gate_at_start = unwind::gate_counts();
         let counters_at_start = {
             let (signals, lost) = sampler::counters();
@@ -212,6 +212,7 @@ impl ProfilerBuilder {
             gate_at_start,
             counters_at_start,
             copies_at_start,
+            clocks_skipped,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -226,7 +227,7 @@ fn start_sampling(
     period_ns: u64,
     gate: bool,
     ring_stack: u32,
-) -> Result<(Clock, Clocks)> {
+) -> Result<(Clock, Clocks, Vec<String>)> {
     if !handler_installed() {
         if let Some(what) = foreign_sigprof() {
             return Err(Error::SignalTaken(format!(
@@ -261,7 +262,7 @@ fn start_sampling(
         sampler::activate(clock, period_ns);
         if clock == Clock::ItimerProf {
             match sampler::itimer(Some(period_ns)) {
-                Ok(()) => return Ok((clock, Clocks::default())),
+                Ok(()) => return Ok((clock, Clocks::default(), why)),
                 Err(e) => why.push(format!("{clock}: {e}")),
             }
             continue;
@@ -286,7 +287,7 @@ fn start_sampling(
                 clocks.ring_pages = pages;
                 clocks.ring_stack = ring_stack;
                 clocks.sync(clock, period_ns);
-                return Ok((clock, clocks));
+                return Ok((clock, clocks, why));
             }
             Err(e) => why.push(format!("{clock}: {e}")),
         }
@@ -521,6 +522,8 @@ pub struct Session {
     /// `sampler::counters()` when the session started (lost: plus the
     /// rings' lost records).
     counters_at_start: (u64, u64),
+    /// Why the clocks tried before the session's were skipped.
+    clocks_skipped: Vec<String>,
     /// [`sampler::copy_counts`] at start.
     copies_at_start: (u64, u64, u64),
     started: Instant,
@@ -620,6 +623,7 @@ impl Session {
                 threads_clocked: inner.threads_clocked,
                 thread_clock_failures: inner.clock_failures,
                 thread_clock_fallbacks: inner.clock_fallbacks,
+                clocks_skipped: self.clocks_skipped.clone(),
                 empty_stack_copies: copies.0 - self.copies_at_start.0,
                 truncated_stack_copies: copies.1 - self.copies_at_start.1,
                 late_samples_discarded: copies.2 - self.copies_at_start.2,
