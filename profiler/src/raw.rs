@@ -34,7 +34,7 @@ pub(crate) struct RawSample {
 
 /// The sampler's counters of one session, as [`Stats`](crate::Stats) has
 /// them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerCounts {
     /// See [`Stats::handlers_left_by_jump`](crate::Stats::handlers_left_by_jump).
@@ -49,10 +49,22 @@ pub struct SamplerCounts {
     pub thread_clock_failures: u64,
     /// See [`Stats::thread_clock_fallbacks`](crate::Stats::thread_clock_fallbacks).
     pub thread_clock_fallbacks: u64,
+    /// See [`Stats::empty_stack_copies`](crate::Stats::empty_stack_copies).
+    #[serde(default)]
+    pub empty_stack_copies: u64,
+    /// See [`Stats::truncated_stack_copies`](crate::Stats::truncated_stack_copies).
+    #[serde(default)]
+    pub truncated_stack_copies: u64,
+    /// See [`Stats::late_samples_discarded`](crate::Stats::late_samples_discarded).
+    #[serde(default)]
+    pub late_samples_discarded: u64,
+    /// See [`Stats::clocks_skipped`](crate::Stats::clocks_skipped).
+    #[serde(default)]
+    pub clocks_skipped: Vec<String>,
 }
 
 /// What a stopping session knows of itself beyond its samples.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct SessionFacts {
     /// Samples dropped at the gate and registrations skipped.
     pub(crate) gate: (u64, u64),

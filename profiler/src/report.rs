@@ -95,10 +95,29 @@ pub struct Stats {
     pub threads_clocked: u64,
     /// Threads whose clock could not be set up (most exited first).
     pub thread_clock_failures: u64,
-    /// Threads sampled by a thread CPU timer instead of a perf event
-    /// because the process was out of file descriptors (`EMFILE`, e.g. a
-    /// low `RLIMIT_NOFILE`: a perf clock takes one fd per thread).
+    /// Threads sampled by another clock than the session's: by a thread
+    /// CPU timer instead of a perf event or ring because the process was
+    /// out of file descriptors (`EMFILE`/`ENFILE`, e.g. a low
+    /// `RLIMIT_NOFILE`: a perf clock takes one fd per thread) or the fd
+    /// reserve left to the host was reached; under
+    /// [`Clock::PerfRing`](crate::Clock::PerfRing) also by a perf event
+    /// with a signal (or a timer) when the thread's ring could not be
+    /// opened (e.g. `EPERM`: over the perf `mlock` budget).
     pub thread_clock_fallbacks: u64,
+    /// Signal-clock samples whose stack copy was empty (`rsp` unreadable):
+    /// each is its leaf alone and counts as unanchored.
+    pub empty_stack_copies: u64,
+    /// Signal-clock samples whose stack copy filled the whole 16 KiB the
+    /// handler copies: the stack went on above, their unwind may stop
+    /// early.
+    pub truncated_stack_copies: u64,
+    /// Samples taken by a handler of an earlier session that finished after
+    /// that session's last drain, discarded (not counted in this one).
+    pub late_samples_discarded: u64,
+    /// The clocks tried before the session's one and why each was skipped
+    /// (e.g. `perf-ring: Permission denied (os error 13)`), best first;
+    /// empty when the first one tried worked.
+    pub clocks_skipped: Vec<String>,
     /// Sample handlers that left by a jump (`siglongjmp` out of SIGPROF)
     /// and whose gate entry was reclaimed.
     pub handlers_left_by_jump: u64,
@@ -436,6 +455,10 @@ impl Report {
             threads_clocked: 0,
             thread_clock_failures: 0,
             thread_clock_fallbacks: 0,
+            empty_stack_copies: 0,
+            truncated_stack_copies: 0,
+            late_samples_discarded: 0,
+            clocks_skipped: Vec::new(),
             handlers_left_by_jump: 0,
             stacks: samples.len(),
             locations: locations.len(),
@@ -551,6 +574,10 @@ impl Report {
         self.stats.threads_clocked = facts.sampler.threads_clocked;
         self.stats.thread_clock_failures = facts.sampler.thread_clock_failures;
         self.stats.thread_clock_fallbacks = facts.sampler.thread_clock_fallbacks;
+        self.stats.empty_stack_copies = facts.sampler.empty_stack_copies;
+        self.stats.truncated_stack_copies = facts.sampler.truncated_stack_copies;
+        self.stats.late_samples_discarded = facts.sampler.late_samples_discarded;
+        self.stats.clocks_skipped = facts.sampler.clocks_skipped.clone();
     }
 }
 

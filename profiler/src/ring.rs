@@ -361,6 +361,7 @@ fn parse(rec: &[u8]) -> Result<Option<Sample<'_>>, u64> {
 pub(crate) enum Bytes {
     Mapped(Arc<memmap2::Mmap>, Range<usize>),
     Owned(Vec<u8>),
+    Shared(Arc<[u8]>),
 }
 
 impl Default for Bytes {
@@ -375,6 +376,7 @@ impl Deref for Bytes {
         match self {
             Bytes::Mapped(m, r) => &m[r.clone()],
             Bytes::Owned(v) => v,
+            Bytes::Shared(v) => v,
         }
     }
 }
@@ -385,8 +387,10 @@ pub(crate) struct Drainer {
     cache: CacheX86_64,
     /// The registry sequence the module list was taken at.
     seq: Option<Seq>,
-    /// Modules given to framehop: id -> start of their address range.
-    added: HashMap<ModuleId, u64>,
+    /// The generation of the registered `.eh_frame`s the list was taken at.
+    eh_gen: Option<u64>,
+    /// Modules given to framehop -> start of their address range.
+    added: HashMap<Key, u64>,
     /// Thread names by id (the thread's `comm`, re-read once per drain;
     /// the last one read is kept for a thread that has exited since, whose
     /// samples are still in its ring).
@@ -410,6 +414,7 @@ impl Default for Drainer {
             unwinder: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
             seq: None,
+            eh_gen: None,
             added: HashMap::new(),
             names: HashMap::new(),
             fresh: std::collections::HashSet::new(),
@@ -419,42 +424,68 @@ impl Default for Drainer {
 }
 
 impl Drainer {
-    /// Brings framehop's module list up to the registry's current one.
+    /// Brings framehop's module list up to the registry's current one and
+    /// to the `.eh_frame`s registered by their code's owners
+    /// ([`register_eh_frame`](crate::register_eh_frame)), which replace the
+    /// registry's modules they overlap (framehop looks one module up per
+    /// address).
     fn sync_modules(&mut self) {
         let reg = Registry::global();
         let seq = reg.current_seq();
-        if self.seq == Some(seq) {
+        let eh_gen = crate::unwind::eh_generation();
+        if self.seq == Some(seq) && self.eh_gen == Some(eh_gen) {
             return;
         }
         self.seq = Some(seq);
+        self.eh_gen = Some(eh_gen);
+        let frames = crate::unwind::eh_frames();
         let modules = reg.modules();
-        let live: std::collections::HashSet<ModuleId> = modules
-            .iter()
-            .filter(|m| m.unloaded_seq.is_none())
-            .map(|m| m.id)
-            .collect();
-        let gone: Vec<ModuleId> = self
+        let covered = |lo: u64, hi: u64| {
+            frames
+                .iter()
+                .any(|f| f.start < hi && lo < f.start.saturating_add(f.len))
+        };
+        let mut want: HashMap<Key, Want<'_>> = HashMap::new();
+        for f in &frames {
+            want.insert(Key::EhFrame(f.id, f.start), Want::Eh(f));
+        }
+        for m in modules.iter().filter(|m| m.unloaded_seq.is_none()) {
+            let range = match &m.kind {
+                ModuleKind::Elf(e) => e
+                    .exec_ranges()
+                    .fold((u64::MAX, 0), |(lo, hi), (s, t)| (lo.min(s.0), hi.max(t.0))),
+                ModuleKind::Anon(a) => (a.start.0, a.start.0.saturating_add(a.len)),
+                _ => continue,
+            };
+            if !covered(range.0, range.1) {
+                want.insert(Key::Registry(m.id), Want::Module(m));
+            }
+        }
+        let gone: Vec<Key> = self
             .added
             .keys()
-            .filter(|id| !live.contains(id))
+            .filter(|k| !want.contains_key(k))
             .copied()
             .collect();
-        for id in gone {
-            if let Some(start) = self.added.remove(&id) {
+        for k in gone {
+            if let Some(start) = self.added.remove(&k) {
                 self.unwinder.remove_module(start);
             }
         }
-        for m in modules.iter().filter(|m| m.unloaded_seq.is_none()) {
-            if self.added.contains_key(&m.id) {
+        for (k, w) in want {
+            if self.added.contains_key(&k) {
                 continue;
             }
-            let module = match &m.kind {
-                ModuleKind::Elf(e) => elf_module(e),
-                ModuleKind::Anon(a) => anon_module(&a.name, a.start.0, a.len),
-                _ => None,
+            let module = match w {
+                Want::Eh(f) => eh_frame_module(f),
+                Want::Module(m) => match &m.kind {
+                    ModuleKind::Elf(e) => elf_module(e),
+                    ModuleKind::Anon(a) => anon_module(&a.name, a.start.0, a.len),
+                    _ => None,
+                },
             };
             if let Some(module) = module {
-                self.added.insert(m.id, module.avma_range().start);
+                self.added.insert(k, module.avma_range().start);
                 self.unwinder.add_module(module);
             }
         }
@@ -550,6 +581,42 @@ impl Drainer {
         }
         out
     }
+}
+
+/// What a framehop module was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// A module of the registry.
+    Registry(ModuleId),
+    /// A `.eh_frame` registered for the code of a module from a start.
+    EhFrame(ModuleId, u64),
+}
+
+/// What a framehop module is to be made from.
+enum Want<'a> {
+    Module(&'a hotpatch_symbolizer::Module),
+    Eh(&'a crate::unwind::EhFrame),
+}
+
+/// framehop's module for a `.eh_frame` registered by its code's owner: the
+/// copy of its bytes, read as if still at their runtime address (its
+/// pointers may be pc-relative), covering `[start, start + len)`.
+fn eh_frame_module(f: &crate::unwind::EhFrame) -> Option<Module<Bytes>> {
+    let end = f.start.checked_add(f.len)?;
+    // Addresses are runtime ones (svma = avma): relative address (from
+    // `base_avma` = start) + `base_svma` (= start) gives them back.
+    let info = ExplicitModuleSectionInfo {
+        base_svma: f.start,
+        eh_frame_svma: Some(f.at..f.at + f.bytes.len() as u64),
+        eh_frame: Some(Bytes::Shared(Arc::clone(&f.bytes))),
+        ..Default::default()
+    };
+    Some(Module::new(
+        format!("eh_frame@{:#x}", f.start),
+        f.start..end,
+        f.start,
+        info,
+    ))
 }
 
 /// framehop's module for a file-backed ELF module: `.eh_frame_hdr`,

@@ -167,6 +167,9 @@ struct SlotData {
     tid: i32,
     /// Bytes of `stack` copied (0 when `rsp` was unreadable).
     len: u32,
+    /// The session the sample was taken in ([`SESSION`] when the handler
+    /// passed the ACTIVE check).
+    session: u32,
     name: [u8; 16],
     stack: [u8; STACK_BYTES],
 }
@@ -190,6 +193,18 @@ static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
 static LOST_FULL: AtomicU64 = AtomicU64::new(0);
 /// Signals the handler saw while active (recorded or not).
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
+/// The current session's number (bumped by [`activate`]): a sample
+/// tagged with another one was taken by a handler that passed the ACTIVE
+/// check of an earlier session and finished late; the drain discards it.
+static SESSION: AtomicU32 = AtomicU32::new(0);
+/// Samples whose stack copy was empty (`rsp` unreadable: the sample is its
+/// leaf alone, unanchored).
+static EMPTY_COPIES: AtomicU64 = AtomicU64::new(0);
+/// Samples whose stack copy filled the whole [`STACK_BYTES`] (the stack
+/// may go on above: the unwind may stop early).
+static TRUNCATED_COPIES: AtomicU64 = AtomicU64::new(0);
+/// Samples of an earlier session discarded by the drain.
+static LATE_DISCARDED: AtomicU64 = AtomicU64::new(0);
 /// Allocates the buffer if it is not yet (outside any handler). Without
 /// it (an allocation refused) handlers drop their samples.
 fn allocate_buffer() {
@@ -249,6 +264,10 @@ pub(crate) extern "C" fn on_sigprof(
 }
 
 fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // Read before the ACTIVE check: a handler that passes the check of one
+    // session and finishes after the next one started keeps the earlier
+    // session's number (`activate` bumps it before setting ACTIVE).
+    let session = SESSION.load(Ordering::Acquire);
     if !ACTIVE.load(Ordering::Acquire) || info.is_null() || uc.is_null() {
         return;
     }
@@ -297,6 +316,7 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     d.rsp = gregs[libc::REG_RSP as usize] as u64;
     d.rbp = gregs[libc::REG_RBP as usize] as u64;
     d.value_ns = period.saturating_mul(periods);
+    d.session = session;
     // Inside the handler: `sys::raw::gettid` is a raw, argued syscall (no
     // libc wrapper, no errno), async-signal-safe.
     d.tid = hotpatch_sys::raw::gettid();
@@ -307,8 +327,8 @@ fn record(info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     unsafe { libc::prctl(libc::PR_GET_NAME, d.name.as_mut_ptr()) };
     // The top of the stack, for the helper's unwinder: no unwinding here
     // (libgcc's unwinder takes a mutex the interrupted thread may hold).
-    // `process_vm_readv` stops at the end of the stack's mapping, where a
-    // plain copy would fault.
+    // `process_vm_readv` stops at the first unreadable page, where a plain
+    // copy would fault (past the stack's mapping if a readable one follows).
     d.len = hotpatch_sys::stackcopy::read_self_prefix(d.rsp as usize, &mut d.stack) as u32;
     STATES[i].store(READY, Ordering::Release);
 }
@@ -320,7 +340,23 @@ pub(crate) fn install_handler() -> bool {
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigprof as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    act.sa_mask = hotpatch_sys::signal::sigset_of(&[]);
+    // Every signal but the synchronous faults is blocked while the handler
+    // runs: another signal's handler could otherwise interrupt `record`
+    // and leave by `siglongjmp`, and the slot it held would stay WRITING
+    // for good (every checkpoint would then wait for it). A fault inside
+    // the handler is a bug; a blocked synchronous fault would kill the
+    // process without running the host's handler, so those stay open.
+    let faults = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+    ];
+    let all: Vec<i32> = (1..=libc::SIGRTMAX())
+        .filter(|s| !faults.contains(s))
+        .collect();
+    act.sa_mask = hotpatch_sys::signal::sigset_of(&all);
     // SAFETY: installs an async-signal-safe handler (above) of the
     // SA_SIGINFO signature, a static function; glibc supplies the restorer.
     unsafe { hotpatch_sys::signal::swap_action(libc::SIGPROF, &act) }.is_ok()
@@ -331,9 +367,20 @@ pub(crate) fn is_handler(act: &libc::sigaction) -> bool {
     act.sa_sigaction == on_sigprof as *const () as usize
 }
 
-/// Starts recording with `period_ns` per sample under `clock`.
+/// Starts recording with `period_ns` per sample under `clock`, as a new
+/// session: samples an earlier session's late handlers leave in the buffer
+/// are discarded (here, and by the drain for those still being written).
 pub(crate) fn activate(clock: Clock, period_ns: u64) {
     allocate_buffer();
+    SESSION.fetch_add(1, Ordering::AcqRel);
+    for state in &STATES {
+        if state
+            .compare_exchange(READY, FREE, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            LATE_DISCARDED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     PERIOD_NS.store(period_ns, Ordering::Relaxed);
     CLOCK.store(clock as u32, Ordering::Relaxed);
     ACTIVE.store(true, Ordering::Release);
@@ -349,6 +396,16 @@ pub(crate) fn counters() -> (u64, u64) {
     (
         SIGNALS.load(Ordering::Relaxed),
         LOST_FULL.load(Ordering::Relaxed),
+    )
+}
+
+/// Stack copies counted by the drain so far: (empty, truncated at
+/// [`STACK_BYTES`], samples of an earlier session discarded).
+pub(crate) fn copy_counts() -> (u64, u64, u64) {
+    (
+        EMPTY_COPIES.load(Ordering::Relaxed),
+        TRUNCATED_COPIES.load(Ordering::Relaxed),
+        LATE_DISCARDED.load(Ordering::Relaxed),
     )
 }
 
@@ -376,11 +433,23 @@ pub(crate) fn drain(
         // it (only the drain, under the session's clocks mutex) until we
         // store FREE below.
         let d: &SlotData = unsafe { &*slot.data.get() };
+        if d.session != SESSION.load(Ordering::Acquire) {
+            // A late handler of an earlier session.
+            state.store(FREE, Ordering::Release);
+            LATE_DISCARDED.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let copied_len = (d.len as usize).min(STACK_BYTES);
+        if copied_len == 0 {
+            EMPTY_COPIES.fetch_add(1, Ordering::Relaxed);
+        } else if copied_len == STACK_BYTES {
+            TRUNCATED_COPIES.fetch_add(1, Ordering::Relaxed);
+        }
         let copied = Copied {
             rip: d.rip,
             rsp: d.rsp,
             rbp: d.rbp,
-            stack: &d.stack[..(d.len as usize).min(STACK_BYTES)],
+            stack: &d.stack[..copied_len],
         };
         let stack = unwind(&copied);
         let len = d.name.iter().position(|&b| b == 0).unwrap_or(16);
@@ -389,7 +458,8 @@ pub(crate) fn drain(
         state.store(FREE, Ordering::Release);
         each(Drained {
             stack,
-            anchored: true,
+            // Without a copy the stack is the leaf alone.
+            anchored: copied_len > 0,
             name,
             value_ns,
         });
@@ -647,9 +717,11 @@ pub(crate) struct Clocks {
     pub(crate) by_tid: HashMap<i32, (u64, ThreadClock)>,
     /// Threads whose clock could not be set up (e.g. exited meanwhile).
     pub(crate) failed: u64,
-    /// Threads that got a thread CPU timer instead of a perf event because
-    /// the process was out of file descriptors (EMFILE/ENFILE, or the
-    /// reserve of [`fd_ceiling`] reached).
+    /// Threads that got another clock than the session's: a thread CPU
+    /// timer instead of a perf event or ring because the process was out
+    /// of file descriptors (EMFILE/ENFILE, or the reserve of
+    /// [`fd_ceiling`] reached), or (perf-ring) a perf event or timer
+    /// because the thread's ring could not be opened.
     pub(crate) fallbacks: u64,
     /// `/proc/self/task`, opened once.
     task_dir: Option<std::os::fd::OwnedFd>,
@@ -850,6 +922,41 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use hotpatch_sys::raw::gettid;
+
+    /// A handler that passed the ACTIVE check of one session and finishes
+    /// after the next one started: its sample is not the new session's.
+    /// (No other unit test of this crate records samples.)
+    #[test]
+    fn a_late_sample_of_an_earlier_session_is_discarded() {
+        activate(Clock::ItimerProf, 1_000_000);
+        let buf = buffer_if_any().unwrap();
+        let earlier = SESSION.load(Ordering::Acquire);
+        let (_, _, late_before) = copy_counts();
+        // Two handlers of the session: one done, one still writing.
+        for i in 0..2 {
+            STATES[i]
+                .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
+                .unwrap();
+            // SAFETY: the slot is ours (moved from FREE to WRITING above).
+            let d = unsafe { &mut *buf[i].data.get() };
+            d.session = earlier;
+            d.rip = 0x1000;
+            d.len = 0;
+        }
+        STATES[0].store(READY, Ordering::Release);
+        // The session's last drain ran; the next session starts.
+        deactivate();
+        activate(Clock::ItimerProf, 1_000_000);
+        // The handler still writing finishes now.
+        STATES[1].store(READY, Ordering::Release);
+        let mut drained = 0;
+        drain(|_| vec![1], |_| drained += 1);
+        deactivate();
+        assert_eq!(drained, 0, "a sample of the earlier session was drained");
+        assert_eq!(copy_counts().2 - late_before, 2);
+        assert_eq!(STATES[0].load(Ordering::Acquire), FREE);
+        assert_eq!(STATES[1].load(Ordering::Acquire), FREE);
+    }
     use hotpatch_sys::signal::{MaskGuard, sigset_of};
 
     fn thread_cpu() -> Duration {

@@ -150,12 +150,13 @@ impl ProfilerBuilder {
                 return Err(e);
             }
         };
-        let (clock, clocks) = started;
+        let (clock, clocks, clocks_skipped) = started;
         let gate_at_start = unwind::gate_counts();
         let counters_at_start = {
             let (signals, lost) = sampler::counters();
             (signals, lost + crate::ring::counters().1)
         };
+        let copies_at_start = sampler::copy_counts();
         let shared = Arc::new(Shared {
             config: self,
             clock,
@@ -189,6 +190,16 @@ impl ProfilerBuilder {
             }
         };
         let weak: Weak<Shared> = Arc::downgrade(&shared);
+        {
+            // A patch's `.eh_frame` about to go: unwind the samples taken so
+            // far while the rings' unwinder still has it.
+            let weak = weak.clone();
+            unwind::set_before_eh_removal(Some(Arc::new(move || {
+                if let Some(s) = weak.upgrade() {
+                    s.checkpoint();
+                }
+            })));
+        }
         let subscription = reg.subscribe(move |ev| {
             if let Some(s) = weak.upgrade() {
                 s.on_event(ev);
@@ -200,6 +211,8 @@ impl ProfilerBuilder {
             helper: Some((stop_tx, helper)),
             gate_at_start,
             counters_at_start,
+            copies_at_start,
+            clocks_skipped,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -214,7 +227,7 @@ fn start_sampling(
     period_ns: u64,
     gate: bool,
     ring_stack: u32,
-) -> Result<(Clock, Clocks)> {
+) -> Result<(Clock, Clocks, Vec<String>)> {
     if !handler_installed() {
         if let Some(what) = foreign_sigprof() {
             return Err(Error::SignalTaken(format!(
@@ -249,7 +262,7 @@ fn start_sampling(
         sampler::activate(clock, period_ns);
         if clock == Clock::ItimerProf {
             match sampler::itimer(Some(period_ns)) {
-                Ok(()) => return Ok((clock, Clocks::default())),
+                Ok(()) => return Ok((clock, Clocks::default(), why)),
                 Err(e) => why.push(format!("{clock}: {e}")),
             }
             continue;
@@ -274,7 +287,7 @@ fn start_sampling(
                 clocks.ring_pages = pages;
                 clocks.ring_stack = ring_stack;
                 clocks.sync(clock, period_ns);
-                return Ok((clock, clocks));
+                return Ok((clock, clocks, why));
             }
             Err(e) => why.push(format!("{clock}: {e}")),
         }
@@ -509,6 +522,10 @@ pub struct Session {
     /// `sampler::counters()` when the session started (lost: plus the
     /// rings' lost records).
     counters_at_start: (u64, u64),
+    /// Why the clocks tried before the session's were skipped.
+    clocks_skipped: Vec<String>,
+    /// [`sampler::copy_counts`] at start.
+    copies_at_start: (u64, u64, u64),
     started: Instant,
     started_at: SystemTime,
 }
@@ -591,6 +608,7 @@ impl Session {
         let (signals, lost) = sampler::counters();
         let (_, ring_lost) = crate::ring::counters();
         let lost = lost + ring_lost;
+        let copies = sampler::copy_counts();
         let inner = self.shared.lock();
         SessionFacts {
             gate: (
@@ -605,6 +623,10 @@ impl Session {
                 threads_clocked: inner.threads_clocked,
                 thread_clock_failures: inner.clock_failures,
                 thread_clock_fallbacks: inner.clock_fallbacks,
+                clocks_skipped: self.clocks_skipped.clone(),
+                empty_stack_copies: copies.0 - self.copies_at_start.0,
+                truncated_stack_copies: copies.1 - self.copies_at_start.1,
+                late_samples_discarded: copies.2 - self.copies_at_start.2,
             },
         }
     }
@@ -612,6 +634,7 @@ impl Session {
     fn finish(&mut self) -> (Vec<Epoch>, Vec<String>) {
         if let Some(s) = self.subscription.take() {
             Registry::global().unsubscribe(s);
+            unwind::set_before_eh_removal(None);
         }
         if let Some((tx, h)) = self.helper.take() {
             let _ = tx.send(());

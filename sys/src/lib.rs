@@ -23,7 +23,9 @@
 //!   `process_vm_readv`/`writev`, so a stale address is an error, not a
 //!   fault.
 //! - [`stackcopy`]: the top of a thread's stack copied from a signal
-//!   handler, up to the end of its mapping (the profiler's sampler).
+//!   handler, up to the first unreadable page (the profiler's sampler;
+//!   that may lie past the stack's own mapping when another readable
+//!   mapping follows it).
 //!
 //! The rule for what uses `nix` and what is raw: code that may run while
 //! other threads are parked (they may hold malloc's or libc's locks) or

@@ -7,7 +7,12 @@
 //! handler: a shallow thread's stack mapping may end a few hundred bytes
 //! above the stack pointer, and a plain load past it faults. So the copy is
 //! `process_vm_readv` on our own pid, which stops at the first unreadable
-//! page and reports how much it copied.
+//! page and reports how much it copied. That page is not necessarily the
+//! end of the stack's mapping: when a readable mapping follows the stack
+//! directly (a thread stack placed below other memory), the copy goes on
+//! into it, up to the buffer's length. Those bytes are only read (the
+//! unwinder treats them as stack contents; an unwind that reaches them
+//! ends on an address no module holds), never written.
 
 use crate::raw;
 

@@ -176,7 +176,7 @@ fn low_nofile_child() {
     assert!(
         report
             .top(5)
-            .contains("thread(s) sampled by a thread CPU timer"),
+            .contains("thread(s) sampled by another clock than the session's"),
         "{}",
         report.top(5)
     );

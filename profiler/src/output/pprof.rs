@@ -180,10 +180,13 @@ impl Report {
             r#type: st.get("cpu"),
             unit: st.get("nanoseconds"),
         });
-        let comment = vec![st.get(&format!(
+        let mut comment = vec![st.get(&format!(
             "hotpatch: sampled by the {} clock at {} Hz",
             self.clock, self.frequency
         ))];
+        for why in &self.stats.clocks_skipped {
+            comment.push(st.get(&format!("hotpatch: clock skipped: {why}")));
+        }
         proto::Profile {
             sample_type,
             sample: samples,

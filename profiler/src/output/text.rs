@@ -66,10 +66,14 @@ impl Report {
         if self.stats.thread_clock_fallbacks > 0 {
             let _ = writeln!(
                 s,
-                "note: {} thread(s) sampled by a thread CPU timer instead of a perf event: \
-                 out of file descriptors (RLIMIT_NOFILE; a perf clock takes one fd per thread)",
+                "note: {} thread(s) sampled by another clock than the session's: out of file \
+                 descriptors (RLIMIT_NOFILE; a perf clock takes one fd per thread) or, for \
+                 perf-ring, no ring for the thread",
                 self.stats.thread_clock_fallbacks
             );
+        }
+        for why in &self.stats.clocks_skipped {
+            let _ = writeln!(s, "note: clock skipped: {why}");
         }
         let _ = writeln!(
             s,

@@ -37,7 +37,9 @@ static OPEN_TID: [AtomicI32; OPEN] = [const { AtomicI32::new(0) }; OPEN];
 
 /// How long a thread holding an entry may be seen *not running* (sleeping,
 /// stopped) before the wait gives up on it: a handler does not sleep except
-/// briefly on libgcc's mutex, so such a thread left by a plain `longjmp`
+/// briefly (on libgcc's mutex when the wrapped handler unwinds, or inside
+/// `process_vm_readv` when the sampler's handler copies the stack and a
+/// page must be faulted in), so such a thread left by a plain `longjmp`
 /// (SIGPROF still blocked) or is stopped by a debugger.
 const NOT_RUNNING_LIMIT: Duration = Duration::from_secs(1);
 /// CPU time a thread holding an entry may use before the wait concludes it

@@ -2,7 +2,8 @@
 //! (`__register_frame`), behind the gate, and its removal.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hotpatch_symbolizer::ModuleId;
 
@@ -31,6 +32,73 @@ struct DwarfEhBases {
 /// they describe. Boxed so the bytes never move while libgcc holds a
 /// pointer to them.
 static REGISTERED: Mutex<Option<HashMap<u64, Registered>>> = Mutex::new(None);
+
+/// Bumped at every registration and removal of a caller's own
+/// `.eh_frame` ([`register_eh_frame`]): the rings' unwinder re-reads
+/// [`eh_frames`] when it changed.
+static EH_GEN: AtomicU64 = AtomicU64::new(0);
+
+/// A caller's `.eh_frame` registered with [`register_eh_frame`], as the
+/// rings' unwinder (framehop) uses it: the code range it describes and a
+/// copy of its bytes (read at registration), which were at `at`.
+#[derive(Clone, Debug)]
+pub(crate) struct EhFrame {
+    pub(crate) id: ModuleId,
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+    pub(crate) at: u64,
+    pub(crate) bytes: Arc<[u8]>,
+}
+
+/// The copies of every registered caller's `.eh_frame`, by range start.
+static EH_FRAMES: Mutex<Vec<EhFrame>> = Mutex::new(Vec::new());
+
+/// The generation of [`eh_frames`] (changes at every registration and
+/// removal).
+pub(crate) fn eh_generation() -> u64 {
+    EH_GEN.load(Ordering::Acquire)
+}
+
+/// Every caller's `.eh_frame` registered now.
+pub(crate) fn eh_frames() -> Vec<EhFrame> {
+    EH_FRAMES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Hook run before a caller's `.eh_frame` is removed (the session's
+/// checkpoint: samples already taken are unwound while it is known).
+static BEFORE_EH_REMOVAL: Mutex<Option<Arc<dyn Fn() + Send + Sync>>> = Mutex::new(None);
+
+/// Sets (or clears) the hook run before a caller's `.eh_frame` is removed.
+pub(crate) fn set_before_eh_removal(hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+    *BEFORE_EH_REMOVAL.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
+/// The bytes of a zero-terminated `.eh_frame` at `at` (terminator
+/// included), read with the self-memory reader; `None` when unreadable or
+/// longer than 16 MiB.
+fn copy_eh_frame(at: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let head = hotpatch_sys::mem::read_self_vec(at + out.len(), 4)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if len == 0 {
+            out.extend_from_slice(&head);
+            return Some(out);
+        }
+        let total = if len == u32::MAX {
+            let ext = hotpatch_sys::mem::read_self_vec(at + out.len() + 4, 8)?;
+            let l = u64::from_le_bytes(ext.try_into().ok()?);
+            12usize.checked_add(usize::try_from(l).ok()?)?
+        } else {
+            4 + len as usize
+        };
+        if out.len() + total > 16 << 20 {
+            return None;
+        }
+        let entry = hotpatch_sys::mem::read_self_vec(at + out.len(), total)?;
+        out.extend_from_slice(&entry);
+    }
+}
 
 /// One registered image: the module it describes and its `.eh_frame` bytes.
 type Registered = (ModuleId, Image);
@@ -161,7 +229,8 @@ pub(crate) fn retain_only(live: &std::collections::HashSet<ModuleId>) {
             .filter_map(|start| map.remove(&start).map(|(_, img)| (start, img)))
             .collect()
     };
-    for (_, image) in stale {
+    for (start, image) in stale {
+        forget_eh_frame_at(start);
         drop_image(image);
     }
 }
@@ -178,6 +247,7 @@ pub(crate) fn deregister(id: ModuleId, start: u64) {
         }
     };
     if let Some(image) = image {
+        forget_eh_frame(id, start);
         drop_image(image);
     }
 }
@@ -243,18 +313,72 @@ pub unsafe fn register_eh_frame(id: ModuleId, start: u64, len: u64, eh_frame: *c
         count_skipped();
         return false;
     }
+    let Some(copy) = copy_eh_frame(eh_frame as usize) else {
+        return false;
+    };
     let image = Image::Borrowed {
         at: eh_frame as usize,
         len,
     };
-    install(map, id, start, image)
+    if !install(map, id, start, image) {
+        return false;
+    }
+    let mut frames = EH_FRAMES.lock().unwrap_or_else(|e| e.into_inner());
+    frames.retain(|f| f.start != start);
+    frames.push(EhFrame {
+        id,
+        start,
+        len,
+        at: eh_frame as u64,
+        bytes: copy.into(),
+    });
+    EH_GEN.fetch_add(1, Ordering::AcqRel);
+    true
 }
 
 /// Removes what [`register_eh_frame`] registered for `(id, start)`; once it
 /// returns, libgcc no longer reads those bytes. Does nothing when nothing
 /// is registered there (or another module's info is).
 pub fn deregister_eh_frame(id: ModuleId, start: u64) {
+    let known = EH_FRAMES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|f| f.id == id && f.start == start);
+    if known {
+        // Samples taken so far are unwound now, while the rings' unwinder
+        // still has this `.eh_frame` (as a checkpoint before an unload).
+        let hook = BEFORE_EH_REMOVAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+        forget_eh_frame(id, start);
+    }
     deregister(id, start);
+}
+
+/// Drops the unwinder's copy of any `.eh_frame` registered at `start`.
+fn forget_eh_frame_at(start: u64) {
+    let mut frames = EH_FRAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let before = frames.len();
+    frames.retain(|f| f.start != start);
+    if frames.len() != before {
+        EH_GEN.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Drops the unwinder's copy of the `.eh_frame` registered for
+/// `(id, start)`, if any.
+fn forget_eh_frame(id: ModuleId, start: u64) {
+    let mut frames = EH_FRAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let before = frames.len();
+    frames.retain(|f| !(f.id == id && f.start == start));
+    if frames.len() != before {
+        EH_GEN.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Whether the range starting at `start` has registered unwind info.

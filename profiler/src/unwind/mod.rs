@@ -40,5 +40,7 @@ mod gate;
 mod libgcc;
 
 pub(crate) use gate::{gate_counts, gate_installed, install_gate};
-pub(crate) use libgcc::{deregister, register, retain_only};
+pub(crate) use libgcc::{
+    EhFrame, deregister, eh_frames, eh_generation, register, retain_only, set_before_eh_removal,
+};
 pub use libgcc::{deregister_eh_frame, register_eh_frame};
