@@ -389,8 +389,8 @@ pub(crate) struct Drainer {
     seq: Option<Seq>,
     /// The generation of the registered `.eh_frame`s the list was taken at.
     eh_gen: Option<u64>,
-    /// Modules given to framehop -> start of their address range.
-    added: HashMap<Key, u64>,
+    /// Modules given to framehop -> their address range.
+    added: HashMap<Key, std::ops::Range<u64>>,
     /// Thread names by id (the thread's `comm`, re-read once per drain;
     /// the last one read is kept for a thread that has exited since, whose
     /// samples are still in its ring).
@@ -468,8 +468,8 @@ impl Drainer {
             .copied()
             .collect();
         for k in gone {
-            if let Some(start) = self.added.remove(&k) {
-                self.unwinder.remove_module(start);
+            if let Some(range) = self.added.remove(&k) {
+                self.unwinder.remove_module(range.start);
             }
         }
         for (k, w) in want {
@@ -485,7 +485,7 @@ impl Drainer {
                 },
             };
             if let Some(module) = module {
-                self.added.insert(k, module.avma_range().start);
+                self.added.insert(k, module.avma_range());
                 self.unwinder.add_module(module);
             }
         }
@@ -572,7 +572,25 @@ impl Drainer {
             .iter_frames(ip, regs, &mut self.cache, &mut read);
         while out.len() < MAX_FRAMES {
             match it.next() {
-                Ok(Some(f)) => out.push(f.address()),
+                Ok(Some(f)) => {
+                    // A return address in no module the unwinder knows is
+                    // not one: it came from the frame-pointer fallback over
+                    // a frame that had no frame pointer and no CFI (e.g.
+                    // crtstuff's `__do_global_dtors_aux`, run by `dlclose`,
+                    // sampled before its `mov rbp, rsp`), and what lies
+                    // above it is read through the same wrong rbp. The
+                    // stack ends there, as libgcc's unwinder ends it.
+                    let a = f.address();
+                    if !out.is_empty()
+                        && !self
+                            .added
+                            .values()
+                            .any(|r| r.contains(&a.saturating_sub(1)))
+                    {
+                        break;
+                    }
+                    out.push(a);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
