@@ -391,6 +391,9 @@ pub(crate) struct Drainer {
     eh_gen: Option<u64>,
     /// Modules given to framehop -> their address range.
     added: HashMap<Key, std::ops::Range<u64>>,
+    /// The ranges of `added`, sorted by start (rebuilt when it changes):
+    /// the per-frame "in a known module" check is a binary search.
+    known: Vec<std::ops::Range<u64>>,
     /// Thread names by id (the thread's `comm`, re-read once per drain;
     /// the last one read is kept for a thread that has exited since, whose
     /// samples are still in its ring).
@@ -416,6 +419,7 @@ impl Default for Drainer {
             seq: None,
             eh_gen: None,
             added: HashMap::new(),
+            known: Vec::new(),
             names: HashMap::new(),
             fresh: std::collections::HashSet::new(),
             scratch: Vec::new(),
@@ -489,6 +493,8 @@ impl Drainer {
                 self.unwinder.add_module(module);
             }
         }
+        self.known = self.added.values().cloned().collect();
+        self.known.sort_by_key(|r| r.start);
     }
 
     /// Drains every ring of `rings`, unwinds each sample and hands it to
@@ -581,12 +587,7 @@ impl Drainer {
                     // above it is read through the same wrong rbp. The
                     // stack ends there, as libgcc's unwinder ends it.
                     let a = f.address();
-                    if !out.is_empty()
-                        && !self
-                            .added
-                            .values()
-                            .any(|r| r.contains(&a.saturating_sub(1)))
-                    {
+                    if !out.is_empty() && !is_known(&self.known, a.saturating_sub(1)) {
                         break;
                     }
                     out.push(a);
@@ -599,6 +600,12 @@ impl Drainer {
         }
         out
     }
+}
+
+/// Whether `addr` lies in one of `known` (sorted by start, disjoint).
+fn is_known(known: &[std::ops::Range<u64>], addr: u64) -> bool {
+    let i = known.partition_point(|r| r.start <= addr);
+    i > 0 && known[i - 1].contains(&addr)
 }
 
 /// What a framehop module was made from.

@@ -176,13 +176,11 @@ fn install(map: &mut HashMap<u64, Registered>, id: ModuleId, start: u64, image: 
         if !close_gate() {
             return None;
         }
-        // SAFETY: `image` is a zero-terminated .eh_frame (one CIE, one FDE
-        // when synthesized; the caller's promise for a borrowed one), kept
-        // at a fixed address (in REGISTERED, or mapped by the caller) until
-        // `drop_image` deregisters this pointer. SIGPROF is blocked here
-        // (no re-entry into libgcc under `object_mutex`) and the gate is
-        // closed (no handler elsewhere looks up an FDE before the sort
-        // below).
+        // (`image`: synthesized here, or borrowed on the caller's promise;
+        // SIGPROF blocked and the gate closed: no handler looks up an FDE
+        // before the sort below.)
+        // SAFETY: `image` is a zero-terminated .eh_frame at a fixed address
+        // until `drop_image` deregisters this pointer.
         unsafe { __register_frame(image.ptr()) };
         let mut bases = DwarfEhBases {
             tbase: std::ptr::null_mut(),
