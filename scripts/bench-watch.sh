@@ -17,6 +17,7 @@
 # LOOP=1: one long `hotpatch watch --json` session instead of a `--once`
 # process per round (what a user runs: the project, the baseline and the
 # executable's symbols are read once; a save is noticed within 100 ms).
+# GAP=S: sleep S seconds after each round.
 set -euo pipefail
 H=$1; DIR=$2; FILE=$3; SUFFIX=$4; EXPR=$5; N=$6
 cur=$(grep -o "[0-9]*${SUFFIX}" "$DIR/$FILE" | head -1 | sed "s|${SUFFIX}\$||")
@@ -46,4 +47,5 @@ for i in $(seq 1 "$N"); do
   t1=$(date +%s%N)
   echo "$out" | python3 -c "import json,sys; t=json.load(sys.stdin)['timings_ms']; print('%.0f %.0f %.1f %.1f %.1f %.0f %.1f %.1f %.1f' % (t['total'], t['build'], t['diff'], t['link'], t['apply'], ($t1-$t0)/1e6, t.get('setup', 0), t.get('exe_symbols', 0), t.get('checks', 0)))"
   cur=$next
+  sleep "${GAP:-0}"
 done
