@@ -27,6 +27,7 @@ pub mod registry;
 pub mod resolve;
 pub mod signature;
 pub mod signatures_in;
+mod vdso;
 
 pub use addr::{Bias, FileOffset, FileVirtAddr, RuntimeAddr};
 pub use demangle::demangle;

@@ -782,7 +782,12 @@ impl Symbolizer {
         cache
             .entry(key)
             .or_insert_with(|| {
-                let opened = match file {
+                let opened = match file.or_else(|| {
+                    // The vDSO has no file: this process's image stands
+                    // for it (same kernel; the build-id check below
+                    // refuses another kernel's).
+                    crate::vdso::is_vdso(path).then(crate::vdso::own).flatten()
+                }) {
                     Some(m) => ElfSymbolizer::from_mapped(m, &self.search),
                     None => ElfSymbolizer::open(path, &self.search),
                 };

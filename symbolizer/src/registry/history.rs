@@ -181,7 +181,14 @@ fn import_elf(x: &ElfExport) -> std::result::Result<ElfModule, String> {
 /// Whether the file now at `elf.path` is the version the module was loaded
 /// from: its mapping if so, else why not.
 fn verify_file(elf: &ElfModule) -> std::result::Result<Arc<Mapped>, String> {
-    let mapped = Mapped::open(&elf.path).map_err(|e| e.to_string())?;
+    let mapped = if crate::vdso::is_vdso(&elf.path) {
+        // No file: this process's vDSO, if it is the same image (checked
+        // by build-id below, as for a file).
+        crate::vdso::own()
+            .ok_or_else(|| format!("{}: this process has no vDSO", elf.path.display()))?
+    } else {
+        Mapped::open(&elf.path).map_err(|e| e.to_string())?
+    };
     let obj = crate::elf::parse(&elf.path, mapped.data()).map_err(|e| e.to_string())?;
     let on_disk = crate::elf::build_id(&obj);
     match (&elf.build_id, &on_disk) {

@@ -1151,4 +1151,55 @@ mod tests {
         assert_eq!(imp.skipped.len(), 3, "{:?}", imp.skipped);
         assert_eq!(imp.registry.modules().len(), 1);
     }
+
+    #[test]
+    fn frames_in_the_vdso_are_named_in_process_and_after_an_import() {
+        use crate::resolve::{DebugSearch, Symbolizer};
+        let r = Registry::new();
+        r.refresh().unwrap();
+        let vdso = r
+            .modules()
+            .into_iter()
+            .find(|m| m.elf().is_some_and(|e| crate::vdso::is_vdso(&e.path)))
+            .expect("the loader lists the vDSO");
+        let sym = Symbolizer::new(DebugSearch::default());
+        let f = sym
+            .find_symbol(&r, vdso.id, "__vdso_clock_gettime")
+            .unwrap();
+        let pc = RuntimeAddr(f.addr.0 + 1);
+        let named = |reg: &Registry, seq: Seq| {
+            let got = Symbolizer::new(DebugSearch::default()).resolve(reg, pc, seq, false);
+            got.frames.first().and_then(|f| f.function.clone())
+        };
+        let here = named(&r, r.current_seq()).expect("named in process");
+        assert!(here.contains("clock_gettime"), "{here}");
+        // As the CLI resolves a target's samples: the records imported in
+        // another registry, the vDSO verified against this process's own.
+        let records = r.export_history(Seq(0), r.current_seq());
+        let imp = Registry::import_history(&records);
+        assert!(
+            imp.unverified.iter().all(|(_, why)| !why.contains("vdso")),
+            "{:?}",
+            imp.unverified
+        );
+        let there = named(&imp.registry, imp.registry.current_seq()).expect("named after import");
+        assert_eq!(there, here);
+        // A vDSO record of another kernel (another build-id) is refused.
+        let mut other = records.clone();
+        for rec in &mut other {
+            if let ModuleExportKind::Elf(x) = &mut rec.kind
+                && crate::vdso::is_vdso(std::path::Path::new(&x.path))
+            {
+                x.build_id = Some("00112233".into());
+            }
+        }
+        let imp = Registry::import_history(&other);
+        assert!(
+            imp.unverified
+                .iter()
+                .any(|(_, why)| why.contains("build-id")),
+            "{:?}",
+            imp.unverified
+        );
+    }
 }
