@@ -824,6 +824,40 @@ mod tests {
         x
     }
 
+    /// A thread that renames itself mid-session: its samples after the
+    /// rename carry the new name at the next drain, from the ring's
+    /// `PERF_RECORD_COMM` (the name read from `/proc` is not re-read within
+    /// a second).
+    #[test]
+    fn a_rename_reaches_the_samples_through_the_ring() {
+        let _ = Registry::global().refresh();
+        let tid = hotpatch_sys::raw::gettid();
+        let old = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
+            Ok(r) => r,
+            Err(e) => panic!("perf ring on this thread: {e}"),
+        };
+        let mut d = Drainer::default();
+        d.note_thread(tid);
+        spin_here(std::time::Duration::from_millis(50));
+        let mut first = Vec::new();
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| first.push(s.name));
+        // SAFETY: PR_SET_NAME with a NUL-terminated name of < 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"ring-renamed".as_ptr()) };
+        spin_here(std::time::Duration::from_millis(100));
+        ring.disable();
+        let mut second = Vec::new();
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| second.push(s.name));
+        let back = std::ffi::CString::new(old.trim_end_matches('\n')).unwrap();
+        // SAFETY: as above: the thread's own name back.
+        unsafe { libc::prctl(libc::PR_SET_NAME, back.as_ptr()) };
+        assert!(!second.is_empty(), "no samples after the rename");
+        assert!(
+            second.iter().all(|n| n == "ring-renamed"),
+            "names after the rename: {second:?} (before: {first:?})"
+        );
+    }
+
     /// A ring on this thread collects samples whose unwound stacks reach
     /// this test function (a caller of the spin), i.e. the copied stack and
     /// the registers were unwound through `.eh_frame`.
