@@ -841,13 +841,17 @@ mod tests {
         d.note_thread(tid);
         spin_here(std::time::Duration::from_millis(50));
         let mut first = Vec::new();
-        d.drain(std::iter::once(&mut ring), 1_000_000, |s| first.push(s.name));
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| {
+            first.push(s.name)
+        });
         // SAFETY: PR_SET_NAME with a NUL-terminated name of < 16 bytes.
         unsafe { libc::prctl(libc::PR_SET_NAME, c"ring-renamed".as_ptr()) };
         spin_here(std::time::Duration::from_millis(100));
         ring.disable();
         let mut second = Vec::new();
-        d.drain(std::iter::once(&mut ring), 1_000_000, |s| second.push(s.name));
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| {
+            second.push(s.name)
+        });
         let back = std::ffi::CString::new(old.trim_end_matches('\n')).unwrap();
         // SAFETY: as above: the thread's own name back.
         unsafe { libc::prctl(libc::PR_SET_NAME, back.as_ptr()) };
