@@ -124,6 +124,14 @@ fn main() {
         sampling_only();
         return;
     }
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("ring") {
+        ring_paired();
+        return;
+    }
+    if std::env::var("HOTPATCH_BENCH_ONLY").as_deref() == Ok("helper-phases") {
+        helper_phases();
+        return;
+    }
     let rounds = 7;
     let mut base = Vec::new();
     let mut ours = [Vec::new(), Vec::new()];
@@ -954,4 +962,149 @@ fn handler_parts() {
         (d.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0,
         per(d, n)
     );
+}
+
+/// `HOTPATCH_BENCH_ROUNDS` (default `default`) and `HOTPATCH_BENCH_ITERS`
+/// (the workload's iterations, default [`ITERS`], ~0.75 s).
+fn knobs(default: usize) -> (usize, u64) {
+    let rounds = std::env::var("HOTPATCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1);
+    let iters = std::env::var("HOTPATCH_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ITERS);
+    (rounds, iters)
+}
+
+/// Median and interquartile range of `v` (percent values).
+fn median_iqr(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+    (q(0.5), q(0.75) - q(0.25))
+}
+
+/// `HOTPATCH_BENCH_ONLY=ring`: the default clock (perf-ring) at 99 Hz and
+/// 1 kHz against the bare workload, decided on **paired** differences:
+/// each round runs baseline A, 99 Hz, baseline B, 1 kHz back to back, and
+/// a configuration's overhead in that round is its CPU against the mean of
+/// that round's two baselines. Printed: the median over the rounds and the
+/// interquartile range, beside the same statistic for baseline A against
+/// baseline B (the noise floor: what a configuration costing nothing would
+/// show). Rounds and work size: `HOTPATCH_BENCH_ROUNDS` (default 9),
+/// `HOTPATCH_BENCH_ITERS`.
+fn ring_paired() {
+    let (rounds, iters) = knobs(9);
+    let mut noise = (Vec::new(), Vec::new());
+    let mut rows = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    let mut samples = [Vec::new(), Vec::new()];
+    let bare = || {
+        let t0 = thread_cpu();
+        let p = time(|| {
+            work(iters);
+        });
+        (thread_cpu() - t0, p)
+    };
+    let ring = |hz: i32| {
+        let s = ProfilerBuilder::new()
+            .frequency(hz)
+            .clock(Some(Clock::PerfRing))
+            .start()
+            .expect("start perf-ring");
+        let t0 = thread_cpu();
+        let mut th = Duration::ZERO;
+        let p = time(|| {
+            work(iters);
+            th = thread_cpu() - t0;
+            s.checkpoint();
+        });
+        let r = s.stop().expect("stop");
+        (th, p, r.stats.samples)
+    };
+    let pct = |x: Duration, b: f64| (x.as_secs_f64() / b - 1.0) * 100.0;
+    for _ in 0..rounds {
+        let a = bare();
+        let r99 = ring(99);
+        let b = bare();
+        let r1k = ring(1000);
+        let bt = (a.0.as_secs_f64() + b.0.as_secs_f64()) / 2.0;
+        let bp = (a.1.as_secs_f64() + b.1.as_secs_f64()) / 2.0;
+        noise.0.push(pct(a.0, b.0.as_secs_f64()));
+        noise.1.push(pct(a.1, b.1.as_secs_f64()));
+        for (i, r) in [r99, r1k].into_iter().enumerate() {
+            rows[i].0.push(pct(r.0, bt));
+            rows[i].1.push(pct(r.1, bp));
+            samples[i].push(r.2);
+        }
+    }
+    println!(
+        "perf-ring, paired rounds: {rounds} rounds, work({iters}), load average {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let (nt, nti) = median_iqr(noise.0);
+    let (np, npi) = median_iqr(noise.1);
+    println!(
+        "  noise (baseline A vs B): thread {nt:+.2}% (IQR {nti:.2}), process {np:+.2}% (IQR {npi:.2})"
+    );
+    for (i, hz) in [99, 1000].into_iter().enumerate() {
+        let (t, ti) = median_iqr(rows[i].0.clone());
+        let (p, pi) = median_iqr(rows[i].1.clone());
+        let mut n = samples[i].clone();
+        n.sort_unstable();
+        println!(
+            "  {hz:>4} Hz: workload thread {t:+.2}% (IQR {ti:.2}), process {p:+.2}% (IQR {pi:.2}), median {} samples",
+            n[n.len() / 2]
+        );
+    }
+}
+
+/// `HOTPATCH_BENCH_ONLY=helper-phases`: where the helper thread's CPU goes
+/// with perf-ring at 99 Hz and 1 kHz (`hotpatch_profiler::phases`: thread
+/// CPU time of each phase), per session, per wake and per sample.
+/// `HOTPATCH_BENCH_ROUNDS` (default 3), `HOTPATCH_BENCH_ITERS`.
+fn helper_phases() {
+    use hotpatch_profiler::phases;
+    let (rounds, iters) = knobs(3);
+    phases::enable(true);
+    for hz in [99, 1000] {
+        phases::reset();
+        let mut samples = 0;
+        let mut helper = Duration::ZERO;
+        for _ in 0..rounds {
+            let s = ProfilerBuilder::new()
+                .frequency(hz)
+                .clock(Some(Clock::PerfRing))
+                .start()
+                .expect("start perf-ring");
+            let t0 = thread_cpu();
+            let mut th = Duration::ZERO;
+            let p = time(|| {
+                work(iters);
+                th = thread_cpu() - t0;
+            });
+            let r = s.stop().expect("stop");
+            samples += r.stats.samples;
+            helper += p.saturating_sub(th);
+        }
+        let snap = phases::snapshot();
+        let wakes = snap[0].2.max(1);
+        println!(
+            "{hz:>4} Hz perf-ring, {rounds} sessions of work({iters}): {samples} samples, {wakes} helper wakes, other threads' CPU {:.2} ms per session",
+            helper.as_secs_f64() * 1e3 / rounds as f64
+        );
+        for (phase, ns, n) in snap {
+            println!(
+                "  {:<11} {:>8.3} ms per session, {:>7.2} us per wake, {:>7.2} us per sample, ran {n} times",
+                format!("{phase:?}"),
+                ns as f64 / 1e6 / rounds as f64,
+                ns as f64 / 1e3 / wakes as f64,
+                ns as f64 / 1e3 / samples.max(1) as f64,
+            );
+        }
+    }
+    phases::enable(false);
 }

@@ -96,6 +96,8 @@ pub mod error;
 mod fallback;
 pub mod output;
 mod perf;
+#[doc(hidden)]
+pub mod phases;
 mod raw;
 pub mod report;
 mod ring;

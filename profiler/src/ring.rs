@@ -59,6 +59,9 @@ const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 const ATTR_DISABLED: u64 = 1 << 0;
 const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
 const ATTR_EXCLUDE_HV: u64 = 1 << 6;
+/// `comm`: a `PERF_RECORD_COMM` when a thread of ours renames itself (or,
+/// in the renaming thread's ring, another thread).
+const ATTR_COMM: u64 = 1 << 9;
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 const PERF_SAMPLE_IP: u64 = 1 << 0;
@@ -69,6 +72,7 @@ const PERF_SAMPLE_STACK_USER: u64 = 1 << 13;
 /// the selected registers in bit order: bp, sp, ip.
 const REGS_MASK: u64 = (1 << 6) | (1 << 7) | (1 << 8);
 const PERF_RECORD_LOST: u32 = 2;
+const PERF_RECORD_COMM: u32 = 3;
 const PERF_RECORD_SAMPLE: u32 = 9;
 /// `perf_event_mmap_page`: offsets of `data_head`, `data_tail`,
 /// `data_offset`, `data_size`.
@@ -95,6 +99,19 @@ struct Attr {
     sample_regs_user: u64,
     sample_stack_user: u32,
     clockid: i32,
+}
+
+/// How often the helper aims to drain the rings (and look for new threads)
+/// at a sampling period of `period_ns`: six periods, within 10..=100 ms
+/// (99 Hz: 60 ms, in 64-page rings; 1 kHz: 10 ms). Each wake has a fixed
+/// cost (BENCHMARKS.md, "helper phases"): at low rates fewer, fuller
+/// drains are what keeps the helper's share small; the price is that a
+/// thread started during a session waits up to six periods for its ring.
+pub(crate) fn ring_interval(period_ns: u64) -> std::time::Duration {
+    std::time::Duration::from_nanos(period_ns.saturating_mul(6)).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(100),
+    )
 }
 
 /// Data pages for a ring sampled every `period_ns` and drained every
@@ -164,7 +181,7 @@ impl Ring {
                 | PERF_SAMPLE_TID
                 | PERF_SAMPLE_REGS_USER
                 | PERF_SAMPLE_STACK_USER,
-            flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV,
+            flags: ATTR_DISABLED | ATTR_EXCLUDE_KERNEL | ATTR_EXCLUDE_HV | ATTR_COMM,
             // Never woken: nobody polls the fd; the helper drains by time.
             wakeup_events: 0,
             sample_regs_user: REGS_MASK,
@@ -312,13 +329,37 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// Parses a record: `Ok(Some)` a sample, `Err(n)` `n` lost records,
-/// `Ok(None)` anything else.
-fn parse(rec: &[u8]) -> Result<Option<Sample<'_>>, u64> {
+/// A thread's new name, from a `PERF_RECORD_COMM`.
+struct Comm<'a> {
+    tid: i32,
+    name: &'a [u8],
+}
+
+/// A record that is neither a sample nor a lost count: a rename, or `None`.
+type Other<'a> = Option<Comm<'a>>;
+
+/// Parses a record: `Ok(Ok(sample))` a sample, `Err(n)` `n` lost records,
+/// `Ok(Err(rename or None))` anything else.
+#[allow(clippy::type_complexity, reason = "private, three cases")]
+fn parse(rec: &[u8]) -> Result<Result<Sample<'_>, Other<'_>>, u64> {
     let kind = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
     match kind {
         // struct { header; u64 id; u64 lost; }
         PERF_RECORD_LOST => Err(u64_at(rec, 16).unwrap_or(0)),
+        // struct { header; u32 pid, tid; char comm[] (NUL-terminated,
+        // padded to 8); }
+        PERF_RECORD_COMM => {
+            let Some(tid) = rec.get(12..16) else {
+                return Ok(Err(None));
+            };
+            let tid = i32::from_ne_bytes([tid[0], tid[1], tid[2], tid[3]]);
+            let rest = rec.get(16..).unwrap_or(&[]);
+            let len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            Ok(Err(Some(Comm {
+                tid,
+                name: &rest[..len],
+            })))
+        }
         PERF_RECORD_SAMPLE => {
             let ip = u64_at(rec, 8).ok_or(0u64)?;
             let tid = u64_at(rec, 16).ok_or(0u64)?;
@@ -345,14 +386,14 @@ fn parse(rec: &[u8]) -> Result<Option<Sample<'_>>, u64> {
             } else {
                 &[][..]
             };
-            Ok(Some(Sample {
+            Ok(Ok(Sample {
                 tid,
                 ip,
                 regs,
                 stack,
             }))
         }
-        _ => Ok(None),
+        _ => Ok(Err(None)),
     }
 }
 
@@ -381,6 +422,10 @@ impl Deref for Bytes {
     }
 }
 
+/// How long a thread's name read from `/proc` is used before it is read
+/// again (renames seen by the rings update it at once).
+const NAME_REREAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The modules known to framehop, kept in step with the registry.
 pub(crate) struct Drainer {
     unwinder: UnwinderX86_64<Bytes>,
@@ -394,12 +439,19 @@ pub(crate) struct Drainer {
     /// The ranges of `added`, sorted by start (rebuilt when it changes):
     /// the per-frame "in a known module" check is a binary search.
     known: Vec<std::ops::Range<u64>>,
-    /// Thread names by id (the thread's `comm`, re-read once per drain;
-    /// the last one read is kept for a thread that has exited since, whose
-    /// samples are still in its ring).
+    /// Thread names by id: the thread's `comm` read when its ring opened
+    /// (or at its first sample), then kept up to date by the rings'
+    /// `PERF_RECORD_COMM`s, and re-read at most every [`NAME_REREAD`] (for
+    /// a rename the rings do not see: one written from outside the
+    /// process). The last one known is kept for a thread that has exited
+    /// since, whose samples are still in its ring. (Re-reading every name
+    /// at every drain cost 25-60 µs per wake: BENCHMARKS.md, "helper
+    /// phases".)
     names: HashMap<i32, String>,
-    /// Threads whose name was read in this drain.
+    /// Threads whose name was read since `names_read_at`.
     fresh: std::collections::HashSet<i32>,
+    /// When `fresh` was last emptied.
+    names_read_at: Option<std::time::Instant>,
     scratch: Vec<u8>,
 }
 
@@ -422,6 +474,7 @@ impl Default for Drainer {
             known: Vec::new(),
             names: HashMap::new(),
             fresh: std::collections::HashSet::new(),
+            names_read_at: None,
             scratch: Vec::new(),
         }
     }
@@ -505,19 +558,31 @@ impl Drainer {
         period_ns: u64,
         mut each: impl FnMut(Drained),
     ) {
-        self.sync_modules();
-        self.fresh.clear();
+        crate::phases::time(crate::phases::Phase::Modules, || self.sync_modules());
+        if self
+            .names_read_at
+            .is_none_or(|t| t.elapsed() >= NAME_REREAD)
+        {
+            self.fresh.clear();
+            self.names_read_at = Some(std::time::Instant::now());
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         for ring in rings {
             ring.drain(&mut scratch, |rec| match parse(rec) {
                 Err(lost) => {
                     LOST.fetch_add(lost, Ordering::Relaxed);
                 }
-                Ok(None) => {}
-                Ok(Some(s)) => {
+                Ok(Err(None)) => {}
+                Ok(Err(Some(c))) => {
+                    self.names
+                        .insert(c.tid, String::from_utf8_lossy(c.name).into_owned());
+                    self.fresh.insert(c.tid);
+                }
+                Ok(Ok(s)) => {
                     SAMPLES.fetch_add(1, Ordering::Relaxed);
-                    let stack = self.unwind(&s);
-                    let name = self.name(s.tid);
+                    let stack =
+                        crate::phases::time(crate::phases::Phase::Unwind, || self.unwind(&s));
+                    let name = crate::phases::time(crate::phases::Phase::Name, || self.name(s.tid));
                     each(Drained {
                         stack,
                         anchored: s.regs.is_some(),
@@ -757,6 +822,44 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         x
+    }
+
+    /// A thread that renames itself mid-session: its samples after the
+    /// rename carry the new name at the next drain, from the ring's
+    /// `PERF_RECORD_COMM` (the name read from `/proc` is not re-read within
+    /// a second).
+    #[test]
+    fn a_rename_reaches_the_samples_through_the_ring() {
+        let _ = Registry::global().refresh();
+        let tid = hotpatch_sys::raw::gettid();
+        let old = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
+            Ok(r) => r,
+            Err(e) => panic!("perf ring on this thread: {e}"),
+        };
+        let mut d = Drainer::default();
+        d.note_thread(tid);
+        spin_here(std::time::Duration::from_millis(50));
+        let mut first = Vec::new();
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| {
+            first.push(s.name)
+        });
+        // SAFETY: PR_SET_NAME with a NUL-terminated name of < 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"ring-renamed".as_ptr()) };
+        spin_here(std::time::Duration::from_millis(100));
+        ring.disable();
+        let mut second = Vec::new();
+        d.drain(std::iter::once(&mut ring), 1_000_000, |s| {
+            second.push(s.name)
+        });
+        let back = std::ffi::CString::new(old.trim_end_matches('\n')).unwrap();
+        // SAFETY: as above: the thread's own name back.
+        unsafe { libc::prctl(libc::PR_SET_NAME, back.as_ptr()) };
+        assert!(!second.is_empty(), "no samples after the rename");
+        assert!(
+            second.iter().all(|n| n == "ring-renamed"),
+            "names after the rename: {second:?} (before: {first:?})"
+        );
     }
 
     /// A ring on this thread collects samples whose unwound stacks reach

@@ -735,6 +735,8 @@ pub(crate) struct Clocks {
     pub(crate) ring_stack: u32,
     /// Unwinds the rings' samples ([`Clock::PerfRing`]).
     pub(crate) ring: crate::ring::Drainer,
+    /// A thread given no clock: the session's helper.
+    skip: Option<i32>,
 }
 
 impl Clocks {
@@ -798,6 +800,12 @@ impl Clocks {
         }
     }
 
+    /// Gives thread `tid` no clock (dropping the one it has).
+    pub(crate) fn skip_tid(&mut self, tid: i32) {
+        self.skip = Some(tid);
+        self.by_tid.remove(&tid);
+    }
+
     /// [`Clocks::sync`] against the listing `now` of (tid, inode).
     pub(crate) fn sync_with(&mut self, now: &[(i32, u64)], clock: Clock, period_ns: u64) -> usize {
         let live: std::collections::HashSet<(i32, u64)> = now.iter().copied().collect();
@@ -808,7 +816,7 @@ impl Clocks {
         let ceiling = fd_ceiling();
         let mut added = 0;
         for &(tid, ino) in now {
-            if self.by_tid.contains_key(&tid) {
+            if self.by_tid.contains_key(&tid) || self.skip == Some(tid) {
                 continue;
             }
             let c = match clock {

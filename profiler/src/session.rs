@@ -11,6 +11,7 @@ use hotpatch_symbolizer::registry::{ModuleKind, SubscriptionId};
 use hotpatch_symbolizer::{DebugSearch, Event, Registry};
 
 use crate::error::{Error, Result};
+use crate::phases::{self, Phase};
 use crate::raw::{Captured, Epoch, RawSample, SamplerCounts, SessionFacts};
 use crate::report::Report;
 use crate::sampler::{self, Clock, Clocks, ThreadClock};
@@ -270,7 +271,7 @@ fn start_sampling(
         // Probe on this thread first: the error says why a clock is refused.
         let me = hotpatch_sys::raw::gettid();
         let pages =
-            crate::ring::data_pages(period_ns, sampler::watch_interval(period_ns), ring_stack);
+            crate::ring::data_pages(period_ns, crate::ring::ring_interval(period_ns), ring_stack);
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
             Clock::PerfRing => {
@@ -329,25 +330,40 @@ fn stop_sampling(clock: Clock) {
 /// clock) when told to stop.
 fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
     let mut interval = sampler::watch_interval(period_ns);
-    if shared.clock == Clock::PerfRing {
-        let c = shared.lock_clocks();
-        interval = crate::ring::drain_interval(period_ns, c.ring_pages, c.ring_stack, interval);
+    {
+        // This thread is the profiler's own: it gets no clock (its samples
+        // would show the profiler, and a clock on it costs each of its
+        // wakes a perf context switch).
+        let mut c = shared.lock_clocks();
+        c.skip_tid(hotpatch_sys::raw::gettid());
+        if shared.clock == Clock::PerfRing {
+            interval = crate::ring::drain_interval(
+                period_ns,
+                c.ring_pages,
+                c.ring_stack,
+                crate::ring::ring_interval(period_ns),
+            );
+        }
     }
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-        // Lock order: clocks, then inner (as `checkpoint`).
-        let mut clocks = shared.lock_clocks();
-        let before = clocks.by_tid.len();
-        let added = clocks.sync(shared.clock, period_ns);
-        let mut inner = shared.lock();
-        inner.threads_clocked += added as u64;
-        inner.clock_failures = clocks.failed;
-        inner.clock_fallbacks = clocks.fallbacks;
-        if added > 0 || clocks.by_tid.len() != before {
-            inner.clocked = clocks.by_tid.keys().copied().collect();
-        }
-        let Inner { current, .. } = &mut *inner;
-        drain_into(&mut clocks, current);
-        drain_rings_into(&mut clocks, period_ns, current);
+        phases::time(Phase::Wake, || {
+            // Lock order: clocks, then inner (as `checkpoint`).
+            let mut clocks = shared.lock_clocks();
+            let before = clocks.by_tid.len();
+            let added = phases::time(Phase::Threads, || clocks.sync(shared.clock, period_ns));
+            let mut inner = shared.lock();
+            inner.threads_clocked += added as u64;
+            inner.clock_failures = clocks.failed;
+            inner.clock_fallbacks = clocks.fallbacks;
+            if added > 0 || clocks.by_tid.len() != before {
+                inner.clocked = clocks.by_tid.keys().copied().collect();
+            }
+            let Inner { current, .. } = &mut *inner;
+            phases::time(Phase::Buffer, || drain_into(&mut clocks, current));
+            phases::time(Phase::Rings, || {
+                drain_rings_into(&mut clocks, period_ns, current)
+            });
+        });
     }
 }
 
@@ -357,9 +373,11 @@ fn drain_rings_into(clocks: &mut Clocks, period_ns: u64, acc: &mut Acc) {
         if d.stack.is_empty() {
             return;
         }
-        let e = acc.entry((d.stack, d.name, d.anchored)).or_default();
-        e.0 += 1;
-        e.1 += d.value_ns;
+        phases::time(Phase::Accumulate, || {
+            let e = acc.entry((d.stack, d.name, d.anchored)).or_default();
+            e.0 += 1;
+            e.1 += d.value_ns;
+        });
     });
 }
 
