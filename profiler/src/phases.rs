@@ -1,6 +1,8 @@
 //! Where the session's helper thread spends its CPU: per phase, the thread
 //! CPU time (`CLOCK_THREAD_CPUTIME_ID`) and how many times it ran, summed
-//! over every session since [`reset`]. Off unless [`enable`]d (the
+//! over every session since [`reset`]. The phases inside a drain
+//! (`Modules`, `Unwind`, `Name`, `Accumulate`) are also counted when a
+//! host thread drains (`checkpoint`, `stop`), outside any `Wake`. Off unless [`enable`]d (the
 //! overhead bench turns it on for its `helper-phases` mode); when off, each
 //! phase costs one relaxed load.
 //!
@@ -24,7 +26,8 @@ pub enum Phase {
     Rings,
     /// Unwinding one ring sample (inside `Rings`).
     Unwind,
-    /// Reading a thread's name from `/proc` (inside `Rings`).
+    /// Naming one sample's thread (inside `Rings`): a map lookup, and
+    /// reading `/proc` when the name is not known or is due a re-read.
     Name,
     /// Adding one unwound sample to the epoch's map (inside `Rings`).
     Accumulate,

@@ -737,6 +737,9 @@ pub(crate) struct Clocks {
     pub(crate) ring: crate::ring::Drainer,
     /// A thread given no clock: the session's helper.
     skip: Option<i32>,
+    /// Rings of threads that exited, kept until the next
+    /// [`drain_rings`](Self::drain_rings) has read their last samples.
+    retired: Vec<ThreadClock>,
 }
 
 impl Clocks {
@@ -811,8 +814,22 @@ impl Clocks {
         let live: std::collections::HashSet<(i32, u64)> = now.iter().copied().collect();
         // A clock whose thread is gone goes, also when a new thread got the
         // same id (another inode): the new one gets its own clock below.
-        self.by_tid
-            .retain(|tid, (ino, _)| live.contains(&(*tid, *ino)));
+        // A gone thread's ring still holds the samples taken since the
+        // last drain: it is retired, drained by the next drain_rings, and
+        // only then unmapped.
+        let gone: Vec<i32> = self
+            .by_tid
+            .iter()
+            .filter(|(tid, (ino, _))| !live.contains(&(**tid, *ino)))
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in gone {
+            if let Some((_, c)) = self.by_tid.remove(&tid)
+                && matches!(c, ThreadClock::Ring(_))
+            {
+                self.retired.push(c);
+            }
+        }
         let ceiling = fd_ceiling();
         let mut added = 0;
         for &(tid, ino) in now {
@@ -893,18 +910,28 @@ impl Clocks {
     pub(crate) fn drain_rings(&mut self, period_ns: u64, each: impl FnMut(Drained)) {
         // No ring (every clock but PerfRing): nothing to drain, and no module
         // list for the unwinder to build.
-        if !self
-            .by_tid
-            .values()
-            .any(|(_, c)| matches!(c, ThreadClock::Ring(_)))
+        if self.retired.is_empty()
+            && !self
+                .by_tid
+                .values()
+                .any(|(_, c)| matches!(c, ThreadClock::Ring(_)))
         {
             return;
         }
-        let rings = self.by_tid.values_mut().filter_map(|(_, c)| match c {
-            ThreadClock::Ring(r) => Some(r),
-            _ => None,
-        });
+        let rings = self
+            .by_tid
+            .values_mut()
+            .filter_map(|(_, c)| match c {
+                ThreadClock::Ring(r) => Some(r),
+                _ => None,
+            })
+            .chain(self.retired.iter_mut().filter_map(|c| match c {
+                ThreadClock::Ring(r) => Some(r),
+                _ => None,
+            }));
         self.ring.drain(rings, period_ns, each);
+        // Read to the end: the retired rings are unmapped now.
+        self.retired.clear();
     }
 
     /// Stops every clock: signal clocks are dropped, rings disabled (their
@@ -1021,6 +1048,71 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         sync_until(&mut clocks, false);
+    }
+
+    /// The samples a thread's ring took between the last drain and the
+    /// sync that finds the thread gone are drained, not unmapped with the
+    /// ring: a thread that burns 100 ms of its CPU and exits before any
+    /// drain still has its samples.
+    #[test]
+    fn a_gone_threads_last_samples_are_drained() {
+        const PERIOD: u64 = 1_000_000;
+        let mut clocks = Clocks::new();
+        clocks.ring_stack = crate::ring::STACK_BYTES;
+        clocks.ring_pages = crate::ring::data_pages(
+            PERIOD,
+            crate::ring::ring_interval(PERIOD),
+            clocks.ring_stack,
+        );
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let t = std::thread::Builder::new()
+            .name("gone-ring".into())
+            .spawn(move || {
+                tid_tx.send(gettid()).unwrap();
+                let _ = go_rx.recv();
+                let end = thread_cpu() + Duration::from_millis(100);
+                let mut x = 0u64;
+                while thread_cpu() < end {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+            .unwrap();
+        let tid = tid_rx.recv().unwrap();
+        let t0 = std::time::Instant::now();
+        clocks.sync(Clock::PerfRing, PERIOD);
+        while !clocks.by_tid.contains_key(&tid) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never synced");
+            std::thread::sleep(Duration::from_millis(1));
+            clocks.sync(Clock::PerfRing, PERIOD);
+        }
+        assert!(
+            matches!(clocks.by_tid[&tid].1, ThreadClock::Ring(_)),
+            "the thread got no ring (perf_event_open refused?)"
+        );
+        drop(go_tx);
+        t.join().unwrap();
+        let listed = || list_threads(None).unwrap().iter().any(|(t, _)| *t == tid);
+        while listed() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never left /proc");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        while clocks.by_tid.contains_key(&tid) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never dropped");
+            std::thread::sleep(Duration::from_millis(1));
+            clocks.sync(Clock::PerfRing, PERIOD);
+        }
+        let mut theirs = 0;
+        clocks.drain_rings(PERIOD, |d| {
+            if d.name == "gone-ring" {
+                theirs += 1;
+            }
+        });
+        assert!(
+            theirs > 0,
+            "the gone thread's samples were dropped with its ring"
+        );
+        assert!(clocks.retired.is_empty());
     }
 
     /// A thread that exits and a new thread that gets its id (here: threads

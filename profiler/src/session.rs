@@ -325,9 +325,11 @@ fn stop_sampling(clock: Clock) {
     }
 }
 
-/// The session's helper thread: every [`sampler::watch_interval`], gives new
-/// threads their clock and drains the sample buffer; returns (dropping every
-/// clock) when told to stop.
+/// The session's helper thread: every [`sampler::watch_interval`] (with
+/// perf-ring: [`crate::ring::ring_interval`], shortened by
+/// [`crate::ring::drain_interval`] when a ring would fill first), gives new
+/// threads their clock and drains the sample buffer and the rings; returns
+/// (dropping every clock) when told to stop.
 fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
     let mut interval = sampler::watch_interval(period_ns);
     {
@@ -683,9 +685,10 @@ impl Session {
 
     /// The ids of the threads that have their own sampling clock now
     /// (empty with [`Clock::ItimerProf`], which samples the process).
-    /// Threads started after [`ProfilerBuilder::start`] appear within
-    /// about 10 ms (within 100 ms if another thread exited in the same
-    /// 10 ms, leaving the thread count as it was).
+    /// Threads started after [`ProfilerBuilder::start`] appear at the
+    /// helper's next wake (perf-ring: every six periods, 10-100 ms; other
+    /// clocks: 10-40 ms), or up to 100 ms later if another thread exited
+    /// meanwhile, leaving the thread count as it was.
     pub fn clocked_threads(&self) -> Vec<i32> {
         self.shared.lock().clocked.clone()
     }

@@ -782,12 +782,13 @@ impl Symbolizer {
         cache
             .entry(key)
             .or_insert_with(|| {
-                let opened = match file.or_else(|| {
-                    // The vDSO has no file: this process's image stands
-                    // for it (same kernel; the build-id check below
-                    // refuses another kernel's).
-                    crate::vdso::is_vdso(path).then(crate::vdso::own).flatten()
-                }) {
+                // The vDSO has no file (whatever a file of that name in
+                // the current directory holds): this process's image
+                // stands for it, and only when the build-ids say it is the
+                // same image (the same kernel).
+                let vdso = crate::vdso::is_vdso(path);
+                let file = if vdso { crate::vdso::own() } else { file };
+                let opened = match file {
                     Some(m) => ElfSymbolizer::from_mapped(m, &self.search),
                     None => ElfSymbolizer::open(path, &self.search),
                 };
@@ -796,6 +797,12 @@ impl Symbolizer {
                         path: path.to_path_buf(),
                         debug_file: path.to_path_buf(),
                         reason: format!("file now has build-id {have}, module had {want}"),
+                    }),
+                    (Some(_), Some(_)) => Ok(s.with_naming(self.naming)),
+                    _ if vdso => Err(Error::BuildIdMismatch {
+                        path: path.to_path_buf(),
+                        debug_file: path.to_path_buf(),
+                        reason: "no build-id to match this process's vDSO against".into(),
                     }),
                     _ => Ok(s.with_naming(self.naming)),
                 });

@@ -183,7 +183,8 @@ fn import_elf(x: &ElfExport) -> std::result::Result<ElfModule, String> {
 fn verify_file(elf: &ElfModule) -> std::result::Result<Arc<Mapped>, String> {
     let mapped = if crate::vdso::is_vdso(&elf.path) {
         // No file: this process's vDSO, if it is the same image (checked
-        // by build-id below, as for a file).
+        // by build-id below, as for a file; the image has one, so a record
+        // without one is refused).
         crate::vdso::own()
             .ok_or_else(|| format!("{}: this process has no vDSO", elf.path.display()))?
     } else {

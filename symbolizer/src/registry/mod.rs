@@ -1201,5 +1201,23 @@ mod tests {
             "{:?}",
             imp.unverified
         );
+        assert_eq!(named(&imp.registry, imp.registry.current_seq()), None);
+        // Nor is one without a build-id: nothing says which kernel's it is.
+        for rec in &mut other {
+            if let ModuleExportKind::Elf(x) = &mut rec.kind
+                && crate::vdso::is_vdso(std::path::Path::new(&x.path))
+            {
+                x.build_id = None;
+            }
+        }
+        let imp = Registry::import_history(&other);
+        assert!(
+            imp.unverified
+                .iter()
+                .any(|(_, why)| why.contains("loaded without one")),
+            "{:?}",
+            imp.unverified
+        );
+        assert_eq!(named(&imp.registry, imp.registry.current_seq()), None);
     }
 }
