@@ -17,8 +17,9 @@
 //! - every signal disposition is recorded before the agent starts; at
 //!   [`hotpatch_agent_so_stop`] (called by `hotpatch detach` before
 //!   `dlclose`) every disposition that now points into this object is put
-//!   back. SIGPROF taken by the host makes `profile` refuse
-//!   (`E_PROF_SIGNAL_TAKEN`, the profiler's check) instead of replacing it.
+//!   back. SIGPROF taken by the host is never replaced: `profile` then
+//!   runs on perf rings alone (no signal), or refuses with
+//!   `E_PROF_SIGNAL_TAKEN` (the profiler's check) when rings are refused.
 //!
 //! When the agent cannot start, the reason is written to
 //! `<socket dir>/<pid>.error` (where the socket would have been), which

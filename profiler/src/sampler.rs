@@ -737,6 +737,10 @@ pub(crate) struct Clocks {
     pub(crate) ring: crate::ring::Drainer,
     /// A thread given no clock: the session's helper.
     skip: Option<i32>,
+    /// Perf rings only, no signal clock as a thread's fallback (the host
+    /// owns SIGPROF): a thread whose ring cannot be opened is not sampled
+    /// (counted in `failed`).
+    pub(crate) ring_only: bool,
     /// Rings of threads that exited, kept until the next
     /// [`drain_rings`](Self::drain_rings) has read their last samples.
     retired: Vec<ThreadClock>,
@@ -840,6 +844,11 @@ impl Clocks {
                 Clock::PerfRing => {
                     match crate::ring::Ring::open(tid, period_ns, self.ring_pages, self.ring_stack)
                     {
+                        Ok(r) if i64::from(r.fd()) >= ceiling && self.ring_only => {
+                            drop(r);
+                            Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+                        }
+                        Err(e) if self.ring_only => Err(e),
                         Ok(r) if i64::from(r.fd()) >= ceiling => {
                             drop(r);
                             let t = timer_clock(tid, period_ns);

@@ -229,20 +229,54 @@ fn start_sampling(
     gate: bool,
     ring_stack: u32,
 ) -> Result<(Clock, Clocks, Vec<String>)> {
-    if !handler_installed() {
-        if let Some(what) = foreign_sigprof() {
-            return Err(Error::SignalTaken(format!(
-                "SIGPROF is taken by the host ({what}); the profiler does not replace a \
-                 host's disposition: turn the host's own profiler off (gperftools, \
-                 setitimer(ITIMER_PROF) users) or restart it without one"
-            )));
-        }
+    // The host handles SIGPROF itself (its own profiler): its disposition
+    // is never replaced. The perf ring needs no signal (the kernel writes
+    // the samples into memory), so it still runs, alone: its fallbacks,
+    // which signal, are not used.
+    let host_sigprof = if handler_installed() {
+        None
+    } else {
+        foreign_sigprof()
+    };
+    let taken = |what: &str, more: &str| {
+        Error::SignalTaken(format!(
+            "SIGPROF is taken by the host ({what}){more}; the profiler does not replace a \
+             host's disposition: turn the host's own profiler off (gperftools, \
+             setitimer(ITIMER_PROF) users) or restart it without one"
+        ))
+    };
+    if let Some(what) = &host_sigprof
+        && !matches!(wanted, None | Some(Clock::PerfRing))
+    {
+        return Err(taken(what, ""));
     }
-    if !handler_installed() && !sampler::install_handler() {
+    if host_sigprof.is_none() && !handler_installed() && !sampler::install_handler() {
         return Err(Error::Clock(format!(
             "installing the SIGPROF handler: {}",
             std::io::Error::last_os_error()
         )));
+    }
+    if let Some(what) = &host_sigprof {
+        let me = hotpatch_sys::raw::gettid();
+        let pages =
+            crate::ring::data_pages(period_ns, crate::ring::ring_interval(period_ns), ring_stack);
+        return match crate::ring::Ring::open(me, period_ns, pages, ring_stack) {
+            Ok(r) => {
+                drop(r);
+                sampler::activate(Clock::PerfRing, period_ns);
+                let mut clocks = Clocks::new();
+                clocks.ring_pages = pages;
+                clocks.ring_stack = ring_stack;
+                clocks.ring_only = true;
+                clocks.sync(Clock::PerfRing, period_ns);
+                let why = vec![format!(
+                    "signal clocks: SIGPROF is taken by the host ({what}); perf-ring only, \
+                     threads without a ring are not sampled"
+                )];
+                Ok((Clock::PerfRing, clocks, why))
+            }
+            Err(e) => Err(taken(what, &format!(" and the perf ring is refused ({e})"))),
+        };
     }
     if gate {
         // Unwind info registered from now on goes through the gate
