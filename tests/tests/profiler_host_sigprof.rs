@@ -11,21 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hotpatch_profiler::{Clock, ProfilerBuilder};
+use hotpatch_tests::load::thread_cpu;
 
 static HOST_SIGPROFS: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn host_handler(_: libc::c_int) {
     HOST_SIGPROFS.fetch_add(1, Ordering::Relaxed);
-}
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 #[inline(never)]
