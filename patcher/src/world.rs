@@ -1337,12 +1337,14 @@ mod tests {
     fn threads_blocking_every_signal_are_stopped_with_ptrace() {
         let quit = Arc::new(AtomicBool::new(false));
         let spins = Arc::new(AtomicU64::new(0));
+        let masked = Arc::new(AtomicU64::new(0));
         let handles: Vec<_> = (0..4)
             .map(|i| {
-                let (quit, spins) = (quit.clone(), spins.clone());
+                let (quit, spins, masked) = (quit.clone(), spins.clone(), masked.clone());
                 std::thread::spawn(move || {
                     // Every signal blocked on this thread, for its life.
                     let _mask = MaskGuard::block_all().expect("block every signal");
+                    masked.fetch_add(1, Ordering::Release);
                     while !quit.load(Ordering::Relaxed) {
                         if i % 2 == 0 {
                             spins.fetch_add(1, Ordering::Relaxed);
@@ -1353,7 +1355,10 @@ mod tests {
                 })
             })
             .collect();
-        while spins.load(Ordering::Relaxed) < 1000 {
+        // All four block every signal before the first stop (on a busy
+        // machine a sleeper may not have run yet when the spinners have:
+        // it would be stopped by the signal path, not ptrace).
+        while spins.load(Ordering::Relaxed) < 1000 || masked.load(Ordering::Acquire) < 4 {
             std::thread::yield_now();
         }
         let before = crate::stats();
