@@ -986,6 +986,28 @@ fn median_iqr(mut v: Vec<f64>) -> (f64, f64) {
     (q(0.5), q(0.75) - q(0.25))
 }
 
+/// One perf-ring session of `work(iters)` at `hz`: the workload thread's
+/// CPU, the process's CPU (with the session's last drain when
+/// `checkpoint`) and the samples.
+fn ring_session(hz: i32, iters: u64, checkpoint: bool) -> (Duration, Duration, u64) {
+    let s = ProfilerBuilder::new()
+        .frequency(hz)
+        .clock(Some(Clock::PerfRing))
+        .start()
+        .expect("start perf-ring");
+    let t0 = thread_cpu();
+    let mut th = Duration::ZERO;
+    let p = time(|| {
+        work(iters);
+        th = thread_cpu() - t0;
+        if checkpoint {
+            s.checkpoint();
+        }
+    });
+    let r = s.stop().expect("stop");
+    (th, p, r.stats.samples)
+}
+
 /// `HOTPATCH_BENCH_ONLY=ring`: the default clock (perf-ring) at 99 Hz and
 /// 1 kHz against the bare workload, decided on **paired** differences:
 /// each round runs baseline A, 99 Hz, baseline B, 1 kHz back to back, and
@@ -1007,22 +1029,7 @@ fn ring_paired() {
         });
         (thread_cpu() - t0, p)
     };
-    let ring = |hz: i32| {
-        let s = ProfilerBuilder::new()
-            .frequency(hz)
-            .clock(Some(Clock::PerfRing))
-            .start()
-            .expect("start perf-ring");
-        let t0 = thread_cpu();
-        let mut th = Duration::ZERO;
-        let p = time(|| {
-            work(iters);
-            th = thread_cpu() - t0;
-            s.checkpoint();
-        });
-        let r = s.stop().expect("stop");
-        (th, p, r.stats.samples)
-    };
+    let ring = |hz: i32| ring_session(hz, iters, true);
     let pct = |x: Duration, b: f64| (x.as_secs_f64() / b - 1.0) * 100.0;
     for _ in 0..rounds {
         let a = bare();
@@ -1075,19 +1082,8 @@ fn helper_phases() {
         let mut samples = 0;
         let mut helper = Duration::ZERO;
         for _ in 0..rounds {
-            let s = ProfilerBuilder::new()
-                .frequency(hz)
-                .clock(Some(Clock::PerfRing))
-                .start()
-                .expect("start perf-ring");
-            let t0 = thread_cpu();
-            let mut th = Duration::ZERO;
-            let p = time(|| {
-                work(iters);
-                th = thread_cpu() - t0;
-            });
-            let r = s.stop().expect("stop");
-            samples += r.stats.samples;
+            let (th, p, n) = ring_session(hz, iters, false);
+            samples += n;
             helper += p.saturating_sub(th);
         }
         let snap = phases::snapshot();

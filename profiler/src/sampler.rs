@@ -1017,6 +1017,32 @@ mod tests {
         sigset_of(&[libc::SIGPROF])
     }
 
+    /// Syncs `clocks` until thread `tid` has a clock (`want`) or has none
+    /// (bounded far above the listing's FULL_SCAN_INTERVAL: another test's
+    /// thread exiting as ours starts leaves the count unchanged).
+    fn sync_until(clocks: &mut Clocks, clock: Clock, period_ns: u64, tid: i32, want: bool) {
+        let t0 = std::time::Instant::now();
+        clocks.sync(clock, period_ns);
+        while clocks.by_tid.contains_key(&tid) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "never synced ({want})"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+            clocks.sync(clock, period_ns);
+        }
+    }
+
+    /// Waits until a joined thread left `/proc` (its tid is cleared before
+    /// the kernel releases the task).
+    fn wait_gone_from_proc(tid: i32) {
+        let t0 = std::time::Instant::now();
+        while list_threads(None).unwrap().iter().any(|(t, _)| *t == tid) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never left /proc");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The thread-count check in front of the listing does not hide threads:
     /// a thread started after a sync gets a clock from a later sync, and
     /// once it has exited its clock is dropped. (The timers' period is
@@ -1037,26 +1063,11 @@ mod tests {
         // Other tests' threads come and go meanwhile: should one exit as
         // ours starts, the count is unchanged and the listing comes
         // FULL_SCAN_INTERVAL later, hence the loop (bounded far above it).
-        let t0 = std::time::Instant::now();
-        let sync_until = |clocks: &mut Clocks, want: bool| {
-            clocks.sync(Clock::ThreadTimer, NEVER);
-            while clocks.by_tid.contains_key(&tid) != want {
-                assert!(t0.elapsed() < Duration::from_secs(30), "never synced");
-                std::thread::sleep(Duration::from_millis(1));
-                clocks.sync(Clock::ThreadTimer, NEVER);
-            }
-        };
-        sync_until(&mut clocks, true);
+        sync_until(&mut clocks, Clock::ThreadTimer, NEVER, tid, true);
         drop(go_tx);
         t.join().unwrap();
-        // A joined thread may linger in /proc for a moment (its tid is
-        // cleared before the kernel releases the task): wait until it left.
-        let listed = || list_threads(None).unwrap().iter().any(|(t, _)| *t == tid);
-        while listed() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "never left /proc");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        sync_until(&mut clocks, false);
+        wait_gone_from_proc(tid);
+        sync_until(&mut clocks, Clock::ThreadTimer, NEVER, tid, false);
     }
 
     /// The samples a thread's ring took between the last drain and the
@@ -1088,29 +1099,15 @@ mod tests {
             })
             .unwrap();
         let tid = tid_rx.recv().unwrap();
-        let t0 = std::time::Instant::now();
-        clocks.sync(Clock::PerfRing, PERIOD);
-        while !clocks.by_tid.contains_key(&tid) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "never synced");
-            std::thread::sleep(Duration::from_millis(1));
-            clocks.sync(Clock::PerfRing, PERIOD);
-        }
+        sync_until(&mut clocks, Clock::PerfRing, PERIOD, tid, true);
         assert!(
             matches!(clocks.by_tid[&tid].1, ThreadClock::Ring(_)),
             "the thread got no ring (perf_event_open refused?)"
         );
         drop(go_tx);
         t.join().unwrap();
-        let listed = || list_threads(None).unwrap().iter().any(|(t, _)| *t == tid);
-        while listed() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "never left /proc");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        while clocks.by_tid.contains_key(&tid) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "never dropped");
-            std::thread::sleep(Duration::from_millis(1));
-            clocks.sync(Clock::PerfRing, PERIOD);
-        }
+        wait_gone_from_proc(tid);
+        sync_until(&mut clocks, Clock::PerfRing, PERIOD, tid, false);
         let mut theirs = 0;
         clocks.drain_rings(PERIOD, |d| {
             if d.name == "gone-ring" {

@@ -1184,40 +1184,27 @@ mod tests {
         );
         let there = named(&imp.registry, imp.registry.current_seq()).expect("named after import");
         assert_eq!(there, here);
-        // A vDSO record of another kernel (another build-id) is refused.
-        let mut other = records.clone();
-        for rec in &mut other {
-            if let ModuleExportKind::Elf(x) = &mut rec.kind
-                && crate::vdso::is_vdso(std::path::Path::new(&x.path))
-            {
-                x.build_id = Some("00112233".into());
+        // A vDSO record of another kernel (another build-id) is refused,
+        // and so is one without a build-id: nothing says which kernel's
+        // it is.
+        let refused = |build_id: Option<&str>, why: &str| {
+            let mut other = records.clone();
+            for rec in &mut other {
+                if let ModuleExportKind::Elf(x) = &mut rec.kind
+                    && crate::vdso::is_vdso(std::path::Path::new(&x.path))
+                {
+                    x.build_id = build_id.map(str::to_owned);
+                }
             }
-        }
-        let imp = Registry::import_history(&other);
-        assert!(
-            imp.unverified
-                .iter()
-                .any(|(_, why)| why.contains("build-id")),
-            "{:?}",
-            imp.unverified
-        );
-        assert_eq!(named(&imp.registry, imp.registry.current_seq()), None);
-        // Nor is one without a build-id: nothing says which kernel's it is.
-        for rec in &mut other {
-            if let ModuleExportKind::Elf(x) = &mut rec.kind
-                && crate::vdso::is_vdso(std::path::Path::new(&x.path))
-            {
-                x.build_id = None;
-            }
-        }
-        let imp = Registry::import_history(&other);
-        assert!(
-            imp.unverified
-                .iter()
-                .any(|(_, why)| why.contains("loaded without one")),
-            "{:?}",
-            imp.unverified
-        );
-        assert_eq!(named(&imp.registry, imp.registry.current_seq()), None);
+            let imp = Registry::import_history(&other);
+            assert!(
+                imp.unverified.iter().any(|(_, w)| w.contains(why)),
+                "{:?}",
+                imp.unverified
+            );
+            assert_eq!(named(&imp.registry, imp.registry.current_seq()), None);
+        };
+        refused(Some("00112233"), "build-id");
+        refused(None, "loaded without one");
     }
 }
