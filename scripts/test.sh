@@ -240,11 +240,36 @@ for p in "${pids[@]}"; do
     wait "$p" || true
 done
 
+# The CI shows the head and the tail of a long log, not its middle, where
+# a failed test's output sits inside its group's: the official run of
+# stop 15 failed in two groups with every failure message cut away. So the
+# summary repeats, for each failed group, the binary and the first lines of
+# each failed test's output (the panic message), within a bounded length.
+failure_digest() {
+    awk -v max_block=30 -v max_total=160 '
+        /^ *Running / { bin = $0 }
+        /^---- .* stdout ----$/ { inblock = 1; n = 0; print "  " bin; print "  " $0; total += 2; next }
+        inblock && (/^failures:$/ || /^---- /) { inblock = 0 }
+        inblock && /^stack backtrace:$/ { inblock = 0; print "    [backtrace: in the group output]"; total++ }
+        inblock {
+            if (n < max_block && total < max_total) { print "    " $0; total++ }
+            else if (n == max_block) { print "    [... cut]" }
+            n++
+        }
+        /^test result: FAILED/ { print "  " $0; total++ }
+        /^error: .*failed/ { print "  " $0; total++ }
+    ' "$1"
+}
+
 echo "==================== test.sh summary ===================="
 for line in "${summary[@]}"; do
     echo "  $line"
 done
 echo "  total (compile, fixtures, tests): $(( $(date +%s) - t_start )) s"
+for g in ${failed[@]+"${failed[@]}"}; do
+    echo "---- what failed in group $g"
+    failure_digest "$logs/$g.out"
+done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "test.sh: FAILED groups: ${failed[*]} (their failing tests are listed in their output above)" >&2
     exit 1

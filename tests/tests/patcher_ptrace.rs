@@ -113,19 +113,22 @@ fn thousand_cycles_with_callers_and_sleepers_blocking_every_signal() {
     let wrong = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
     let blocked_calls = Arc::new(AtomicU64::new(0));
+    let masked = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for i in 0..10 {
-        let (quit, wrong, calls, blocked_calls) = (
+        let (quit, wrong, calls, blocked_calls, masked) = (
             quit.clone(),
             wrong.clone(),
             calls.clone(),
             blocked_calls.clone(),
+            masked.clone(),
         );
         threads.push(std::thread::spawn(move || {
             let blocking = i >= 6;
             let sleeper = i >= 8;
             if blocking {
                 block_all_signals();
+                masked.fetch_add(1, Ordering::Release);
             }
             let mut x = i as u64;
             while !quit.load(Ordering::Relaxed) {
@@ -144,7 +147,11 @@ fn thousand_cycles_with_callers_and_sleepers_blocking_every_signal() {
             }
         }));
     }
-    while blocked_calls.load(Ordering::Relaxed) < 100 {
+    // All four blocking threads have their mask before the first stop: on
+    // a busy machine the two blocking callers can make 100 calls before a
+    // sleeper has run at all, and a sleeper not yet masked is stopped by
+    // the signal path, not ptrace (the world.rs unit test's CI flake).
+    while blocked_calls.load(Ordering::Relaxed) < 100 || masked.load(Ordering::Acquire) < 4 {
         std::thread::yield_now();
     }
     let blocking = threads_blocking(sig).len();

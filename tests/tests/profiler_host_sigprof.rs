@@ -86,6 +86,19 @@ fn a_host_owning_sigprof_keeps_it_and_is_profiled_by_the_ring() {
         "{} samples",
         report.stats.samples
     );
-    let top = report.top(5);
-    assert!(top.contains("host_sigprof_burn"), "{top}");
+    // The burning function is on the stack of most samples (the rest are
+    // the test harness's own threads); ranked by flat samples it can fall
+    // out of a top 5 behind its inlined-away callees (debug build), so its
+    // cumulative share is what is checked.
+    let burn = report
+        .top_entries()
+        .into_iter()
+        .find(|e| e.function.contains("host_sigprof_burn"));
+    let top = report.top(10);
+    let cum = burn.as_ref().map_or(0, |e| e.cum);
+    assert!(
+        cum * 2 >= report.stats.samples,
+        "host_sigprof_burn on {cum} of {} stacks\n{top}",
+        report.stats.samples
+    );
 }
