@@ -1028,9 +1028,10 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
     let sig = hotpatch_patcher::world::stop_signal().expect("stop signal");
 
     let quit = Arc::new(AtomicBool::new(false));
+    let masked = Arc::new(AtomicBool::new(false));
     let results = Arc::new(Mutex::new(Vec::new()));
     let sleeper = {
-        let (quit, results) = (quit.clone(), results.clone());
+        let (quit, masked, results) = (quit.clone(), masked.clone(), results.clone());
         std::thread::spawn(move || {
             // SAFETY: a local signal set; blocks only the stop signal for
             // this thread.
@@ -1040,13 +1041,18 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
                 libc::sigaddset(&mut set, sig);
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             }
+            masked.store(true, Ordering::Release);
             while !quit.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 results.lock().unwrap().push(f(10));
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(50));
+    // The sleeper blocks the stop signal before the first install (not yet
+    // run on a busy machine, it would be parked by the signal path).
+    while !masked.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let opts = InstallOptions {
         known_size: Some(3),
         stop_timeout: Duration::from_millis(20),
@@ -1054,7 +1060,7 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
     };
     let st = stats();
     let mut hook = None;
-    for _ in 0..20 {
+    for _ in 0..100 {
         match Hook::install_with(f, replacement as extern "C" fn(u64) -> u64, &opts) {
             Ok(h) => {
                 hook = Some(h);
@@ -1067,7 +1073,7 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
             Err(e) => panic!("{e}"),
         }
     }
-    let mut hook = hook.expect("installed through the int3 protocol within 20 tries");
+    let mut hook = hook.expect("installed through the int3 protocol within 100 tries");
     assert!(hook.site().hole().is_some(), "the rel8 route");
     assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
     let seen = results.lock().unwrap().len();
@@ -1081,7 +1087,7 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
     );
     let st = stats();
     let mut removed = false;
-    for _ in 0..20 {
+    for _ in 0..100 {
         match hook.remove() {
             Ok(()) => {
                 removed = true;
@@ -1093,7 +1099,10 @@ fn a_padding_hole_reached_by_rel8_through_the_int3_protocol() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(removed, "removed through the int3 protocol within 20 tries");
+    assert!(
+        removed,
+        "removed through the int3 protocol within 100 tries"
+    );
     assert!(stats().int3_writes > st.int3_writes, "int3 protocol used");
     assert_eq!(
         code_at(xor - 13, 48),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hotpatch_loader::{Policy, load};
 use hotpatch_patcher::Hook;
@@ -58,9 +58,13 @@ extern "C" fn hooked_replacement(x: u64) -> u64 {
     f(x).wrapping_add(1)
 }
 
+/// Runs `f` until this thread has spent `d` of CPU time: the phases' shares
+/// of the samples are then fixed ratios, whatever else the machine runs (on
+/// wall time a phase starved by a burst of other work fell towards the 5 %
+/// floor).
 fn spin(d: Duration, mut f: impl FnMut()) {
-    let t = Instant::now();
-    while t.elapsed() < d {
+    let end = hotpatch_tests::load::thread_cpu() + d;
+    while hotpatch_tests::load::thread_cpu() < end {
         f();
     }
 }

@@ -299,8 +299,10 @@ fn samples_in_two_anonymous_ranges_are_not_merged() {
         .register_anon("jit::spin_b", RuntimeAddr(b as u64), len)
         .unwrap();
     let session = ProfilerBuilder::new().frequency(1000).start().unwrap();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(1500) {
+    // 800 ms of this thread's CPU (not wall time: a starved thread would
+    // get too few samples for the floors below).
+    let end = thread_cpu() + Duration::from_millis(800);
+    while thread_cpu() < end {
         // 3:1
         for _ in 0..3 {
             call_anon(a);
