@@ -301,13 +301,58 @@ fn outputs_flamegraph_and_top() {
             assert!((m.memory_start..m.memory_limit).contains(&l.address));
         }
     }
-    // has_* flags: our plugins are built with full DWARF.
+    // has_* flags say whether *every* location of the mapping has the
+    // thing: our plugins are built with full DWARF, so most of
+    // prof-work's locations (a run has ~15-20) have a file and a line, and the flags must
+    // agree with the locations written. (A sample that lands in the
+    // plugin's PLT or in code without DWARF is rare but possible, and
+    // then clears has_filenames/has_line_numbers, as Go means them.)
     let work = p
         .mapping
         .iter()
         .find(|m| s(m.filename).ends_with("libprof_work.so"))
         .expect("a mapping for prof-work");
-    assert!(work.has_functions && work.has_filenames && work.has_line_numbers);
+    let function = |id: u64| p.function.iter().find(|f| f.id == id).expect("function id");
+    let locs: Vec<_> = p
+        .location
+        .iter()
+        .filter(|l| l.mapping_id == work.id)
+        .collect();
+    let has_file = |l: &&hotpatch_profiler::proto::Location| {
+        !l.line.is_empty()
+            && l.line
+                .iter()
+                .all(|ln| !s(function(ln.function_id).filename).is_empty())
+    };
+    let has_line = |l: &&hotpatch_profiler::proto::Location| {
+        !l.line.is_empty() && l.line.iter().all(|ln| ln.line > 0)
+    };
+    let full: Vec<_> = locs.iter().filter(|l| has_file(l) && has_line(l)).collect();
+    let partial: Vec<String> = locs
+        .iter()
+        .filter(|l| !(has_file(l) && has_line(l)))
+        .map(|l| {
+            let names: Vec<&str> = l
+                .line
+                .iter()
+                .map(|ln| s(function(ln.function_id).name))
+                .collect();
+            format!("{:#x} {names:?}", l.address)
+        })
+        .collect();
+    println!(
+        "prof-work: {} locations, {} with file and line; without: {partial:?}",
+        locs.len(),
+        full.len()
+    );
+    assert!(!locs.is_empty(), "prof-work was sampled");
+    assert!(work.has_functions, "every prof-work location is named");
+    assert_eq!(work.has_filenames, locs.iter().all(has_file));
+    assert_eq!(work.has_line_numbers, locs.iter().all(has_line));
+    assert!(
+        full.len() * 4 >= locs.len() * 3,
+        "prof-work locations without file or line: {partial:?}"
+    );
     for anon in p
         .mapping
         .iter()
