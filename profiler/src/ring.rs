@@ -41,6 +41,10 @@ const MAX_DATA_PAGES: usize = 256;
 /// The fewest.
 const MIN_DATA_PAGES: usize = 8;
 const PAGE: usize = 4096;
+/// A sample record's bytes besides the stack copy: header, ip, pid/tid,
+/// regs abi, bp/sp/ip, stack size, dyn_size (the record reserves the whole
+/// stack size: `tests::a_record_reserves_the_whole_stack_size`).
+const RECORD_OVERHEAD: usize = 72;
 
 /// Records lost because a ring was full (`PERF_RECORD_LOST`), all sessions.
 static LOST: AtomicU64 = AtomicU64::new(0);
@@ -123,7 +127,7 @@ pub(crate) fn ring_interval(period_ns: u64) -> std::time::Duration {
 /// within [`MIN_DATA_PAGES`]..=[`MAX_DATA_PAGES`].
 pub(crate) fn data_pages(period_ns: u64, interval: std::time::Duration, stack: u32) -> usize {
     let per_interval = (interval.as_nanos() as u64 / period_ns.max(1)).max(1) as usize;
-    let record = stack as usize + 64;
+    let record = stack as usize + RECORD_OVERHEAD;
     let bytes = per_interval.saturating_mul(2).saturating_mul(record);
     bytes
         .div_ceil(PAGE)
@@ -141,7 +145,7 @@ pub(crate) fn drain_interval(
     stack: u32,
     interval: std::time::Duration,
 ) -> std::time::Duration {
-    let record = stack as u64 + 64;
+    let record = stack as u64 + RECORD_OVERHEAD as u64;
     let fits = (pages * PAGE) as u64 / 2 / record;
     std::time::Duration::from_nanos(fits.max(1).saturating_mul(period_ns)).clamp(
         std::time::Duration::from_millis(1),
@@ -914,6 +918,43 @@ mod tests {
         assert!(
             second.len() - renamed >= second.len() / 2,
             "most samples of the 100 ms after the rename keep the old name: {second:?}"
+        );
+    }
+
+    /// A sample record reserves the whole `sample_stack_user` in the ring,
+    /// whatever the kernel could copy (the copied length is the record's
+    /// `dyn_size`): ring sizes and drain intervals must count full records.
+    #[test]
+    fn a_record_reserves_the_whole_stack_size() {
+        let tid = hotpatch_sys::raw::gettid();
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
+            Ok(r) => r,
+            Err(e) => panic!("perf ring on this thread: {e}"),
+        };
+        spin_here(std::time::Duration::from_millis(50));
+        ring.disable();
+        let mut seen = Vec::new();
+        let mut scratch = Vec::new();
+        ring.drain(&mut scratch, |rec| {
+            if let Ok(Ok(s)) = parse(rec)
+                && s.regs.is_some()
+            {
+                seen.push((rec.len(), s.stack.len()));
+            }
+        });
+        assert!(!seen.is_empty(), "no samples with user registers");
+        // header, ip, pid/tid, regs abi, bp/sp/ip, stack size, the stack,
+        // dyn_size.
+        let full = 8 + 8 + 8 + 8 + 24 + 8 + STACK_BYTES as usize + 8;
+        assert_eq!(full, STACK_BYTES as usize + RECORD_OVERHEAD);
+        let copied = seen.iter().map(|s| s.1).min().unwrap_or(0);
+        println!(
+            "{} records of {full} bytes; least stack copied {copied} bytes",
+            seen.len()
+        );
+        assert!(
+            seen.iter().all(|s| s.0 == full),
+            "a record's size is not the full reservation: {seen:?}"
         );
     }
 
