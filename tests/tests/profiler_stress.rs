@@ -299,8 +299,11 @@ fn samples_in_two_anonymous_ranges_are_not_merged() {
         .register_anon("jit::spin_b", RuntimeAddr(b as u64), len)
         .unwrap();
     let session = ProfilerBuilder::new().frequency(1000).start().unwrap();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(1500) {
+    // 400 ms of this thread's own CPU (~400 samples at 1 kHz), not of wall
+    // time: under a CPU hog and other load 1.5 s of wall time gave this
+    // thread as little as ~22 ms of CPU (22 samples) and failed the count.
+    let t = thread_cpu();
+    while thread_cpu() - t < Duration::from_millis(400) {
         // 3:1
         for _ in 0..3 {
             call_anon(a);
