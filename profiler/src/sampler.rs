@@ -933,8 +933,7 @@ impl Clocks {
                         Ok(r) => {
                             self.ring.note_thread(tid);
                             let p = r.pages();
-                            self.ring_pages_min =
-                                Some(self.ring_pages_min.map_or(p, |m| m.min(p)));
+                            self.ring_pages_min = Some(self.ring_pages_min.map_or(p, |m| m.min(p)));
                             Ok(ThreadClock::Ring(r))
                         }
                         Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {

@@ -308,10 +308,8 @@ fn start_sampling(
             crate::ring::data_pages(period_ns, crate::ring::ring_interval(period_ns), ring_stack);
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
-            Clock::PerfRing => {
-                crate::ring::open_within_budget(me, period_ns, pages, ring_stack)
-                    .map(ThreadClock::Ring)
-            }
+            Clock::PerfRing => crate::ring::open_within_budget(me, period_ns, pages, ring_stack)
+                .map(ThreadClock::Ring),
             _ => sampler::timer_clock(me, period_ns),
         };
         match probe {
