@@ -739,6 +739,9 @@ pub(crate) struct Clocks {
     listed_count: Option<u64>,
     /// When the last listing was taken.
     listed_at: Option<std::time::Instant>,
+    /// Threads whose event had hung up and which the last listing still
+    /// showed (see [`Clocks::sync`]).
+    hup_known: std::collections::HashSet<i32>,
     /// Data pages per ring ([`Clock::PerfRing`]).
     pub(crate) ring_pages: usize,
     /// The data pages of the smallest ring opened (one halved for the perf
@@ -795,7 +798,8 @@ impl Clocks {
     ///
     /// The thread list is read only when the thread count changed since the
     /// last listing, when a thread with a perf clock has exited since
-    /// ([`a_clocked_thread_exited`](Self::a_clocked_thread_exited)), or
+    /// ([`hung_up_tids`](Self::hung_up_tids), not counting those a listing
+    /// already showed still there), or
     /// [`FULL_SCAN_INTERVAL`] after the last listing
     /// ([`FULL_SCAN_INTERVAL_POLLED`] when every clock has an fd to poll).
     /// A thread that exited and one that started between two calls leave
@@ -816,10 +820,14 @@ impl Clocks {
         } else {
             FULL_SCAN_INTERVAL
         };
-        if count.is_some()
+        let quiet = count.is_some()
             && count == self.listed_count
-            && self.listed_at.is_some_and(|t| t.elapsed() < every)
-            && !self.a_clocked_thread_exited()
+            && self.listed_at.is_some_and(|t| t.elapsed() < every);
+        let hup = if quiet { self.hung_up_tids() } else { None };
+        if quiet
+            && hup
+                .as_ref()
+                .is_some_and(|h| h.iter().all(|t| self.hup_known.contains(t)))
         {
             return 0;
         }
@@ -827,10 +835,20 @@ impl Clocks {
         // next count differ, so it is listed then.
         self.listed_count = count;
         self.listed_at = Some(std::time::Instant::now());
-        match list_threads(self.task_dir.as_ref()) {
+        let added = match list_threads(self.task_dir.as_ref()) {
             Some(now) => self.sync_with(&now, clock, period_ns),
             None => 0,
-        }
+        };
+        // A thread whose event hung up but which the listing still shows
+        // keeps its clock (a main thread that called `pthread_exit` stays
+        // listed, a zombie, until the process exits): its HUP is not news
+        // at the next wakes, which would otherwise list every time.
+        self.hup_known = hup
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| self.by_tid.contains_key(t))
+            .collect();
+        added
     }
 
     /// How often the helper must drain the rings ([`Clock::PerfRing`]):
@@ -846,14 +864,16 @@ impl Clocks {
         )
     }
 
-    /// Whether a thread with a perf clock (a ring or a signalled event) has
-    /// exited: the kernel reports `POLLHUP` on a per-thread event whose
-    /// thread is gone (`perf_poll`: the event's state is `EXIT`). One
+    /// The threads with a perf clock (a ring or a signalled event) that
+    /// have exited: the kernel reports `POLLHUP` on a per-thread event
+    /// whose thread is gone (`perf_poll`: the event's state is `EXIT`). One
     /// `poll` over the clocks' fds, no wait; `POLLERR`/`POLLNVAL` count too
-    /// (the listing then sorts it out). Thread CPU timers have no fd.
-    fn a_clocked_thread_exited(&self) -> bool {
+    /// (the listing then sorts it out); `None` when `poll` fails. Thread
+    /// CPU timers have no fd.
+    fn hung_up_tids(&self) -> Option<Vec<i32>> {
         let mut fds = Vec::with_capacity(self.by_tid.len());
-        for (_, c) in self.by_tid.values() {
+        let mut tids = Vec::with_capacity(self.by_tid.len());
+        for (&tid, (_, c)) in &self.by_tid {
             let fd = match c {
                 ThreadClock::Ring(r) => r.fd(),
                 ThreadClock::Perf(fd) => *fd,
@@ -866,14 +886,24 @@ impl Clocks {
                 events: 0,
                 revents: 0,
             });
+            tids.push(tid);
         }
         if fds.is_empty() {
-            return false;
+            return Some(Vec::new());
         }
         // SAFETY: `fds` is a valid array of `len` pollfds; the fds are our
         // clocks' own, open while `self` holds them; timeout 0: no wait.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
-        n != 0
+        if n < 0 {
+            return None;
+        }
+        Some(
+            fds.iter()
+                .zip(tids)
+                .filter(|(p, _)| p.revents != 0)
+                .map(|(_, t)| t)
+                .collect(),
+        )
     }
 
     /// Gives thread `tid` no clock (dropping the one it has).
@@ -1242,7 +1272,7 @@ mod tests {
         a.join().unwrap();
         wait_gone_from_proc(a_tid);
         assert!(hung_up(a_fd), "no POLLHUP once the thread is gone");
-        assert!(clocks.a_clocked_thread_exited());
+        assert!(clocks.hung_up_tids().unwrap().contains(&a_tid));
         let (b, b_tid, b_go) = spawn("poll-b");
         // The last listing is recent and the count may well be the same
         // (one thread gone, one new): only the poll makes this sync list.
