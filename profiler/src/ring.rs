@@ -34,11 +34,17 @@ pub(crate) const STACK_BYTES: u32 = 16 * 1024;
 /// The least and the most [`ProfilerBuilder::ring_stack`](crate::ProfilerBuilder::ring_stack)
 /// takes (a record's size is a `u16`: 32 KiB plus the rest fits).
 pub(crate) const STACK_BYTES_RANGE: std::ops::RangeInclusive<u32> = 1024..=32 * 1024;
-/// The most data pages a ring gets (a power of two).
-const MAX_DATA_PAGES: usize = 128;
+/// The most data pages a ring gets (a power of two): 1 MiB, 62 records of
+/// 16 KiB stacks, so that at 1 kHz a 20 ms interval fills at most a third
+/// of it (BENCHMARKS.md, "fewer helper wakes at 1 kHz").
+const MAX_DATA_PAGES: usize = 256;
 /// The fewest.
 const MIN_DATA_PAGES: usize = 8;
 const PAGE: usize = 4096;
+/// A sample record's bytes besides the stack copy: header, ip, pid/tid,
+/// regs abi, bp/sp/ip, stack size, dyn_size (the record reserves the whole
+/// stack size: `tests::a_record_reserves_the_whole_stack_size`).
+const RECORD_OVERHEAD: usize = 72;
 
 /// Records lost because a ring was full (`PERF_RECORD_LOST`), all sessions.
 static LOST: AtomicU64 = AtomicU64::new(0);
@@ -102,14 +108,16 @@ struct Attr {
 }
 
 /// How often the helper aims to drain the rings (and look for new threads)
-/// at a sampling period of `period_ns`: six periods, within 10..=100 ms
-/// (99 Hz: 60 ms, in 64-page rings; 1 kHz: 10 ms). Each wake has a fixed
-/// cost (BENCHMARKS.md, "helper phases"): at low rates fewer, fuller
-/// drains are what keeps the helper's share small; the price is that a
-/// thread started during a session waits up to six periods for its ring.
+/// at a sampling period of `period_ns`: six periods, within 20..=100 ms
+/// (99 Hz: 60 ms, in 64-page rings; 1 kHz: 20 ms, in 256-page rings).
+/// Each wake has a fixed cost (BENCHMARKS.md, "helper phases": ~60 µs,
+/// most of it waking and sleeping): fewer, fuller drains are what keeps
+/// the helper's share small; the price is that a thread started during a
+/// session waits up to one interval for its ring (and ring memory: twice
+/// an interval's records, see [`data_pages`]).
 pub(crate) fn ring_interval(period_ns: u64) -> std::time::Duration {
     std::time::Duration::from_nanos(period_ns.saturating_mul(6)).clamp(
-        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(20),
         std::time::Duration::from_millis(100),
     )
 }
@@ -119,7 +127,7 @@ pub(crate) fn ring_interval(period_ns: u64) -> std::time::Duration {
 /// within [`MIN_DATA_PAGES`]..=[`MAX_DATA_PAGES`].
 pub(crate) fn data_pages(period_ns: u64, interval: std::time::Duration, stack: u32) -> usize {
     let per_interval = (interval.as_nanos() as u64 / period_ns.max(1)).max(1) as usize;
-    let record = stack as usize + 64;
+    let record = stack as usize + RECORD_OVERHEAD;
     let bytes = per_interval.saturating_mul(2).saturating_mul(record);
     bytes
         .div_ceil(PAGE)
@@ -137,12 +145,35 @@ pub(crate) fn drain_interval(
     stack: u32,
     interval: std::time::Duration,
 ) -> std::time::Duration {
-    let record = stack as u64 + 64;
+    let record = stack as u64 + RECORD_OVERHEAD as u64;
     let fits = (pages * PAGE) as u64 / 2 / record;
     std::time::Duration::from_nanos(fits.max(1).saturating_mul(period_ns)).clamp(
         std::time::Duration::from_millis(1),
         interval.max(std::time::Duration::from_millis(1)),
     )
+}
+
+/// Opens a ring as [`Ring::open`] does, or, when that is refused with
+/// `EPERM` (the mapping is over the per-user perf `mlock` budget:
+/// `perf_event_mlock_kb` per CPU, then `RLIMIT_MEMLOCK`, for a user without
+/// `CAP_IPC_LOCK`), one of half as many data pages (at least
+/// [`MIN_DATA_PAGES`]), the size rings had before 1 kHz rings grew to
+/// 256 pages. The helper drains as often as the smallest ring needs
+/// ([`drain_interval`] of [`Ring::pages`]). Any other error, or a refusal
+/// of the half ring too, is returned (the caller falls back to a signal
+/// clock, as before).
+pub(crate) fn open_within_budget(
+    tid: i32,
+    period_ns: u64,
+    pages: usize,
+    stack: u32,
+) -> std::io::Result<Ring> {
+    match Ring::open(tid, period_ns, pages, stack) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && pages / 2 >= MIN_DATA_PAGES => {
+            Ring::open(tid, period_ns, pages / 2, stack)
+        }
+        r => r,
+    }
 }
 
 /// One thread's event and its mmap'd ring. Disabled, unmapped and closed on
@@ -227,6 +258,11 @@ impl Ring {
     /// The fd (for the fd reserve check).
     pub(crate) fn fd(&self) -> libc::c_int {
         self.fd
+    }
+
+    /// Its data pages.
+    pub(crate) fn pages(&self) -> usize {
+        self.data_size / PAGE
     }
 
     /// Stops sampling; the records already in the ring stay readable.
@@ -812,6 +848,19 @@ mod tests {
         }
         // 1 kHz drained every 10 ms: 20 records of 16 KiB fit.
         assert!(data_pages(1_000_000, ms(10), STACK_BYTES) * PAGE >= 20 * STACK_BYTES as usize);
+        // At 1 kHz the helper wakes every 20 ms into 256-page rings, of
+        // of which an interval fills a third (62 records of 16 KiB +
+        // header): a late wake has 42 ms before records are lost.
+        let iv = ring_interval(1_000_000);
+        assert_eq!(iv, ms(20));
+        let pages = data_pages(1_000_000, iv, STACK_BYTES);
+        assert_eq!(pages, 256);
+        assert_eq!(drain_interval(1_000_000, pages, STACK_BYTES, iv), iv);
+        // A half ring (the mlock budget's fallback) is drained more often.
+        assert_eq!(
+            drain_interval(1_000_000, pages / 2, STACK_BYTES, iv),
+            ms(15)
+        );
     }
 
     #[inline(never)]
@@ -869,6 +918,43 @@ mod tests {
         assert!(
             second.len() - renamed >= second.len() / 2,
             "most samples of the 100 ms after the rename keep the old name: {second:?}"
+        );
+    }
+
+    /// A sample record reserves the whole `sample_stack_user` in the ring,
+    /// whatever the kernel could copy (the copied length is the record's
+    /// `dyn_size`): ring sizes and drain intervals must count full records.
+    #[test]
+    fn a_record_reserves_the_whole_stack_size() {
+        let tid = hotpatch_sys::raw::gettid();
+        let mut ring = match Ring::open(tid, 1_000_000, 64, STACK_BYTES) {
+            Ok(r) => r,
+            Err(e) => panic!("perf ring on this thread: {e}"),
+        };
+        spin_here(std::time::Duration::from_millis(50));
+        ring.disable();
+        let mut seen = Vec::new();
+        let mut scratch = Vec::new();
+        ring.drain(&mut scratch, |rec| {
+            if let Ok(Ok(s)) = parse(rec)
+                && s.regs.is_some()
+            {
+                seen.push((rec.len(), s.stack.len()));
+            }
+        });
+        assert!(!seen.is_empty(), "no samples with user registers");
+        // header, ip, pid/tid, regs abi, bp/sp/ip, stack size, the stack,
+        // dyn_size.
+        let full = 8 + 8 + 8 + 8 + 24 + 8 + STACK_BYTES as usize + 8;
+        assert_eq!(full, STACK_BYTES as usize + RECORD_OVERHEAD);
+        let copied = seen.iter().map(|s| s.1).min().unwrap_or(0);
+        println!(
+            "{} records of {full} bytes; least stack copied {copied} bytes",
+            seen.len()
+        );
+        assert!(
+            seen.iter().all(|s| s.0 == full),
+            "a record's size is not the full reservation: {seen:?}"
         );
     }
 

@@ -29,8 +29,11 @@
 //! Threads that exist at start get their clock before `start()` returns;
 //! threads started later are found by the session's helper thread, which
 //! checks the thread count every [`watch_interval`] (one `fstat`) and lists
-//! `/proc/self/task` when it changed, or [`FULL_SCAN_INTERVAL`] after the
-//! last listing (see docs/DESIGN-NOTES.md, "per-thread clocks" and "where a
+//! `/proc/self/task` when it changed, when a thread with a perf clock has
+//! exited (its event reports `POLLHUP`: one `poll`), or
+//! [`FULL_SCAN_INTERVAL`] after the last listing
+//! ([`FULL_SCAN_INTERVAL_POLLED`] when every clock is a perf one) (see
+//! docs/DESIGN-NOTES.md, "per-thread clocks" and "where a
 //! sample's cost goes", for what a new thread's first milliseconds lose).
 //!
 //! # The handler
@@ -83,6 +86,13 @@ pub(crate) fn watch_interval(period_ns: u64) -> Duration {
 /// How often the thread list is read even though the thread count did not
 /// change (see [`Clocks::sync`]).
 pub(crate) const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+/// The same when every thread's clock is a perf event (a ring or a
+/// signalled one): a clocked thread that exits is seen at once by its
+/// event's `POLLHUP`, so what this catches is only a thread without a
+/// clock (one whose clock failed, the helper) exiting as another starts.
+/// Listing every 100 ms was ~60-80 µs each, ~0.6 ms of the helper's
+/// ~5 ms per 0.75 s session at 1 kHz (BENCHMARKS.md).
+pub(crate) const FULL_SCAN_INTERVAL_POLLED: Duration = Duration::from_secs(1);
 
 /// Which clock drove a session's samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -729,8 +739,14 @@ pub(crate) struct Clocks {
     listed_count: Option<u64>,
     /// When the last listing was taken.
     listed_at: Option<std::time::Instant>,
+    /// Threads whose event had hung up and which the last listing still
+    /// showed (see [`Clocks::sync`]).
+    hup_known: std::collections::HashSet<i32>,
     /// Data pages per ring ([`Clock::PerfRing`]).
     pub(crate) ring_pages: usize,
+    /// The data pages of the smallest ring opened (one halved for the perf
+    /// mlock budget: [`crate::ring::open_within_budget`]).
+    ring_pages_min: Option<usize>,
     /// Bytes of user stack per ring sample.
     pub(crate) ring_stack: u32,
     /// Unwinds the rings' samples ([`Clock::PerfRing`]).
@@ -781,19 +797,37 @@ impl Clocks {
     /// are gone. Returns how many were added.
     ///
     /// The thread list is read only when the thread count changed since the
-    /// last listing, or [`FULL_SCAN_INTERVAL`] after it (a thread that
-    /// exited and one that started between two calls leave the count as it
-    /// was: the new one gets its clock at the next full listing).
+    /// last listing, when a thread with a perf clock has exited since
+    /// ([`hung_up_tids`](Self::hung_up_tids), not counting those a listing
+    /// already showed still there), or
+    /// [`FULL_SCAN_INTERVAL`] after the last listing
+    /// ([`FULL_SCAN_INTERVAL_POLLED`] when every clock has an fd to poll).
+    /// A thread that exited and one that started between two calls leave
+    /// the count as it was: the exit is seen by the poll when the thread
+    /// had a perf clock, else at the next full listing.
     pub(crate) fn sync(&mut self, clock: Clock, period_ns: u64) -> usize {
         if clock == Clock::ItimerProf {
             return 0;
         }
         let count = self.thread_count();
-        if count.is_some()
-            && count == self.listed_count
+        let every = if !self.by_tid.is_empty()
             && self
-                .listed_at
-                .is_some_and(|t| t.elapsed() < FULL_SCAN_INTERVAL)
+                .by_tid
+                .values()
+                .all(|(_, c)| !matches!(c, ThreadClock::Timer(_)))
+        {
+            FULL_SCAN_INTERVAL_POLLED
+        } else {
+            FULL_SCAN_INTERVAL
+        };
+        let quiet = count.is_some()
+            && count == self.listed_count
+            && self.listed_at.is_some_and(|t| t.elapsed() < every);
+        let hup = if quiet { self.hung_up_tids() } else { None };
+        if quiet
+            && hup
+                .as_ref()
+                .is_some_and(|h| h.iter().all(|t| self.hup_known.contains(t)))
         {
             return 0;
         }
@@ -801,10 +835,75 @@ impl Clocks {
         // next count differ, so it is listed then.
         self.listed_count = count;
         self.listed_at = Some(std::time::Instant::now());
-        match list_threads(self.task_dir.as_ref()) {
+        let added = match list_threads(self.task_dir.as_ref()) {
             Some(now) => self.sync_with(&now, clock, period_ns),
             None => 0,
+        };
+        // A thread whose event hung up but which the listing still shows
+        // keeps its clock (a main thread that called `pthread_exit` stays
+        // listed, a zombie, until the process exits): its HUP is not news
+        // at the next wakes, which would otherwise list every time.
+        self.hup_known = hup
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| self.by_tid.contains_key(t))
+            .collect();
+        added
+    }
+
+    /// How often the helper must drain the rings ([`Clock::PerfRing`]):
+    /// [`crate::ring::drain_interval`] of the smallest ring opened (a ring
+    /// halved for the mlock budget fills twice as fast), at most
+    /// [`crate::ring::ring_interval`].
+    pub(crate) fn ring_drain_interval(&self, period_ns: u64) -> Duration {
+        crate::ring::drain_interval(
+            period_ns,
+            self.ring_pages_min.unwrap_or(self.ring_pages),
+            self.ring_stack,
+            crate::ring::ring_interval(period_ns),
+        )
+    }
+
+    /// The threads with a perf clock (a ring or a signalled event) that
+    /// have exited: the kernel reports `POLLHUP` on a per-thread event
+    /// whose thread is gone (`perf_poll`: the event's state is `EXIT`). One
+    /// `poll` over the clocks' fds, no wait; `POLLERR`/`POLLNVAL` count too
+    /// (the listing then sorts it out); `None` when `poll` fails. Thread
+    /// CPU timers have no fd.
+    fn hung_up_tids(&self) -> Option<Vec<i32>> {
+        let mut fds = Vec::with_capacity(self.by_tid.len());
+        let mut tids = Vec::with_capacity(self.by_tid.len());
+        for (&tid, (_, c)) in &self.by_tid {
+            let fd = match c {
+                ThreadClock::Ring(r) => r.fd(),
+                ThreadClock::Perf(fd) => *fd,
+                ThreadClock::Timer(_) => continue,
+            };
+            // No event asked for: only POLLHUP/POLLERR/POLLNVAL, which are
+            // always reported, come back (not the ring's POLLIN).
+            fds.push(libc::pollfd {
+                fd,
+                events: 0,
+                revents: 0,
+            });
+            tids.push(tid);
         }
+        if fds.is_empty() {
+            return Some(Vec::new());
+        }
+        // SAFETY: `fds` is a valid array of `len` pollfds; the fds are our
+        // clocks' own, open while `self` holds them; timeout 0: no wait.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        if n < 0 {
+            return None;
+        }
+        Some(
+            fds.iter()
+                .zip(tids)
+                .filter(|(p, _)| p.revents != 0)
+                .map(|(_, t)| t)
+                .collect(),
+        )
     }
 
     /// Gives thread `tid` no clock (dropping the one it has).
@@ -842,8 +941,12 @@ impl Clocks {
             }
             let c = match clock {
                 Clock::PerfRing => {
-                    match crate::ring::Ring::open(tid, period_ns, self.ring_pages, self.ring_stack)
-                    {
+                    match crate::ring::open_within_budget(
+                        tid,
+                        period_ns,
+                        self.ring_pages,
+                        self.ring_stack,
+                    ) {
                         Ok(r) if i64::from(r.fd()) >= ceiling && self.ring_only => {
                             drop(r);
                             Err(std::io::Error::from_raw_os_error(libc::EMFILE))
@@ -859,6 +962,8 @@ impl Clocks {
                         }
                         Ok(r) => {
                             self.ring.note_thread(tid);
+                            let p = r.pages();
+                            self.ring_pages_min = Some(self.ring_pages_min.map_or(p, |m| m.min(p)));
                             Ok(ThreadClock::Ring(r))
                         }
                         Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -1119,6 +1224,66 @@ mod tests {
             "the gone thread's samples were dropped with its ring"
         );
         assert!(clocks.retired.is_empty());
+    }
+
+    /// Whether `fd` reports `POLLHUP` now.
+    fn hung_up(fd: libc::c_int) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        unsafe { libc::poll(&mut p, 1, 0) };
+        p.revents & libc::POLLHUP != 0
+    }
+
+    /// A thread with a ring that exits as another starts leaves the thread
+    /// count as it was; its event's `POLLHUP` makes the next sync list the
+    /// threads, so the new thread gets its ring at that sync, not at the
+    /// next full listing ([`FULL_SCAN_INTERVAL_POLLED`], 1 s). (The period
+    /// is 1000 s of CPU: the rings never sample.)
+    #[test]
+    fn an_exit_seen_by_poll_lists_a_thread_started_meanwhile() {
+        const NEVER: u64 = 1_000 * 1_000_000_000;
+        let mut clocks = Clocks::new();
+        clocks.ring_stack = crate::ring::STACK_BYTES;
+        clocks.ring_pages = 8;
+        let spawn = |name: &str| {
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let h = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    tid_tx.send(gettid()).unwrap();
+                    let _ = go_rx.recv();
+                })
+                .unwrap();
+            (h, tid_rx.recv().unwrap(), go_tx)
+        };
+        let (a, a_tid, a_go) = spawn("poll-a");
+        sync_until(&mut clocks, Clock::PerfRing, NEVER, a_tid, true);
+        let ThreadClock::Ring(r) = &clocks.by_tid[&a_tid].1 else {
+            panic!("the thread got no ring (perf_event_open refused?)");
+        };
+        let a_fd = r.fd();
+        assert!(!hung_up(a_fd), "POLLHUP while the thread lives");
+        drop(a_go);
+        a.join().unwrap();
+        wait_gone_from_proc(a_tid);
+        assert!(hung_up(a_fd), "no POLLHUP once the thread is gone");
+        assert!(clocks.hung_up_tids().unwrap().contains(&a_tid));
+        let (b, b_tid, b_go) = spawn("poll-b");
+        // The last listing is recent and the count may well be the same
+        // (one thread gone, one new): only the poll makes this sync list.
+        clocks.sync(Clock::PerfRing, NEVER);
+        assert!(
+            clocks.by_tid.contains_key(&b_tid),
+            "the thread started as a clocked one exited waits for a full listing"
+        );
+        assert!(!clocks.by_tid.contains_key(&a_tid));
+        drop(b_go);
+        b.join().unwrap();
     }
 
     /// A thread that exits and a new thread that gets its id (here: threads

@@ -260,7 +260,7 @@ fn start_sampling(
         let me = hotpatch_sys::raw::gettid();
         let pages =
             crate::ring::data_pages(period_ns, crate::ring::ring_interval(period_ns), ring_stack);
-        return match crate::ring::Ring::open(me, period_ns, pages, ring_stack) {
+        return match crate::ring::open_within_budget(me, period_ns, pages, ring_stack) {
             Ok(r) => {
                 drop(r);
                 sampler::activate(Clock::PerfRing, period_ns);
@@ -308,9 +308,8 @@ fn start_sampling(
             crate::ring::data_pages(period_ns, crate::ring::ring_interval(period_ns), ring_stack);
         let probe = match clock {
             Clock::PerfEvent => sampler::perf_clock(me, period_ns),
-            Clock::PerfRing => {
-                crate::ring::Ring::open(me, period_ns, pages, ring_stack).map(ThreadClock::Ring)
-            }
+            Clock::PerfRing => crate::ring::open_within_budget(me, period_ns, pages, ring_stack)
+                .map(ThreadClock::Ring),
             _ => sampler::timer_clock(me, period_ns),
         };
         match probe {
@@ -373,12 +372,7 @@ fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
         let mut c = shared.lock_clocks();
         c.skip_tid(hotpatch_sys::raw::gettid());
         if shared.clock == Clock::PerfRing {
-            interval = crate::ring::drain_interval(
-                period_ns,
-                c.ring_pages,
-                c.ring_stack,
-                crate::ring::ring_interval(period_ns),
-            );
+            interval = c.ring_drain_interval(period_ns);
         }
     }
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
@@ -399,6 +393,11 @@ fn helper(shared: &Shared, period_ns: u64, stop: &Receiver<()>) {
             phases::time(Phase::Rings, || {
                 drain_rings_into(&mut clocks, period_ns, current)
             });
+            if shared.clock == Clock::PerfRing {
+                // A ring opened since may be a smaller one (the mlock
+                // budget's fallback), which must be drained sooner.
+                interval = clocks.ring_drain_interval(period_ns);
+            }
         });
     }
 }
@@ -720,9 +719,12 @@ impl Session {
     /// The ids of the threads that have their own sampling clock now
     /// (empty with [`Clock::ItimerProf`], which samples the process).
     /// Threads started after [`ProfilerBuilder::start`] appear at the
-    /// helper's next wake (perf-ring: every six periods, 10-100 ms; other
-    /// clocks: 10-40 ms), or up to 100 ms later if another thread exited
-    /// meanwhile, leaving the thread count as it was.
+    /// helper's next wake (perf-ring: every six periods, 20-100 ms; other
+    /// clocks: 10-40 ms). When another thread exited meanwhile, leaving
+    /// the thread count as it was, that is seen at the same wake if the
+    /// exited thread had a perf clock (its event's `POLLHUP`), else at the
+    /// next full listing, up to 100 ms later (1 s when every thread's clock
+    /// is a perf event).
     pub fn clocked_threads(&self) -> Vec<i32> {
         self.shared.lock().clocked.clone()
     }

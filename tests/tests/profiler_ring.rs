@@ -7,6 +7,11 @@
 //!   profiled 4 s at 999 Hz under a CPU hog: worst share error ≤ 2 pp, CPU
 //!   total within 10 % of the threads' `CLOCK_THREAD_CPUTIME_ID`.
 //! * `perf_ring_samples_a_thread_started_after_start`.
+//! * `perf_ring_over_the_mlock_budget_falls_back_per_thread`: in a child
+//!   process as a user without `CAP_IPC_LOCK` (root drops to `nobody`) and
+//!   `RLIMIT_MEMLOCK` 0, more threads than the perf mlock budget has rings
+//!   for: the session still runs on perf-ring, threads beyond the budget
+//!   are sampled by a fallback clock (counted), every thread is sampled.
 //! * `perf_ring_keeps_two_lines_of_one_function_apart`.
 //! * `perf_ring_names_and_unwinds_through_an_unloaded_plugin_and_a_patch`:
 //!   samples in a dlopen'ed plugin unloaded before the report are named and
@@ -143,6 +148,129 @@ fn perf_ring_samples_a_thread_started_after_start() {
             .sum();
         println!("{name}: {n} samples in late_thread_work");
         assert!(n > 0, "{name}, started after start(), was sampled");
+    }
+}
+
+const MLOCK_CHILD: &str = "HOTPATCH_TEST_MLOCK_CHILD";
+
+/// See the module doc. The verdict is the child's exit status; the child
+/// is this test binary running this test alone with [`MLOCK_CHILD`] set.
+#[test]
+fn perf_ring_over_the_mlock_budget_falls_back_per_thread() {
+    if std::env::var_os(MLOCK_CHILD).is_some() {
+        over_the_mlock_budget_child();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "perf_ring_over_the_mlock_budget_falls_back_per_thread",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(MLOCK_CHILD, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "the child failed: {text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+}
+
+#[inline(never)]
+fn budget_thread_work(x: u64) -> u64 {
+    let mut x = x;
+    for _ in 0..10_000 {
+        x = std::hint::black_box(x.wrapping_mul(0x9e37_79b9).rotate_left(7));
+    }
+    x
+}
+
+fn over_the_mlock_budget_child() {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to plain data; lowering a limit needs no
+    // privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &zero) }, 0);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root has CAP_IPC_LOCK, which lifts the budget: become `nobody`
+        // (a uid of its own: the budget is per user). glibc applies the
+        // ids to every thread of the process.
+        // SAFETY: setgroups with an empty list, then the ids; no pointers
+        // but the null list of length 0.
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+            assert_eq!(libc::setresgid(65534, 65534, 65534), 0);
+            assert_eq!(libc::setresuid(65534, 65534, 65534), 0);
+        }
+    }
+    // The kernel's budget before RLIMIT_MEMLOCK: perf_event_mlock_kb per
+    // online CPU. Enough threads that 1 MiB rings, and their 512 KiB
+    // halves, cannot all fit.
+    let kb: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_mlock_kb")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    let n = (kb * cpus / 512 + 4) as usize;
+    println!("budget {kb} KiB x {cpus} CPUs: {n} threads");
+    let go = std::sync::Barrier::new(n + 1);
+    let session = ProfilerBuilder::new()
+        .frequency(1000)
+        .clock(Some(Clock::PerfRing));
+    let report = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let go = &go;
+                std::thread::Builder::new()
+                    .name(format!("mlock-{i}"))
+                    .spawn_scoped(s, move || {
+                        go.wait();
+                        // 100 ms of this thread's CPU, ~100 periods.
+                        let t = thread_cpu();
+                        let mut x = 1;
+                        while thread_cpu() - t < Duration::from_millis(100) {
+                            x = budget_thread_work(x);
+                        }
+                        std::hint::black_box(x);
+                    })
+                    .unwrap()
+            })
+            .collect();
+        // Every thread exists now: start() gives each its clock.
+        let session = session.start().unwrap();
+        assert_eq!(session.clock(), Clock::PerfRing);
+        go.wait();
+        for h in hs {
+            h.join().unwrap();
+        }
+        session.stop().unwrap()
+    });
+    println!("{:?}", report.stats);
+    assert_eq!(report.stats.clock, Some(Clock::PerfRing));
+    assert!(
+        report.stats.thread_clock_fallbacks >= 1,
+        "no thread fell back: the budget was not reached ({n} threads)"
+    );
+    for i in 0..n {
+        let name = format!("mlock-{i}");
+        let got: u64 = report
+            .samples
+            .iter()
+            .filter(|s| s.thread == name)
+            .filter(|s| stack_has(&report, s, "budget_thread_work"))
+            .map(|s| s.count)
+            .sum();
+        assert!(got > 0, "{name} was not sampled");
     }
 }
 

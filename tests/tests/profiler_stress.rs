@@ -299,10 +299,11 @@ fn samples_in_two_anonymous_ranges_are_not_merged() {
         .register_anon("jit::spin_b", RuntimeAddr(b as u64), len)
         .unwrap();
     let session = ProfilerBuilder::new().frequency(1000).start().unwrap();
-    // 800 ms of this thread's CPU (not wall time: a starved thread would
-    // get too few samples for the floors below).
-    let end = thread_cpu() + Duration::from_millis(800);
-    while thread_cpu() < end {
+    // 400 ms of this thread's own CPU (~400 samples at 1 kHz), not of wall
+    // time: under a CPU hog and other load 1.5 s of wall time gave this
+    // thread as little as ~22 ms of CPU (22 samples) and failed the count.
+    let t = thread_cpu();
+    while thread_cpu() - t < Duration::from_millis(400) {
         // 3:1
         for _ in 0..3 {
             call_anon(a);
