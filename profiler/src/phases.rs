@@ -76,7 +76,8 @@ pub fn snapshot() -> Vec<(Phase, u64, u64)> {
         .collect()
 }
 
-fn thread_cpu_ns() -> u64 {
+/// This thread's CPU time in nanoseconds.
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -864,10 +864,12 @@ mod tests {
     }
 
     #[inline(never)]
+    /// Spins for `until` of this thread's CPU time (samples follow CPU
+    /// time; on a busy machine wall time gave a phase too few of them).
     fn spin_here(until: std::time::Duration) -> u64 {
-        let t = std::time::Instant::now();
+        let end = crate::phases::thread_cpu_ns() + until.as_nanos() as u64;
         let mut x = 0u64;
-        while t.elapsed() < until {
+        while crate::phases::thread_cpu_ns() < end {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         x
