@@ -169,12 +169,32 @@ pub(crate) fn open_within_budget(
     stack: u32,
 ) -> std::io::Result<Ring> {
     match Ring::open(tid, period_ns, pages, stack) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) && pages / 2 >= MIN_DATA_PAGES => {
-            Ring::open(tid, period_ns, pages / 2, stack)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => match half_pages(pages, stack) {
+            Some(half) => Ring::open(tid, period_ns, half, stack),
+            None => Err(e),
+        },
         r => r,
     }
 }
+
+/// Half of `pages`, when a ring that size still holds at least two records
+/// of `stack` bytes in each half (the helper drains before half a ring
+/// fills): at low rates `data_pages` gives small rings, and a half ring of
+/// one record would lose a sample to any late wake.
+pub(crate) fn half_pages(pages: usize, stack: u32) -> Option<usize> {
+    let half = pages / 2;
+    let record = stack as usize + RECORD_OVERHEAD;
+    (half >= MIN_DATA_PAGES && half * PAGE / 2 >= 2 * record).then_some(half)
+}
+
+/// Data pages of live rings in one session past which new rings are
+/// opened at half size (32 MiB: 32 threads with 1 kHz rings): a ring's
+/// pages are locked kernel memory, and a process with hundreds of threads
+/// would otherwise lock a MiB for each (as root, or with an unlimited
+/// `RLIMIT_MEMLOCK`, no budget stops it). Half-size rings are the 512 KiB
+/// rings of before the 1 kHz rings grew; the helper then drains as often
+/// as they need.
+pub(crate) const SOFT_CAP_PAGES: usize = 8192;
 
 /// One thread's event and its mmap'd ring. Disabled, unmapped and closed on
 /// drop.

@@ -32,7 +32,8 @@
 //! `/proc/self/task` when it changed, when a thread with a perf clock has
 //! exited (its event reports `POLLHUP`: one `poll`), or
 //! [`FULL_SCAN_INTERVAL`] after the last listing
-//! ([`FULL_SCAN_INTERVAL_POLLED`] when every clock is a perf one) (see
+//! ([`FULL_SCAN_INTERVAL_POLLED`] when every clock is a perf ring: only a
+//! ring's event says by `POLLHUP` that its thread exited) (see
 //! docs/DESIGN-NOTES.md, "per-thread clocks" and "where a
 //! sample's cost goes", for what a new thread's first milliseconds lose).
 //!
@@ -86,8 +87,8 @@ pub(crate) fn watch_interval(period_ns: u64) -> Duration {
 /// How often the thread list is read even though the thread count did not
 /// change (see [`Clocks::sync`]).
 pub(crate) const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
-/// The same when every thread's clock is a perf event (a ring or a
-/// signalled one): a clocked thread that exits is seen at once by its
+/// The same when every thread's clock is a perf ring (a signalled perf
+/// event reports `POLLHUP` always, having no ring): a clocked thread that exits is seen at once by its
 /// event's `POLLHUP`, so what this catches is only a thread without a
 /// clock (one whose clock failed, the helper) exiting as another starts.
 /// Listing every 100 ms was ~60-80 µs each, ~0.6 ms of the helper's
@@ -797,14 +798,14 @@ impl Clocks {
     /// are gone. Returns how many were added.
     ///
     /// The thread list is read only when the thread count changed since the
-    /// last listing, when a thread with a perf clock has exited since
+    /// last listing, when a thread with a perf ring has exited since
     /// ([`hung_up_tids`](Self::hung_up_tids), not counting those a listing
     /// already showed still there), or
     /// [`FULL_SCAN_INTERVAL`] after the last listing
-    /// ([`FULL_SCAN_INTERVAL_POLLED`] when every clock has an fd to poll).
+    /// ([`FULL_SCAN_INTERVAL_POLLED`] when every clock is a perf ring).
     /// A thread that exited and one that started between two calls leave
     /// the count as it was: the exit is seen by the poll when the thread
-    /// had a perf clock, else at the next full listing.
+    /// had a ring, else at the next full listing.
     pub(crate) fn sync(&mut self, clock: Clock, period_ns: u64) -> usize {
         if clock == Clock::ItimerProf {
             return 0;
@@ -814,7 +815,7 @@ impl Clocks {
             && self
                 .by_tid
                 .values()
-                .all(|(_, c)| !matches!(c, ThreadClock::Timer(_)))
+                .all(|(_, c)| matches!(c, ThreadClock::Ring(_)))
         {
             FULL_SCAN_INTERVAL_POLLED
         } else {
@@ -823,7 +824,9 @@ impl Clocks {
         let quiet = count.is_some()
             && count == self.listed_count
             && self.listed_at.is_some_and(|t| t.elapsed() < every);
-        let hup = if quiet { self.hung_up_tids() } else { None };
+        // Polled at every wake (one `poll`, no wait), so that the set of
+        // known hang-ups survives listings the poll did not cause.
+        let hup = self.hung_up_tids();
         if quiet
             && hup
                 .as_ref()
@@ -831,22 +834,32 @@ impl Clocks {
         {
             return 0;
         }
-        // Counted before listing: a thread started in between makes the
-        // next count differ, so it is listed then.
-        self.listed_count = count;
         self.listed_at = Some(std::time::Instant::now());
         let added = match list_threads(self.task_dir.as_ref()) {
             Some(now) => self.sync_with(&now, clock, period_ns),
             None => 0,
         };
-        // A thread whose event hung up but which the listing still shows
-        // keeps its clock (a main thread that called `pthread_exit` stays
-        // listed, a zombie, until the process exits): its HUP is not news
-        // at the next wakes, which would otherwise list every time.
+        // The count read before the listing stands for it only if it still
+        // holds after: a thread that exited during the listing would leave
+        // a stale count that a later start restores, hiding that start
+        // until the full listing. Otherwise the next wake lists again.
+        self.listed_count = if self.thread_count() == count {
+            count
+        } else {
+            None
+        };
+        // The process's main thread, once it called `pthread_exit`, stays
+        // listed (a zombie) until the process exits, its event hung up:
+        // that HUP is not news at the next wakes, which would otherwise
+        // list every time. Only the main thread: any other thread with a
+        // HUP is about to leave the list (its exit is under way), and
+        // remembering it would hide a start that restores the count.
+        // SAFETY: getpid has no preconditions.
+        let main = unsafe { libc::getpid() };
         self.hup_known = hup
             .unwrap_or_default()
             .into_iter()
-            .filter(|t| self.by_tid.contains_key(t))
+            .filter(|&t| t == main && self.by_tid.contains_key(&t))
             .collect();
         added
     }
@@ -864,7 +877,7 @@ impl Clocks {
         )
     }
 
-    /// The threads with a perf clock (a ring or a signalled event) that
+    /// The threads with a perf ring that
     /// have exited: the kernel reports `POLLHUP` on a per-thread event
     /// whose thread is gone (`perf_poll`: the event's state is `EXIT`). One
     /// `poll` over the clocks' fds, no wait; `POLLERR`/`POLLNVAL` count too
@@ -874,10 +887,13 @@ impl Clocks {
         let mut fds = Vec::with_capacity(self.by_tid.len());
         let mut tids = Vec::with_capacity(self.by_tid.len());
         for (&tid, (_, c)) in &self.by_tid {
+            // Only ring events: `perf_poll` reports POLLHUP on an event
+            // with no ring buffer whatever its thread does (it starts from
+            // EPOLLHUP and replaces it only from the ring's state), so a
+            // signalled perf clock's fd says nothing about its thread.
             let fd = match c {
                 ThreadClock::Ring(r) => r.fd(),
-                ThreadClock::Perf(fd) => *fd,
-                ThreadClock::Timer(_) => continue,
+                ThreadClock::Perf(_) | ThreadClock::Timer(_) => continue,
             };
             // No event asked for: only POLLHUP/POLLERR/POLLNVAL, which are
             // always reported, come back (not the ring's POLLIN).
@@ -935,18 +951,31 @@ impl Clocks {
         }
         let ceiling = fd_ceiling();
         let mut added = 0;
+        // Ring pages locked by this session: past the soft cap, new rings
+        // are opened at half size (ring::SOFT_CAP_PAGES).
+        let mut locked: usize = self
+            .by_tid
+            .values()
+            .map(|(_, c)| c)
+            .chain(self.retired.iter())
+            .filter_map(|c| match c {
+                ThreadClock::Ring(r) => Some(r.pages()),
+                _ => None,
+            })
+            .sum();
         for &(tid, ino) in now {
             if self.by_tid.contains_key(&tid) || self.skip == Some(tid) {
                 continue;
             }
             let c = match clock {
                 Clock::PerfRing => {
-                    match crate::ring::open_within_budget(
-                        tid,
-                        period_ns,
-                        self.ring_pages,
-                        self.ring_stack,
-                    ) {
+                    let pages = if locked + self.ring_pages > crate::ring::SOFT_CAP_PAGES {
+                        crate::ring::half_pages(self.ring_pages, self.ring_stack)
+                            .unwrap_or(self.ring_pages)
+                    } else {
+                        self.ring_pages
+                    };
+                    match crate::ring::open_within_budget(tid, period_ns, pages, self.ring_stack) {
                         Ok(r) if i64::from(r.fd()) >= ceiling && self.ring_only => {
                             drop(r);
                             Err(std::io::Error::from_raw_os_error(libc::EMFILE))
@@ -963,6 +992,7 @@ impl Clocks {
                         Ok(r) => {
                             self.ring.note_thread(tid);
                             let p = r.pages();
+                            locked += p;
                             self.ring_pages_min = Some(self.ring_pages_min.map_or(p, |m| m.min(p)));
                             Ok(ThreadClock::Ring(r))
                         }
@@ -1284,6 +1314,38 @@ mod tests {
         assert!(!clocks.by_tid.contains_key(&a_tid));
         drop(b_go);
         b.join().unwrap();
+    }
+
+    /// A signalled perf clock (no ring) reports `POLLHUP` while its thread
+    /// lives (`perf_poll` starts from EPOLLHUP and only a ring's state
+    /// replaces it), so such fds are not polled for exits: a live thread
+    /// with one is never taken for gone, and a session of them lists at
+    /// the 100 ms interval, not the polled one.
+    #[test]
+    fn a_signalled_perf_clock_is_not_polled_for_exits() {
+        const NEVER: u64 = 1_000 * 1_000_000_000;
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let a = std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            let _ = go_rx.recv();
+        });
+        let a_tid = tid_rx.recv().unwrap();
+        let mut clocks = Clocks::new();
+        sync_until(&mut clocks, Clock::PerfEvent, NEVER, a_tid, true);
+        let ThreadClock::Perf(fd) = clocks.by_tid[&a_tid].1 else {
+            panic!("the thread got no perf clock (perf_event_open refused?)");
+        };
+        println!(
+            "POLLHUP on a live thread's ringless perf event: {}",
+            hung_up(fd)
+        );
+        assert!(
+            !clocks.hung_up_tids().unwrap().contains(&a_tid),
+            "a live thread with a signalled perf clock was reported gone"
+        );
+        drop(go_tx);
+        a.join().unwrap();
     }
 
     /// A thread that exits and a new thread that gets its id (here: threads
