@@ -1316,6 +1316,65 @@ mod tests {
         b.join().unwrap();
     }
 
+    /// Past `ring::SOFT_CAP_PAGES` of ring pages in a session, new rings
+    /// are opened at half size: 40 threads with 1 MiB (256-page) rings ask
+    /// for 40 MiB; at most 32 get the full size (fewer when the perf mlock
+    /// budget halves some first), the rest get 128 pages.
+    #[test]
+    fn rings_past_the_soft_cap_are_opened_at_half_size() {
+        const NEVER: u64 = 1_000 * 1_000_000_000;
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let threads: Vec<_> = (0..40)
+            .map(|_| {
+                let (tid_tx, go_rx) = (tid_tx.clone(), go_rx.clone());
+                std::thread::spawn(move || {
+                    tid_tx.send(gettid()).unwrap();
+                    let _ = go_rx.lock().unwrap().recv();
+                })
+            })
+            .collect();
+        let tids: Vec<i32> = (0..40).map(|_| tid_rx.recv().unwrap()).collect();
+        let mut clocks = Clocks::new();
+        clocks.ring_stack = crate::ring::STACK_BYTES;
+        clocks.ring_pages = 256;
+        let now: Vec<(i32, u64)> = list_threads(None)
+            .unwrap()
+            .into_iter()
+            .filter(|(t, _)| tids.contains(t))
+            .collect();
+        assert_eq!(now.len(), 40);
+        clocks.sync_with(&now, Clock::PerfRing, NEVER);
+        let pages: Vec<usize> = clocks
+            .by_tid
+            .values()
+            .filter_map(|(_, c)| match c {
+                ThreadClock::Ring(r) => Some(r.pages()),
+                _ => None,
+            })
+            .collect();
+        let full = pages.iter().filter(|&&p| p == 256).count();
+        println!("ring sizes: {full} of 256 pages, {} in all", pages.len());
+        assert!(
+            !pages.is_empty(),
+            "no ring opened (perf_event_open refused?)"
+        );
+        assert!(
+            full * 256 <= crate::ring::SOFT_CAP_PAGES,
+            "{full} full-size rings: over the soft cap"
+        );
+        assert!(
+            pages.iter().all(|&p| p == 256 || p == 128),
+            "sizes {pages:?}"
+        );
+        drop(clocks);
+        drop(go_tx);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
     /// A signalled perf clock (no ring) reports `POLLHUP` while its thread
     /// lives (`perf_poll` starts from EPOLLHUP and only a ring's state
     /// replaces it), so such fds are not polled for exits: a live thread
