@@ -36,6 +36,7 @@ use hotpatch_profiler::{Clock, ProfilerBuilder, Report};
 use hotpatch_symbolizer::Registry;
 use hotpatch_tests::fixtures;
 use hotpatch_tests::load::Hog;
+use hotpatch_tests::loader_fixtures::{child_role, run_child};
 
 #[path = "../../profiler/examples/accuracy/workload.rs"]
 #[allow(dead_code, reason = "shared with the example")]
@@ -151,26 +152,20 @@ fn perf_ring_samples_a_thread_started_after_start() {
     }
 }
 
-const MLOCK_CHILD: &str = "HOTPATCH_TEST_MLOCK_CHILD";
-
 /// See the module doc. The verdict is the child's exit status; the child
-/// is this test binary running this test alone with [`MLOCK_CHILD`] set.
+/// is this test binary running this test alone in the "mlock" role
+/// (`loader_fixtures::run_child`).
 #[test]
 fn perf_ring_over_the_mlock_budget_falls_back_per_thread() {
-    if std::env::var_os(MLOCK_CHILD).is_some() {
+    if child_role().is_some() {
         over_the_mlock_budget_child();
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "perf_ring_over_the_mlock_budget_falls_back_per_thread",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(MLOCK_CHILD, "1")
-        .output()
-        .unwrap();
+    let out = run_child(
+        "perf_ring_over_the_mlock_budget_falls_back_per_thread",
+        "mlock",
+        |_| {},
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
