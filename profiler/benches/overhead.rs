@@ -538,40 +538,18 @@ fn sampling_only() {
             floors[i].push(spent);
             floor_signals[i].push(n);
             // The signal clock (the default is the ring since issue #12).
-            let s = ProfilerBuilder::new()
-                .frequency(hz)
-                .clock(Some(Clock::PerfEvent))
-                .start()
-                .expect("start");
-            let t0 = thread_cpu();
-            let mut th = Duration::ZERO;
-            ours[i].push(time(|| {
-                work(ITERS);
-                th = thread_cpu() - t0;
-                // The helper unwinds the handlers' stack copies: what it
-                // has not drained yet is unwound here (as for the ring).
-                s.checkpoint();
-            }));
+            // The helper unwinds the handlers' stack copies: what it has
+            // not drained yet is unwound by the checkpoint (as for the
+            // ring).
+            let (th, p, n) = clock_session(Clock::PerfEvent, hz, ITERS, true);
+            ours[i].push(p);
             in_thread[i].push(th);
-            let r = s.stop().expect("stop");
-            samples[i].push(r.stats.samples);
+            samples[i].push(n);
 
-            let s = ProfilerBuilder::new()
-                .frequency(hz)
-                .clock(Some(Clock::PerfRing))
-                .start()
-                .expect("start perf-ring");
-            let t0 = thread_cpu();
-            let mut th = Duration::ZERO;
-            ring[i].push(time(|| {
-                work(ITERS);
-                th = thread_cpu() - t0;
-                // What the helper has not drained yet is unwound here.
-                s.checkpoint();
-            }));
+            let (th, p, n) = clock_session(Clock::PerfRing, hz, ITERS, true);
+            ring[i].push(p);
             ring_thread[i].push(th);
-            let r = s.stop().expect("stop");
-            ring_samples[i].push(r.stats.samples);
+            ring_samples[i].push(n);
         }
     }
     let b = median(base);
@@ -986,15 +964,15 @@ fn median_iqr(mut v: Vec<f64>) -> (f64, f64) {
     (q(0.5), q(0.75) - q(0.25))
 }
 
-/// One perf-ring session of `work(iters)` at `hz`: the workload thread's
-/// CPU, the process's CPU (with the session's last drain when
+/// One session of `clock` over `work(iters)` at `hz`: the workload
+/// thread's CPU, the process's CPU (with the session's last drain when
 /// `checkpoint`) and the samples.
-fn ring_session(hz: i32, iters: u64, checkpoint: bool) -> (Duration, Duration, u64) {
+fn clock_session(clock: Clock, hz: i32, iters: u64, checkpoint: bool) -> (Duration, Duration, u64) {
     let s = ProfilerBuilder::new()
         .frequency(hz)
-        .clock(Some(Clock::PerfRing))
+        .clock(Some(clock))
         .start()
-        .expect("start perf-ring");
+        .expect("start");
     let t0 = thread_cpu();
     let mut th = Duration::ZERO;
     let p = time(|| {
@@ -1029,7 +1007,7 @@ fn ring_paired() {
         });
         (thread_cpu() - t0, p)
     };
-    let ring = |hz: i32| ring_session(hz, iters, true);
+    let ring = |hz: i32| clock_session(Clock::PerfRing, hz, iters, true);
     let pct = |x: Duration, b: f64| (x.as_secs_f64() / b - 1.0) * 100.0;
     for _ in 0..rounds {
         let a = bare();
@@ -1088,7 +1066,7 @@ fn helper_phases() {
         let mut v = Vec::new();
         let mut samples = 0;
         for _ in 0..rounds {
-            let (th, p, n) = ring_session(hz, iters, true);
+            let (th, p, n) = clock_session(Clock::PerfRing, hz, iters, true);
             samples += n;
             v.push(p.saturating_sub(th));
         }
@@ -1105,7 +1083,7 @@ fn helper_phases() {
         let mut samples = 0;
         let mut helper = Duration::ZERO;
         for _ in 0..rounds {
-            let (th, p, n) = ring_session(hz, iters, false);
+            let (th, p, n) = clock_session(Clock::PerfRing, hz, iters, false);
             samples += n;
             helper += p.saturating_sub(th);
         }
