@@ -149,9 +149,15 @@ descendants() {
         descendants "$c"
     done
 }
-# What the still-running group rooted at pid $1 is doing.
+# What the still-running group rooted at pid $1 is doing: its processes
+# with their state and kernel wait channel, and the backtraces of at most
+# two test binaries (45 s each). Bounded, so that it ends before the CI's
+# own limit (the official run of stop 16 was cut off in the middle of an
+# unbounded one: a gdb of up to 120 s for every process of the group).
+# Each test binary also has its own bound (scripts/test-runner.sh), so
+# this is the second line of defence.
 diagnose_group() {
-    local root=$1 p exe t
+    local root=$1 p exe n=0
     local procs
     procs=$(descendants "$root")
     echo "---- processes of the group (pid, elapsed, cpu, state, wait channel, command)"
@@ -161,15 +167,17 @@ diagnose_group() {
     for p in $procs; do
         exe=$(readlink "/proc/$p/exe" 2>/dev/null) || continue
         case "$exe" in
-            */cargo | */bash | */sh | */dash | */rustc | */sleep) continue ;;
+            */target/debug/deps/*) ;;
+            *) continue ;;
         esac
         echo "---- threads of $p ($exe)"
         for t in /proc/"$p"/task/*; do
             echo "  tid ${t##*/}: $(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null) syscall=$(cut -d' ' -f1 "$t/syscall" 2>/dev/null)"
-        done
-        if command -v gdb >/dev/null 2>&1; then
-            timeout 120 gdb -p "$p" -batch -nx -ex "thread apply all bt 40" 2>&1 \
-                | grep -vE '^\[(New LWP|Thread debugging|Inferior)|^warning:|^Using host' | head -400 || true
+        done | head -60
+        if [ "$n" -lt 2 ] && command -v gdb >/dev/null 2>&1; then
+            n=$((n + 1))
+            timeout -s KILL 45 gdb -p "$p" -batch -nx -ex "thread apply all bt 30" 2>&1 \
+                | grep -vE '^\[(New LWP|Thread debugging|Inferior)|^warning:|^Using host' | head -300 || true
         fi
     done
 }
@@ -181,6 +189,14 @@ group_profiler() {
     cargo test -p hotpatch-tests --no-fail-fast "${prof[@]}" ${harness_args[@]+"${harness_args[@]}"} || status=1
     return "$status"
 }
+
+# Every test binary of stage 3 runs under scripts/test-runner.sh: a bound on
+# its wall time (HOTPATCH_BINARY_TIMEOUT, 1500 s by default; the slowest
+# binary takes about a third of that on a busy 2-core machine) and a report
+# of what it was doing when it outlived it. A hang then costs one binary.
+# (cargo's runner setting changes how binaries are started, not how they
+# are built: nothing compiles again.)
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/scripts/test-runner.sh"
 
 pids=()
 run_group profiler group_profiler &
@@ -222,9 +238,11 @@ while [ ${#printed[@]} -lt 3 ]; do
             [ "$status" = 0 ] || failed+=("$g")
         elif [ ! -e "$logs/$g.status" ] && [ ! -e "$logs/$g.timedout" ] \
             && [ $(( $(date +%s) - t_groups )) -gt "$group_timeout" ]; then
-            echo "test.sh: group $g still running after ${group_timeout} s; what it is doing:" >&2
-            diagnose_group "${pids[$i]}" >"$logs/$g.timedout" 2>&1 || true
-            echo "test.sh: stopping group $g" >>"$logs/$g.timedout"
+            # Printed as it is found, not kept for later: if the CI's own
+            # limit comes first, what was found is on screen.
+            echo "test.sh: group $g still running after ${group_timeout} s; what it is doing:"
+            diagnose_group "${pids[$i]}" 2>&1 || true
+            echo "test.sh: stopping group $g (what it printed so far follows when it ends)" | tee "$logs/$g.timedout"
         fi
         # A stopped group's processes are killed until the group ends (a
         # group of several cargo commands would start the next one).
