@@ -136,10 +136,9 @@ impl Serve {
     /// Runs `hotpatch ARGS --pid PID`.
     pub fn run(&self, args: &[&str]) -> Output {
         let pid = self.pid().to_string();
-        self.cli()
-            .args(args)
-            .args(["--pid", &pid])
-            .output()
+        let mut c = self.cli();
+        c.args(args).args(["--pid", &pid]);
+        crate::proc::output_within(&mut c, CLI_LIMIT, &format!("hotpatch {}", args.join(" ")))
             .expect("run hotpatch")
     }
 
@@ -174,6 +173,10 @@ impl Drop for Serve {
         let _ = std::fs::remove_dir_all(&self.runtime_dir);
     }
 }
+
+/// How long one `hotpatch` command of a test may take before the test
+/// fails with what it was doing (the CLI's own reads wait up to 300 s).
+pub const CLI_LIMIT: Duration = Duration::from_secs(600);
 
 /// stdout and stderr of `o` as text, for assertion messages.
 pub fn text(o: &Output) -> String {

@@ -11,3 +11,4 @@ pub mod exec;
 pub mod fixtures;
 pub mod load;
 pub mod loader_fixtures;
+pub mod proc;

@@ -164,7 +164,13 @@ pub fn run_child(test: &str, role: &str, configure: impl FnOnce(&mut Command)) -
     // That clears by itself; retry.
     let mut tries = 0;
     loop {
-        match cmd.output() {
+        // Bounded: a child that deadlocks (stop-the-world, an allocator
+        // hook) would otherwise hang this test and the suite with it.
+        match crate::proc::output_within(
+            &mut cmd,
+            std::time::Duration::from_secs(900),
+            &format!("child process for {test} ({role})"),
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -143,7 +143,14 @@ fn run(cli: &Path, dir: &Path, args: &[&str]) -> Output {
     let mut c = Command::new(cli);
     c.args(args);
     isolate(&mut c, dir);
-    c.output().expect("run hotpatch")
+    // Bounded: a target deadlocked by an injected call would otherwise hang
+    // the CLI, and the suite with it.
+    hotpatch_tests::proc::output_within(
+        &mut c,
+        hotpatch_tests::agent_bins::CLI_LIMIT,
+        &format!("hotpatch {}", args.join(" ")),
+    )
+    .expect("run hotpatch")
 }
 
 fn ok(cli: &Path, dir: &Path, args: &[&str]) -> String {

@@ -20,7 +20,12 @@ fn the_tour_runs_and_its_profile_names_the_plugin() {
     let mut cmd = Command::new(&b.demo);
     cmd.args(["tour", "--out"]).arg(dir.path());
     hotpatch_tests::agent_bins::isolate(&mut cmd, &rt);
-    let out = cmd.output().unwrap();
+    let out = hotpatch_tests::proc::output_within(
+        &mut cmd,
+        std::time::Duration::from_secs(1200),
+        "demo-target tour",
+    )
+    .expect("run the tour");
     let _ = std::fs::remove_dir_all(&rt);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));

@@ -146,7 +146,13 @@ fn an_agent_in_a_declared_host_refuses_a_drifted_plugin() {
     ok(load(&good));
     assert!(gov_common::marker(&good).exists());
     drop(child.stdin.take());
-    let st = child.wait().expect("wait");
+    let limit = std::time::Duration::from_secs(120);
+    let st = hotpatch_tests::proc::wait_until(
+        &mut child,
+        std::time::Instant::now() + limit,
+        limit,
+        "gov-host after its stdin closed",
+    );
     assert!(st.success(), "gov-host exited with {st}");
 }
 

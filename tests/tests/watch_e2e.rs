@@ -141,17 +141,26 @@ impl Fixture {
     fn hotpatch(&self, args: &[&str]) -> Output {
         let mut c = Command::new(&self.hotpatch);
         self.env(&mut c);
-        c.args(args)
-            .args(["--pid", &self.pid().to_string()])
-            .output()
-            .expect("run hotpatch")
+        c.args(args).args(["--pid", &self.pid().to_string()]);
+        hotpatch_tests::proc::output_within(
+            &mut c,
+            hotpatch_tests::agent_bins::CLI_LIMIT,
+            &format!("hotpatch {}", args.join(" ")),
+        )
+        .expect("run hotpatch")
     }
 
     /// `hotpatch ARGS` without `--pid`.
     fn run_plain(&self, args: &[&str]) -> Output {
         let mut c = Command::new(&self.hotpatch);
         self.env(&mut c);
-        c.args(args).output().expect("run hotpatch")
+        c.args(args);
+        hotpatch_tests::proc::output_within(
+            &mut c,
+            hotpatch_tests::agent_bins::CLI_LIMIT,
+            &format!("hotpatch {}", args.join(" ")),
+        )
+        .expect("run hotpatch")
     }
 
     fn watch_once(&self) -> Output {
