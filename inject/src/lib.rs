@@ -357,6 +357,16 @@ const UNSAFE_IN_LIBC: &[&str] = &[
     "malloc", "free", "alloc", "_int_", "tcache", "arena", "lock", "dl_", "fork", "exit", "_IO_",
 ];
 
+/// System calls glibc's allocator makes with an arena lock held (`sysmalloc`
+/// grows the heap with `brk` or maps a chunk with `mmap`, `systrim` and
+/// `heap_trim` give memory back, `grow_heap` calls `mprotect`): a thread
+/// stopped inside one may hold the lock, and the `dlopen` or
+/// `pthread_create` we make it call allocates and would wait on it for
+/// ever. Seen as a wrapper's name: the thread is in `__brk`, not in a
+/// function called `malloc`.
+const UNSAFE_SYSCALL_WRAPPERS: &[&str] =
+    &["brk", "mmap", "munmap", "mremap", "madvise", "mprotect"];
+
 /// `-ERESTART_RESTARTBLOCK`: a restart that needs the kernel's per-thread
 /// restart block, which a call we make could overwrite.
 const ERESTART_RESTARTBLOCK: i64 = -516;
@@ -614,6 +624,11 @@ fn unsafe_point(regs: &Regs, maps: &[Mapping], libc: &Symbols) -> Option<String>
         }
         if UNSAFE_IN_LIBC.iter().any(|w| name.contains(w)) {
             return Some(format!("inside libc's {name}"));
+        }
+        if UNSAFE_SYSCALL_WRAPPERS.iter().any(|w| name.contains(w)) {
+            return Some(format!(
+                "inside libc's {name}, which the allocator calls with its lock held"
+            ));
         }
     }
     None
@@ -902,6 +917,30 @@ mod tests {
         assert!(is_ld_so("/lib64/ld-linux-x86-64.so.2"));
         assert!(is_libc("/usr/lib/x86_64-linux-gnu/libc.so.6"));
         assert!(!is_libc("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
+    }
+
+    /// A thread stopped inside the system-call wrappers glibc's allocator
+    /// calls with its arena lock held is not borrowed; one in `read` is.
+    #[test]
+    fn allocator_syscall_wrappers_are_unsafe_points() {
+        let maps = tracee::maps(std::process::id() as i32).expect("own maps");
+        let libc_syms = Symbols::of(&maps, is_libc);
+        let at = |name: &str| {
+            let addr = libc_syms
+                .find(name)
+                .unwrap_or_else(|| panic!("libc defines {name}"));
+            // SAFETY: user_regs_struct is plain integers; all-zero is valid.
+            let mut regs: Regs = unsafe { std::mem::zeroed() };
+            regs.rip = addr + 4;
+            regs.orig_rax = u64::MAX;
+            unsafe_point(&regs, &maps, &libc_syms)
+        };
+        for name in ["brk", "mmap", "munmap", "madvise", "mprotect", "malloc"] {
+            let why = at(name).unwrap_or_else(|| panic!("{name} taken for a safe point"));
+            assert!(why.contains("inside libc's"), "{name}: {why}");
+        }
+        assert_eq!(at("read"), None);
+        assert_eq!(at("nanosleep"), None);
     }
 
     #[test]
