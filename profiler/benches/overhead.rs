@@ -714,8 +714,8 @@ struct Peer {
     samples: Vec<u64>,
 }
 
-/// The peer configurations at `hz`: the bare child, `perf record` with
-/// frame-pointer call graphs (`-g`) and with DWARF call graphs copying
+/// The peer configurations at `hz`: the bare child, `perf record` with no
+/// call graph (the cost of the sample itself), with frame-pointer call graphs (`-g`) and with DWARF call graphs copying
 /// 8 KiB of stack per sample (the peer of `Clock::PerfRing`), and at 1 kHz
 /// also 16 KiB (the ring's default copy).
 fn peers(hz: u32, dir: &std::path::Path) -> Vec<Peer> {
@@ -747,6 +747,10 @@ fn peers(hz: u32, dir: &std::path::Path) -> Vec<Peer> {
             a[f] = "1".to_string();
             a
         }),
+        // The sample alone (the timer interrupt and a user-space IP, no
+        // call chain, no stack): what any sampler at this rate pays on
+        // this machine before it records a single frame.
+        ("perf record, no call graph (the sample alone)", base(&[])),
         ("perf record -g", base(&["-g"])),
         (
             "perf record --call-graph dwarf,8192",
