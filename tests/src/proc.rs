@@ -160,3 +160,59 @@ pub fn kill_tree(pid: i32) {
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_within_its_bound_gives_its_output() {
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(60),
+            "sh",
+        )
+        .expect("spawn sh");
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn a_child_past_its_bound_is_killed_with_its_tree_and_reported() {
+        // A shell whose child sleeps: both must be listed and killed. The
+        // sleep's length is this process's id: no other process has it.
+        let marker = format!("sleep 1000.{}", std::process::id());
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("{marker} & wait")]);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            output_within(&mut cmd, Duration::from_millis(300), "the sleeper")
+        }));
+        let msg = r.expect_err("past its bound");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("the sleeper: still running after"), "{msg}");
+        assert!(msg.contains(&marker), "the grandchild is not listed: {msg}");
+        assert!(msg.contains("wchan"), "{msg}");
+        // Killed: no process with the marker is left.
+        let t0 = Instant::now();
+        loop {
+            let left = std::fs::read_dir("/proc")
+                .expect("/proc")
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .any(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&marker)
+                });
+            if !left {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the sleeper survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
