@@ -8,7 +8,7 @@
 # seconds"); this adds every process the binary started with its state and
 # kernel wait channel, each thread's system call, and the binary's thread
 # backtraces (gdb, bounded) -- then killed with everything it started, and
-# the runner exits 124. The other binaries of the group still run, so one
+# cargo reports the binary killed (SIGKILL). The other binaries of the group still run, so one
 # hang costs one binary, not the CI run, and its cause is on screen: the
 # official runs of stops 13 and 16 ran into the CI's own time limit with a
 # group that never ended and nothing that said why.
@@ -68,13 +68,21 @@ fi
 # a grandchild left to init, so the test binary never sees it among its
 # own children (a test that reaps any child would otherwise collect it).
 me=$$
+# The process's start time (field 22 of /proc/PID/stat; kept across exec):
+# a pid reused after the binary ended -- by another process or a thread --
+# has another, and is never reported or killed.
+started_at() {
+    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20
+}
+me_start=$(started_at "$me")
 watchdog() {
     local start state
     start=$(date +%s)
     while :; do
         state=$(sed 's/.*) //' "/proc/$me/stat" 2>/dev/null | cut -c1)
-        # Gone, or ended and waiting for cargo to collect it.
-        if [ -z "$state" ] || [ "$state" = Z ]; then
+        # Gone, ended and waiting for cargo to collect it, or the pid is
+        # someone else's now.
+        if [ -z "$state" ] || [ "$state" = Z ] || [ "$(started_at "$me")" != "$me_start" ]; then
             exit 0
         fi
         if [ $(( $(date +%s) - start )) -ge "$limit" ]; then
@@ -89,6 +97,7 @@ watchdog() {
         echo "test-runner.sh: killing $1 and every process it started"
     } 2>&1
     local p
+    [ "$(started_at "$me")" = "$me_start" ] || exit 0
     for p in $(descendants "$me") "$me"; do
         kill -KILL "$p" 2>/dev/null || true
     done

@@ -364,8 +364,24 @@ const UNSAFE_IN_LIBC: &[&str] = &[
 /// `pthread_create` we make it call allocates and would wait on it for
 /// ever. Seen as a wrapper's name: the thread is in `__brk`, not in a
 /// function called `malloc`.
-const UNSAFE_SYSCALL_WRAPPERS: &[&str] =
-    &["brk", "mmap", "munmap", "mremap", "madvise", "mprotect"];
+const UNSAFE_SYSCALL_WRAPPERS: &[&str] = &[
+    "brk", "sbrk", "mmap", "mmap64", "munmap", "mremap", "madvise", "mprotect",
+];
+
+/// `name` without glibc's internal prefixes (`__GI___mmap64` → `mmap64`,
+/// `__libc_read` → `read`), for exact comparisons.
+fn base_name(name: &str) -> &str {
+    let mut n = name;
+    loop {
+        let before = n;
+        n = n.strip_prefix("__GI_").unwrap_or(n);
+        n = n.strip_prefix("__libc_").unwrap_or(n);
+        n = n.trim_start_matches('_');
+        if n == before {
+            return n;
+        }
+    }
+}
 
 /// `-ERESTART_RESTARTBLOCK`: a restart that needs the kernel's per-thread
 /// restart block, which a call we make could overwrite.
@@ -625,7 +641,7 @@ fn unsafe_point(regs: &Regs, maps: &[Mapping], libc: &Symbols) -> Option<String>
         if UNSAFE_IN_LIBC.iter().any(|w| name.contains(w)) {
             return Some(format!("inside libc's {name}"));
         }
-        if UNSAFE_SYSCALL_WRAPPERS.iter().any(|w| name.contains(w)) {
+        if UNSAFE_SYSCALL_WRAPPERS.contains(&base_name(&name)) {
             return Some(format!(
                 "inside libc's {name}, which the allocator calls with its lock held"
             ));
@@ -940,6 +956,10 @@ mod tests {
             assert!(why.contains("inside libc's"), "{name}: {why}");
         }
         assert_eq!(at("read"), None);
+        // Names that only contain one of them are not refused.
+        assert!(!UNSAFE_SYSCALL_WRAPPERS.contains(&base_name("strpbrk")));
+        assert_eq!(base_name("__GI___mmap64"), "mmap64");
+        assert_eq!(base_name("__libc_read"), "read");
         assert_eq!(at("nanosleep"), None);
     }
 
