@@ -6,6 +6,7 @@
 //! assembled test functions in executable memory.
 
 pub mod agent_bins;
+pub mod crash;
 pub mod entry;
 pub mod exec;
 pub mod fixtures;

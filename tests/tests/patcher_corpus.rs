@@ -19,6 +19,9 @@ use iced_x86::code_asm::*;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A fault in patched code is reported (thread, rip, frames, maps)
+    // before the binary dies of it.
+    hotpatch_tests::crash::install();
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
